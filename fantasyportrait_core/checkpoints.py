@@ -1,0 +1,517 @@
+"""Checkpoint formats: detection from keys, strict streaming loads into meta-built models.
+
+Supported (key names: ``../shared/reference/*_keys.json``):
+
+* Wan2.1-I2V transformer, original Wan keys (``blocks.N.self_attn.q.weight``, ``patch_embedding``,
+  ``img_emb``…), one file or shards, optional ``model.diffusion_model.`` prefix (Comfy-Org repack),
+  fp32/bf16/fp16/fp8_e4m3fn, and "fp8 scaled" files (``scaled_fp8`` marker + per-tensor
+  ``*.scale_weight``), dequantised on load.
+* Wan2.1-I2V transformer, diffusers layout (``diffusion_pytorch_model-*.safetensors`` + index).
+* FantasyPortrait adapter: official ``fantasyportrait_model.ckpt`` (pickled dict of
+  ``proj_model``/``mouth_proj_model``/``emo_proj_model``/``ip_adapter`` state dicts, loaded with
+  ``weights_only=True``) and the flat repacked safetensors (``proj_model.*``… ``ip_adapter.blocks.N.
+  cross_attn.ip_adapter_single_stream_{k,v}_proj.weight``, ``pd_fpg.*``).
+* PD-FGC expression encoder: ``pd_fpg.pth`` or the ``pd_fpg.*`` keys of the repacked file.
+
+Models are built with parameters on the meta device and each tensor is read from the
+memory-mapped file, cast and moved to its target device one at a time, so host RAM holds at most
+one tensor beyond the (memory-mapped) file pages. Every load is strict: missing, unexpected or
+mis-shaped keys raise :class:`CheckpointError` naming the file, the detected format and the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+from typing import Callable, Iterable
+
+import torch
+
+log = logging.getLogger("FantasyPortrait")
+
+COMFY_PREFIX = "model.diffusion_model."
+SAFETENSORS_EXT = (".safetensors", ".sft")
+PICKLE_EXT = (".ckpt", ".pth", ".pt", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: unreadable, unknown format, or keys that do not fit."""
+
+
+# --------------------------------------------------------------------------------------------
+# Lazy access to tensors in one or several files
+
+
+class TensorSource:
+    """Read-only mapping ``key -> tensor`` over safetensors (memory-mapped) or weights-only pickles.
+
+    Args:
+        paths: one path, a list of shard paths, a diffusers ``*.index.json``, or a folder holding
+            one of those.
+    Raises:
+        CheckpointError: for a missing, truncated, corrupt or code-carrying file.
+    """
+
+    def __init__(self, paths: str | Iterable[str]):
+        self.paths = _expand_paths(paths)
+        self._where: dict[str, tuple[str, object]] = {}
+        self._handles = []
+        for path in self.paths:
+            self._open(path)
+
+    def _open(self, path: str):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint file not found: {path}")
+        if path.endswith(SAFETENSORS_EXT):
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(path, framework="pt", device="cpu")
+                keys = list(handle.keys())
+                _check_safetensors_size(path)
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated "
+                                      f"or corrupt, download it again") from e
+            self._handles.append(handle)
+            for k in keys:
+                self._where[k] = (path, handle)
+        elif path.endswith(PICKLE_EXT):
+            sd = load_pickle(path)
+            for k, v in _flatten(sd).items():
+                self._where[k] = (path, v)
+        else:
+            raise CheckpointError(f"{path}: unknown checkpoint extension; expected {SAFETENSORS_EXT + PICKLE_EXT}")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def file_of(self, key: str) -> str:
+        return self._where[key][0]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        path, h = self._where[key]
+        if isinstance(h, torch.Tensor):
+            return tuple(h.shape)
+        return tuple(h.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        path, h = self._where[key]
+        if isinstance(h, torch.Tensor):
+            return h
+        try:
+            return h.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e}); the file may be truncated") from e
+
+
+def _check_safetensors_size(path: str):
+    """safetensors opens lazily; compare the header's data extent with the file size now so a
+    truncated download fails at load time with a clear message."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = os.path.getsize(path)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: header says {8 + n + end} bytes, file has {size}; download it again")
+
+
+def _expand_paths(paths) -> list[str]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [os.fspath(paths)]
+    out = []
+    for p in paths:
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            index = [f for f in sorted(os.listdir(p)) if f.endswith(".safetensors.index.json")]
+            if index:
+                out += _expand_paths(os.path.join(p, index[0]))
+            else:
+                out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(SAFETENSORS_EXT))
+        elif p.endswith(".index.json"):
+            if not os.path.isfile(p):
+                raise CheckpointError(f"checkpoint index not found: {p}")
+            with open(p) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            out += [os.path.join(os.path.dirname(p), f) for f in files]
+        else:
+            out.append(p)
+    if not out:
+        raise CheckpointError(f"no checkpoint files found in {paths}")
+    return out
+
+
+def load_pickle(path: str) -> dict:
+    """``torch.load`` with ``weights_only=True`` (and mmap when possible): never runs pickled code.
+
+    Raises:
+        CheckpointError: if the file carries anything but tensors and plain containers, or is unreadable.
+    """
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused: the file holds pickled objects other than tensors (it could run code "
+            f"when loaded). Use a safetensors version of this checkpoint. Detail: {str(e).splitlines()[0]}"
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); it may be truncated or corrupt") from e
+
+
+def _flatten(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix[:-1]] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Key maps
+
+# Original Wan -> diffusers WanTransformer3DModel (same rules as diffusers'
+# ``convert_wan_transformer_to_diffusers``; note original norm3 is diffusers norm2).
+_WAN_RENAMES = [
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^img_emb\.proj\.0\.", "condition_embedder.image_embedder.norm1."),
+    (r"^img_emb\.proj\.1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    (r"^img_emb\.proj\.3\.", "condition_embedder.image_embedder.ff.net.2."),
+    (r"^img_emb\.proj\.4\.", "condition_embedder.image_embedder.norm2."),
+    (r"^head\.modulation$", "scale_shift_table"),
+    (r"^head\.head\.", "proj_out."),
+    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
+    (r"^(blocks\.\d+)\.self_attn\.", r"\1.attn1."),
+    (r"^(blocks\.\d+)\.cross_attn\.", r"\1.attn2."),
+    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
+    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
+    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
+    (r"(attn\d)\.q\.", r"\1.to_q."),
+    (r"(attn\d)\.k\.", r"\1.to_k."),
+    (r"(attn\d)\.v\.", r"\1.to_v."),
+    (r"(attn\d)\.o\.", r"\1.to_out.0."),
+    (r"(attn\d)\.k_img\.", r"\1.add_k_proj."),
+    (r"(attn\d)\.v_img\.", r"\1.add_v_proj."),
+    (r"(attn\d)\.norm_k_img\.", r"\1.norm_added_k."),
+]
+_WAN_RENAMES = [(re.compile(a), b) for a, b in _WAN_RENAMES]
+
+
+def wan_original_to_diffusers(key: str) -> str:
+    """Map one original-Wan transformer key to its diffusers name."""
+    for pattern, repl in _WAN_RENAMES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def detect_transformer_format(keys: Iterable[str]) -> tuple[str, str, bool]:
+    """(format, prefix, fp8_scaled) of a Wan transformer state dict from its key names.
+
+    format is ``"wan_original"`` or ``"wan_diffusers"``.
+
+    Raises:
+        CheckpointError: when the keys are neither (names a few keys seen).
+    """
+    keys = list(keys)
+    prefix = COMFY_PREFIX if any(k.startswith(COMFY_PREFIX) for k in keys) else ""
+    body = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    scaled = "scaled_fp8" in keys or "scaled_fp8" in body or any(k.endswith(".scale_weight") for k in body)
+    if "patch_embedding.weight" in body and any(".self_attn.q.weight" in k for k in body):
+        return "wan_original", prefix, scaled
+    if "patch_embedding.weight" in body and any(".attn1.to_q.weight" in k for k in body):
+        return "wan_diffusers", prefix, scaled
+    raise CheckpointError(f"not a Wan2.1 transformer checkpoint (unknown format); first keys: {keys[:5]}")
+
+
+def _check_keys(path, fmt, expected: dict, found: dict):
+    """expected/found: target key -> shape. Raises CheckpointError listing the first offenders."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}" for k in expected
+             if k in found and tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
+        raise CheckpointError(f"{path} [{fmt}]: does not fit the model: " + "; ".join(parts))
+
+
+def _assign(module: torch.nn.Module, source: TensorSource, key_map: dict[str, str], device, dtype_for: Callable,
+            transform: Callable | None = None):
+    """Read each source key, cast/move it, and assign it into ``module`` (strict, assign=True)."""
+    sd = {}
+    for target, src in key_map.items():
+        t = source.get(src)
+        if transform is not None:
+            t = transform(src, t)
+        sd[target] = t.to(device=device, dtype=dtype_for(target, t))
+    missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
+    # non-persistent buffers aside, strictness was checked on names and shapes beforehand
+    assert not unexpected, unexpected
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer
+
+
+def infer_transformer_config(shapes: dict[str, tuple], num_heads: int | None = None) -> dict:
+    """Wan2.1 I2V diffusers config from diffusers-named tensor shapes.
+
+    Head count is not visible in the weights: ``num_heads`` or ``dim // 128`` (every released
+    Wan2.1 model uses head_dim 128).
+    """
+    from .models import WAN21_I2V_14B
+
+    pe = shapes["patch_embedding.weight"]
+    dim, in_ch = pe[0], pe[1]
+    num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
+    heads = num_heads or max(dim // 128, 1)
+    cfg = dict(WAN21_I2V_14B)
+    cfg.update(
+        num_attention_heads=heads, attention_head_dim=dim // heads, in_channels=in_ch,
+        out_channels=shapes["proj_out.weight"][0] // (pe[2] * pe[3] * pe[4]), patch_size=tuple(pe[2:]),
+        text_dim=shapes["condition_embedder.text_embedder.linear_1.weight"][1],
+        freq_dim=shapes["condition_embedder.time_embedder.linear_1.weight"][1],
+        ffn_dim=shapes["blocks.0.ffn.net.0.proj.weight"][0], num_layers=num_layers,
+    )
+    if "condition_embedder.image_embedder.norm1.weight" in shapes:
+        cfg.update(image_dim=shapes["condition_embedder.image_embedder.norm1.weight"][0], added_kv_proj_dim=dim)
+    else:
+        cfg.update(image_dim=None, added_kv_proj_dim=None)
+    cfg["cross_attn_norm"] = "blocks.0.norm2.weight" in shapes
+    return cfg
+
+
+_FP32_MODULES = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+
+def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", storage_dtype: torch.dtype | None = None,
+                     num_heads: int | None = None):
+    """Load a Wan2.1-I2V transformer from any supported format into diffusers ``WanTransformer3DModel``.
+
+    Args:
+        paths: file, shard list, index json or folder.
+        dtype: compute dtype of the weights (bf16 / fp16 / fp32). Modules diffusers keeps in fp32
+            (time embedder, modulation tables, norms) stay fp32.
+        storage_dtype: e.g. ``torch.float8_e4m3fn`` to store linear weights in fp8 and upcast per
+            layer at compute time (diffusers layerwise casting); ``None`` stores in ``dtype``.
+        num_heads: attention heads when not ``dim // 128``.
+    Returns:
+        The model in eval mode on ``device``.
+    Raises:
+        CheckpointError: unreadable file, unknown format, or keys/shapes that do not match.
+    """
+    from .models import build_transformer
+
+    source = TensorSource(paths)
+    fmt, prefix, scaled = detect_transformer_format(source.keys())
+    key_map = {}
+    for k in source.keys():
+        if not k.startswith(prefix):
+            continue
+        body = k[len(prefix):]
+        if body == "scaled_fp8" or body.endswith(".scale_weight") or body.endswith(".scale_input"):
+            continue
+        key_map[wan_original_to_diffusers(body) if fmt == "wan_original" else body] = k
+    shapes = {t: source.shape(s) for t, s in key_map.items()}
+    where = source.paths[0] if len(source.paths) == 1 else f"{os.path.dirname(source.paths[0])} ({len(source.paths)} shards)"
+    try:
+        config = infer_transformer_config(shapes, num_heads)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{where} [{fmt}]: incomplete Wan transformer, cannot infer its config (missing {e})") from e
+    model = build_transformer(config, empty=True)
+    if storage_dtype is not None:
+        model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=dtype)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(where, fmt + (" fp8-scaled" if scaled else ""), expected, shapes)
+    target_dtype = {k: v.dtype for k, v in model.state_dict().items()}
+
+    def dtype_for(target, t):
+        if target_dtype[target] not in (torch.float32,) and storage_dtype is not None:
+            return target_dtype[target]
+        if any(part in target.split(".") for part in _FP32_MODULES):
+            return torch.float32
+        return dtype
+
+    def dequant(src, t):
+        scale_key = src[: -len(".weight")] + ".scale_weight" if src.endswith(".weight") else None
+        if scaled and scale_key in source:
+            return t.to(torch.float32) * source.get(scale_key).to(torch.float32)
+        return t
+
+    _assign(model, source, key_map, device, dtype_for, dequant if scaled else None)
+    log.info("[FantasyPortrait] loaded transformer %s [%s] (%d layers, dim %d)", where, fmt, config["num_layers"],
+             config["num_attention_heads"] * config["attention_head_dim"])
+    return model.eval().requires_grad_(False)
+
+
+def transformer_state_dict_original(model) -> dict[str, torch.Tensor]:
+    """A diffusers Wan transformer's weights under original Wan key names (for exporting and for
+    writing test checkpoints). Raises CheckpointError if a key has no original name."""
+    out = {}
+    for k, v in model.state_dict().items():
+        orig = _original_name(k)
+        if wan_original_to_diffusers(orig) != k:
+            raise CheckpointError(f"no original-Wan name for {k}")
+        out[orig] = v
+    return out
+
+
+_INVERSE = [
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),
+    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
+    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
+    (r"\.to_q\.", ".q."), (r"\.to_k\.", ".k."), (r"\.to_v\.", ".v."), (r"\.to_out\.0\.", ".o."),
+    (r"\.add_k_proj\.", ".k_img."), (r"\.add_v_proj\.", ".v_img."), (r"\.norm_added_k\.", ".norm_k_img."),
+    (r"^(blocks\.\d+)\.attn1\.", r"\1.self_attn."),
+    (r"^(blocks\.\d+)\.attn2\.", r"\1.cross_attn."),
+]
+_INVERSE = [(re.compile(a), b) for a, b in _INVERSE]
+
+
+def _original_name(key: str) -> str:
+    for pattern, repl in _INVERSE:
+        key = pattern.sub(repl, key)
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# Portrait adapter
+
+
+def _adapter_key_map(keys: list[str]) -> tuple[str, dict[str, str]]:
+    """(format, target->source) for the official or repacked adapter keys (``pd_fpg.*`` ignored)."""
+    groups = ("proj_model.", "mouth_proj_model.", "emo_proj_model.")
+    key_map = {}
+    fmt = None
+    ip = re.compile(r"^ip_adapter\.blocks\.(\d+)\.cross_attn\.(processor\.)?(ip_adapter_single_stream_[kv]_proj\.weight)$")
+    for k in keys:
+        if k.startswith(groups):
+            key_map[k] = k
+            continue
+        m = ip.match(k)
+        if m:
+            fmt = "official ckpt" if m.group(2) else "repacked"
+            key_map[f"ip_adapter.blocks.{m.group(1)}.cross_attn.{m.group(3)}"] = k
+        elif k.startswith("pd_fpg."):
+            continue
+        else:
+            key_map[k] = k  # reported as unexpected by the strict check
+    if fmt is None or not any(k.startswith("proj_model.") for k in key_map):
+        raise CheckpointError(f"not a FantasyPortrait adapter checkpoint (unknown format); first keys: {keys[:5]}")
+    return fmt, key_map
+
+
+def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", **overrides):
+    """Load the FantasyPortrait adapter (official ``.ckpt`` or repacked ``.safetensors``).
+
+    Sizes come from the tensors (width, blocks, token width, resampler width and depth);
+    resampler heads assume the released head size 64 unless ``resampler_heads`` /
+    ``resampler_dim_head`` are given.
+
+    Returns:
+        :class:`~fantasyportrait_core.adapter.PortraitAdapter` in eval mode.
+    Raises:
+        CheckpointError: unreadable file, code-carrying pickle, unknown format or key mismatch.
+    """
+    from .adapter import PortraitAdapter
+    from .models import parameters_on_meta
+
+    source = TensorSource(path)
+    fmt, key_map = _adapter_key_map(source.keys())
+    shapes = {t: source.shape(s) for t, s in key_map.items()}
+    try:
+        k0 = shapes["ip_adapter.blocks.0.cross_attn.ip_adapter_single_stream_k_proj.weight"]
+        rdim = shapes["mouth_proj_model.latents"][2]
+        cfg = dict(
+            dim=k0[0], proj_dim=k0[1],
+            num_layers=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("ip_adapter.blocks.")),
+            resampler_dim=rdim,
+            resampler_depth=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("mouth_proj_model.layers.")),
+            resampler_dim_head=64,
+        )
+        cfg["resampler_heads"] = shapes["mouth_proj_model.layers.0.0.to_q.weight"][0] // cfg["resampler_dim_head"]
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} [{fmt}]: incomplete FantasyPortrait adapter (missing {e})") from e
+    cfg.update(overrides)
+    with parameters_on_meta():
+        adapter = PortraitAdapter(**cfg)
+    _check_keys(path, fmt, {k: tuple(v.shape) for k, v in adapter.state_dict().items()}, shapes)
+    _assign(adapter, source, key_map, device, lambda k, t: dtype)
+    return adapter.eval().requires_grad_(False)
+
+
+def adapter_state_dict_official(adapter) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's weights in the official ``fantasyportrait_model.ckpt`` layout."""
+    out = {g: {} for g in ("proj_model", "mouth_proj_model", "emo_proj_model", "ip_adapter")}
+    for k, v in adapter.state_dict().items():
+        group, rest = k.split(".", 1)
+        if group == "ip_adapter":
+            rest = rest.replace(".cross_attn.", ".cross_attn.processor.")
+        out[group][rest] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Expression encoder
+
+def load_expression_encoder(path: str, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Load PD-FGC ``FanEncoder`` from ``pd_fpg.pth`` or from the ``pd_fpg.*`` keys of the repacked
+    adapter file. ``num_batches_tracked`` buffers may be absent (unused in eval).
+
+    Raises:
+        CheckpointError: unreadable file, code-carrying pickle, or keys that do not fit.
+    """
+    from .expression import FanEncoder
+
+    source = TensorSource(path)
+    keys = source.keys()
+    if any(k.startswith("pd_fpg.") for k in keys):
+        fmt, key_map = "repacked pd_fpg.*", {k[len("pd_fpg."):]: k for k in keys if k.startswith("pd_fpg.")}
+    elif any(k.startswith("model.conv1.") for k in keys):
+        fmt, key_map = "pd_fpg.pth", {k: k for k in keys}
+    else:
+        raise CheckpointError(f"{path}: no PD-FGC expression encoder weights (pd_fpg) found; first keys: {keys[:5]}")
+    encoder = FanEncoder()
+    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    optional = {k for k in expected if k.endswith("num_batches_tracked") and k not in key_map}
+    _check_keys(path, fmt, {k: v for k, v in expected.items() if k not in optional},
+                {t: source.shape(s) for t, s in key_map.items()})
+    sd = {t: source.get(s) for t, s in key_map.items()}
+    encoder.load_state_dict(sd, strict=False)
+    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,246 @@
+"""Standalone command line: animate a portrait with one or several driving videos.
+
+    python -m fantasyportrait_core.cli demo --data ../shared/data --out outputs/demo
+    python -m fantasyportrait_core.cli run --image ref.png --driving a.mp4 [b.mp4 ...] --out out.mp4 \\
+        --wan-dir Wan2.1-I2V-14B-720P-Diffusers --adapter fantasyportrait_model.ckpt --pd-fpg pd_fpg.pth
+
+``run`` without checkpoint paths (or with ``--tiny-random``) builds a tiny randomly initialised
+model: the pipeline runs end to end, but the pixels are not a real animation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import pipeline as P
+from .attention import attach_portrait_processors
+from .denoiser import I2VConditioning
+from .faces import MediaPipeDetector
+from .preview import draw_faces
+from .video import read_image, read_video, write_video
+
+log = logging.getLogger("FantasyPortrait")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fantasyportrait", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--frames", type=int, default=81, help="max frames to generate (floored to 4k+1)")
+        p.add_argument("--max-size", type=int, default=720, help="longest side of the output, rounded up to /16")
+        p.add_argument("--steps", type=int, default=30)
+        p.add_argument("--cfg", type=float, default=1.0, help="text guidance (1 = off, as the reference scripts)")
+        p.add_argument("--portrait-cfg", type=float, default=4.0, help="portrait guidance")
+        p.add_argument("--portrait-scale", type=float, default=1.0, help="portrait branch strength in the DiT")
+        p.add_argument("--shift", type=float, default=5.0)
+        p.add_argument("--seed", type=int, default=42)
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    demo = sub.add_parser("demo", help="tiny random model on the shared inputs (one and two characters)")
+    demo.add_argument("--data", default=os.path.join("..", "shared", "data"))
+    demo.add_argument("--out", default=os.path.join("outputs", "demo"))
+    common(demo)
+    demo.set_defaults(frames=33, max_size=320, steps=8)
+
+    run = sub.add_parser("run", help="animate one reference image")
+    run.add_argument("--image", required=True)
+    run.add_argument("--driving", nargs="+", required=True,
+                     help="one video per character, characters ordered left to right in the image; "
+                          "or one video showing all characters")
+    run.add_argument("--out", required=True, help="output .mp4 (a _faces.png preview is written beside it)")
+    run.add_argument("--prompt", default="")
+    run.add_argument("--negative-prompt", default=None)
+    run.add_argument("--people", type=int, default=None,
+                     help="characters in a single driving video (default: one per video)")
+    run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards or folder (any supported format)")
+    run.add_argument("--wan-dir", help="diffusers Wan2.1-I2V folder (VAE, umT5, CLIP; transformer if not given)")
+    run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors")
+    run.add_argument("--pd-fpg", help="pd_fpg.pth (default: the pd_fpg.* keys of a repacked adapter)")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    run.add_argument("--fp8", action="store_true", help="store transformer weights in fp8 (bf16 compute)")
+    run.add_argument("--tiny-random", action="store_true", help="use a tiny random model (no checkpoints)")
+    common(run)
+    return ap
+
+
+class Models:
+    """Everything one generation needs; ``random`` tells the output to say the weights are random."""
+
+    def __init__(self, transformer, adapter, vae, encoder, conditioners=None, random=False):
+        self.transformer, self.adapter, self.vae, self.encoder = transformer, adapter, vae, encoder
+        self.conditioners, self.random = conditioners, random
+        self.state = attach_portrait_processors(transformer, adapter)
+
+
+def tiny_random_models(seed: int = 0) -> Models:
+    from .models import random_tiny_models
+
+    return Models(*random_tiny_models(seed), random=True)
+
+
+def real_models(args) -> Models:
+    from diffusers import AutoencoderKLWan
+
+    from .checkpoints import load_adapter, load_expression_encoder, load_transformer
+    from .encoders import WanConditioners
+
+    if not args.wan_dir or not args.adapter:
+        raise SystemExit("real-model mode needs --wan-dir and --adapter (or use --tiny-random)")
+    dtype = DTYPES[args.dtype]
+    transformer = load_transformer(args.transformer or os.path.join(args.wan_dir, "transformer"), dtype=dtype,
+                                   device="cpu", storage_dtype=torch.float8_e4m3fn if args.fp8 else None)
+    adapter = load_adapter(args.adapter, dtype=dtype)
+    encoder = load_expression_encoder(args.pd_fpg or args.adapter)
+    vae = AutoencoderKLWan.from_pretrained(os.path.join(args.wan_dir, "vae"), torch_dtype=torch.float32).eval()
+    return Models(transformer, adapter, vae, encoder, WanConditioners(args.wan_dir, dtype, args.device))
+
+
+def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args, people: int | None = None,
+            prompt: str = "", negative_prompt: str | None = None) -> dict:
+    """Run the whole pipeline for one reference image; write ``out_path`` and ``*_faces.png``.
+
+    Returns:
+        A report dict (faces found, frames filled, sizes, timings) that is also printed.
+    """
+    import cv2
+
+    t0 = time.time()
+    device = args.device
+    detector = MediaPipeDetector()
+    report = {"output": out_path, "random_weights": models.random}
+    try:
+        # Driving side: one track per video, or `people` tracks from a single video.
+        drivers = []
+        with P.on_device(models.encoder, device):
+            if people and people > 1 and len(videos) == 1:
+                drivers = P.encode_driving(detector, models.encoder, videos[0].frames, people=people)
+            else:
+                for v in videos:
+                    drivers += P.encode_driving(detector, models.encoder, v.frames, people=1)
+        report["driving"] = [{"video": os.path.basename(videos[min(i, len(videos) - 1)].path or "?"),
+                              "frames": int(d.num_frames), "frames_without_face": d.track.missing}
+                             for i, d in enumerate(drivers)]
+        num_frames = P.frames_for(drivers, args.frames)
+
+        # Reference side.
+        width, height = P.generation_size(image.shape[1], image.shape[0], args.max_size)
+        ref = P.resize_image(image, width, height)
+        faces = detector.detect(ref)
+        report["reference_faces"] = [{"box": [round(float(v), 1) for v in f.box], "score": round(f.score, 3)}
+                                     for f in faces]
+        layout = P.reference_layout(faces, drivers, width, height, num_frames)
+    finally:
+        detector.close()
+
+    portrait = P.portrait_condition(models.adapter.to(device), drivers, num_frames, layout, args.portrait_scale)
+    preview = draw_faces(ref, layout.faces, layout.regions, layout.latent_person if len(drivers) > 1 else None,
+                         [f"#{i} <- {r['video']}" for i, r in enumerate(report["driving"])])
+    preview_path = os.path.splitext(out_path)[0] + "_faces.png"
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    cv2.imwrite(preview_path, cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
+
+    # Conditions: text + CLIP image (real encoders) or seeded stand-ins (random tiny model).
+    with P.on_device(models.vae, device):
+        y = P.encode_reference_latent(models.vae, ref, num_frames)
+    cfg_t = models.transformer.config
+    if models.conditioners is not None:
+        from .encoders import DEFAULT_NEGATIVE_PROMPT
+
+        text_pos = models.conditioners.text(prompt)
+        text_neg = models.conditioners.text(DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt) \
+            if args.cfg != 1.0 else None
+        image_ctx = models.conditioners.image(ref)
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        text_pos = torch.randn(1, 16, cfg_t.text_dim, generator=g)
+        text_neg = torch.randn(1, 16, cfg_t.text_dim, generator=g)
+        image_ctx = torch.randn(1, 257, cfg_t.image_dim, generator=g)
+    cond = I2VConditioning(text_pos, text_neg, image_ctx, y)
+
+    t1 = time.time()
+    with P.on_device(models.transformer, device):
+        latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
+                                   steps=args.steps, seed=args.seed, cfg=args.cfg, portrait_cfg=args.portrait_cfg,
+                                   shift=args.shift)
+    t2 = time.time()
+    with P.on_device(models.vae, device):
+        frames = P.decode_latent(models.vae, latent)
+    fps = videos[0].fps
+    write_video(out_path, frames, fps, audio_from=videos[0].path)
+    report.update(frames=int(frames.shape[0]), width=int(frames.shape[2]), height=int(frames.shape[1]),
+                  fps=round(fps, 3), faces_png=preview_path, sampling_s=round(t2 - t1, 2),
+                  total_s=round(time.time() - t0, 2))
+    return report
+
+
+def _print_report(report: dict):
+    print(json.dumps(report, indent=1, ensure_ascii=False))
+
+
+def cmd_demo(args) -> int:
+    data = args.data
+    need = ["man.jpeg", "jgz.mp4", "two_person.png", "biden.mp4", "trump.mp4"]
+    missing = [f for f in need if not os.path.isfile(os.path.join(data, f))]
+    if missing:
+        print(f"demo inputs missing in {data}: {missing}; pass --data DIR", file=sys.stderr)
+        return 2
+    print("FantasyPortrait demo: RANDOM WEIGHTS. No pretrained weights can be downloaded here, so a tiny randomly\n"
+          "initialised Wan/adapter/VAE is built from config. Face detection, alignment, expression encoding,\n"
+          "masks, windows, guidance and video IO are real; the output pixels are not a meaningful animation.\n")
+    models = tiny_random_models(args.seed)
+    reports = []
+    jobs = [("single_man_jgz.mp4", "man.jpeg", ["jgz.mp4"]),
+            ("multi_two_person_biden_trump.mp4", "two_person.png", ["biden.mp4", "trump.mp4"])]
+    for out_name, image_name, video_names in jobs:
+        image = read_image(os.path.join(data, image_name))
+        videos = [read_video(os.path.join(data, v), max_frames=args.frames) for v in video_names]
+        report = animate(models, image, videos, os.path.join(args.out, out_name), args)
+        report["reference"] = image_name
+        print(f"== {image_name} + {', '.join(video_names)}: {len(report['reference_faces'])} face(s) in the "
+              f"reference; wrote {report['frames']} frames {report['width']}x{report['height']}")
+        _print_report(report)
+        reports.append(report)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(reports, f, indent=1, ensure_ascii=False)
+    return 0
+
+
+def cmd_run(args) -> int:
+    use_random = args.tiny_random or not (args.wan_dir or args.adapter or args.transformer)
+    if use_random:
+        print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real animation).")
+    models = tiny_random_models(args.seed) if use_random else real_models(args)
+    image = read_image(args.image)
+    max_read = None if args.frames is None else args.frames
+    videos = [read_video(v, max_frames=max_read) for v in args.driving]
+    people = args.people or (len(videos) if len(videos) > 1 else 1)
+    report = animate(models, image, videos, args.out, args, people=people, prompt=args.prompt,
+                     negative_prompt=args.negative_prompt)
+    _print_report(report)
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        return cmd_demo(args) if args.command == "demo" else cmd_run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""End-to-end steps shared by the CLI and the ComfyUI nodes.
+
+Data flow (one function per arrow): reference image + driving video(s)
+→ :func:`encode_driving` (faces, aligned crops, expression features per person)
+→ :func:`reference_layout` (reference faces, per-person regions, latent person map)
+→ :func:`portrait_condition` (expression tokens in per-latent-frame windows + masks)
+→ :func:`generate_latent` (flow sampling with dual guidance) → VAE decode → frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from .adapter import floor_to_4k1, latent_frames, window_length, window_tokens
+from .attention import PortraitCondition, PortraitState
+from .denoiser import I2VConditioning, PortraitDenoiser, first_frame_mask
+from .expression import align_face, encode_expressions
+from .faces import Face, FaceTrack, detect_video, track_faces
+from .masks import (TOKEN_STRIDE, box_masks, expand_box, latent_person_map, motion_range, pool_to_tokens,
+                    token_person_ids)
+from .models import denormalize_latent, normalize_latent
+from .sampling import StepInfo, flow_sigmas, initial_noise, sample_euler
+
+log = logging.getLogger("FantasyPortrait")
+
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device):
+    """Move ``module`` to ``device`` for a stage and back to where it was afterwards (frees VRAM
+    between stages on small cards)."""
+    p = next(module.parameters(), None)
+    home = p.device if p is not None else torch.device("cpu")
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# Driving side
+
+
+@dataclass
+class DrivingExpression:
+    """One character's expression sequence from a driving video.
+
+    Attributes:
+        features: float32 ``[F, 554]`` (headpose, eye, emotion, mouth) per frame.
+        track: the face track the crops were aligned from (``track.missing``: filled frames).
+        crops: uint8 ``[F, 224, 224, 3]`` aligned crops (for previews).
+    """
+
+    features: torch.Tensor
+    track: FaceTrack
+    crops: np.ndarray = field(repr=False, default=None)
+
+    @property
+    def num_frames(self) -> int:
+        return self.features.shape[0]
+
+
+def encode_driving(detector, encoder, frames: np.ndarray, people: int = 1) -> list[DrivingExpression]:
+    """Expression features of the ``people`` most present faces of a driving video.
+
+    Every frame gets features: where a face is missing its landmarks are interpolated from the
+    nearest frames with a face (listed in ``track.missing``), so the length always equals the
+    frame count.
+
+    Args:
+        detector: face detector (``detect(image) -> list[Face]``).
+        encoder: :class:`~fantasyportrait_core.expression.FanEncoder`.
+        frames: uint8 ``[F, H, W, 3]`` RGB.
+        people: characters to take from this video (left to right).
+    Returns:
+        ``people`` :class:`DrivingExpression`, left to right.
+    Raises:
+        ValueError: no face in any frame, or fewer faces than ``people`` (names both counts).
+    """
+    frames = np.asarray(frames)
+    per_frame = detect_video(detector, frames)
+    tracks = track_faces(per_frame, max_people=people)
+    if len(tracks) < people:
+        raise ValueError(f"the driving video shows {len(tracks)} face(s) but {people} character(s) were asked of it")
+    out = []
+    for track in tracks:
+        crops = np.stack([align_face(frame, lm) for frame, lm in zip(frames, track.landmarks)])
+        out.append(DrivingExpression(encode_expressions(encoder, crops), track, crops))
+        if track.missing:
+            log.warning("[FantasyPortrait] no face in %d driving frame(s) %s; filled from neighbouring frames",
+                        len(track.missing), _short(track.missing))
+    return out
+
+
+def _short(idx: list[int], n: int = 12) -> str:
+    return str(idx[:n])[:-1] + (", ...]" if len(idx) > n else "]")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference side
+
+
+def generation_size(width: int, height: int, max_size: int = 720, multiple: int = TOKEN_STRIDE) -> tuple[int, int]:
+    """Output (width, height): longest side scaled to ``max_size`` then rounded *up* to a multiple
+    of 16 (reference ``infer_multi.py`` + ``check_resize_height_width``)."""
+    scale = max_size / max(width, height)
+    w, h = int(width * scale), int(height * scale)
+    return (-(-w // multiple) * multiple, -(-h // multiple) * multiple)
+
+
+def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize ``[H, W, 3]`` uint8 to ``width × height`` (area when shrinking, cubic when growing)."""
+    interp = cv2.INTER_AREA if width * height < image.shape[0] * image.shape[1] else cv2.INTER_CUBIC
+    return cv2.resize(image, (width, height), interpolation=interp)
+
+
+@dataclass
+class ReferenceLayout:
+    """Characters in the reference image, at generation size.
+
+    Attributes:
+        faces: detected faces, left to right (pixel coordinates of the resized image).
+        regions: int ``[N, 4]`` per-character face regions (box widened by motion range).
+        person_masks: bool ``[N, T, H, W]`` regions as masks (T = 1, or per frame if user-given).
+        latent_person: long ``[F_lat, S]`` person id per latent token (0 = background).
+        order: driving index for each character (character i is driven by ``drivers[order[i]]``).
+    """
+
+    faces: list[Face]
+    regions: np.ndarray
+    person_masks: torch.Tensor
+    latent_person: torch.Tensor
+    order: list[int]
+
+
+def reference_layout(faces: list[Face], drivers: list[DrivingExpression], width: int, height: int, num_frames: int,
+                     user_masks: list[torch.Tensor | None] | None = None) -> ReferenceLayout:
+    """Match characters to drivers (left to right), build their regions and the latent person map.
+
+    Args:
+        faces: reference faces at generation size, left to right.
+        drivers: one :class:`DrivingExpression` per character, in character order.
+        user_masks: optional per character ``[T, H, W]`` (or ``[H, W]``) masks replacing the box region.
+    Raises:
+        ValueError: no face, or fewer faces than drivers (names both counts).
+    """
+    if not faces:
+        raise ValueError("no face found in the reference image; use a clearer, larger or frontal face")
+    if len(faces) < len(drivers):
+        raise ValueError(f"the reference image shows {len(faces)} face(s) but {len(drivers)} driving "
+                         f"expression sequence(s) were given; give at most {len(faces)}")
+    faces = faces[: len(drivers)] if len(drivers) > 1 else [max(faces, key=lambda f: f.area)]
+    regions = np.stack([expand_box(f.box, motion_range(d.track.boxes), width, height) for f, d in zip(faces, drivers)])
+    masks = box_masks(regions, height, width)[:, None]
+    if user_masks is not None:
+        masks = masks.repeat(1, num_frames, 1, 1) if any(m is not None and m.ndim == 3 and m.shape[0] > 1
+                                                         for m in user_masks) else masks
+        masks = masks.clone()
+        for i, m in enumerate(user_masks):
+            if m is None:
+                continue
+            m = torch.as_tensor(m) > 0.5
+            m = m[None] if m.ndim == 2 else m
+            if m.shape[-2:] != (height, width):
+                m = torch.nn.functional.interpolate(m[:, None].float(), size=(height, width), mode="nearest")[:, 0] > 0.5
+            masks[i] = m if m.shape[0] == masks.shape[1] else m[:1].expand(masks.shape[1], -1, -1)
+    centers = np.stack([f.center for f in faces])
+    latent_person = latent_person_map(pool_to_tokens(masks, num_frames), centers)
+    return ReferenceLayout(faces, regions, masks, latent_person, list(range(len(drivers))))
+
+
+def portrait_condition(adapter, drivers: list[DrivingExpression], num_frames: int,
+                       layout: ReferenceLayout | None, scale: float = 1.0) -> PortraitCondition:
+    """Expression tokens of every character in per-latent-frame windows, plus their masks.
+
+    One character: no mask (reference single-person behaviour). Several: windows concatenated
+    along the token axis in character order, ``token_person`` / ``latent_person`` from ``layout``.
+
+    Args:
+        num_frames: pixel frames to generate (4k+1, at most every driver's length).
+    Returns:
+        :class:`~fantasyportrait_core.attention.PortraitCondition` with windows on the adapter's device.
+    """
+    latent_frames(num_frames)  # validates 4k+1
+    short = [d.num_frames for d in drivers if d.num_frames < num_frames]
+    if short:
+        raise ValueError(f"a driving sequence has {min(short)} frames, fewer than the {num_frames} requested")
+    p = next(adapter.parameters())
+    feats = torch.stack([d.features[:num_frames] for d in drivers]).to(p.device)  # [N, F, 554]
+    with torch.no_grad():
+        tokens = adapter.expression_tokens(feats)  # [N, F*24, C]
+        windows = window_tokens(tokens, num_frames)  # [N, F_lat, 97, C]
+    windows = windows.permute(1, 0, 2, 3).flatten(1, 2)[None]  # [1, F_lat, N*97, C]
+    if len(drivers) == 1:
+        return PortraitCondition(windows, scale=scale)
+    return PortraitCondition(windows, token_person_ids(len(drivers), window_length()),
+                             layout.latent_person, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> float ``[1, 3, 1, H, W]`` in ``[-1, 1]``."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_reference_latent(vae, image: np.ndarray, num_frames: int) -> torch.Tensor:
+    """The 20-channel I2V condition ``[1, 20, F_lat, H/8, W/8]``: first-frame mask + normalised VAE
+    latent of ``[reference, zeros × (F−1)]`` (reference ``encode_image``)."""
+    p = next(vae.parameters())
+    x = image_to_tensor(image)
+    video = torch.cat([x, torch.zeros(1, 3, num_frames - 1, *x.shape[-2:])], dim=2).to(p.device, p.dtype)
+    latent = normalize_latent(vae.encode(video).latent_dist.mode().float())
+    mask = first_frame_mask(latent.shape[2], latent.shape[3], latent.shape[4]).to(latent)
+    return torch.cat([mask, latent], dim=1).cpu()
+
+
+@torch.no_grad()
+def decode_latent(vae, latent: torch.Tensor) -> np.ndarray:
+    """Normalised latent ``[1, 16, F_lat, h, w]`` -> uint8 frames ``[F, 8h, 8w, 3]``."""
+    p = next(vae.parameters())
+    video = vae.decode(denormalize_latent(latent.float()).to(p.device, p.dtype)).sample
+    video = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return video.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, portrait: PortraitCondition | None,
+                    num_frames: int, width: int, height: int, steps: int = 30, seed: int = 42, cfg: float = 1.0,
+                    portrait_cfg: float = 4.0, shift: float = 5.0, callback=None) -> torch.Tensor:
+    """Sample a normalised Wan latent ``[1, 16, F_lat, H/8, W/8]`` (float32, CPU).
+
+    Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42).
+    ``callback(StepInfo)`` runs after each step and may raise to interrupt.
+    """
+    f_lat = latent_frames(num_frames)
+    denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg)
+    noise = initial_noise((1, 16, f_lat, height // 8, width // 8), seed)
+    sigmas = flow_sigmas(steps, shift)
+    x = noise.to(denoiser.device) * sigmas[0]
+    return sample_euler(denoiser, x, sigmas, callback=callback).float().cpu()
+
+
+def frames_for(drivers: list[DrivingExpression], max_frames: int | None = None) -> int:
+    """Frames to generate: the shortest driver, capped, floored to 4k+1 (reference ``find_replacement``)."""
+    n = min(d.num_frames for d in drivers)
+    if max_frames is not None:
+        n = min(n, max_frames)
+    n = floor_to_4k1(n)
+    if n < 1:
+        raise ValueError("the driving video has no frames")
+    return n
+
+
+__all__ = [
+    "DrivingExpression", "ReferenceLayout", "StepInfo", "decode_latent", "encode_driving", "encode_reference_latent",
+    "frames_for", "generate_latent", "generation_size", "on_device", "portrait_condition", "reference_layout",
+    "resize_image",
+]
