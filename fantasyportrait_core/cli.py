@@ -140,7 +140,7 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
         faces = detector.detect(ref)
         report["reference_faces"] = [{"box": [round(float(v), 1) for v in f.box], "score": round(f.score, 3)}
                                      for f in faces]
-        layout = P.reference_layout(faces, drivers, width, height, num_frames)
+        layout = P.reference_layout(P.assign_faces(faces, len(drivers)), drivers, width, height, num_frames)
     finally:
         detector.close()
 

@@ -141,40 +141,68 @@ class ReferenceLayout:
     order: list[int]
 
 
-def reference_layout(faces: list[Face], drivers: list[DrivingExpression], width: int, height: int, num_frames: int,
-                     user_masks: list[torch.Tensor | None] | None = None) -> ReferenceLayout:
-    """Match characters to drivers (left to right), build their regions and the latent person map.
+def assign_faces(faces: list[Face], count: int, order: list[int] | None = None) -> list[Face]:
+    """Pick the reference face each of ``count`` characters animates.
 
-    Args:
-        faces: reference faces at generation size, left to right.
-        drivers: one :class:`DrivingExpression` per character, in character order.
-        user_masks: optional per character ``[T, H, W]`` (or ``[H, W]``) masks replacing the box region.
+    Characters are matched to faces left to right (``faces`` come sorted that way), never by file
+    order; one character takes the largest face. ``order[i]`` (0-based, left-to-right face index)
+    overrides the face of character i.
+
     Raises:
-        ValueError: no face, or fewer faces than drivers (names both counts).
+        ValueError: no face, fewer faces than characters (names both counts), or a bad ``order``.
     """
     if not faces:
-        raise ValueError("no face found in the reference image; use a clearer, larger or frontal face")
-    if len(faces) < len(drivers):
-        raise ValueError(f"the reference image shows {len(faces)} face(s) but {len(drivers)} driving "
-                         f"expression sequence(s) were given; give at most {len(faces)}")
-    faces = faces[: len(drivers)] if len(drivers) > 1 else [max(faces, key=lambda f: f.area)]
+        raise ValueError("no face found in the reference image; use a clearer, larger or more frontal face")
+    if len(faces) < count:
+        raise ValueError(f"the reference image shows {len(faces)} face(s) but {count} driving expression "
+                         f"sequence(s) were given; give at most {len(faces)}")
+    if order:
+        if len(order) != count or len(set(order)) != count or not all(0 <= i < len(faces) for i in order):
+            raise ValueError(f"face order {order} must list {count} distinct face indices between 0 and {len(faces) - 1}")
+        return [faces[i] for i in order]
+    if count == 1:
+        return [max(faces, key=lambda f: f.area)]
+    return faces[:count]
+
+
+def reference_layout(faces: list[Face], drivers: list[DrivingExpression], width: int, height: int, num_frames: int,
+                     user_masks: list[torch.Tensor | None] | None = None) -> ReferenceLayout:
+    """Per-character regions and the latent person map.
+
+    Args:
+        faces: the face of each character (:func:`assign_faces`), at generation size.
+        drivers: one :class:`DrivingExpression` per character, same order.
+        user_masks: optional per character ``[T, H, W]`` or ``[H, W]`` masks (any size; resized)
+            replacing that character's box region; ``None`` entries keep the box.
+    Raises:
+        ValueError: if the counts differ.
+    """
+    if len(faces) != len(drivers):
+        raise ValueError(f"{len(faces)} faces for {len(drivers)} characters")
     regions = np.stack([expand_box(f.box, motion_range(d.track.boxes), width, height) for f, d in zip(faces, drivers)])
     masks = box_masks(regions, height, width)[:, None]
-    if user_masks is not None:
-        masks = masks.repeat(1, num_frames, 1, 1) if any(m is not None and m.ndim == 3 and m.shape[0] > 1
-                                                         for m in user_masks) else masks
-        masks = masks.clone()
+    if user_masks is not None and any(m is not None for m in user_masks):
+        per_frame = any(m is not None and m.ndim == 3 and m.shape[0] > 1 for m in user_masks)
+        masks = masks.repeat(1, num_frames if per_frame else 1, 1, 1)
         for i, m in enumerate(user_masks):
-            if m is None:
-                continue
-            m = torch.as_tensor(m) > 0.5
-            m = m[None] if m.ndim == 2 else m
-            if m.shape[-2:] != (height, width):
-                m = torch.nn.functional.interpolate(m[:, None].float(), size=(height, width), mode="nearest")[:, 0] > 0.5
-            masks[i] = m if m.shape[0] == masks.shape[1] else m[:1].expand(masks.shape[1], -1, -1)
+            if m is not None:
+                masks[i] = _fit_mask(torch.as_tensor(m), masks.shape[1], height, width)
     centers = np.stack([f.center for f in faces])
     latent_person = latent_person_map(pool_to_tokens(masks, num_frames), centers)
-    return ReferenceLayout(faces, regions, masks, latent_person, list(range(len(drivers))))
+    return ReferenceLayout(list(faces), regions, masks, latent_person, list(range(len(drivers))))
+
+
+def _fit_mask(mask: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+    """A user mask (``[H, W]`` or ``[T, H, W]``, any size, > 0.5 = inside) as bool ``[frames, height, width]``."""
+    m = mask.float()
+    m = m[None] if m.ndim == 2 else m
+    if m.shape[-2:] != (height, width):
+        m = torch.nn.functional.interpolate(m[:, None], size=(height, width), mode="nearest")[:, 0]
+    if m.shape[0] != frames:
+        if m.shape[0] < frames and frames > 1 and m.shape[0] > 1:
+            raise ValueError(f"a character mask has {m.shape[0]} frames; give 1 or {frames}")
+        m = m[:1].expand(frames, -1, -1)
+    return m > 0.5
 
 
 def portrait_condition(adapter, drivers: list[DrivingExpression], num_frames: int,
@@ -265,5 +293,5 @@ def frames_for(drivers: list[DrivingExpression], max_frames: int | None = None) 
 __all__ = [
     "DrivingExpression", "ReferenceLayout", "StepInfo", "decode_latent", "encode_driving", "encode_reference_latent",
     "frames_for", "generate_latent", "generation_size", "on_device", "portrait_condition", "reference_layout",
-    "resize_image",
+    "resize_image", "assign_faces",
 ]

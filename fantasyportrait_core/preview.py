@@ -14,19 +14,23 @@ PALETTE = np.array([(230, 60, 60), (60, 130, 230), (60, 190, 90), (230, 170, 40)
 
 
 def draw_faces(image: np.ndarray, faces: list[Face], regions: np.ndarray | None = None,
-               latent_person: torch.Tensor | None = None, labels: list[str] | None = None) -> np.ndarray:
+               latent_person: torch.Tensor | None = None, labels: list[str] | None = None,
+               min_side: int = 768) -> np.ndarray:
     """Draw what the pipeline sees on a copy of ``image`` (``[H, W, 3]`` uint8 RGB).
 
     Each face i gets colour i, its box, its 5 landmarks and the label ``#i`` (or ``labels[i]``);
     ``regions`` are drawn as thin rectangles; ``latent_person`` (``[F_lat, h·w]``, frame 0 shown)
-    tints the tokens each person's expression tokens reach.
+    tints the tokens each person's expression tokens reach. Small images are drawn enlarged so
+    that the longest side is at least ``min_side`` (labels stay legible).
     """
-    out = image.copy()
+    h0, w0 = image.shape[:2]
+    k = max(1.0, min_side / max(h0, w0))
+    out = cv2.resize(image, (round(w0 * k), round(h0 * k)), interpolation=cv2.INTER_CUBIC) if k > 1 else image.copy()
     h, w = out.shape[:2]
     if latent_person is not None:
-        gh, gw = h // 16, w // 16
+        gh, gw = h0 // 16, w0 // 16
         ids = latent_person[0].reshape(gh, gw).cpu().numpy()
-        ids = cv2.resize(ids.astype(np.uint8), (gw * 16, gh * 16), interpolation=cv2.INTER_NEAREST)
+        ids = cv2.resize(ids.astype(np.uint8), (round(gw * 16 * k), round(gh * 16 * k)), interpolation=cv2.INTER_NEAREST)
         tint = np.zeros_like(out)
         tint[: ids.shape[0], : ids.shape[1]] = np.where(ids[..., None] > 0, PALETTE[(ids - 1) % len(PALETTE)], 0)
         fg = np.zeros(out.shape[:2], bool)
@@ -35,13 +39,13 @@ def draw_faces(image: np.ndarray, faces: list[Face], regions: np.ndarray | None 
     thick = max(2, round(max(h, w) / 400))
     for i, face in enumerate(faces):
         color = tuple(int(c) for c in PALETTE[i % len(PALETTE)])
-        x1, y1, x2, y2 = (int(round(v)) for v in face.box)
+        x1, y1, x2, y2 = (int(round(v * k)) for v in face.box)
         cv2.rectangle(out, (x1, y1), (x2, y2), color, thick)
         if regions is not None and i < len(regions):
-            rx1, ry1, rx2, ry2 = (int(v) for v in regions[i])
+            rx1, ry1, rx2, ry2 = (int(round(v * k)) for v in regions[i])
             cv2.rectangle(out, (rx1, ry1), (rx2, ry2), color, max(1, thick // 2))
         for x, y in face.landmarks:
-            cv2.circle(out, (int(round(x)), int(round(y))), thick + 1, (255, 255, 255), -1)
+            cv2.circle(out, (int(round(x * k)), int(round(y * k))), thick + 1, (255, 255, 255), -1)
         label = labels[i] if labels else f"#{i}"
         scale = max(0.5, max(h, w) / 900)
         cv2.putText(out, label, (x1, max(y1 - 6, 14)), cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)

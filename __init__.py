@@ -1,0 +1,14 @@
+"""ComfyUI-FantasyPortrait: expression-driven portrait animation (FantasyPortrait, arXiv 2507.12956)
+for one or several characters, on Wan2.1-I2V-14B."""
+
+import os
+import sys
+
+# The core library is imported as a top-level package both here and in plain Python.
+_here = os.path.dirname(os.path.abspath(__file__))
+if _here not in sys.path:
+    sys.path.append(_here)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

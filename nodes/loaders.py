@@ -1,0 +1,126 @@
+"""Loader nodes: transformer + portrait adapter, expression encoder, face detector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fantasyportrait_core.attention import PortraitState, attach_portrait_processors
+from fantasyportrait_core.checkpoints import load_adapter, load_expression_encoder, load_transformer
+from fantasyportrait_core.faces import MediaPipeDetector
+
+from . import host
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CATEGORY = "FantasyPortrait/loaders"
+
+
+@dataclass
+class PortraitModel:
+    """FANTASYPORTRAIT_MODEL: the Wan2.1-I2V transformer with the portrait adapter attached.
+
+    ``offload == "block"`` means diffusers group offload streams blocks to the GPU, so the sampler
+    must not move the whole transformer.
+    """
+
+    transformer: torch.nn.Module
+    adapter: torch.nn.Module
+    state: PortraitState
+    dtype: torch.dtype
+    offload: str = "none"
+
+
+def build_portrait_model(transformer, adapter, dtype, offload: str = "none") -> PortraitModel:
+    state = attach_portrait_processors(transformer, adapter)
+    if offload == "block":
+        device = host.torch_device()
+        if device.type == "cuda":
+            transformer.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type="block_level",
+                                             num_blocks_per_group=1, use_stream=True)
+            adapter.to(device)
+    return PortraitModel(transformer, adapter, state, dtype, offload)
+
+
+class FantasyPortraitModelLoader:
+    """Wan2.1-I2V-14B transformer (any published format) + FantasyPortrait adapter."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "transformer": (host.list_models("diffusion_models"), {
+                "tooltip": "Wan2.1-I2V-14B (480P or 720P) transformer from models/diffusion_models: original Wan "
+                           "keys, the Comfy-Org repack, fp8 / fp8-scaled files or diffusers shards."}),
+            "adapter": (host.list_models(host.MODEL_FOLDER), {
+                "tooltip": "fantasyportrait_model.ckpt or Wan2_1_FantasyPortrait_fp16.safetensors from "
+                           "models/fantasyportrait."}),
+            "weight_dtype": (list(DTYPES), {"default": "bf16", "tooltip": "Compute dtype of the weights."}),
+            "storage": (["same", "fp8_e4m3fn"], {
+                "default": "same",
+                "tooltip": "fp8_e4m3fn stores the transformer's linear weights in 8 bits (about 16 GB for 14B) "
+                           "and computes in weight_dtype."}),
+            "offload": (["none", "block"], {
+                "default": "none",
+                "tooltip": "block: keep weights in CPU RAM and stream one block at a time to the GPU "
+                           "(for 24 GB cards; slower)."}),
+        }}
+
+    RETURN_TYPES = ("FANTASYPORTRAIT_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads the Wan2.1 image-to-video transformer and attaches the FantasyPortrait adapter."
+
+    def load(self, transformer, adapter, weight_dtype="bf16", storage="same", offload="none"):
+        dtype = DTYPES[weight_dtype]
+        storage_dtype = torch.float8_e4m3fn if storage == "fp8_e4m3fn" else None
+        model = load_transformer(host.model_path("diffusion_models", transformer), dtype=dtype,
+                                 device=host.offload_device(), storage_dtype=storage_dtype)
+        portrait = load_adapter(host.model_path(host.MODEL_FOLDER, adapter), dtype=dtype, device=host.offload_device())
+        return (build_portrait_model(model, portrait, dtype, offload),)
+
+
+class FantasyPortraitExpressionEncoderLoader:
+    """PD-FGC expression encoder (``pd_fpg.pth`` or the ``pd_fpg.*`` part of the repacked adapter)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "encoder": (host.list_models(host.MODEL_FOLDER), {
+                "tooltip": "pd_fpg.pth, or the repacked Wan2_1_FantasyPortrait_fp16.safetensors (it contains "
+                           "the encoder under pd_fpg.*), from models/fantasyportrait."}),
+        }}
+
+    RETURN_TYPES = ("FP_EXPRESSION_ENCODER",)
+    RETURN_NAMES = ("expression_encoder",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads the PD-FGC implicit expression encoder (headpose, eyes, emotion, mouth per frame)."
+
+    def load(self, encoder):
+        return (load_expression_encoder(host.model_path(host.MODEL_FOLDER, encoder)),)
+
+
+DETECTORS = {"mediapipe (offline)": MediaPipeDetector}
+
+
+class FantasyPortraitFaceDetectorLoader:
+    """Face detector returning boxes and 5 landmarks."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "backend": (list(DETECTORS), {
+                "tooltip": "mediapipe: BlazeFace + Face Mesh models shipped inside the mediapipe wheel, "
+                           "nothing to download."}),
+            "min_score": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 0.99, "step": 0.05,
+                                    "tooltip": "Detection confidence threshold."}),
+        }}
+
+    RETURN_TYPES = ("FP_FACE_DETECTOR",)
+    RETURN_NAMES = ("face_detector",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, backend, min_score=0.5):
+        return (DETECTORS[backend](min_score=min_score),)

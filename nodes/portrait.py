@@ -1,0 +1,163 @@
+"""Expression, face and conditioning nodes: driving IMAGE -> expressions; reference IMAGE -> faces;
+both -> FP_PORTRAIT for the sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.faces import Face
+from fantasyportrait_core.masks import box_masks
+from fantasyportrait_core.preview import draw_faces
+
+from . import host
+
+CATEGORY = "FantasyPortrait"
+MAX_EXTRA_EXPRESSIONS = 3  # expression + expression_2..4
+
+
+@dataclass
+class ReferenceFaces:
+    """FP_FACES: faces found in the reference image (left to right), the image and its size."""
+
+    faces: list[Face]
+    width: int
+    height: int
+    image: np.ndarray = field(repr=False, default=None)
+
+
+@dataclass
+class PortraitInputs:
+    """FP_PORTRAIT: characters (face + expression sequence each) to condition the sampler on.
+
+    Faces are in reference-image pixels; the sampler maps them to the generated size.
+    """
+
+    faces: list[Face]
+    drivers: list[P.DrivingExpression]
+    ref_width: int
+    ref_height: int
+    scale: float = 1.0
+    user_masks: list[torch.Tensor | None] = field(default_factory=list)
+
+
+class FantasyPortraitEncodeExpression:
+    """Driving frames -> per-frame expression features of one or several people."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "expression_encoder": ("FP_EXPRESSION_ENCODER",),
+            "face_detector": ("FP_FACE_DETECTOR",),
+            "images": ("IMAGE", {"tooltip": "Driving video frames (e.g. from Load Video → Get Video Components)."}),
+            "people": ("INT", {"default": 1, "min": 1, "max": 8,
+                               "tooltip": "How many faces to take from this video, ordered left to right."}),
+        }}
+
+    RETURN_TYPES = ("FP_EXPRESSION", "IMAGE", "STRING")
+    RETURN_NAMES = ("expression", "aligned_faces", "info")
+    OUTPUT_TOOLTIPS = ("Expression sequences, one per person.",
+                       "The aligned 224×224 face crops the encoder saw (first person).",
+                       "Frames without a face (filled from neighbours), per person.")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Detects and tracks faces in the driving frames, aligns each face on 5 landmarks and encodes "
+                   "its headpose, eyes, emotion and mouth. Frames without a face are filled from neighbours.")
+
+    def encode(self, expression_encoder, face_detector, images, people=1):
+        frames = host.image_to_uint8(images)
+        device = host.torch_device()
+        with P.on_device(expression_encoder, device):
+            drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people)
+        info = []
+        for i, d in enumerate(drivers):
+            miss = d.track.missing
+            info.append(f"person {i}: {d.num_frames} frames, {len(miss)} without a face"
+                        + (f" (filled: {miss[:50]}{' ...' if len(miss) > 50 else ''})" if miss else ""))
+        return (drivers, host.uint8_to_image(drivers[0].crops), "\n".join(info))
+
+
+class FantasyPortraitFaceMasks:
+    """Reference image -> faces (left to right), one MASK per face and a numbered preview."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "face_detector": ("FP_FACE_DETECTOR",),
+            "image": ("IMAGE", {"tooltip": "The reference portrait (first frame used)."}),
+        }}
+
+    RETURN_TYPES = ("FP_FACES", "MASK", "IMAGE")
+    RETURN_NAMES = ("faces", "face_masks", "preview")
+    OUTPUT_TOOLTIPS = ("Faces for Portrait Conditioning.", "One mask per face (box), left to right.",
+                       "The reference with numbered faces: #0 is the leftmost.")
+    FUNCTION = "detect"
+    CATEGORY = CATEGORY
+
+    def detect(self, face_detector, image):
+        ref = host.image_to_uint8(image)[0]
+        faces = face_detector.detect(ref)
+        if not faces:
+            raise ValueError("no face found in the reference image; use a clearer, larger or more frontal face")
+        h, w = ref.shape[:2]
+        boxes = np.stack([np.round(f.box).astype(int) for f in faces])
+        masks = box_masks(boxes, h, w).float()
+        return (ReferenceFaces(faces, w, h, ref), masks, host.uint8_to_image(draw_faces(ref, faces)))
+
+
+class FantasyPortraitConditioning:
+    """Faces + expression sequences (+ optional masks) -> FP_PORTRAIT for the sampler."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        optional = {f"expression_{i}": ("FP_EXPRESSION", {"tooltip": "More characters (their own driving video)."})
+                    for i in range(2, 2 + MAX_EXTRA_EXPRESSIONS)}
+        optional["masks"] = ("MASK", {
+            "tooltip": "Optional: one mask per character (batch in character order), e.g. drawn in the mask "
+                       "editor, replacing the automatic face region. An empty mask keeps the automatic one."})
+        return {"required": {
+            "faces": ("FP_FACES",),
+            "expression": ("FP_EXPRESSION",),
+            "portrait_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.05,
+                                         "tooltip": "Strength of the expression branch inside the transformer."}),
+            "face_order": ("STRING", {"default": "", "tooltip":
+                                      "Empty: characters go to faces left to right (one character: the largest "
+                                      "face). Or face indices per character from the preview, e.g. '1,0'."}),
+        }, "optional": optional}
+
+    RETURN_TYPES = ("FP_PORTRAIT", "IMAGE")
+    RETURN_NAMES = ("portrait", "preview")
+    FUNCTION = "condition"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Pairs each expression sequence with a face of the reference image. Characters are the people "
+                   "of 'expression', then of expression_2, 3, 4, in order.")
+
+    def condition(self, faces, expression, portrait_scale=1.0, face_order="", masks=None, **more):
+        drivers = list(expression)
+        for i in range(2, 2 + MAX_EXTRA_EXPRESSIONS):
+            drivers += list(more.get(f"expression_{i}") or [])
+        order = _parse_order(face_order)
+        chosen = P.assign_faces(faces.faces, len(drivers), order)
+        user_masks: list = [None] * len(drivers)
+        if masks is not None:
+            m = masks if masks.ndim == 3 else masks[None]
+            if m.shape[0] != len(drivers):
+                raise ValueError(f"masks has {m.shape[0]} mask(s) for {len(drivers)} character(s); give one per character")
+            user_masks = [mi if mi.max() > 0.5 else None for mi in m]
+        canvas = faces.image if faces.image is not None else np.full((faces.height, faces.width, 3), 40, np.uint8)
+        preview = draw_faces(canvas, chosen, labels=[f"character {i}" for i in range(len(chosen))])
+        return (PortraitInputs(chosen, drivers, faces.width, faces.height, portrait_scale, user_masks),
+                host.uint8_to_image(preview))
+
+
+def _parse_order(text: str) -> list[int] | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise ValueError(f"face_order '{text}' must be comma-separated face numbers like '1,0'") from None

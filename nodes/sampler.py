@@ -1,0 +1,173 @@
+"""FantasyPortrait sampler node: native Wan I2V CONDITIONING + LATENT in, LATENT out."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+
+from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
+from fantasyportrait_core.denoiser import I2VConditioning
+from fantasyportrait_core.faces import Face
+from fantasyportrait_core.models import denormalize_latent, normalize_latent
+from fantasyportrait_core.sampling import DEFAULT_SHIFT, DEFAULT_STEPS
+
+from . import host
+
+log = logging.getLogger("FantasyPortrait")
+
+
+def center_crop_map(src_w: int, src_h: int, dst_w: int, dst_h: int):
+    """Scale and offset taking reference pixels to generated pixels, for the centre crop that
+    ``WanImageToVideo`` applies to its start image (``common_upscale(..., "center")``).
+
+    Returns ``(scale, off_x, off_y)`` with ``dst = (src - off) * scale``.
+    """
+    if src_w / src_h > dst_w / dst_h:  # wider: crop left/right
+        crop_w = src_h * dst_w / dst_h
+        return dst_h / src_h, (src_w - crop_w) / 2, 0.0
+    crop_h = src_w * dst_h / dst_w
+    return dst_w / src_w, 0.0, (src_h - crop_h) / 2
+
+
+def map_face(face: Face, scale: float, off_x: float, off_y: float) -> Face:
+    off = np.array([off_x, off_y])
+    box = (face.box.reshape(2, 2) - off) * scale
+    return Face(box.reshape(4), (face.landmarks - off) * scale, face.score, face.embedding)
+
+
+def map_mask(mask: torch.Tensor, scale: float, off_x: float, off_y: float, dst_w: int, dst_h: int) -> torch.Tensor:
+    """Crop and resize a reference-size mask ``[T, H, W]``/``[H, W]`` to the generated size."""
+    m = mask[None] if mask.ndim == 2 else mask
+    x0, y0 = int(round(off_x)), int(round(off_y))
+    w, h = int(round(dst_w / scale)), int(round(dst_h / scale))
+    m = m[:, y0:y0 + h, x0:x0 + w].float()
+    return torch.nn.functional.interpolate(m[:, None], size=(dst_h, dst_w), mode="nearest")[:, 0]
+
+
+def conditioning_parts(positive, negative, cfg: float):
+    """Text embeddings, CLIP image tokens and the 20-channel image condition from native Wan I2V
+    CONDITIONING (as produced by ``WanImageToVideo``).
+
+    Raises:
+        ValueError: naming the node to connect when a part is missing.
+    """
+    if not positive or not isinstance(positive[0], (list, tuple)):
+        raise ValueError("positive must be CONDITIONING (e.g. CLIPTextEncode → WanImageToVideo)")
+    text_pos, extra = positive[0][0], positive[0][1]
+    if "concat_latent_image" not in extra:
+        raise ValueError("positive has no reference image latent: connect WanImageToVideo (with start_image = the "
+                         "reference portrait) between the text encoders and this sampler")
+    clip = extra.get("clip_vision_output")
+    if clip is None:
+        raise ValueError("positive has no CLIP image embedding: connect CLIPVisionEncode (clip_vision_h) to "
+                         "WanImageToVideo's clip_vision_output; Wan2.1 I2V needs it")
+    image_ctx = clip["penultimate_hidden_states"] if isinstance(clip, dict) else clip.penultimate_hidden_states
+    text_neg = negative[0][0] if (negative and cfg != 1.0) else None
+    if cfg != 1.0 and text_neg is None:
+        raise ValueError("cfg != 1 needs a negative CONDITIONING")
+
+    def fit(t):
+        if t.shape[1] > TEXT_CONTEXT_TOKENS:
+            log.warning("[FantasyPortrait] prompt has %d tokens; Wan uses the first %d", t.shape[1], TEXT_CONTEXT_TOKENS)
+            t = t[:, :TEXT_CONTEXT_TOKENS]
+        return t
+
+    latent_image = normalize_latent(extra["concat_latent_image"].float())
+    mask = extra.get("concat_mask")
+    t = latent_image.shape[2]
+    if mask is None:
+        keep = torch.zeros(1, 1, t, *latent_image.shape[-2:])
+        keep[:, :, 0] = 1.0
+    else:
+        keep = 1.0 - mask.float().mean(dim=1, keepdim=True)[:1]  # ComfyUI: 0 = given frame
+        keep = keep[:, :, :t]
+        if keep.shape[2] < t:
+            keep = torch.nn.functional.pad(keep, (0, 0, 0, 0, 0, t - keep.shape[2]))
+    y = torch.cat([keep.repeat(1, 4, 1, 1, 1), latent_image[:1]], dim=1)
+    return fit(text_pos), (fit(text_neg) if text_neg is not None else None), image_ctx, y
+
+
+class FantasyPortraitSampler:
+    """Flow-matching sampler with the portrait branch and dual guidance."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("FANTASYPORTRAIT_MODEL",),
+            "portrait": ("FP_PORTRAIT",),
+            "positive": ("CONDITIONING", {"tooltip": "From WanImageToVideo (text + reference image + CLIP)."}),
+            "negative": ("CONDITIONING", {"tooltip": "From WanImageToVideo; used only when cfg != 1."}),
+            "latent": ("LATENT", {"tooltip": "From WanImageToVideo: sets size and length (frames = 4k+1)."}),
+            "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200}),
+            "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
+                              "tooltip": "Text guidance; 1 = off (the reference setting, saves a pass)."}),
+            "portrait_cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                       "tooltip": "Portrait guidance; 1 = off. The reference uses 4."}),
+            "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.5, "max": 20.0, "step": 0.1}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "sample"
+    CATEGORY = "FantasyPortrait"
+    DESCRIPTION = ("Samples a Wan2.1 image-to-video latent animated by the portrait's expressions. "
+                   "Decode with the native VAE Decode.")
+
+    def sample(self, model, portrait, positive, negative, latent, seed, steps=DEFAULT_STEPS, cfg=1.0,
+               portrait_cfg=4.0, shift=DEFAULT_SHIFT):
+        samples = latent["samples"]
+        if samples.ndim != 5 or samples.shape[1] != 16:
+            raise ValueError(f"latent must be a Wan2.1 video latent [B, 16, T, H/8, W/8], got {tuple(samples.shape)}")
+        f_lat, h, w = samples.shape[2:]
+        num_frames, width, height = 4 * (f_lat - 1) + 1, w * 8, h * 8
+        if width % 16 or height % 16:
+            raise ValueError(f"width and height must be multiples of 16, got {width}x{height}")
+        shortest = min(d.num_frames for d in portrait.drivers)
+        if shortest < num_frames:
+            raise ValueError(f"the latent is {num_frames} frames long but a driving expression has only {shortest}; "
+                             f"set WanImageToVideo length to at most {P.frames_for(portrait.drivers)}")
+        text_pos, text_neg, image_ctx, y = conditioning_parts(positive, negative, cfg)
+        if y.shape[2:] != samples.shape[2:]:
+            raise ValueError(f"reference latent {tuple(y.shape[2:])} and latent {tuple(samples.shape[2:])} differ: "
+                             "take both from the same WanImageToVideo")
+
+        scale, ox, oy = center_crop_map(portrait.ref_width, portrait.ref_height, width, height)
+        faces = [map_face(f, scale, ox, oy) for f in portrait.faces]
+        masks = [None if m is None else map_mask(m, scale, ox, oy, width, height) for m in portrait.user_masks]
+        layout = P.reference_layout(faces, portrait.drivers, width, height, num_frames, masks or None)
+
+        device = host.torch_device()
+        tr = model.transformer
+        move = model.offload != "block"
+        if move:
+            host.free_vram_for(tr, device)
+        pbar = host.Progress(steps)
+
+        def callback(info):
+            host.check_interrupt()
+            pbar.update(info.i + 1, info.denoised)
+
+        home = next(tr.parameters()).device
+        try:
+            if move:
+                tr.to(device)
+            model.adapter.to(device)
+            cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
+            i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
+            out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, steps=steps, seed=seed,
+                                    cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback)
+        finally:
+            model.state.condition = None
+            if move:
+                tr.to(home)
+                model.adapter.to(home)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result = copy.copy(latent)
+        result["samples"] = denormalize_latent(out).to(samples.dtype)
+        return (result,)
