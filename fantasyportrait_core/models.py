@@ -26,7 +26,7 @@ TINY_TRANSFORMER = dict(
     WAN21_I2V_14B, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2,
     text_dim=32, freq_dim=32, image_dim=16, added_kv_proj_dim=24,
 )
-TINY_ADAPTER = dict(proj_dim=32, resampler_dim=32, resampler_depth=1, resampler_heads=2, resampler_dim_head=16)
+TINY_ADAPTER = dict(proj_dim=32, resampler_dim=32, resampler_depth=1, resampler_heads=1, resampler_dim_head=64)
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
 
 # Wan2.1 VAE latent normalisation (per channel), published with the VAE (diffusers config

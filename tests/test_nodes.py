@@ -1,0 +1,182 @@
+"""Every node run through its ComfyUI entry point (INPUT_TYPES / FUNCTION) with ComfyUI-shaped
+inputs: IMAGE [B,H,W,3] float 0..1, MASK [B,H,W], CONDITIONING [[tensor, dict]], LATENT {"samples"}."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import nodes
+from fantasyportrait_core.video import read_image, read_video
+
+from . import checkpoint_writers as W
+from .conftest import ROOT, data_path
+
+MAPPINGS = nodes.NODE_CLASS_MAPPINGS
+
+
+def run(node_type, **inputs):
+    """Call a node the way ComfyUI does: validate names against INPUT_TYPES, then FUNCTION."""
+    cls = MAPPINGS[node_type]
+    spec = cls.INPUT_TYPES()
+    required, optional = spec.get("required", {}), spec.get("optional", {})
+    missing = [k for k in required if k not in inputs]
+    unknown = [k for k in inputs if k not in required and k not in optional]
+    assert not missing and not unknown, (missing, unknown)
+    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES)
+    return out
+
+
+def as_image(frames: np.ndarray) -> torch.Tensor:
+    frames = frames[None] if frames.ndim == 3 else frames
+    return torch.from_numpy(frames).float() / 255.0
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny):
+    transformer, adapter, _, encoder = tiny
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "transformer": W.write_wan_original(transformer, str(d / "wan_i2v.safetensors")),
+        "adapter": W.write_adapter_repacked(adapter, str(d / "fantasyportrait.safetensors"), encoder),
+    }
+
+
+@pytest.fixture(scope="module")
+def loaded(files):
+    (model,) = run("FantasyPortraitModelLoader", transformer=files["transformer"], adapter=files["adapter"],
+                   weight_dtype="fp32", storage="same", offload="none")
+    (encoder,) = run("FantasyPortraitExpressionEncoderLoader", encoder=files["adapter"])
+    (detector,) = run("FantasyPortraitFaceDetectorLoader", backend="mediapipe (offline)", min_score=0.5)
+    return model, encoder, detector
+
+
+def test_loaders(loaded):
+    model, encoder, detector = loaded
+    assert len(model.transformer.blocks) == model.adapter.num_layers == 2
+    assert not encoder.training
+    assert detector.name == "mediapipe"
+
+
+def test_missing_model_file_names_folder():
+    with pytest.raises(FileNotFoundError, match="fantasyportrait"):
+        run("FantasyPortraitExpressionEncoderLoader", encoder="pd_fpg.pth")
+
+
+def _conditioning(model, frames_lat, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.transformer.config
+    mask = torch.ones(1, 1, frames_lat, h, w)
+    mask[:, :, 0] = 0.0  # WanImageToVideo: 0 = given start frame
+    extra = {"pooled_output": None, "concat_latent_image": torch.randn(1, 16, frames_lat, h, w, generator=g),
+             "concat_mask": mask,
+             "clip_vision_output": SimpleNamespace(penultimate_hidden_states=torch.randn(1, 257, c.image_dim, generator=g))}
+    pos = [[torch.randn(1, 512, c.text_dim, generator=g), dict(extra)]]
+    neg = [[torch.randn(1, 512, c.text_dim, generator=g), dict(extra)]]
+    return pos, neg
+
+
+def test_two_character_graph(loaded):
+    model, encoder, detector = loaded
+    biden = read_video(data_path("biden.mp4"), max_frames=9).frames
+    trump = read_video(data_path("trump.mp4"), max_frames=9).frames
+    ref = read_image(data_path("two_person.png"))
+
+    expr_a, crops, info = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
+                              images=as_image(biden), people=1)
+    expr_b, _, _ = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
+                       images=as_image(trump), people=1)
+    assert crops.shape == (9, 224, 224, 3) and 0 <= crops.min() and crops.max() <= 1
+    assert "person 0: 9 frames" in info
+
+    faces, masks, preview = run("FantasyPortraitFaceMasks", face_detector=detector, image=as_image(ref))
+    assert len(faces.faces) == 2 and masks.shape == (2, ref.shape[0], ref.shape[1])
+    assert preview.ndim == 4 and preview.shape[-1] == 3
+    # face 0 is the left one: its mask's centre of mass is left of face 1's
+    xs = torch.arange(ref.shape[1]).float()
+    cx = [(m.sum(0) * xs).sum() / m.sum() for m in masks]
+    assert cx[0] < cx[1]
+
+    portrait, cpreview = run("FantasyPortraitConditioning", faces=faces, expression=expr_a, expression_2=expr_b,
+                             portrait_scale=1.0, face_order="")
+    assert len(portrait.drivers) == 2 and cpreview.shape[-1] == 3
+
+    h, w, f_lat = 12, 20, 3  # 160x96 pixels, 9 frames
+    pos, neg = _conditioning(model, f_lat, h, w)
+    latent = {"samples": torch.zeros(1, 16, f_lat, h, w)}
+    kw = dict(model=model, portrait=portrait, positive=pos, negative=neg, latent=latent, seed=7, steps=2,
+              cfg=2.0, portrait_cfg=3.0, shift=5.0)
+    (out,) = run("FantasyPortraitSampler", **kw)
+    assert out["samples"].shape == latent["samples"].shape and torch.isfinite(out["samples"]).all()
+    (again,) = run("FantasyPortraitSampler", **kw)
+    assert torch.equal(out["samples"], again["samples"]), "same seed, same result"
+    assert model.state.condition is None
+
+    # swapping which face each expression drives changes the result
+    swapped, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr_a, expression_2=expr_b,
+                     portrait_scale=1.0, face_order="1,0")
+    (other,) = run("FantasyPortraitSampler", **{**kw, "portrait": swapped})
+    assert not torch.equal(out["samples"], other["samples"])
+
+
+def test_sampler_errors_name_what_to_connect(loaded):
+    model, encoder, detector = loaded
+    frames = read_video(data_path("jgz.mp4"), max_frames=5).frames
+    expr, _, _ = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
+                     images=as_image(frames), people=1)
+    faces, _, _ = run("FantasyPortraitFaceMasks", face_detector=detector, image=as_image(read_image(data_path("man.jpeg"))))
+    portrait, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0, face_order="")
+    pos, neg = _conditioning(model, 2, 8, 8)
+    base = dict(model=model, portrait=portrait, negative=neg, seed=1, steps=1, cfg=1.0, portrait_cfg=4.0, shift=5.0)
+    with pytest.raises(ValueError, match="WanImageToVideo"):
+        run("FantasyPortraitSampler", positive=[[pos[0][0], {}]], latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, **base)
+    with pytest.raises(ValueError, match="length to at most 5"):
+        run("FantasyPortraitSampler", positive=pos, latent={"samples": torch.zeros(1, 16, 3, 8, 8)}, **base)
+    no_clip = [[pos[0][0], {k: v for k, v in pos[0][1].items() if k != "clip_vision_output"}]]
+    with pytest.raises(ValueError, match="CLIPVisionEncode"):
+        run("FantasyPortraitSampler", positive=no_clip, latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, **base)
+    with pytest.raises(ValueError, match="face_order"):
+        run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0, face_order="a")
+    with pytest.raises(ValueError, match="2 driving expression"):
+        run("FantasyPortraitConditioning", faces=faces, expression=expr, expression_2=expr, portrait_scale=1.0,
+            face_order="")
+
+
+# Native ComfyUI node types the example workflows use (checked against a real ComfyUI by
+# scripts/check_in_comfyui.py).
+NATIVE = {"CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader", "CLIPVisionEncode", "LoadImage", "VAELoader",
+          "WanImageToVideo", "VAEDecode", "LoadVideo", "GetVideoComponents", "CreateVideo", "SaveVideo", "PreviewImage",
+          "Note"}
+
+
+def _widget_count(spec: dict) -> int:
+    n = 0
+    for group in ("required", "optional"):
+        for name, entry in spec.get(group, {}).items():
+            typ = entry[0]
+            if isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                n += 1 + (1 if len(entry) > 1 and entry[1].get("control_after_generate") else 0)
+    return n
+
+
+@pytest.mark.parametrize("name", ["fantasyportrait_single.json", "fantasyportrait_multi.json"])
+def test_workflow_node_types_exist(name):
+    with open(os.path.join(ROOT, "workflows", name)) as f:
+        wf = json.load(f)
+    types = {n["type"] for n in wf["nodes"]}
+    ours = {t for t in types if t.startswith("FantasyPortrait")}
+    assert ours and ours <= set(MAPPINGS), ours - set(MAPPINGS)
+    assert types - ours <= NATIVE, types - ours - NATIVE
+    ids = {n["id"] for n in wf["nodes"]}
+    for link in wf["links"]:
+        assert link[1] in ids and link[3] in ids
+    for n in wf["nodes"]:
+        if n["type"] in MAPPINGS:
+            assert len(n.get("widgets_values", [])) == _widget_count(MAPPINGS[n["type"]].INPUT_TYPES()), n["type"]
+            for inp in n.get("inputs", []):
+                spec = MAPPINGS[n["type"]].INPUT_TYPES()
+                assert inp["name"] in spec["required"] or inp["name"] in spec.get("optional", {}), inp["name"]
