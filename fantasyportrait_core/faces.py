@@ -13,6 +13,7 @@ found are filled from the nearest detected frames and listed in ``FaceTrack.miss
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +81,9 @@ class MediaPipeDetector:
     name = "mediapipe"
 
     def __init__(self, min_score: float = 0.5, crop_scale: float = 2.0):
+        # mediapipe's C++ side logs feedback-tensor warnings for every graph; keep errors only.
+        os.environ.setdefault("GLOG_minloglevel", "2")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         try:
             import mediapipe as mp
         except ImportError as e:  # pragma: no cover - depends on the environment

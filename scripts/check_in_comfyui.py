@@ -1,0 +1,342 @@
+"""Check this pack inside a real ComfyUI: nodes listed, example workflows executed to a video.
+
+    COMFYUI_PYTHON=/path/to/ComfyUI/venv/bin/python \\
+        python scripts/check_in_comfyui.py /path/to/ComfyUI [--port 8199] [--keep]
+
+What it does, against the ComfyUI checkout at the given path (nothing is downloaded or built):
+1. writes tiny random checkpoints (a 2-block Wan2.1-I2V transformer in the original key layout,
+   the repacked adapter with pd_fpg, a random full-size Wan2.1 VAE built by ComfyUI itself) into a
+   temporary models folder registered with ``--extra-model-paths-config``;
+2. links this pack into ``custom_nodes/`` plus a small check-only pack providing two nodes that
+   stand in for umT5-XXL text encoding and CLIP-ViT-H image encoding (11 GB and 2.5 GB models
+   that a CPU test machine cannot run), emitting CONDITIONING / CLIP_VISION_OUTPUT of the shapes the
+   native nodes produce;
+3. starts ``main.py --cpu`` on loopback, checks ``/object_info`` lists every node of this pack;
+4. converts each example workflow (UI format) to an API prompt exactly by the node definitions,
+   swaps the text/CLIP-vision nodes for the stand-ins, shrinks size/length/steps, queues it through
+   ``/prompt`` and waits for the SaveVideo output; decodes it and checks frame count and size;
+5. removes the links and temporary files and prints a summary (non-zero exit on failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_NAME = "ComfyUI-FantasyPortrait"
+CHECK_PACK = "_fantasyportrait_check_nodes"
+DATA = os.environ.get("FANTASYPORTRAIT_DATA", os.path.join(ROOT, "..", "shared", "data"))
+
+CHECK_NODES = '''
+"""Check-only stand-ins (see ComfyUI-FantasyPortrait/scripts/check_in_comfyui.py)."""
+import torch
+
+
+class _ClipVisionOutput:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def __getitem__(self, key):
+        return self.__dict__[key]
+
+
+class FPCheckTextEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"multiline": True}), "dim": ("INT", {"default": 32})}}
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "run"
+    CATEGORY = "_check"
+
+    def run(self, text, dim):
+        g = torch.Generator().manual_seed(len(text))
+        cond = torch.zeros(1, 512, dim)
+        cond[:, :20] = torch.randn(1, 20, dim, generator=g)  # real tokens, zero padding (like umT5 in ComfyUI)
+        return ([[cond, {"pooled_output": None}]],)
+
+
+class FPCheckClipVisionEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "dim": ("INT", {"default": 16})}}
+    RETURN_TYPES = ("CLIP_VISION_OUTPUT",)
+    FUNCTION = "run"
+    CATEGORY = "_check"
+
+    def run(self, image, dim):
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(1, 257, dim, generator=g)
+        return (_ClipVisionOutput(last_hidden_state=h, penultimate_hidden_states=h, image_embeds=h[:, 0]),)
+
+
+NODE_CLASS_MAPPINGS = {"FPCheckTextEncode": FPCheckTextEncode, "FPCheckClipVisionEncode": FPCheckClipVisionEncode}
+'''
+
+MAKE_VAE = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from comfy.cli_args import args
+args.cpu = True
+import comfy.ldm.wan.vae as wv
+from safetensors.torch import save_file
+torch.manual_seed(0)
+vae = wv.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                temperal_downsample=[False, True, True])
+sd = {}
+for k, v in vae.state_dict().items():
+    if k.endswith("gamma"):
+        sd[k] = torch.ones_like(v)
+    elif v.ndim > 1:
+        sd[k] = torch.randn_like(v) * 0.02
+    else:
+        sd[k] = torch.zeros_like(v)
+save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, sys.argv[2])
+'''
+
+
+def write_models(models_dir: str, comfy_dir: str, comfy_python: str) -> dict:
+    """Tiny transformer + adapter (+ pd_fpg) in our formats; random Wan VAE in ComfyUI's format."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from fantasyportrait_core.models import random_tiny_models
+    from tests import checkpoint_writers as W
+
+    transformer, adapter, _, encoder = random_tiny_models(seed=0)
+    for sub in ("diffusion_models", "fantasyportrait", "vae"):
+        os.makedirs(os.path.join(models_dir, sub), exist_ok=True)
+    names = {"transformer": "tiny_wan_i2v.safetensors", "adapter": "tiny_fantasyportrait.safetensors",
+             "pd_fpg": "tiny_pd_fpg.pth", "vae": "tiny_wan_vae.safetensors"}
+    W.write_wan_original(transformer, os.path.join(models_dir, "diffusion_models", names["transformer"]))
+    W.write_adapter_repacked(adapter, os.path.join(models_dir, "fantasyportrait", names["adapter"]), encoder)
+    W.write_pd_fpg(encoder, os.path.join(models_dir, "fantasyportrait", names["pd_fpg"]))
+    subprocess.run([comfy_python, "-c", MAKE_VAE, comfy_dir, os.path.join(models_dir, "vae", names["vae"])], check=True)
+    names["text_dim"] = transformer.config.text_dim
+    names["image_dim"] = transformer.config.image_dim
+    del torch
+    return names
+
+
+def get(url: str, data: dict | None = None, timeout: float = 30):
+    req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"null")
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """UI-format workflow -> API prompt, mapping widgets_values onto widget inputs in definition order."""
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) in (2, 4) or node["type"] == "Note":
+            continue
+        info = object_info[node["type"]]
+        linked = {}
+        for sock in node.get("inputs", []):
+            if sock.get("link") is not None:
+                l = links[sock["link"]]
+                linked[sock["name"]] = [str(l[1]), l[2]]
+        inputs = dict(linked)
+        values = list(node.get("widgets_values", []))
+        order = list(info["input"].get("required", {}).items()) + list(info["input"].get("optional", {}).items())
+        for name, spec in order:
+            typ = spec[0]
+            opts = spec[1] if len(spec) > 1 else {}
+            is_widget = isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+            if not is_widget:
+                continue
+            if not values:
+                break
+            value = values.pop(0)
+            if name not in linked:
+                inputs[name] = value
+            if opts.get("control_after_generate") or (name == "seed" and values and values[0] in
+                                                      ("fixed", "randomize", "increment", "decrement")):
+                values.pop(0)
+            if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
+                if values and values[0] in ("image", "video", "audio", None):
+                    values.pop(0)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int]) -> dict:
+    """Swap the big text/CLIP models for the check stand-ins; use the tiny files; shrink the job."""
+    out = {}
+    for nid, node in prompt.items():
+        ct, inp = node["class_type"], dict(node["inputs"])
+        if ct in ("CLIPLoader", "CLIPVisionLoader"):
+            continue
+        if ct == "CLIPTextEncode":
+            ct, inp = "FPCheckTextEncode", {"text": inp["text"], "dim": names["text_dim"]}
+        elif ct == "CLIPVisionEncode":
+            ct, inp = "FPCheckClipVisionEncode", {"image": inp["image"], "dim": names["image_dim"]}
+        elif ct == "FantasyPortraitModelLoader":
+            inp.update(transformer=names["transformer"], adapter=names["adapter"], weight_dtype="fp32", storage="same")
+        elif ct == "FantasyPortraitExpressionEncoderLoader":
+            inp["encoder"] = names["pd_fpg"]
+        elif ct == "VAELoader":
+            inp["vae_name"] = names["vae"]
+        elif ct == "WanImageToVideo":
+            inp.update(width=size[0], height=size[1], length=length)
+        elif ct == "FantasyPortraitSampler":
+            inp["steps"] = 2
+        out[nid] = {"class_type": ct, "inputs": inp}
+    return out
+
+
+def probe(path: str) -> dict:
+    sys.path.insert(0, ROOT)
+    from fantasyportrait_core.video import probe_video
+
+    return probe_video(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("comfyui_dir")
+    ap.add_argument("--port", type=int, default=8199)
+    ap.add_argument("--python", default=os.environ.get("COMFYUI_PYTHON"),
+                    help="ComfyUI's python (default: COMFYUI_DIR/venv/bin/python or this python)")
+    ap.add_argument("--length", type=int, default=9)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = ap.parse_args(argv)
+    comfy = os.path.abspath(args.comfyui_dir)
+    py = args.python or (os.path.join(comfy, "venv", "bin", "python")
+                         if os.path.exists(os.path.join(comfy, "venv", "bin", "python")) else sys.executable)
+    if not os.path.isfile(os.path.join(comfy, "main.py")):
+        print(f"{comfy} is not a ComfyUI checkout (no main.py)")
+        return 2
+    tmp = tempfile.mkdtemp(prefix="fp_check_")
+    models = os.path.join(tmp, "models")
+    out_dir, in_dir, user_dir = (os.path.join(tmp, d) for d in ("output", "input", "user"))
+    for d in (out_dir, in_dir, user_dir):
+        os.makedirs(d)
+    for f in ("man.jpeg", "two_person.png", "jgz.mp4", "biden.mp4", "trump.mp4"):
+        shutil.copy(os.path.join(DATA, f), in_dir)
+    names = write_models(models, comfy, py)
+    extra = os.path.join(tmp, "extra_model_paths.yaml")
+    with open(extra, "w") as f:
+        f.write(f"fp_check:\n  base_path: {models}\n  diffusion_models: diffusion_models\n"
+                f"  vae: vae\n  fantasyportrait: fantasyportrait\n")
+    link = os.path.join(comfy, "custom_nodes", PACK_NAME)
+    check_pack = os.path.join(comfy, "custom_nodes", CHECK_PACK)
+    created_link = not os.path.exists(link)
+    if created_link:
+        os.symlink(ROOT, link)
+    os.makedirs(check_pack, exist_ok=True)
+    with open(os.path.join(check_pack, "__init__.py"), "w") as f:
+        f.write(CHECK_NODES)
+
+    log_path = os.path.join(tmp, "comfyui.log")
+    server = subprocess.Popen(
+        [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(args.port), "--extra-model-paths-config", extra,
+         "--output-directory", out_dir, "--input-directory", in_dir, "--user-directory", user_dir,
+         "--disable-auto-launch"], cwd=comfy, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{args.port}"
+    summary, ok = [], True
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                info = get(base + "/object_info", timeout=10)
+                break
+            except Exception:
+                if server.poll() is not None or time.time() - t0 > 180:
+                    raise RuntimeError("ComfyUI did not start; see " + log_path)
+                time.sleep(1)
+        summary.append(f"ComfyUI answered /object_info after {time.time() - t0:.1f} s ({len(info)} node types)")
+        with open(log_path) as f:
+            log_text = f.read()
+        if "IMPORT FAILED" in log_text and PACK_NAME in log_text.split("IMPORT FAILED")[0][-500:] + log_text:
+            failed = [l for l in log_text.splitlines() if "IMPORT FAILED" in l]
+            if any(PACK_NAME in l for l in failed):
+                ok = False
+                summary.append("IMPORT FAILED: " + "; ".join(failed))
+        sys.path.insert(0, ROOT)
+        import nodes as pack_nodes  # our package: the node list to expect
+
+        expected = set(pack_nodes.NODE_CLASS_MAPPINGS)
+        missing = sorted(expected - set(info))
+        ok &= not missing
+        summary.append(f"nodes listed: {len(expected & set(info))}/{len(expected)}" + (f" MISSING {missing}" if missing else ""))
+
+        for wf_name, size in (("fantasyportrait_single.json", (64, 64)), ("fantasyportrait_multi.json", (96, 64))):
+            with open(os.path.join(ROOT, "workflows", wf_name)) as f:
+                wf = json.load(f)
+            unknown = sorted({n["type"] for n in wf["nodes"]} - set(info) - {"Note"})
+            if unknown:
+                ok = False
+                summary.append(f"{wf_name}: node types unknown to ComfyUI: {unknown}")
+                continue
+            prompt = adapt_for_check(ui_to_api(wf, info), names, args.length, size)
+            t1 = time.time()
+            res = get(base + "/prompt", {"prompt": prompt, "client_id": "fp-check"})
+            if res.get("node_errors"):
+                ok = False
+                summary.append(f"{wf_name}: rejected: {json.dumps(res['node_errors'])[:800]}")
+                continue
+            pid = res["prompt_id"]
+            while True:
+                hist = get(f"{base}/history/{pid}")
+                if pid in hist and hist[pid].get("status", {}).get("completed") is not None or \
+                        pid in hist and hist[pid].get("status", {}).get("status_str") in ("success", "error"):
+                    break
+                if time.time() - t1 > 900:
+                    raise RuntimeError(f"{wf_name} did not finish in 15 minutes")
+                time.sleep(1)
+            status = hist[pid]["status"]
+            if status.get("status_str") != "success":
+                ok = False
+                msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+                detail = msgs[0][1].get("exception_message", "") if msgs else status
+                summary.append(f"{wf_name}: FAILED: {str(detail)[:800]}")
+                continue
+            videos = [v for o in hist[pid]["outputs"].values() for v in o.get("images", []) if
+                      v.get("filename", "").endswith(".mp4")]
+            if not videos:
+                ok = False
+                summary.append(f"{wf_name}: no video output")
+                continue
+            v = videos[0]
+            path = os.path.join(out_dir, v.get("subfolder", ""), v["filename"])
+            p = probe(path)
+            good = p["frames"] == args.length and (p["width"], p["height"]) == size
+            ok &= good
+            summary.append(f"{wf_name}: {'OK' if good else 'WRONG'} -> {v['filename']}: {p['frames']} frames "
+                           f"{p['width']}x{p['height']} @ {p['fps']:.2f} fps, audio={p['audio']} "
+                           f"({time.time() - t1:.1f} s)")
+    except Exception as e:  # report, then clean up
+        ok = False
+        summary.append(f"ERROR: {e}")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        if created_link:
+            os.unlink(link)
+        shutil.rmtree(check_pack, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            summary.append(f"kept {tmp}")
+    print("FantasyPortrait check in ComfyUI", comfy)
+    for line in summary:
+        print(" -", line)
+    print("RESULT:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
