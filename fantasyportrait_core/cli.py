@@ -25,7 +25,7 @@ from .attention import attach_portrait_processors
 from .denoiser import I2VConditioning
 from .faces import MediaPipeDetector
 from .preview import draw_faces
-from .video import read_image, read_video, write_video
+from .video import probe_video, read_image, read_video, write_video
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -179,7 +179,10 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
         frames = P.decode_latent(models.vae, latent)
     fps = videos[0].fps
     write_video(out_path, frames, fps, audio_from=videos[0].path)
-    report.update(frames=int(frames.shape[0]), width=int(frames.shape[2]), height=int(frames.shape[1]),
+    written = probe_video(out_path)  # check what a player will see, not what we meant to write
+    if (written["frames"], written["width"], written["height"]) != (num_frames, width, height):
+        raise RuntimeError(f"{out_path}: wrote {written} but expected {num_frames} frames {width}x{height}")
+    report.update(frames=written["frames"], width=written["width"], height=written["height"], audio=written["audio"],
                   fps=round(fps, 3), faces_png=preview_path, sampling_s=round(t2 - t1, 2),
                   total_s=round(time.time() - t0, 2))
     return report
@@ -209,7 +212,8 @@ def cmd_demo(args) -> int:
         report = animate(models, image, videos, os.path.join(args.out, out_name), args)
         report["reference"] = image_name
         print(f"== {image_name} + {', '.join(video_names)}: {len(report['reference_faces'])} face(s) in the "
-              f"reference; wrote {report['frames']} frames {report['width']}x{report['height']}")
+              f"reference; wrote {report['frames']} frames {report['width']}x{report['height']} (checked by decoding "
+              f"the MP4), faces/masks preview {report['faces_png']}")
         _print_report(report)
         reports.append(report)
     with open(os.path.join(args.out, "report.json"), "w") as f:

@@ -48,5 +48,8 @@ def draw_faces(image: np.ndarray, faces: list[Face], regions: np.ndarray | None 
             cv2.circle(out, (int(round(x * k)), int(round(y * k))), thick + 1, (255, 255, 255), -1)
         label = labels[i] if labels else f"#{i}"
         scale = max(0.5, max(h, w) / 900)
-        cv2.putText(out, label, (x1, max(y1 - 6, 14)), cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
+        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        tx = int(min(max(x1, 2), w - tw - 2))  # keep the label inside the image
+        ty = int(y1 - 6 if y1 - 6 > th else min(y2 + th + 6, h - 2))
+        cv2.putText(out, label, (tx, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
     return out
