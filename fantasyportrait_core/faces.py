@@ -163,8 +163,14 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.4) -> list[int]:
-    """Indices of boxes kept by greedy non-maximum suppression, best score first."""
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.4, contain: float = 0.7) -> list[int]:
+    """Indices of boxes kept by greedy non-maximum suppression, best score first.
+
+    A box is also dropped when most of it (``contain`` of the smaller box's area) lies inside a
+    better box: detectors sometimes add a loose second box around a face, whose IoU with the tight
+    one is low.
+    """
+    boxes = np.asarray(boxes, float).reshape(-1, 4)
     order = list(np.argsort(-np.asarray(scores)))
     keep = []
     while order:
@@ -172,18 +178,32 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.4) -> list[int]:
         keep.append(int(i))
         if order:
             overlaps = box_iou(boxes[i:i + 1], boxes[order])[0]
-            order = [j for j, o in zip(order, overlaps) if o <= iou]
+            inside = box_containment(boxes[i:i + 1], boxes[order])[0]
+            order = [j for j, o, c in zip(order, overlaps, inside) if o <= iou and c <= contain]
     return keep
+
+
+def box_containment(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over the smaller box's area, ``[N, M]``."""
+    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
+    inter = _intersection(a, b)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(np.minimum(area_a[:, None], area_b[None, :]), 1e-9)
+
+
+def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    return np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU between boxes ``a [N, 4]`` and ``b [M, 4]`` -> ``[N, M]``."""
     a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    inter = _intersection(a, b)
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
@@ -230,12 +250,37 @@ def fill_missing(values: np.ndarray, detected: np.ndarray) -> np.ndarray:
     return out.reshape(values.shape)
 
 
-def track_faces(per_frame: list[list[Face]], max_people: int | None = None, min_iou: float = 0.2) -> list[FaceTrack]:
-    """Link per-frame detections into person tracks by box IoU (greedy, best pairs first).
+def box_affinity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How likely boxes ``a [N, 4]`` and ``b [M, 4]`` are the same face in nearby frames, in [0, 1]:
+    the larger of IoU and centre closeness (1 at the same centre, 0 at one box size apart), so a
+    fast head move with little overlap still links."""
+    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
+    ca, cb = (a[:, :2] + a[:, 2:]) / 2, (b[:, :2] + b[:, 2:]) / 2
+    size = np.maximum((a[:, 2:] - a[:, :2]).max(1)[:, None], (b[:, 2:] - b[:, :2]).max(1)[None, :])
+    dist = np.linalg.norm(ca[:, None] - cb[None], axis=-1) / np.maximum(size, 1e-9)
+    return np.maximum(box_iou(a, b), np.clip(1 - dist, 0, 1))
 
-    A track keeps its last box while unseen, so a face that disappears for a few frames and comes
-    back at the same place keeps its track. Tracks are ranked by frames covered, then by mean
-    size; the ``max_people`` best are kept and returned left to right (by their mean centre x).
+
+def _cosine(a, b) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-9))
+
+
+def _mean_embedding(frames: dict) -> np.ndarray | None:
+    embs = [f.embedding for f in frames.values() if f.embedding is not None]
+    return np.mean(embs, axis=0) if embs else None
+
+
+def track_faces(per_frame: list[list[Face]], max_people: int | None = None, min_affinity: float = 0.3,
+                min_identity: float = 0.3) -> list[FaceTrack]:
+    """Link per-frame detections into person tracks.
+
+    1. Frame to frame: greedy matching, best pairs first, on :func:`box_affinity` (a track keeps
+       its last box while unseen, so a face that vanishes for a few frames and comes back nearby
+       keeps its track); with identity embeddings a pair must also look alike.
+    2. Stitching: a track that starts after another ended, near where it ended (within 1.5 box
+       sizes; same identity when embeddings exist), continues it.
+    Tracks are ranked by frames covered, then by mean size; the ``max_people`` best are kept and
+    returned left to right (by mean centre x), each with one entry per frame.
 
     Args:
         per_frame: for each frame, the faces found (any order).
@@ -255,21 +300,26 @@ def track_faces(per_frame: list[list[Face]], max_people: int | None = None, min_
         boxes = np.stack([f.box for f in faces])
         taken_t, taken_f = set(), set()
         if tracks:
-            iou = box_iou(np.stack([t["last"] for t in tracks]), boxes)
-            for ti, fi in sorted(np.ndindex(iou.shape), key=lambda p: -iou[p]):
-                if iou[ti, fi] < min_iou:
+            aff = box_affinity(np.stack([t["last"] for t in tracks]), boxes)
+            for ti, fi in sorted(np.ndindex(aff.shape), key=lambda p: -aff[p]):
+                if aff[ti, fi] < min_affinity:
                     break
                 if ti in taken_t or fi in taken_f:
+                    continue
+                ref = tracks[ti]["last_emb"]
+                if ref is not None and faces[fi].embedding is not None and _cosine(ref, faces[fi].embedding) < min_identity:
                     continue
                 taken_t.add(ti)
                 taken_f.add(fi)
                 tracks[ti]["frames"][i] = faces[fi]
                 tracks[ti]["last"] = faces[fi].box
+                tracks[ti]["last_emb"] = faces[fi].embedding if faces[fi].embedding is not None else ref
         for fi, face in enumerate(faces):
             if fi not in taken_f:
-                tracks.append({"last": face.box, "frames": {i: face}})
+                tracks.append({"last": face.box, "last_emb": face.embedding, "frames": {i: face}})
     if not tracks:
         raise ValueError(f"no face was found in any of the {n} driving frames")
+    tracks = _stitch(tracks, min_identity)
 
     def rank(t):
         return (len(t["frames"]), np.mean([f.area for f in t["frames"].values()]))
@@ -285,6 +335,38 @@ def track_faces(per_frame: list[list[Face]], max_people: int | None = None, min_
         out.append(FaceTrack(fill_missing(boxes, detected), fill_missing(lms, detected), detected,
                              [f.embedding for f in t["frames"].values() if f.embedding is not None]))
     return sorted(out, key=lambda t: t.boxes[t.detected][:, [0, 2]].mean())
+
+
+def _stitch(tracks: list[dict], min_identity: float) -> list[dict]:
+    """Join tracklets that follow each other in time and space (longest continuation first)."""
+    tracks = sorted(tracks, key=lambda t: min(t["frames"]))
+    merged = True
+    while merged:
+        merged = False
+        best = None
+        for a in tracks:
+            end_a = max(a["frames"])
+            box_a = a["frames"][end_a].box
+            for b in tracks:
+                if b is a or min(b["frames"]) <= end_a:
+                    continue
+                box_b = b["frames"][min(b["frames"])].box
+                ca, cb = (box_a[:2] + box_a[2:]) / 2, (box_b[:2] + box_b[2:]) / 2
+                size = max((box_a[2:] - box_a[:2]).max(), (box_b[2:] - box_b[:2]).max(), 1e-9)
+                dist = np.linalg.norm(ca - cb) / size
+                ea, eb = _mean_embedding(a["frames"]), _mean_embedding(b["frames"])
+                if dist > 1.5 or (ea is not None and eb is not None and _cosine(ea, eb) < min_identity):
+                    continue
+                key = (dist, min(b["frames"]) - end_a)
+                if best is None or key < best[0]:
+                    best = (key, a, b)
+        if best is not None:
+            _, a, b = best
+            a["frames"].update(b["frames"])
+            a["last"], a["last_emb"] = b["last"], b["last_emb"]
+            tracks.remove(b)
+            merged = True
+    return tracks
 
 
 def detect_video(detector, frames: np.ndarray) -> list[list[Face]]:
