@@ -23,7 +23,7 @@ import torch
 from . import pipeline as P
 from .attention import attach_portrait_processors
 from .denoiser import I2VConditioning
-from .faces import MediaPipeDetector
+from .detectors import BACKENDS, make_detector
 from .preview import draw_faces
 from .video import probe_video, read_image, read_video, write_video
 
@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--shift", type=float, default=5.0)
         p.add_argument("--seed", type=int, default=42)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--detector", choices=BACKENDS, default="mediapipe",
+                       help="face detector: mediapipe (offline), insightface, official (ONNX pair)")
+        p.add_argument("--detector-dir", default=None,
+                       help="insightface root (holding models/buffalo_l) or folder with face_det.onnx + face_landmark.onnx")
+        p.add_argument("--smooth", type=float, default=0.0, help="landmark smoothing sigma in frames (0 = off)")
 
     demo = sub.add_parser("demo", help="tiny random model on the shared inputs (one and two characters)")
     demo.add_argument("--data", default=os.path.join("..", "shared", "data"))
@@ -64,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--negative-prompt", default=None)
     run.add_argument("--people", type=int, default=None,
                      help="characters in a single driving video (default: one per video)")
+    run.add_argument("--assign", choices=P.ASSIGN_MODES, default="left_to_right",
+                     help="which reference face each character animates")
+    run.add_argument("--face-order", default="", help="explicit face index per character, e.g. 1,0 (overrides --assign)")
     run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards or folder (any supported format)")
     run.add_argument("--wan-dir", help="diffusers Wan2.1-I2V folder (VAE, umT5, CLIP; transformer if not given)")
     run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors")
@@ -118,17 +126,17 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
 
     t0 = time.time()
     device = args.device
-    detector = MediaPipeDetector()
+    detector = make_detector(args.detector, args.detector_dir)
     report = {"output": out_path, "random_weights": models.random}
     try:
         # Driving side: one track per video, or `people` tracks from a single video.
         drivers = []
         with P.on_device(models.encoder, device):
             if people and people > 1 and len(videos) == 1:
-                drivers = P.encode_driving(detector, models.encoder, videos[0].frames, people=people)
+                drivers = P.encode_driving(detector, models.encoder, videos[0].frames, people=people, smooth=args.smooth)
             else:
                 for v in videos:
-                    drivers += P.encode_driving(detector, models.encoder, v.frames, people=1)
+                    drivers += P.encode_driving(detector, models.encoder, v.frames, people=1, smooth=args.smooth)
         report["driving"] = [{"video": os.path.basename(videos[min(i, len(videos) - 1)].path or "?"),
                               "frames": int(d.num_frames), "frames_without_face": d.track.missing}
                              for i, d in enumerate(drivers)]
@@ -140,7 +148,10 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
         faces = detector.detect(ref)
         report["reference_faces"] = [{"box": [round(float(v), 1) for v in f.box], "score": round(f.score, 3)}
                                      for f in faces]
-        layout = P.reference_layout(P.assign_faces(faces, len(drivers)), drivers, width, height, num_frames)
+        order = [int(t) for t in getattr(args, "face_order", "").split(",") if t.strip()] or None
+        chosen = P.assign_faces(faces, len(drivers), order, getattr(args, "assign", "left_to_right"),
+                                [P.driver_embedding(d) for d in drivers])
+        layout = P.reference_layout(chosen, drivers, width, height, num_frames)
     finally:
         detector.close()
 

@@ -1,11 +1,6 @@
-"""Face detection (boxes + 5 landmarks) and per-person face tracks for driving videos.
+"""Faces: the :class:`Face` record, box geometry, and per-person face tracks for driving videos.
 
-The default backend needs nothing downloaded: MediaPipe 0.10.21 ships its BlazeFace detector
-(full-range) and Face Mesh models inside the wheel. Boxes come from the detector; the 5 alignment
-points (pupil centres, nose tip, mouth corners, as PD-FGC's ``warp_face_pd_fgc`` expects) come from
-Face Mesh run on a crop around each box.
-
-Faces in a reference image are returned left to right; a driving video yields one
+Detector backends live in :mod:`fantasyportrait_core.detectors`. Faces in a reference image are returned left to right; a driving video yields one
 :class:`FaceTrack` per person, always one entry per frame: frames where that person's face was not
 found are filled from the nearest detected frames and listed in ``FaceTrack.missing``.
 """
@@ -20,15 +15,7 @@ import numpy as np
 
 log = logging.getLogger("FantasyPortrait")
 
-# Face Mesh (478 points with iris refinement) indices: pupil centres (the reference's 222-point
-# indices 182/202 are pupil centres too), nose tip, mouth corners.
-_MESH_EYE_A = 468
-_MESH_EYE_B = 473
-_MESH_NOSE = 1
-_MESH_MOUTH = (61, 291)
-
-
-@dataclass
+@dataclass(eq=False)  # faces compare by identity (arrays inside)
 class Face:
     """One detected face.
 
@@ -64,97 +51,7 @@ def order_points(landmarks: np.ndarray) -> np.ndarray:
     return lm
 
 
-class MediaPipeDetector:
-    """Offline face detector: MediaPipe BlazeFace + Face Mesh (models inside the wheel).
-
-    Both BlazeFace models run and their boxes are merged (NMS): the short-range model finds
-    close-up faces (talking-head driving videos) that the full-range one misses, and the
-    full-range one finds small faces in group shots.
-
-    Args:
-        min_score: detection confidence threshold.
-        crop_scale: side of the square crop given to Face Mesh, in face-box sizes.
-    Raises:
-        ImportError: naming the package to install when mediapipe is missing.
-    """
-
-    name = "mediapipe"
-
-    def __init__(self, min_score: float = 0.5, crop_scale: float = 2.0):
-        # mediapipe's C++ side logs feedback-tensor warnings for every graph; keep errors only.
-        os.environ.setdefault("GLOG_minloglevel", "2")
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        try:
-            import mediapipe as mp
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "The offline face detector needs mediapipe 0.10.21 (its wheel ships the face models): "
-                "pip install 'mediapipe==0.10.21'"
-            ) from e
-        self._mp = mp
-        self.min_score, self.crop_scale = min_score, crop_scale
-        self._dets = [mp.solutions.face_detection.FaceDetection(model_selection=sel, min_detection_confidence=min_score)
-                      for sel in (0, 1)]
-        self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
-                                                     refine_landmarks=True, min_detection_confidence=0.3)
-
-    def close(self):
-        for d in self._dets:
-            d.close()
-        self._mesh.close()
-
-    def _landmarks(self, image: np.ndarray, box: np.ndarray) -> np.ndarray | None:
-        h, w = image.shape[:2]
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        side = max(box[2] - box[0], box[3] - box[1]) * self.crop_scale
-        x0, y0 = int(max(cx - side / 2, 0)), int(max(cy - side / 2, 0))
-        x1, y1 = int(min(cx + side / 2, w)), int(min(cy + side / 2, h))
-        if x1 - x0 < 8 or y1 - y0 < 8:
-            return None
-        crop = np.ascontiguousarray(image[y0:y1, x0:x1])
-        res = self._mesh.process(crop)
-        if not res.multi_face_landmarks:
-            return None
-        pts = np.array([(p.x * (x1 - x0) + x0, p.y * (y1 - y0) + y0) for p in res.multi_face_landmarks[0].landmark])
-        five = np.stack([pts[_MESH_EYE_A], pts[_MESH_EYE_B], pts[_MESH_NOSE],
-                         pts[_MESH_MOUTH[0]], pts[_MESH_MOUTH[1]]])
-        return order_points(five)
-
-    def _keypoint_landmarks(self, det, w: int, h: int) -> np.ndarray:
-        # BlazeFace keypoints: right eye, left eye, nose tip, mouth centre, two ear tragions.
-        kp = np.array([(k.x * w, k.y * h) for k in det.location_data.relative_keypoints])
-        eyes = kp[:2][np.argsort(kp[:2, 0])]
-        half = (eyes[1] - eyes[0]) * 0.4  # mouth corners: mouth centre +- ~0.4 inter-eye distance
-        return np.stack([eyes[0], eyes[1], kp[2], kp[3] - half, kp[3] + half])
-
-    def detect(self, image: np.ndarray) -> list[Face]:
-        """Faces in ``image`` (``[H, W, 3]`` uint8 RGB), left to right.
-
-        A face whose mesh fails gets landmarks from the detector's 6 keypoints instead
-        (mouth corners estimated), with a debug log line.
-        """
-        image = _check_image(image)
-        h, w = image.shape[:2]
-        found = []
-        for det_model in self._dets:
-            for det in det_model.process(image).detections or []:
-                bb = det.location_data.relative_bounding_box
-                box = np.array([bb.xmin * w, bb.ymin * h, (bb.xmin + bb.width) * w, (bb.ymin + bb.height) * h])
-                box = np.clip(box, 0, [w, h, w, h])
-                if box[2] - box[0] >= 2 and box[3] - box[1] >= 2:
-                    found.append((box, det))
-        keep = nms(np.array([b for b, _ in found]).reshape(-1, 4), np.array([d.score[0] for _, d in found]))
-        faces = []
-        for box, det in (found[i] for i in keep):
-            lm = self._landmarks(image, box)
-            if lm is None:
-                log.debug("[FantasyPortrait] face mesh failed on a face box; using detector keypoints")
-                lm = self._keypoint_landmarks(det, w, h)
-            faces.append(Face(box=box, landmarks=lm, score=float(det.score[0])))
-        return sorted(faces, key=lambda f: f.center[0])
-
-
-def _check_image(image: np.ndarray) -> np.ndarray:
+def check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")

@@ -10,6 +10,7 @@ Data flow (one function per arrow): reference image + driving video(s)
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -68,7 +69,7 @@ class DrivingExpression:
         return self.features.shape[0]
 
 
-def encode_driving(detector, encoder, frames: np.ndarray, people: int = 1) -> list[DrivingExpression]:
+def encode_driving(detector, encoder, frames: np.ndarray, people: int = 1, smooth: float = 0.0) -> list[DrivingExpression]:
     """Expression features of the ``people`` most present faces of a driving video.
 
     Every frame gets features: where a face is missing its landmarks are interpolated from the
@@ -80,6 +81,8 @@ def encode_driving(detector, encoder, frames: np.ndarray, people: int = 1) -> li
         encoder: :class:`~fantasyportrait_core.expression.FanEncoder`.
         frames: uint8 ``[F, H, W, 3]`` RGB.
         people: characters to take from this video (left to right).
+        smooth: Gaussian sigma in frames applied to the landmarks before alignment (0 = off);
+            ~1 removes detector jitter from the crops without lagging real motion much.
     Returns:
         ``people`` :class:`DrivingExpression`, left to right.
     Raises:
@@ -92,12 +95,25 @@ def encode_driving(detector, encoder, frames: np.ndarray, people: int = 1) -> li
         raise ValueError(f"the driving video shows {len(tracks)} face(s) but {people} character(s) were asked of it")
     out = []
     for track in tracks:
-        crops = np.stack([align_face(frame, lm) for frame, lm in zip(frames, track.landmarks)])
+        landmarks = smooth_over_time(track.landmarks, smooth) if smooth > 0 else track.landmarks
+        crops = np.stack([align_face(frame, lm) for frame, lm in zip(frames, landmarks)])
         out.append(DrivingExpression(encode_expressions(encoder, crops), track, crops))
         if track.missing:
             log.warning("[FantasyPortrait] no face in %d driving frame(s) %s; filled from neighbouring frames",
                         len(track.missing), _short(track.missing))
     return out
+
+
+def smooth_over_time(values: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing of ``values [F, ...]`` along frames (edges: reflect), ``sigma`` in frames."""
+    values = np.asarray(values, dtype=np.float64)
+    radius = max(1, int(3 * sigma + 0.5))
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    flat = values.reshape(len(values), -1)
+    padded = np.pad(flat, ((radius, radius), (0, 0)), mode="reflect" if len(values) > radius else "edge")
+    out = np.stack([np.convolve(padded[:, j], k, mode="valid") for j in range(flat.shape[1])], axis=1)
+    return out.reshape(values.shape)
 
 
 def _short(idx: list[int], n: int = 12) -> str:
@@ -141,15 +157,23 @@ class ReferenceLayout:
     order: list[int]
 
 
-def assign_faces(faces: list[Face], count: int, order: list[int] | None = None) -> list[Face]:
-    """Pick the reference face each of ``count`` characters animates.
+ASSIGN_MODES = ("left_to_right", "right_to_left", "largest_first", "identity")
 
-    Characters are matched to faces left to right (``faces`` come sorted that way), never by file
-    order; one character takes the largest face. ``order[i]`` (0-based, left-to-right face index)
-    overrides the face of character i.
+
+def assign_faces(faces: list[Face], count: int, order: list[int] | None = None, mode: str = "left_to_right",
+                 driver_embeddings: list[np.ndarray | None] | None = None) -> list[Face]:
+    """Pick the reference face each of ``count`` characters animates; never by file order.
+
+    Modes (``faces`` come sorted left to right): ``left_to_right`` — character i takes the i-th
+    face from the left (one character: the largest face); ``right_to_left``; ``largest_first`` —
+    character i takes the i-th largest face; ``identity`` — the assignment maximising the total
+    cosine similarity between each character's driving-face embedding and the reference faces'
+    embeddings (backends with embeddings, e.g. insightface). ``order[i]`` (0-based index into the
+    left-to-right faces) overrides everything.
 
     Raises:
-        ValueError: no face, fewer faces than characters (names both counts), or a bad ``order``.
+        ValueError: no face, fewer faces than characters (names both counts), a bad ``order``,
+            an unknown mode, or identity mode without embeddings.
     """
     if not faces:
         raise ValueError("no face found in the reference image; use a clearer, larger or more frontal face")
@@ -160,9 +184,28 @@ def assign_faces(faces: list[Face], count: int, order: list[int] | None = None) 
         if len(order) != count or len(set(order)) != count or not all(0 <= i < len(faces) for i in order):
             raise ValueError(f"face order {order} must list {count} distinct face indices between 0 and {len(faces) - 1}")
         return [faces[i] for i in order]
-    if count == 1:
-        return [max(faces, key=lambda f: f.area)]
-    return faces[:count]
+    if mode == "left_to_right":
+        return [max(faces, key=lambda f: f.area)] if count == 1 else list(faces[:count])
+    if mode == "right_to_left":
+        return list(faces[::-1][:count])
+    if mode == "largest_first":
+        return sorted(faces, key=lambda f: -f.area)[:count]
+    if mode == "identity":
+        if driver_embeddings is None or any(e is None for e in driver_embeddings) or \
+                any(f.embedding is None for f in faces):
+            raise ValueError("identity assignment needs identity embeddings for the reference and driving faces: "
+                             "use the insightface face detector")
+        sim = np.array([[float(np.dot(d, f.embedding) / (np.linalg.norm(d) * np.linalg.norm(f.embedding) + 1e-9))
+                         for f in faces] for d in driver_embeddings])
+        best = max(itertools.permutations(range(len(faces)), count), key=lambda p: sum(sim[i, j] for i, j in enumerate(p)))
+        return [faces[j] for j in best]
+    raise ValueError(f"unknown assignment mode {mode!r}; choose one of {ASSIGN_MODES}")
+
+
+def driver_embedding(driver: "DrivingExpression") -> np.ndarray | None:
+    """Mean identity embedding of a driving track (``None`` when the backend gives none)."""
+    embs = driver.track.embeddings
+    return np.mean(embs, axis=0) if embs else None
 
 
 def reference_layout(faces: list[Face], drivers: list[DrivingExpression], width: int, height: int, num_frames: int,
@@ -293,5 +336,5 @@ def frames_for(drivers: list[DrivingExpression], max_frames: int | None = None) 
 __all__ = [
     "DrivingExpression", "ReferenceLayout", "StepInfo", "decode_latent", "encode_driving", "encode_reference_latent",
     "frames_for", "generate_latent", "generation_size", "on_device", "portrait_condition", "reference_layout",
-    "resize_image", "assign_faces",
+    "resize_image", "assign_faces", "driver_embedding", "smooth_over_time", "ASSIGN_MODES",
 ]

@@ -36,6 +36,18 @@ def register_model_folder():
         folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([path], set(folder_paths.supported_pt_extensions) | {".onnx"})
 
 
+def models_subdir(name: str) -> str:
+    """``ComfyUI/models/<name>`` (first registered path for known folders), or ``models/<name>``
+    outside ComfyUI."""
+    if folder_paths is None:
+        return os.path.join("models", name)
+    if name in folder_paths.folder_names_and_paths:
+        for p in folder_paths.get_folder_paths(name):
+            if os.path.isdir(p):
+                return p
+    return os.path.join(folder_paths.models_dir, name)
+
+
 def list_models(folder: str) -> list[str]:
     """File names in a ComfyUI model folder (empty list outside ComfyUI)."""
     if folder_paths is None:

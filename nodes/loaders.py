@@ -8,7 +8,7 @@ import torch
 
 from fantasyportrait_core.attention import PortraitState, attach_portrait_processors
 from fantasyportrait_core.checkpoints import load_adapter, load_expression_encoder, load_transformer
-from fantasyportrait_core.faces import MediaPipeDetector
+from fantasyportrait_core.detectors import make_detector
 
 from . import host
 
@@ -101,20 +101,28 @@ class FantasyPortraitExpressionEncoderLoader:
         return (load_expression_encoder(host.model_path(host.MODEL_FOLDER, encoder)),)
 
 
-DETECTORS = {"mediapipe (offline)": MediaPipeDetector}
+DETECTORS = {
+    "mediapipe (offline)": ("mediapipe", None),
+    "insightface buffalo_l": ("insightface", "buffalo_l"),
+    "insightface antelopev2": ("insightface", "antelopev2"),
+    "official onnx": ("official", None),
+}
 
 
 class FantasyPortraitFaceDetectorLoader:
-    """Face detector returning boxes and 5 landmarks."""
+    """Face detector returning boxes, 5 landmarks and (insightface) identity embeddings."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "backend": (list(DETECTORS), {
-                "tooltip": "mediapipe: BlazeFace + Face Mesh models shipped inside the mediapipe wheel, "
-                           "nothing to download."}),
+                "tooltip": "mediapipe: models shipped inside the mediapipe wheel, nothing to download. "
+                           "insightface: models/insightface/models/<name>/*.onnx; gives identity embeddings "
+                           "(needed for identity assignment). official onnx: face_det.onnx + face_landmark.onnx "
+                           "of the FantasyPortrait release in models/fantasyportrait (the landmarks the model "
+                           "was trained with)."}),
             "min_score": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 0.99, "step": 0.05,
-                                    "tooltip": "Detection confidence threshold."}),
+                                    "tooltip": "Detection confidence threshold (official onnx: its own default is 0.4)."}),
         }}
 
     RETURN_TYPES = ("FP_FACE_DETECTOR",)
@@ -123,4 +131,9 @@ class FantasyPortraitFaceDetectorLoader:
     CATEGORY = CATEGORY
 
     def load(self, backend, min_score=0.5):
-        return (DETECTORS[backend](min_score=min_score),)
+        kind, name = DETECTORS[backend]
+        if kind == "insightface":
+            return (make_detector(kind, host.models_subdir("insightface"), min_score=min_score, name=name),)
+        if kind == "official":
+            return (make_detector(kind, host.models_subdir(host.MODEL_FOLDER), min_score=min_score),)
+        return (make_detector(kind, min_score=min_score),)

@@ -55,6 +55,9 @@ class FantasyPortraitEncodeExpression:
             "images": ("IMAGE", {"tooltip": "Driving video frames (e.g. from Load Video → Get Video Components)."}),
             "people": ("INT", {"default": 1, "min": 1, "max": 8,
                                "tooltip": "How many faces to take from this video, ordered left to right."}),
+            "smooth": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5.0, "step": 0.1,
+                                 "tooltip": "Temporal smoothing of the face landmarks (Gaussian sigma in frames) "
+                                            "before alignment; 1 removes crop jitter. 0 = off (reference)."}),
         }}
 
     RETURN_TYPES = ("FP_EXPRESSION", "IMAGE", "STRING")
@@ -67,11 +70,11 @@ class FantasyPortraitEncodeExpression:
     DESCRIPTION = ("Detects and tracks faces in the driving frames, aligns each face on 5 landmarks and encodes "
                    "its headpose, eyes, emotion and mouth. Frames without a face are filled from neighbours.")
 
-    def encode(self, expression_encoder, face_detector, images, people=1):
+    def encode(self, expression_encoder, face_detector, images, people=1, smooth=0.0):
         frames = host.image_to_uint8(images)
         device = host.torch_device()
         with P.on_device(expression_encoder, device):
-            drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people)
+            drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people, smooth=smooth)
         info = []
         for i, d in enumerate(drivers):
             miss = d.track.missing
@@ -123,9 +126,13 @@ class FantasyPortraitConditioning:
             "expression": ("FP_EXPRESSION",),
             "portrait_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.05,
                                          "tooltip": "Strength of the expression branch inside the transformer."}),
+            "assignment": (list(P.ASSIGN_MODES), {"default": "left_to_right", "tooltip":
+                           "Which face each character animates: left_to_right (one character: the largest face), "
+                           "right_to_left, largest_first, or identity (closest-looking face; needs the insightface "
+                           "detector)."}),
             "face_order": ("STRING", {"default": "", "tooltip":
-                                      "Empty: characters go to faces left to right (one character: the largest "
-                                      "face). Or face indices per character from the preview, e.g. '1,0'."}),
+                                      "Overrides assignment: the face number (from the Face Masks preview) of each "
+                                      "character, e.g. '1,0'. Empty = use assignment."}),
         }, "optional": optional}
 
     RETURN_TYPES = ("FP_PORTRAIT", "IMAGE")
@@ -135,12 +142,14 @@ class FantasyPortraitConditioning:
     DESCRIPTION = ("Pairs each expression sequence with a face of the reference image. Characters are the people "
                    "of 'expression', then of expression_2, 3, 4, in order.")
 
-    def condition(self, faces, expression, portrait_scale=1.0, face_order="", masks=None, **more):
+    def condition(self, faces, expression, portrait_scale=1.0, assignment="left_to_right", face_order="", masks=None,
+                  **more):
         drivers = list(expression)
         for i in range(2, 2 + MAX_EXTRA_EXPRESSIONS):
             drivers += list(more.get(f"expression_{i}") or [])
         order = _parse_order(face_order)
-        chosen = P.assign_faces(faces.faces, len(drivers), order)
+        chosen = P.assign_faces(faces.faces, len(drivers), order, assignment,
+                                [P.driver_embedding(d) for d in drivers])
         user_masks: list = [None] * len(drivers)
         if masks is not None:
             m = masks if masks.ndim == 3 else masks[None]
@@ -148,7 +157,9 @@ class FantasyPortraitConditioning:
                 raise ValueError(f"masks has {m.shape[0]} mask(s) for {len(drivers)} character(s); give one per character")
             user_masks = [mi if mi.max() > 0.5 else None for mi in m]
         canvas = faces.image if faces.image is not None else np.full((faces.height, faces.width, 3), 40, np.uint8)
-        preview = draw_faces(canvas, chosen, labels=[f"character {i}" for i in range(len(chosen))])
+        index = {id(f): k for k, f in enumerate(faces.faces)}
+        preview = draw_faces(canvas, chosen, labels=[f"face #{index[id(f)]} <- character {i}"
+                                                     for i, f in enumerate(chosen)])
         return (PortraitInputs(chosen, drivers, faces.width, faces.height, portrait_scale, user_masks),
                 host.uint8_to_image(preview))
 

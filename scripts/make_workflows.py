@@ -128,7 +128,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     g.add("detector", "FantasyPortraitFaceDetectorLoader", (0, 1140), ["mediapipe (offline)", 0.5])
     g.add("facemasks", "FantasyPortraitFaceMasks", (380, 720))
     g.add("facepreview", "PreviewImage", (380, 860), title="Faces found (#0 = leftmost)", size=(320, 260))
-    g.add("cond", "FantasyPortraitConditioning", (1140, 720), [1.0, ""], size=(340, 200))
+    g.add("cond", "FantasyPortraitConditioning", (1140, 720), [1.0, "left_to_right", ""], size=(340, 220))
     g.add("condpreview", "PreviewImage", (1500, 720), title="Which face each character drives", size=(320, 260))
     g.add("sampler", "FantasyPortraitSampler", (1140, 300), [42, "fixed", 30, 1.0, 4.0, 5.0], size=(340, 260))
     g.add("decode", "VAEDecode", (1500, 300))
@@ -154,7 +154,7 @@ def driving(g: Graph, key: str, video: str, pos, people: int = 1):
     x, y = pos
     g.add(f"{key}_video", "LoadVideo", (x, y), [video, "image"], title=f"Driving video {key}", size=(320, 300))
     g.add(f"{key}_parts", "GetVideoComponents", (x + 340, y))
-    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", (x + 340, y + 140), [people], size=(340, 120))
+    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", (x + 340, y + 140), [people, 0.0], size=(340, 140))
     g.link(f"{key}_video", "VIDEO", f"{key}_parts", "video")
     g.link(f"{key}_parts", "images", f"{key}_expr", "images")
     g.link("encoder", "expression_encoder", f"{key}_expr", "expression_encoder")

@@ -29,7 +29,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def detector():
-    from fantasyportrait_core.faces import MediaPipeDetector
+    from fantasyportrait_core.detectors import MediaPipeDetector
 
     det = MediaPipeDetector()
     yield det

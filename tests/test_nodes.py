@@ -87,9 +87,9 @@ def test_two_character_graph(loaded):
     ref = read_image(data_path("two_person.png"))
 
     expr_a, crops, info = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
-                              images=as_image(biden), people=1)
+                              images=as_image(biden), people=1, smooth=0.0)
     expr_b, _, _ = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
-                       images=as_image(trump), people=1)
+                       images=as_image(trump), people=1, smooth=0.0)
     assert crops.shape == (9, 224, 224, 3) and 0 <= crops.min() and crops.max() <= 1
     assert "person 0: 9 frames" in info
 
@@ -102,7 +102,7 @@ def test_two_character_graph(loaded):
     assert cx[0] < cx[1]
 
     portrait, cpreview = run("FantasyPortraitConditioning", faces=faces, expression=expr_a, expression_2=expr_b,
-                             portrait_scale=1.0, face_order="")
+                             portrait_scale=1.0, assignment="left_to_right", face_order="")
     assert len(portrait.drivers) == 2 and cpreview.shape[-1] == 3
 
     h, w, f_lat = 12, 20, 3  # 160x96 pixels, 9 frames
@@ -118,7 +118,7 @@ def test_two_character_graph(loaded):
 
     # swapping which face each expression drives changes the result
     swapped, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr_a, expression_2=expr_b,
-                     portrait_scale=1.0, face_order="1,0")
+                     portrait_scale=1.0, assignment="left_to_right", face_order="1,0")
     (other,) = run("FantasyPortraitSampler", **{**kw, "portrait": swapped})
     assert not torch.equal(out["samples"], other["samples"])
 
@@ -127,9 +127,9 @@ def test_sampler_errors_name_what_to_connect(loaded):
     model, encoder, detector = loaded
     frames = read_video(data_path("jgz.mp4"), max_frames=5).frames
     expr, _, _ = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
-                     images=as_image(frames), people=1)
+                     images=as_image(frames), people=1, smooth=0.0)
     faces, _, _ = run("FantasyPortraitFaceMasks", face_detector=detector, image=as_image(read_image(data_path("man.jpeg"))))
-    portrait, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0, face_order="")
+    portrait, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0, assignment="left_to_right", face_order="")
     pos, neg = _conditioning(model, 2, 8, 8)
     base = dict(model=model, portrait=portrait, negative=neg, seed=1, steps=1, cfg=1.0, portrait_cfg=4.0, shift=5.0)
     with pytest.raises(ValueError, match="WanImageToVideo"):
@@ -140,9 +140,9 @@ def test_sampler_errors_name_what_to_connect(loaded):
     with pytest.raises(ValueError, match="CLIPVisionEncode"):
         run("FantasyPortraitSampler", positive=no_clip, latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, **base)
     with pytest.raises(ValueError, match="face_order"):
-        run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0, face_order="a")
+        run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0, assignment="left_to_right", face_order="a")
     with pytest.raises(ValueError, match="2 driving expression"):
-        run("FantasyPortraitConditioning", faces=faces, expression=expr, expression_2=expr, portrait_scale=1.0,
+        run("FantasyPortraitConditioning", faces=faces, expression=expr, expression_2=expr, portrait_scale=1.0, assignment="left_to_right",
             face_order="")
 
 

@@ -1,0 +1,348 @@
+"""Face detector backends, one interface: ``detect(image RGB uint8) -> list[Face]`` left to right,
+each face with a box, 5 landmarks (left eye, right eye, nose tip, left/right mouth corner, in
+image terms), a score and, where the backend has one, an identity embedding.
+
+* ``mediapipe`` (default, offline): BlazeFace short- and full-range + Face Mesh, models inside the
+  mediapipe 0.10.21 wheel.
+* ``insightface``: ``buffalo_l`` / ``antelopev2`` from ``ComfyUI/models/insightface`` (SCRFD
+  detection, 5 keypoints, ArcFace identity embedding).
+* ``official``: the FantasyPortrait release's ``face_det.onnx`` (NanoDet-style GFL detector) +
+  ``face_landmark.onnx`` (222 points), run with onnxruntime; pre/post-processing follows the
+  reference ``diffsynth/models/face_det.py`` / ``face_align.py`` (letterbox 160×272, GFL decoding,
+  3-pass landmark refinement, points 182/202/36/149/133 for alignment).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import cv2
+import numpy as np
+
+from .faces import Face, check_image, nms, order_points
+
+log = logging.getLogger("FantasyPortrait")
+
+# Face Mesh (478 points with iris refinement) indices: pupil centres (the reference's 222-point
+# indices 182/202 are pupil centres too), nose tip, mouth corners.
+_MESH_EYE_A = 468
+_MESH_EYE_B = 473
+_MESH_NOSE = 1
+_MESH_MOUTH = (61, 291)
+
+
+class MediaPipeDetector:
+    """Offline face detector: MediaPipe BlazeFace + Face Mesh (models inside the wheel).
+
+    Both BlazeFace models run and their boxes are merged (NMS): the short-range model finds
+    close-up faces (talking-head driving videos) that the full-range one misses, and the
+    full-range one finds small faces in group shots. Face Mesh, run on a crop around each box,
+    gives the 5 alignment points.
+
+    Args:
+        min_score: detection confidence threshold.
+        crop_scale: side of the square crop given to Face Mesh, in face-box sizes.
+    Raises:
+        ImportError: naming the package to install when mediapipe is missing.
+    """
+
+    name = "mediapipe"
+
+    def __init__(self, min_score: float = 0.5, crop_scale: float = 2.0):
+        # mediapipe's C++ side logs feedback-tensor warnings for every graph; keep errors only.
+        os.environ.setdefault("GLOG_minloglevel", "2")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        try:
+            import mediapipe as mp
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "The offline face detector needs mediapipe 0.10.21 (its wheel ships the face models): "
+                "pip install 'mediapipe==0.10.21'"
+            ) from e
+        self.min_score, self.crop_scale = min_score, crop_scale
+        self._dets = [mp.solutions.face_detection.FaceDetection(model_selection=sel, min_detection_confidence=min_score)
+                      for sel in (0, 1)]
+        self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
+                                                     refine_landmarks=True, min_detection_confidence=0.3)
+
+    def close(self):
+        for d in self._dets:
+            d.close()
+        self._mesh.close()
+
+    def _landmarks(self, image: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+        h, w = image.shape[:2]
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        side = max(box[2] - box[0], box[3] - box[1]) * self.crop_scale
+        x0, y0 = int(max(cx - side / 2, 0)), int(max(cy - side / 2, 0))
+        x1, y1 = int(min(cx + side / 2, w)), int(min(cy + side / 2, h))
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            return None
+        res = self._mesh.process(np.ascontiguousarray(image[y0:y1, x0:x1]))
+        if not res.multi_face_landmarks:
+            return None
+        pts = np.array([(p.x * (x1 - x0) + x0, p.y * (y1 - y0) + y0) for p in res.multi_face_landmarks[0].landmark])
+        five = np.stack([pts[_MESH_EYE_A], pts[_MESH_EYE_B], pts[_MESH_NOSE], pts[_MESH_MOUTH[0]], pts[_MESH_MOUTH[1]]])
+        return order_points(five)
+
+    @staticmethod
+    def _keypoint_landmarks(det, w: int, h: int) -> np.ndarray:
+        # BlazeFace keypoints: right eye, left eye, nose tip, mouth centre, two ear tragions.
+        kp = np.array([(k.x * w, k.y * h) for k in det.location_data.relative_keypoints])
+        eyes = kp[:2][np.argsort(kp[:2, 0])]
+        half = (eyes[1] - eyes[0]) * 0.4  # mouth corners: mouth centre +- ~0.4 inter-eye distance
+        return np.stack([eyes[0], eyes[1], kp[2], kp[3] - half, kp[3] + half])
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces in ``image`` (``[H, W, 3]`` uint8 RGB), left to right.
+
+        A face whose mesh fails gets landmarks from the detector's 6 keypoints instead (mouth
+        corners estimated), with a debug log line.
+        """
+        image = check_image(image)
+        h, w = image.shape[:2]
+        found = []  # (box, score, keypoint landmarks)
+        for x0, y0, x1, y1 in _tiles(w, h):
+            tile = np.ascontiguousarray(image[y0:y1, x0:x1])
+            tw, th = x1 - x0, y1 - y0
+            for det_model in self._dets:
+                for det in det_model.process(tile).detections or []:
+                    bb = det.location_data.relative_bounding_box
+                    box = np.array([bb.xmin * tw + x0, bb.ymin * th + y0, (bb.xmin + bb.width) * tw + x0,
+                                    (bb.ymin + bb.height) * th + y0])
+                    box = np.clip(box, 0, [w, h, w, h])
+                    if box[2] - box[0] >= 2 and box[3] - box[1] >= 2:
+                        found.append((box, float(det.score[0]), self._keypoint_landmarks(det, tw, th) + [x0, y0]))
+        keep = nms(np.array([b for b, _, _ in found]).reshape(-1, 4), np.array([s for _, s, _ in found]))
+        faces = []
+        for box, score, kp in (found[i] for i in keep):
+            lm = self._landmarks(image, box)
+            if lm is None:
+                log.debug("[FantasyPortrait] face mesh failed on a face box; using detector keypoints")
+                lm = kp
+            faces.append(Face(box=box, landmarks=lm, score=score))
+        return sorted(faces, key=lambda f: f.center[0])
+
+
+def _tiles(w: int, h: int, max_aspect: float = 1.34) -> list[tuple[int, int, int, int]]:
+    """The whole image, plus overlapping near-square tiles along the long side of a wide or tall
+    image: BlazeFace sees a 128/192 px downscale, so faces in a wide group shot get too small."""
+    tiles = [(0, 0, w, h)]
+    long, short = max(w, h), min(w, h)
+    if long / short <= max_aspect:
+        return tiles
+    side = int(short * max_aspect)
+    n = int(np.ceil((long - side) / (side / 2))) + 1
+    for start in np.linspace(0, long - side, n).astype(int):
+        tiles.append((start, 0, start + side, h) if w >= h else (0, start, w, start + side))
+    return tiles
+
+
+def _onnx_providers():
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class InsightFaceDetector:
+    """insightface ``FaceAnalysis`` (SCRFD + ArcFace) from a local model folder; never downloads.
+
+    Args:
+        root: the insightface root (``ComfyUI/models/insightface``), holding ``models/<name>/*.onnx``.
+        name: ``buffalo_l`` or ``antelopev2``.
+    Raises:
+        FileNotFoundError: naming the folder to put the model pack in.
+        ImportError: when insightface is not installed.
+    """
+
+    name = "insightface"
+
+    def __init__(self, root: str, name: str = "buffalo_l", min_score: float = 0.5, det_size: int = 640):
+        model_dir = os.path.join(root, "models", name)
+        if not os.path.isdir(model_dir) or not any(f.endswith(".onnx") for f in os.listdir(model_dir)):
+            raise FileNotFoundError(
+                f"insightface model pack '{name}' not found: put its .onnx files in {model_dir} "
+                f"(unzip {name}.zip from the insightface releases there); nothing is downloaded automatically")
+        try:
+            from insightface.app import FaceAnalysis
+        except ImportError as e:
+            raise ImportError("the insightface backend needs `pip install insightface` (with numpy<2 beside mediapipe)") from e
+        providers = _onnx_providers()
+        self.app = FaceAnalysis(name=name, root=root, allowed_modules=["detection", "recognition"], providers=providers)
+        self.app.prepare(ctx_id=0 if "CUDAExecutionProvider" in providers else -1, det_thresh=min_score,
+                         det_size=(det_size, det_size))
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        image = check_image(image)
+        faces = []
+        for f in self.app.get(np.ascontiguousarray(image[..., ::-1])):  # insightface takes BGR
+            emb = getattr(f, "normed_embedding", None)
+            faces.append(Face(box=np.asarray(f.bbox, float), landmarks=order_points(np.asarray(f.kps, float)),
+                              score=float(f.det_score), embedding=None if emb is None else np.asarray(emb, float)))
+        return sorted(faces, key=lambda f: f.center[0])
+
+    def close(self):
+        pass
+
+
+# ------------------------------------------------------------------------- official ONNX pair
+
+_DET_SIZE = (160, 272)  # network input (w, h)
+_DET_MEAN = np.array([103.53, 116.28, 123.675], np.float32)  # BGR
+_DET_STD = np.array([57.375, 57.12, 58.395], np.float32)
+_DET_STRIDES = (8, 16, 32)
+_DET_BINS = 8  # GFL reg_max 7 -> 8 bins per side
+_DET_SCORE, _DET_NMS_IOU, _DET_CANDIDATES = 0.4, 0.3, 200
+_LM_SIZE, _LM_MARGIN, _LM_PASSES = 128, 0.15, 3
+_LM_FIVE = [182, 202, 36, 149, 133]  # left pupil, right pupil, nose tip, left/right mouth corner
+_LM_ROLL = (74, 96)  # outer corners of the image-left and image-right eyes
+
+
+def letterbox_matrix(width: int, height: int, size=_DET_SIZE) -> np.ndarray:
+    """2×3 affine: keep-ratio resize of a ``width × height`` image, centred in ``size`` (w, h)."""
+    tw, th = size
+    ratio = th / height if width / height < tw / th else tw / width
+    return np.array([[ratio, 0, tw / 2 - ratio * width / 2], [0, ratio, th / 2 - ratio * height / 2]], np.float64)
+
+
+def decode_gfl(scores: list[np.ndarray], dists: list[np.ndarray], size=_DET_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Decode GFL heads (per stride: scores ``[N]``, distributions ``[N, 4·bins]``) into boxes in
+    network-input pixels. Anchor centres are ``(col·s, row·s)``, row-major, no half-cell offset."""
+    tw, th = size
+    boxes, probs = [], []
+    for s, sc, d in zip(_DET_STRIDES, scores, dists):
+        fw, fh = -(-tw // s), -(-th // s)
+        rows, cols = np.divmod(np.arange(fh * fw), fw)
+        cx, cy = cols * s, rows * s
+        logits = d.reshape(-1, _DET_BINS)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        ltrb = (p @ np.arange(_DET_BINS)).reshape(-1, 4) * s
+        boxes.append(np.stack([cx - ltrb[:, 0], cy - ltrb[:, 1], cx + ltrb[:, 2], cy + ltrb[:, 3]], 1))
+        probs.append(sc.reshape(-1))
+    return np.concatenate(boxes), np.concatenate(probs)
+
+
+class OfficialOnnxDetector:
+    """The FantasyPortrait release's ONNX face detector + 222-point landmark model.
+
+    Args:
+        det_path, landmark_path: ``face_det.onnx`` and ``face_landmark.onnx``.
+    Raises:
+        FileNotFoundError: naming the missing file and where it goes.
+    """
+
+    name = "official"
+
+    def __init__(self, det_path: str, landmark_path: str, min_score: float = _DET_SCORE):
+        for p in (det_path, landmark_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{p} not found: put face_det.onnx and face_landmark.onnx from the "
+                                        f"FantasyPortrait release (huggingface.co/acvlab/FantasyPortrait) in "
+                                        f"ComfyUI/models/fantasyportrait")
+        import onnxruntime as ort
+
+        providers = _onnx_providers()
+        self.det = ort.InferenceSession(det_path, providers=providers)
+        self.lm = ort.InferenceSession(landmark_path, providers=providers)
+        self.min_score = min_score
+
+    def close(self):
+        pass
+
+    def detect_boxes(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h, w = bgr.shape[:2]
+        m = letterbox_matrix(w, h)
+        x = cv2.warpAffine(bgr, m, _DET_SIZE, flags=cv2.INTER_LINEAR, borderValue=0).astype(np.float32)
+        x = ((x - _DET_MEAN) / _DET_STD).transpose(2, 0, 1)[None]
+        outs = self.det.run(None, {self.det.get_inputs()[0].name: x})
+        n = len(_DET_STRIDES)
+        boxes, probs = decode_gfl(outs[:n], outs[n:])
+        keep = probs > self.min_score
+        boxes, probs = boxes[keep], probs[keep]
+        order = np.argsort(-probs)[:_DET_CANDIDATES]
+        boxes, probs = boxes[order], probs[order]
+        idx = nms(boxes, probs, iou=_DET_NMS_IOU, contain=1.01)
+        boxes, probs = boxes[idx], probs[idx]
+        inv = cv2.invertAffineTransform(m)
+        out = []
+        for b in boxes:
+            corners = np.array([[b[0], b[1]], [b[2], b[1]], [b[0], b[3]], [b[2], b[3]]])
+            pts = corners @ inv[:, :2].T + inv[:, 2]
+            out.append([max(pts[:, 0].min(), 0), max(pts[:, 1].min(), 0), min(pts[:, 0].max(), w), min(pts[:, 1].max(), h)])
+        return np.array(out, float).reshape(-1, 4).astype(np.int32).astype(float), probs
+
+    def _run_landmarks(self, bgr: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, float]:
+        crop = cv2.warpAffine(bgr, m, (_LM_SIZE, _LM_SIZE), flags=cv2.INTER_LINEAR, borderValue=0)
+        x = (crop.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
+        out = self.lm.run(None, {self.lm.get_inputs()[0].name: x})
+        pts = out[0].reshape(2, -1).T * _LM_SIZE
+        inv = cv2.invertAffineTransform(m)
+        prob = float(np.asarray(out[2]).reshape(-1)[0]) if len(out) > 2 else 1.0
+        return pts @ inv[:, :2].T + inv[:, 2], prob
+
+    @staticmethod
+    def _crop_from_box(box) -> np.ndarray:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        scale = _LM_SIZE / max(box[2] - box[0], box[3] - box[1]) * (1 - _LM_MARGIN)
+        m = cv2.getRotationMatrix2D((float(cx), float(cy)), 0.0, float(scale))
+        m[:, 2] += (_LM_SIZE / 2 - cx, _LM_SIZE / 2 - cy)
+        return m
+
+    @staticmethod
+    def _crop_from_points(pts: np.ndarray) -> np.ndarray:
+        a, b = pts[_LM_ROLL[0]], pts[_LM_ROLL[1]]
+        roll = np.degrees(np.arctan2(b[1] - a[1], b[0] - a[0] + 1e-8))
+        lo, hi = pts.min(0), pts.max(0)
+        c = (lo + hi) / 2
+        rot = cv2.getRotationMatrix2D((float(c[0]), float(c[1])), float(roll), 1.0)
+        r = pts @ rot[:, :2].T + rot[:, 2]
+        scale = _LM_SIZE * (1 - _LM_MARGIN) / max(*(r.max(0) - r.min(0)), 1e-6)
+        m = cv2.getRotationMatrix2D((float(c[0]), float(c[1])), float(roll), float(scale))
+        r = pts @ m[:, :2].T + m[:, 2]
+        centre = (r.min(0) + r.max(0)) / 2
+        m[:, 2] += _LM_SIZE / 2 - centre
+        return m
+
+    def landmarks222(self, bgr: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, float]:
+        """222 landmarks (pixels) of the face in ``box`` after the reference's 3 refinement passes."""
+        pts, prob = self._run_landmarks(bgr, self._crop_from_box(box))
+        for _ in range(_LM_PASSES - 1):
+            pts, prob = self._run_landmarks(bgr, self._crop_from_points(pts))
+        return pts, prob
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        bgr = np.ascontiguousarray(check_image(image)[..., ::-1])
+        boxes, probs = self.detect_boxes(bgr)
+        faces = []
+        for box, p in zip(boxes, probs):
+            pts, prob = self.landmarks222(bgr, box)
+            if prob < 1e-4:
+                continue
+            faces.append(Face(box=box, landmarks=order_points(pts[_LM_FIVE]), score=float(p)))
+        return sorted(faces, key=lambda f: f.center[0])
+
+
+BACKENDS = ("mediapipe", "insightface", "official")
+
+
+def make_detector(backend: str = "mediapipe", model_dir: str | None = None, min_score: float = 0.5, **kw):
+    """Build a detector by name.
+
+    Args:
+        backend: ``mediapipe`` | ``insightface`` | ``official``.
+        model_dir: insightface root (``models/insightface``) or the folder with the official ONNX pair.
+    Raises:
+        ValueError: unknown backend; FileNotFoundError: missing model files (names the folder).
+    """
+    if backend == "mediapipe":
+        return MediaPipeDetector(min_score=min_score, **kw)
+    if backend == "insightface":
+        return InsightFaceDetector(model_dir or os.path.join("models", "insightface"), min_score=min_score, **kw)
+    if backend == "official":
+        d = model_dir or os.path.join("models", "fantasyportrait")
+        return OfficialOnnxDetector(os.path.join(d, "face_det.onnx"), os.path.join(d, "face_landmark.onnx"),
+                                    min_score=max(min_score, 0.0))
+    raise ValueError(f"unknown face detector backend {backend!r}; choose one of {BACKENDS}")
