@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--frames", type=int, default=81, help="max frames to generate (floored to 4k+1)")
+        p.add_argument("--frames", type=int, default=81,
+                       help="max frames to generate (floored to 4k+1); more than --context-frames uses context windows")
         p.add_argument("--max-size", type=int, default=720, help="longest side of the output, rounded up to /16")
         p.add_argument("--steps", type=int, default=30)
         p.add_argument("--cfg", type=float, default=1.0, help="text guidance (1 = off, as the reference scripts)")
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--detector-dir", default=None,
                        help="insightface root (holding models/buffalo_l) or folder with face_det.onnx + face_landmark.onnx")
         p.add_argument("--smooth", type=float, default=0.0, help="landmark smoothing sigma in frames (0 = off)")
+        p.add_argument("--context-frames", type=int, default=81,
+                       help="longer videos are denoised in overlapping windows of this many frames")
+        p.add_argument("--context-overlap", type=int, default=16, help="frames shared by neighbouring windows")
 
     demo = sub.add_parser("demo", help="tiny random model on the shared inputs (one and two characters)")
     demo.add_argument("--data", default=os.path.join("..", "shared", "data"))
@@ -184,7 +188,8 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
     with P.on_device(models.transformer, device):
         latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
                                    steps=args.steps, seed=args.seed, cfg=args.cfg, portrait_cfg=args.portrait_cfg,
-                                   shift=args.shift)
+                                   shift=args.shift, context_frames=args.context_frames,
+                                   context_overlap=args.context_overlap)
     t2 = time.time()
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)

@@ -109,6 +109,11 @@ class FantasyPortraitSampler:
             "portrait_cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1,
                                        "tooltip": "Portrait guidance; 1 = off. The reference uses 4."}),
             "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.5, "max": 20.0, "step": 0.1}),
+            "context_frames": ("INT", {"default": 81, "min": 5, "max": 1001, "step": 4, "tooltip":
+                                       "Longer videos are denoised in overlapping windows of this many frames "
+                                       "(Wan2.1 is trained on 81)."}),
+            "context_overlap": ("INT", {"default": 16, "min": 4, "max": 80, "step": 4, "tooltip":
+                                        "Frames shared by neighbouring windows, blended linearly."}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -119,7 +124,7 @@ class FantasyPortraitSampler:
                    "Decode with the native VAE Decode.")
 
     def sample(self, model, portrait, positive, negative, latent, seed, steps=DEFAULT_STEPS, cfg=1.0,
-               portrait_cfg=4.0, shift=DEFAULT_SHIFT):
+               portrait_cfg=4.0, shift=DEFAULT_SHIFT, context_frames=81, context_overlap=16):
         samples = latent["samples"]
         if samples.ndim != 5 or samples.shape[1] != 16:
             raise ValueError(f"latent must be a Wan2.1 video latent [B, 16, T, H/8, W/8], got {tuple(samples.shape)}")
@@ -160,7 +165,8 @@ class FantasyPortraitSampler:
             cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
             i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
             out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, steps=steps, seed=seed,
-                                    cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback)
+                                    cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback,
+                                    context_frames=context_frames, context_overlap=context_overlap)
         finally:
             model.state.condition = None
             if move:

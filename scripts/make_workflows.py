@@ -130,7 +130,8 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     g.add("facepreview", "PreviewImage", (380, 860), title="Faces found (#0 = leftmost)", size=(320, 260))
     g.add("cond", "FantasyPortraitConditioning", (1140, 720), [1.0, "left_to_right", ""], size=(340, 220))
     g.add("condpreview", "PreviewImage", (1500, 720), title="Which face each character drives", size=(320, 260))
-    g.add("sampler", "FantasyPortraitSampler", (1140, 300), [42, "fixed", 30, 1.0, 4.0, 5.0], size=(340, 260))
+    g.add("sampler", "FantasyPortraitSampler", (1140, 300), [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16],
+          size=(340, 300))
     g.add("decode", "VAEDecode", (1500, 300))
     g.add("create", "CreateVideo", (1500, 420), [25])
     g.add("save", "SaveVideo", (1840, 300), ["video/FantasyPortrait", "auto", "auto"], size=(360, 420))

@@ -109,7 +109,7 @@ def test_two_character_graph(loaded):
     pos, neg = _conditioning(model, f_lat, h, w)
     latent = {"samples": torch.zeros(1, 16, f_lat, h, w)}
     kw = dict(model=model, portrait=portrait, positive=pos, negative=neg, latent=latent, seed=7, steps=2,
-              cfg=2.0, portrait_cfg=3.0, shift=5.0)
+              cfg=2.0, portrait_cfg=3.0, shift=5.0, context_frames=81, context_overlap=16)
     (out,) = run("FantasyPortraitSampler", **kw)
     assert out["samples"].shape == latent["samples"].shape and torch.isfinite(out["samples"]).all()
     (again,) = run("FantasyPortraitSampler", **kw)
@@ -131,7 +131,7 @@ def test_sampler_errors_name_what_to_connect(loaded):
     faces, _, _ = run("FantasyPortraitFaceMasks", face_detector=detector, image=as_image(read_image(data_path("man.jpeg"))))
     portrait, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0, assignment="left_to_right", face_order="")
     pos, neg = _conditioning(model, 2, 8, 8)
-    base = dict(model=model, portrait=portrait, negative=neg, seed=1, steps=1, cfg=1.0, portrait_cfg=4.0, shift=5.0)
+    base = dict(model=model, portrait=portrait, negative=neg, seed=1, steps=1, cfg=1.0, portrait_cfg=4.0, shift=5.0, context_frames=81, context_overlap=16)
     with pytest.raises(ValueError, match="WanImageToVideo"):
         run("FantasyPortraitSampler", positive=[[pos[0][0], {}]], latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, **base)
     with pytest.raises(ValueError, match="length to at most 5"):

@@ -1,0 +1,78 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.attention import attach_portrait_processors
+from fantasyportrait_core.context import context_windows, window_weights
+from fantasyportrait_core.denoiser import I2VConditioning
+from fantasyportrait_core.faces import FaceTrack
+
+
+def test_windows_cover_and_overlap():
+    assert context_windows(15, 21, 4) == [(0, 15)]
+    w = context_windows(41, 21, 4)
+    assert w[0] == (0, 21) and w[-1] == (20, 41)
+    assert all(b[0] < a[1] and a[1] - b[0] >= 4 for a, b in zip(w, w[1:]))
+    weights = window_weights(w, 41)
+    torch.testing.assert_close(weights.sum(0), torch.ones(41))
+    assert (weights >= 0).all()
+    with pytest.raises(ValueError):
+        context_windows(30, 5, 5)
+
+
+def test_161_frames_without_seams(tiny):
+    """161 frames (41 latent frames) through 21-latent-frame windows: the output has every frame and
+    no jump at a window seam larger than the frame-to-frame changes inside the windows."""
+    transformer, adapter, vae, _ = tiny
+    model = copy.deepcopy(transformer)
+    state = attach_portrait_processors(model, adapter)
+    num_frames, h, w = 161, 4, 4
+    g = torch.Generator().manual_seed(0)
+    feats = torch.cumsum(torch.randn(num_frames, 554, generator=g) * 0.1, 0)  # smooth expression motion
+    track = FaceTrack(np.tile([0.0, 0, 32, 32], (num_frames, 1)), np.zeros((num_frames, 5, 2)), np.ones(num_frames, bool))
+    portrait = P.portrait_condition(adapter, [P.DrivingExpression(feats, track)], num_frames, None)
+    c = model.config
+    f_lat = 41
+    y = torch.cat([torch.zeros(1, 4, f_lat, h, w), torch.randn(1, 16, f_lat, h, w, generator=g)], 1)
+    y[:, :4, 0] = 1
+    cond = I2VConditioning(torch.randn(1, 8, c.text_dim, generator=g), None,
+                           torch.randn(1, 257, c.image_dim, generator=g), y)
+    latent = P.generate_latent(model, state, cond, portrait, num_frames, w * 8, h * 8, steps=3, seed=1,
+                               context_frames=81, context_overlap=16)
+    assert latent.shape == (1, 16, f_lat, h, w)
+    frames = P.decode_latent(vae, latent)
+    assert frames.shape[0] == 161
+    step = np.abs(np.diff(latent[0].numpy(), axis=1)).mean(axis=(0, 2, 3))  # change between latent frames
+    windows = context_windows(41, 21, 4)
+    assert len(windows) == 3
+    # step[i] is the change from latent frame i to i+1; a window edge at frame s sits between s-1 and s
+    edges = sorted({s - 1 for s, _ in windows[1:]} | {e - 1 for _, e in windows[:-1]})
+    inside = np.delete(step, edges)
+    assert step[edges].max() <= inside.max() * 1.5
+
+
+def test_blending_removes_window_disagreement_seams():
+    """Windows that disagree (window k predicts a constant k) must be joined by ramps: a hard cut
+    would jump by 1 at each seam; blended, a step is at most two overlapping ramps' slopes."""
+    from fantasyportrait_core.context import ContextWindowDenoiser
+
+    den = ContextWindowDenoiser.__new__(ContextWindowDenoiser)
+    den.windows = context_windows(41, 21, 4)
+    den.weights = window_weights(den.windows, 41)
+
+    class Const:
+        def __init__(self, k):
+            self.k = k
+
+        def __call__(self, x, sigma):
+            return torch.full_like(x, float(self.k))
+
+    den.parts = [Const(k) for k in range(len(den.windows))]
+    x0 = den(torch.zeros(1, 1, 41, 1, 1), 0.5)[0, 0, :, 0, 0]
+    overlaps = [a[1] - b[0] for a, b in zip(den.windows, den.windows[1:])]
+    steps = x0.diff().abs()
+    assert steps.max() <= 2 / (min(overlaps) + 1) + 1e-6 < 1
+    assert x0[0] == 0 and x0[-1] == len(den.windows) - 1
