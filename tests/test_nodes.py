@@ -180,3 +180,39 @@ def test_workflow_node_types_exist(name):
             for inp in n.get("inputs", []):
                 spec = MAPPINGS[n["type"]].INPUT_TYPES()
                 assert inp["name"] in spec["required"] or inp["name"] in spec.get("optional", {}), inp["name"]
+
+
+def test_interrupt_mid_sampling_then_next_run_succeeds(loaded, monkeypatch):
+    """Cancel during sampling (ComfyUI raises from its interrupt check) leaves the model usable."""
+    import nodes.host as host
+
+    model, encoder, detector = loaded
+    frames = read_video(data_path("jgz.mp4"), max_frames=5).frames
+    expr, _, _ = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
+                     images=as_image(frames), people=1, smooth=0.0)
+    faces, _, _ = run("FantasyPortraitFaceMasks", face_detector=detector, image=as_image(read_image(data_path("man.jpeg"))))
+    portrait, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0,
+                      assignment="left_to_right", face_order="")
+    pos, neg = _conditioning(model, 2, 8, 8)
+    kw = dict(model=model, portrait=portrait, positive=pos, negative=neg, latent={"samples": torch.zeros(1, 16, 2, 8, 8)},
+              seed=3, steps=4, cfg=1.0, portrait_cfg=4.0, shift=5.0, context_frames=81, context_overlap=16)
+    (reference,) = run("FantasyPortraitSampler", **kw)
+
+    class Interrupted(Exception):
+        pass
+
+    calls = []
+
+    def cancel_at_step_2():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(host, "check_interrupt", cancel_at_step_2)
+    with pytest.raises(Interrupted):
+        run("FantasyPortraitSampler", **kw)
+    assert model.state.condition is None
+    assert next(model.transformer.parameters()).device.type == "cpu"
+    monkeypatch.setattr(host, "check_interrupt", lambda: None)
+    (after,) = run("FantasyPortraitSampler", **kw)
+    assert torch.equal(after["samples"], reference["samples"]), "a cancelled run must not change later results"
