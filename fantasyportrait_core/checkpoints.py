@@ -440,6 +440,8 @@ def _adapter_key_map(keys: list[str]) -> tuple[str, dict[str, str]]:
 def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", **overrides):
     """Load the FantasyPortrait adapter (official ``.ckpt`` or repacked ``.safetensors``).
 
+    ``dtype`` applies to the per-block K/V projections; the expression-token path is kept in fp32.
+
     Sizes come from the tensors (width, blocks, token width, resampler width and depth);
     resampler heads assume the released head size 64 unless ``resampler_heads`` /
     ``resampler_dim_head`` are given.
@@ -472,7 +474,9 @@ def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", *
     with parameters_on_meta():
         adapter = PortraitAdapter(**cfg)
     _check_keys(path, fmt, {k: tuple(v.shape) for k, v in adapter.state_dict().items()}, shapes)
-    _assign(adapter, source, key_map, device, lambda k, t: dtype)
+    # The token path (projection + resamplers, 164 M parameters) stays fp32 as in the reference,
+    # where it runs outside autocast; the per-block K/V projections take the transformer's dtype.
+    _assign(adapter, source, key_map, device, lambda k, t: dtype if k.startswith("ip_adapter.") else torch.float32)
     return adapter.eval().requires_grad_(False)
 
 

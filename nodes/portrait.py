@@ -3,6 +3,8 @@ both -> FP_PORTRAIT for the sampler."""
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +19,12 @@ from . import host
 
 CATEGORY = "FantasyPortrait"
 MAX_EXTRA_EXPRESSIONS = 3  # expression + expression_2..4
+_EXPRESSION_CACHE: "OrderedDict[tuple, list]" = OrderedDict()  # content hash -> drivers, across prompts
+_EXPRESSION_CACHE_SIZE = 8
+
+
+def _frames_key(frames: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(frames).data, digest_size=16).hexdigest() + str(frames.shape)
 
 
 @dataclass
@@ -72,9 +80,19 @@ class FantasyPortraitEncodeExpression:
 
     def encode(self, expression_encoder, face_detector, images, people=1, smooth=0.0):
         frames = host.image_to_uint8(images)
-        device = host.torch_device()
-        with P.on_device(expression_encoder, device):
-            drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people, smooth=smooth)
+        # The same driving clip queued again (other seed, prompt or reference) is not re-encoded,
+        # even when ComfyUI's own cache was invalidated by other prompts in between.
+        key = (_frames_key(frames), people, float(smooth), id(face_detector), id(expression_encoder))
+        drivers = _EXPRESSION_CACHE.get(key)
+        if drivers is None:
+            device = host.torch_device()
+            with P.on_device(expression_encoder, device):
+                drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people, smooth=smooth)
+            _EXPRESSION_CACHE[key] = drivers
+            while len(_EXPRESSION_CACHE) > _EXPRESSION_CACHE_SIZE:
+                _EXPRESSION_CACHE.popitem(last=False)
+        else:
+            _EXPRESSION_CACHE.move_to_end(key)
         info = []
         for i, d in enumerate(drivers):
             miss = d.track.missing

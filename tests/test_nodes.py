@@ -216,3 +216,21 @@ def test_interrupt_mid_sampling_then_next_run_succeeds(loaded, monkeypatch):
     monkeypatch.setattr(host, "check_interrupt", lambda: None)
     (after,) = run("FantasyPortraitSampler", **kw)
     assert torch.equal(after["samples"], reference["samples"]), "a cancelled run must not change later results"
+
+
+def test_expression_cache_across_prompts(loaded, monkeypatch):
+    model, encoder, detector = loaded
+    frames = read_video(data_path("jgz.mp4"), max_frames=5).frames
+    calls = []
+    import fantasyportrait_core.pipeline as pipeline
+
+    real = pipeline.encode_driving
+    monkeypatch.setattr(pipeline, "encode_driving", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
+                images=as_image(frames), people=1, smooth=0.0)[0]
+    again = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
+                images=as_image(frames.copy()), people=1, smooth=0.0)[0]
+    assert len(calls) == 1 and again is first
+    run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
+        images=as_image(frames[:3]), people=1, smooth=0.0)
+    assert len(calls) == 2, "other frames are encoded"
