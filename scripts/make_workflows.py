@@ -176,7 +176,7 @@ def multi() -> dict:
     g = Graph()
     common(g, "two_person.png", 832, 480, 81, "Two people talk to each other with lively facial expressions.")
     driving(g, "A", "biden.mp4", (380, 1180))  # character 0 = leftmost face
-    driving(g, "B", "trump.mp4", (380, 1540))  # character 1 = next face to the right
+    driving(g, "B", "trump.mp4", (380, 1640))  # character 1 = next face to the right
     g.link("A_expr", "expression", "cond", "expression")
     g.link("B_expr", "expression", "cond", "expression_2")
     g.link("A_parts", "fps", "create", "fps")

@@ -16,7 +16,8 @@
 // Needs: npm "playwright-core" (found through NODE_PATH, e.g. `npm install playwright-core` in some
 // folder outside the pack and NODE_PATH=<that folder>/node_modules) and a Chromium executable given by
 // the CHROMIUM env var (default /usr/bin/chromium). Nothing is downloaded: playwright-core ships no
-// browser, and every request that does not go to the ComfyUI host is aborted.
+// browser, and every request that does not go to the ComfyUI host is aborted. The negative prompt is
+// Chinese: without a CJK font (Debian: fonts-wqy-microhei) it shows as boxes in the screenshot.
 //
 // For each workflow it runs app.loadGraphData(json) and reports: dialogs/toasts about missing nodes
 // or models, node types that LiteGraph does not know, nodes with has_errors or that are placeholders
@@ -242,6 +243,20 @@ try {
     const missingMsgs = [...ov.dialogs, ...ov.toasts].filter((t) => /missing|not found|not installed/i.test(t));
     await closeDialogs(page);
     const scale = await fitView(page);
+    // nodes whose boxes overlap once previews have loaded (layout only; not a failure). Overlaps up to a
+    // title bar's height are ignored: saved sizes often exceed what the widgets need.
+    const overlaps = await page.evaluate(() => {
+      const nodes = window.app.graph._nodes || window.app.graph.nodes;
+      const bs = nodes.map((n) => [n, n.getBounding()]);
+      const out = [];
+      for (let i = 0; i < bs.length; i++) for (let j = i + 1; j < bs.length; j++) {
+        const [a, ba] = bs[i], [b, bb] = bs[j];
+        const w = Math.min(ba[0] + ba[2], bb[0] + bb[2]) - Math.max(ba[0], bb[0]);
+        const h = Math.min(ba[1] + ba[3], bb[1] + bb[3]) - Math.max(ba[1], bb[1]);
+        if (w > 4 && h > 32) out.push(`#${a.id} ${a.title} / #${b.id} ${b.title} (${Math.round(w)}x${Math.round(h)})`);
+      }
+      return out;
+    });
     const png = path.join(resolve(args.out), `workflow_${name}.png`);
     await page.screenshot({ path: png, fullPage: true });
 
@@ -260,6 +275,7 @@ try {
     console.log(`   unconnected required inputs: ${res.unlinkedRequired.join(', ') || 'none'}`);
     console.log(`   widget values changed on load: ${res.widgetDiffs.join('; ') || 'none'}`);
     console.log(`   combo values not in options: ${res.comboNotInOptions.join(', ') || 'none'}`);
+    console.log(`   overlapping nodes (layout): ${overlaps.join('; ') || 'none'}`);
     console.log(`   graphToPrompt: ${res.promptError ? 'ERROR ' + res.promptError
       : `ok, ${res.prompt.nodes} nodes${res.prompt.dangling.length ? ', dangling ' + res.prompt.dangling.join(',') : ''}`}`);
     if (pageErrors.length > errBefore) console.log(`   page errors: ${pageErrors.slice(errBefore).join(' | ')}`);

@@ -1,0 +1,75 @@
+"""ComfyUI V3 registration (``comfy_api`` ``io.ComfyNode`` / ``ComfyExtension`` / ``comfy_entrypoint``).
+
+Each node is written once, as a plain class with ``INPUT_TYPES`` / ``FUNCTION`` (that form needs no
+ComfyUI at import time, so the test suite runs every node without a ComfyUI install). Here each one
+is turned into a V3 ``io.ComfyNode`` whose schema carries the same inputs, defaults, limits and
+tooltips, and whose ``execute`` calls the plain class. ComfyUI versions without ``comfy_api`` use the
+plain classes through ``NODE_CLASS_MAPPINGS`` instead (see the package ``__init__``).
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+_WIDGETS = {"INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean}
+_NATIVE = {"IMAGE": io.Image, "MASK": io.Mask, "CONDITIONING": io.Conditioning, "LATENT": io.Latent,
+           "VAE": io.Vae, "CLIP_VISION_OUTPUT": io.ClipVisionOutput, "AUDIO": io.Audio, "VIDEO": io.Video}
+_CUSTOM: dict[str, type] = {}
+
+
+def _socket_type(name: str):
+    if name in _NATIVE:
+        return _NATIVE[name]
+    if name not in _CUSTOM:
+        _CUSTOM[name] = io.Custom(name)
+    return _CUSTOM[name]
+
+
+def _input(name: str, spec: tuple, optional: bool):
+    kind = spec[0]
+    opts = dict(spec[1]) if len(spec) > 1 else {}
+    tooltip = opts.pop("tooltip", None)
+    if isinstance(kind, list):
+        return io.Combo.Input(name, options=kind, default=opts.get("default"), tooltip=tooltip, optional=optional)
+    if kind in _WIDGETS:
+        return _WIDGETS[kind].Input(name, optional=optional, tooltip=tooltip, **opts)
+    return _socket_type(kind).Input(name, optional=optional, tooltip=tooltip)
+
+
+def to_v3(node_id: str, classic: type) -> type:
+    """A V3 ``io.ComfyNode`` with the schema of the plain node class ``classic``."""
+
+    class Node(io.ComfyNode):
+        @classmethod
+        def define_schema(cls) -> io.Schema:
+            spec = classic.INPUT_TYPES()  # evaluated per request: model file lists stay current
+            inputs = [_input(n, s, False) for n, s in spec.get("required", {}).items()]
+            inputs += [_input(n, s, True) for n, s in spec.get("optional", {}).items()]
+            names = getattr(classic, "RETURN_NAMES", classic.RETURN_TYPES)
+            tips = getattr(classic, "OUTPUT_TOOLTIPS", (None,) * len(classic.RETURN_TYPES))
+            outputs = [_socket_type(t).Output(display_name=n, tooltip=tip)
+                       for t, n, tip in zip(classic.RETURN_TYPES, names, tips)]
+            return io.Schema(node_id=node_id, display_name=NODE_DISPLAY_NAME_MAPPINGS.get(node_id, node_id),
+                             category=classic.CATEGORY, description=getattr(classic, "DESCRIPTION", ""),
+                             inputs=inputs, outputs=outputs)
+
+        @classmethod
+        def execute(cls, **kwargs) -> io.NodeOutput:
+            return io.NodeOutput(*getattr(classic(), classic.FUNCTION)(**kwargs))
+
+    Node.__name__ = Node.__qualname__ = classic.__name__
+    return Node
+
+
+V3_NODES = [to_v3(node_id, cls) for node_id, cls in NODE_CLASS_MAPPINGS.items()]
+
+
+class FantasyPortraitExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return V3_NODES
+
+
+async def comfy_entrypoint() -> FantasyPortraitExtension:
+    return FantasyPortraitExtension()
