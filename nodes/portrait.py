@@ -58,8 +58,8 @@ class FantasyPortraitEncodeExpression:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "expression_encoder": ("FP_EXPRESSION_ENCODER",),
-            "face_detector": ("FP_FACE_DETECTOR",),
+            "expression_encoder": ("FP_EXPRESSION_ENCODER", {"tooltip": "From Expression Encoder Loader."}),
+            "face_detector": ("FP_FACE_DETECTOR", {"tooltip": "From Face Detector."}),
             "images": ("IMAGE", {"tooltip": "Driving video frames (e.g. from Load Video → Get Video Components)."}),
             "people": ("INT", {"default": 1, "min": 1, "max": 8,
                                "tooltip": "How many faces to take from this video, ordered left to right."}),
@@ -107,7 +107,7 @@ class FantasyPortraitFaceMasks:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "face_detector": ("FP_FACE_DETECTOR",),
+            "face_detector": ("FP_FACE_DETECTOR", {"tooltip": "From Face Detector."}),
             "image": ("IMAGE", {"tooltip": "The reference portrait (first frame used)."}),
         }}
 
@@ -140,8 +140,8 @@ class FantasyPortraitConditioning:
             "tooltip": "Optional: one mask per character (batch in character order), e.g. drawn in the mask "
                        "editor, replacing the automatic face region. An empty mask keeps the automatic one."})
         return {"required": {
-            "faces": ("FP_FACES",),
-            "expression": ("FP_EXPRESSION",),
+            "faces": ("FP_FACES", {"tooltip": "Reference faces from Face Masks."}),
+            "expression": ("FP_EXPRESSION", {"tooltip": "First character(s): from Encode Expression."}),
             "portrait_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.05,
                                          "tooltip": "Strength of the expression branch inside the transformer."}),
             "assignment": (list(P.ASSIGN_MODES), {"default": "left_to_right", "tooltip":

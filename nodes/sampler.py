@@ -97,18 +97,21 @@ class FantasyPortraitSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("FANTASYPORTRAIT_MODEL",),
-            "portrait": ("FP_PORTRAIT",),
+            "model": ("FANTASYPORTRAIT_MODEL", {"tooltip": "From FantasyPortrait Model Loader."}),
+            "portrait": ("FP_PORTRAIT", {"tooltip": "From FantasyPortrait Conditioning."}),
             "positive": ("CONDITIONING", {"tooltip": "From WanImageToVideo (text + reference image + CLIP)."}),
             "negative": ("CONDITIONING", {"tooltip": "From WanImageToVideo; used only when cfg != 1."}),
             "latent": ("LATENT", {"tooltip": "From WanImageToVideo: sets size and length (frames = 4k+1)."}),
-            "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
-            "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200}),
+            "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Noise seed; the same seed gives the same video on any device."}),
+            "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200,
+                              "tooltip": "Sampling steps (reference: 30)."}),
             "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
                               "tooltip": "Text guidance; 1 = off (the reference setting, saves a pass)."}),
             "portrait_cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1,
                                        "tooltip": "Portrait guidance; 1 = off. The reference uses 4."}),
-            "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.5, "max": 20.0, "step": 0.1}),
+            "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.5, "max": 20.0, "step": 0.1,
+                                "tooltip": "Flow-matching sigma shift (reference: 5)."}),
             "context_frames": ("INT", {"default": 81, "min": 5, "max": 1001, "step": 4, "tooltip":
                                        "Longer videos are denoised in overlapping windows of this many frames "
                                        "(Wan2.1 is trained on 81)."}),

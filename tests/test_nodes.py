@@ -234,3 +234,11 @@ def test_expression_cache_across_prompts(loaded, monkeypatch):
     run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
         images=as_image(frames[:3]), people=1, smooth=0.0)
     assert len(calls) == 2, "other frames are encoded"
+
+
+def test_every_input_has_a_tooltip():
+    for name, cls in MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for inp, entry in spec.get(group, {}).items():
+                assert len(entry) > 1 and entry[1].get("tooltip"), f"{name}.{inp} has no tooltip"
