@@ -184,42 +184,62 @@ def _flatten(obj, prefix: str = "") -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # Key maps
 
-# Original Wan -> diffusers WanTransformer3DModel (same rules as diffusers'
-# ``convert_wan_transformer_to_diffusers``; note original norm3 is diffusers norm2).
-_WAN_RENAMES = [
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^img_emb\.proj\.0\.", "condition_embedder.image_embedder.norm1."),
-    (r"^img_emb\.proj\.1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
-    (r"^img_emb\.proj\.3\.", "condition_embedder.image_embedder.ff.net.2."),
-    (r"^img_emb\.proj\.4\.", "condition_embedder.image_embedder.norm2."),
-    (r"^head\.modulation$", "scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
-    (r"^(blocks\.\d+)\.self_attn\.", r"\1.attn1."),
-    (r"^(blocks\.\d+)\.cross_attn\.", r"\1.attn2."),
-    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
-    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
-    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
-    (r"(attn\d)\.q\.", r"\1.to_q."),
-    (r"(attn\d)\.k\.", r"\1.to_k."),
-    (r"(attn\d)\.v\.", r"\1.to_v."),
-    (r"(attn\d)\.o\.", r"\1.to_out.0."),
-    (r"(attn\d)\.k_img\.", r"\1.add_k_proj."),
-    (r"(attn\d)\.v_img\.", r"\1.add_v_proj."),
-    (r"(attn\d)\.norm_k_img\.", r"\1.norm_added_k."),
-]
-_WAN_RENAMES = [(re.compile(a), b) for a, b in _WAN_RENAMES]
+# Original Wan -> diffusers WanTransformer3DModel names (the rules of diffusers'
+# ``convert_wan_transformer_to_diffusers``; note original norm3 is diffusers norm2). One table per
+# level; the inverse map swaps each table.
+_TOP = {  # whole-key prefixes outside the blocks
+    "text_embedding.0.": "condition_embedder.text_embedder.linear_1.",
+    "text_embedding.2.": "condition_embedder.text_embedder.linear_2.",
+    "time_embedding.0.": "condition_embedder.time_embedder.linear_1.",
+    "time_embedding.2.": "condition_embedder.time_embedder.linear_2.",
+    "time_projection.1.": "condition_embedder.time_proj.",
+    "img_emb.proj.0.": "condition_embedder.image_embedder.norm1.",
+    "img_emb.proj.1.": "condition_embedder.image_embedder.ff.net.0.proj.",
+    "img_emb.proj.3.": "condition_embedder.image_embedder.ff.net.2.",
+    "img_emb.proj.4.": "condition_embedder.image_embedder.norm2.",
+    "head.head.": "proj_out.",
+    "head.modulation": "scale_shift_table",
+}
+_BLOCK = {  # first part of a key inside blocks.N.
+    "modulation": "scale_shift_table", "self_attn": "attn1", "cross_attn": "attn2", "norm3": "norm2",
+    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+}
+_ATTN = {  # first part inside an attention module
+    "q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k_proj", "v_img": "add_v_proj",
+    "norm_k_img": "norm_added_k",
+}
+_BLOCK_KEY = re.compile(r"^(blocks\.\d+\.)(.+)$")
+
+
+def _rename_prefix(key: str, table: dict[str, str]) -> str:
+    for src in sorted(table, key=len, reverse=True):  # longest match first
+        if key == src or key.startswith(src if src.endswith(".") else src + "."):
+            return table[src] + key[len(src):]
+    return key
+
+
+def _rename(key: str, forward: bool) -> str:
+    top, block, attn = ((_TOP, _BLOCK, _ATTN) if forward else
+                        tuple({v: k for k, v in t.items()} for t in (_TOP, _BLOCK, _ATTN)))
+    m = _BLOCK_KEY.match(key)
+    if m is None:
+        return _rename_prefix(key, top)
+    head, rest = m.groups()
+    rest = _rename_prefix(rest, block)
+    module, _, tail = rest.partition(".")
+    if module in ("attn1", "attn2", "self_attn", "cross_attn") and tail:
+        rest = f"{module}.{_rename_prefix(tail, attn)}"
+    return head + rest
 
 
 def wan_original_to_diffusers(key: str) -> str:
     """Map one original-Wan transformer key to its diffusers name."""
-    for pattern, repl in _WAN_RENAMES:
-        key = pattern.sub(repl, key)
-    return key
+    return _rename(key, forward=True)
+
+
+def _original_name(key: str) -> str:
+    """Map one diffusers Wan transformer key to its original-Wan name."""
+    return _rename(key, forward=False)
 
 
 def detect_transformer_format(keys: Iterable[str]) -> tuple[str, str, bool]:
@@ -378,36 +398,6 @@ def transformer_state_dict_original(model) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"no original-Wan name for {k}")
         out[orig] = v
     return out
-
-
-_INVERSE = [
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
-    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
-    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),
-    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
-    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
-    (r"\.to_q\.", ".q."), (r"\.to_k\.", ".k."), (r"\.to_v\.", ".v."), (r"\.to_out\.0\.", ".o."),
-    (r"\.add_k_proj\.", ".k_img."), (r"\.add_v_proj\.", ".v_img."), (r"\.norm_added_k\.", ".norm_k_img."),
-    (r"^(blocks\.\d+)\.attn1\.", r"\1.self_attn."),
-    (r"^(blocks\.\d+)\.attn2\.", r"\1.cross_attn."),
-]
-_INVERSE = [(re.compile(a), b) for a, b in _INVERSE]
-
-
-def _original_name(key: str) -> str:
-    for pattern, repl in _INVERSE:
-        key = pattern.sub(repl, key)
-    return key
 
 
 # --------------------------------------------------------------------------------------------
