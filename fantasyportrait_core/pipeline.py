@@ -144,18 +144,16 @@ class ReferenceLayout:
     """Characters in the reference image, at generation size.
 
     Attributes:
-        faces: detected faces, left to right (pixel coordinates of the resized image).
+        faces: the face of each character, in character order (pixels of the generated size).
         regions: int ``[N, 4]`` per-character face regions (box widened by motion range).
         person_masks: bool ``[N, T, H, W]`` regions as masks (T = 1, or per frame if user-given).
         latent_person: long ``[F_lat, S]`` person id per latent token (0 = background).
-        order: driving index for each character (character i is driven by ``drivers[order[i]]``).
     """
 
     faces: list[Face]
     regions: np.ndarray
     person_masks: torch.Tensor
     latent_person: torch.Tensor
-    order: list[int]
 
 
 ASSIGN_MODES = ("left_to_right", "right_to_left", "largest_first", "identity")
@@ -233,7 +231,7 @@ def reference_layout(faces: list[Face], drivers: list[DrivingExpression], width:
                 masks[i] = _fit_mask(torch.as_tensor(m), masks.shape[1], height, width)
     centers = np.stack([f.center for f in faces])
     latent_person = latent_person_map(pool_to_tokens(masks, num_frames), centers)
-    return ReferenceLayout(list(faces), regions, masks, latent_person, list(range(len(drivers))))
+    return ReferenceLayout(list(faces), regions, masks, latent_person)
 
 
 def _fit_mask(mask: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
