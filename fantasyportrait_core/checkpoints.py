@@ -278,18 +278,12 @@ def _check_keys(path, fmt, expected: dict, found: dict):
         raise CheckpointError(f"{path} [{fmt}]: does not fit the model: " + "; ".join(parts))
 
 
-def _assign(module: torch.nn.Module, source: TensorSource, key_map: dict[str, str], device, dtype_for: Callable,
-            transform: Callable | None = None):
-    """Read each source key, cast/move it, and assign it into ``module`` (strict, assign=True)."""
-    sd = {}
-    for target, src in key_map.items():
-        t = source.get(src)
-        if transform is not None:
-            t = transform(src, t)
-        sd[target] = t.to(device=device, dtype=dtype_for(target, t))
+def _assign(module: torch.nn.Module, source: TensorSource, key_map: dict[str, str], device, dtype_for: Callable):
+    """Read each source key, cast/move it, and assign it into ``module`` (names and shapes were
+    checked beforehand by :func:`_check_keys`)."""
+    sd = {target: (t := source.get(src)).to(device=device, dtype=dtype_for(target, t)) for target, src in key_map.items()}
     missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
-    # non-persistent buffers aside, strictness was checked on names and shapes beforehand
-    assert not unexpected, unexpected
+    assert not unexpected and not missing, (missing[:4], unexpected[:4])
     return module
 
 
@@ -336,16 +330,22 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
         paths: file, shard list, index json or folder.
         dtype: compute dtype of the weights (bf16 / fp16 / fp32). Modules diffusers keeps in fp32
             (time embedder, modulation tables, norms) stay fp32.
-        storage_dtype: e.g. ``torch.float8_e4m3fn`` to store linear weights in fp8 and upcast per
-            layer at compute time (diffusers layerwise casting); ``None`` stores in ``dtype``.
+        storage_dtype: ``torch.float8_e4m3fn`` stores the linear layers of the blocks as scaled fp8
+            (:mod:`fantasyportrait_core.fp8`; fp8-scaled files keep their stored bits and scales,
+            others are quantised per tensor) and upcasts them to ``dtype`` per matmul; ``None``
+            stores everything in ``dtype`` (fp8-scaled files are dequantised).
         num_heads: attention heads when not ``dim // 128``.
     Returns:
         The model in eval mode on ``device``.
     Raises:
         CheckpointError: unreadable file, unknown format, or keys/shapes that do not match.
+        ValueError: an unsupported ``storage_dtype``.
     """
+    from .fp8 import FP8, fp8_linear_names, quantize_fp8, swap_in_fp8_linears
     from .models import build_transformer
 
+    if storage_dtype not in (None, FP8):
+        raise ValueError(f"storage_dtype must be None or torch.float8_e4m3fn, got {storage_dtype}")
     source = TensorSource(paths)
     fmt, prefix, scaled = detect_transformer_format(source.keys())
     key_map = {}
@@ -363,28 +363,39 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{where} [{fmt}]: incomplete Wan transformer, cannot infer its config (missing {e})") from e
     model = build_transformer(config, empty=True)
+    _check_keys(where, fmt + (" fp8-scaled" if scaled else ""), {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                shapes)
+
+    def scale_of(src):
+        key = src[: -len(".weight")] + ".scale_weight"
+        return source.get(key).float().reshape(()) if scaled and src.endswith(".weight") and key in source else None
+
+    fp8_weights = set()
     if storage_dtype is not None:
-        model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=dtype)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_keys(where, fmt + (" fp8-scaled" if scaled else ""), expected, shapes)
-    target_dtype = {k: v.dtype for k, v in model.state_dict().items()}
+        names = fp8_linear_names(model)
+        swap_in_fp8_linears(model, names, bias_dtype=dtype)
+        fp8_weights = {n + ".weight" for n in names}
 
-    def dtype_for(target, t):
-        if target_dtype[target] not in (torch.float32,) and storage_dtype is not None:
-            return target_dtype[target]
-        if any(part in target.split(".") for part in _FP32_MODULES):
-            return torch.float32
-        return dtype
-
-    def dequant(src, t):
-        scale_key = src[: -len(".weight")] + ".scale_weight" if src.endswith(".weight") else None
-        if scaled and scale_key in source:
-            return t.to(torch.float32) * source.get(scale_key).to(torch.float32)
-        return t
-
-    _assign(model, source, key_map, device, dtype_for, dequant if scaled else None)
-    log.info("[FantasyPortrait] loaded transformer %s [%s] (%d layers, dim %d)", where, fmt, config["num_layers"],
-             config["num_attention_heads"] * config["attention_head_dim"])
+    sd = {}
+    for target, src in key_map.items():
+        t, scale = source.get(src), scale_of(src)
+        if target in fp8_weights:
+            if scale is not None and t.dtype == FP8:
+                q = t  # keep the file's fp8 bits and scale
+            else:  # quantise on the target device (a GPU does it in milliseconds)
+                t = t.to(device)
+                q, scale = quantize_fp8(t if scale is None else t.float() * scale.to(device))
+            sd[target] = q.to(device)
+            sd[target[: -len(".weight")] + ".scale"] = scale.to(device)
+            continue
+        if scale is not None:
+            t = t.float() * scale
+        keep32 = any(part in target.split(".") for part in _FP32_MODULES)
+        sd[target] = t.to(device=device, dtype=torch.float32 if keep32 else dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    assert not unexpected and not missing, (missing[:4], unexpected[:4])
+    log.info("[FantasyPortrait] loaded transformer %s [%s] (%d layers, dim %d%s)", where, fmt, config["num_layers"],
+             config["num_attention_heads"] * config["attention_head_dim"], ", fp8 scaled" if fp8_weights else "")
     return model.eval().requires_grad_(False)
 
 

@@ -57,8 +57,8 @@ class FantasyPortraitModelLoader:
             "weight_dtype": (list(DTYPES), {"default": "bf16", "tooltip": "Compute dtype of the weights."}),
             "storage": (["same", "fp8_e4m3fn"], {
                 "default": "same",
-                "tooltip": "fp8_e4m3fn stores the transformer's linear weights in 8 bits (about 16 GB for 14B) "
-                           "and computes in weight_dtype."}),
+                "tooltip": "fp8_e4m3fn stores the transformer blocks' linear weights as scaled fp8 (about 16 GB "
+                           "for 14B; fp8-scaled files keep their own scales) and computes in weight_dtype."}),
             "offload": (["none", "block"], {
                 "default": "none",
                 "tooltip": "block: keep weights in CPU RAM and stream one block at a time to the GPU "

@@ -202,3 +202,38 @@ def test_key_map_matches_published_manifest():
         mapping = json.load(f)["_original_to_diffusers"]
     assert len(mapping) == 1303
     assert all(wan_original_to_diffusers(k) == v for k, v in mapping.items())
+
+
+def test_fp8_scaled_file_keeps_its_bits_with_fp8_storage(tmp_path, bf16_transformer):
+    from safetensors import safe_open
+
+    path = W.write_wan_fp8_scaled(bf16_transformer, str(tmp_path / "scaled.safetensors"))
+    m = load_transformer(path, dtype=torch.float32, storage_dtype=torch.float8_e4m3fn, num_heads=2)
+    lin = m.blocks[1].ffn.net[2]
+    with safe_open(path, "pt") as f:
+        stored = f.get_tensor(COMFY_PREFIX + "blocks.1.ffn.2.weight")
+        scale = f.get_tensor(COMFY_PREFIX + "blocks.1.ffn.2.scale_weight")
+    assert lin.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(lin.weight.view(torch.uint8), stored.view(torch.uint8))
+    assert lin.scale.item() == scale.item()
+    x = torch.randn(3, lin.in_features)
+    ref = bf16_transformer.blocks[1].ffn.net[2](x)
+    assert (lin(x) - ref).norm() / ref.norm() < 0.08
+
+
+def test_scaled_fp8_beats_plain_cast_on_small_weights():
+    from fantasyportrait_core.fp8 import ScaledFP8Linear, quantize_fp8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 512, generator=g)
+    errors = {}
+    for std in (0.02, 0.005):  # the smaller the weights, the more of them fall into e4m3's subnormals
+        w = torch.randn(512, 512, generator=g) * std
+        ref = x @ w.T
+        lin = ScaledFP8Linear(512, 512, bias=False)
+        lin.weight.data, lin.scale.data = quantize_fp8(w)
+        errors[std] = ((lin(x) - ref).norm() / ref.norm(),
+                       (x @ w.to(torch.float8_e4m3fn).float().T - ref).norm() / ref.norm())
+    for scaled, plain in errors.values():
+        assert scaled < 0.04 and scaled < plain  # scaled error does not depend on the weights' size
+    assert errors[0.005][1] > 3 * errors[0.005][0]
