@@ -25,7 +25,7 @@ from .attention import attach_portrait_processors
 from .denoiser import I2VConditioning
 from .detectors import BACKENDS, make_detector
 from .preview import draw_faces
-from .video import probe_video, read_image, read_video, write_video
+from .video import Video, probe_video, read_image, read_video, resample_fps, write_video
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--assign", choices=P.ASSIGN_MODES, default="left_to_right",
                      help="which reference face each character animates")
     run.add_argument("--face-order", default="", help="explicit face index per character, e.g. 1,0 (overrides --assign)")
+    run.add_argument("--fps", type=float, default=None,
+                     help="frame rate of the output; driving videos are resampled to it (default: the first video's)")
     run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards or folder (any supported format)")
     run.add_argument("--wan-dir", help="diffusers Wan2.1-I2V folder (VAE, umT5, CLIP; transformer if not given)")
     run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors")
@@ -204,6 +206,11 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
     return report
 
 
+def _trim(video: Video, frames: int | None) -> Video:
+    """Only the frames that will be generated are worth detecting and encoding."""
+    return video if frames is None else Video(video.frames[:frames], video.fps, video.path)
+
+
 def _print_report(report: dict):
     print(json.dumps(report, indent=1, ensure_ascii=False))
 
@@ -224,7 +231,8 @@ def cmd_demo(args) -> int:
             ("multi_two_person_biden_trump.mp4", "two_person.png", ["biden.mp4", "trump.mp4"])]
     for out_name, image_name, video_names in jobs:
         image = read_image(os.path.join(data, image_name))
-        videos = [read_video(os.path.join(data, v), max_frames=args.frames) for v in video_names]
+        videos = [read_video(os.path.join(data, v)) for v in video_names]
+        videos = [_trim(resample_fps(v, videos[0].fps), args.frames) for v in videos]
         report = animate(models, image, videos, os.path.join(args.out, out_name), args)
         report["reference"] = image_name
         print(f"== {image_name} + {', '.join(video_names)}: {len(report['reference_faces'])} face(s) in the "
@@ -243,8 +251,9 @@ def cmd_run(args) -> int:
         print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real animation).")
     models = tiny_random_models(args.seed) if use_random else real_models(args)
     image = read_image(args.image)
-    max_read = None if args.frames is None else args.frames
-    videos = [read_video(v, max_frames=max_read) for v in args.driving]
+    videos = [read_video(v) for v in args.driving]
+    fps = args.fps or videos[0].fps
+    videos = [_trim(resample_fps(v, fps), args.frames) for v in videos]  # drivers in step, same rate
     people = args.people or (len(videos) if len(videos) > 1 else 1)
     report = animate(models, image, videos, args.out, args, people=people, prompt=args.prompt,
                      negative_prompt=args.negative_prompt)

@@ -72,6 +72,16 @@ def read_video(path: str, max_frames: int | None = None) -> Video:
     return Video(np.stack(frames), fps, path)
 
 
+def resample_fps(video: Video, fps: float) -> Video:
+    """Nearest-frame resampling of ``video`` to ``fps`` (same duration), so several driving videos
+    with different frame rates stay in step frame by frame."""
+    if abs(video.fps - fps) < 1e-3:
+        return video
+    n = max(1, int(round(len(video) * fps / video.fps)))
+    idx = np.minimum(np.round(np.arange(n) * video.fps / fps).astype(int), len(video) - 1)
+    return Video(video.frames[idx], fps, video.path)
+
+
 def write_video(path: str, frames: np.ndarray, fps: float, audio_from: str | None = None, crf: int = 18) -> str:
     """Encode ``frames [F, H, W, 3]`` uint8 RGB as H.264 MP4 (yuv420p), optionally copying the
     audio of ``audio_from`` (re-encoded to AAC, cut to the video's length).

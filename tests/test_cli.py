@@ -34,3 +34,14 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     rc = main(["run", "--tiny-random", "--image", str(tmp_path / "missing.png"), "--driving", data_path("jgz.mp4"),
                "--out", str(tmp_path / "x.mp4")])
     assert rc == 2 and "missing.png" in capsys.readouterr().err
+
+
+def test_drivers_with_other_frame_rates_are_resampled():
+    import numpy as np
+
+    from fantasyportrait_core.video import Video, resample_fps
+
+    v = Video(np.arange(50).reshape(50, 1, 1, 1).astype(np.uint8).repeat(3, -1), 25.0)
+    r = resample_fps(v, 15.0)
+    assert len(r) == 30 and r.fps == 15.0
+    assert r.frames[:, 0, 0, 0].tolist()[:6] == [0, 2, 3, 5, 7, 8]  # nearest frames in time
