@@ -170,6 +170,13 @@ class FantasyPortraitSampler:
             out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, steps=steps, seed=seed,
                                     cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback,
                                     context_frames=context_frames, context_overlap=context_overlap)
+        except torch.cuda.OutOfMemoryError as e:
+            weights_gib = sum(p.numel() * p.element_size() for p in tr.parameters()) / 2**30
+            raise RuntimeError(
+                f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
+                f"{num_frames} frames). In FantasyPortrait Model Loader set storage = fp8_e4m3fn (halves the weights) "
+                f"and/or offload = block (weights stay in CPU RAM), or lower the size, length or context_frames."
+            ) from e
         finally:
             model.state.condition = None
             if move:
