@@ -80,7 +80,9 @@ class PortraitDenoiser:
         self.passes = guidance_passes(self.cfg, self.portrait_cfg)
         if any(p == "negative" for p, _ in self.passes) and cond.text_negative is None:
             raise ValueError("cfg != 1 needs a negative prompt embedding (text_negative)")
-        p = next(self.transformer.parameters())
+        # The input projection's weight gives the compute dtype (the first parameter, a modulation
+        # table, is kept in fp32 by diffusers and would mislead).
+        p = transformer.patch_embedding.weight
         self.device, self.dtype = p.device, p.dtype
         self._context = {name: self._context_for(t) for name, t in
                          (("positive", cond.text_positive), ("negative", cond.text_negative)) if t is not None}

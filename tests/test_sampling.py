@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,29 @@ def test_denoiser_combines_three_passes(tiny):
     torch.testing.assert_close(den(x, sigma), expected)
     assert not torch.allclose(vp, vpos), "portrait branch must change the prediction"
     assert den.state.condition is None, "no condition is left behind after a pass"
+
+
+@pytest.mark.parametrize("storage", [None, torch.float8_e4m3fn])
+def test_bf16_model_denoises_like_fp32(tmp_path, tiny, storage):
+    """bf16 weights (diffusers keeps some modules fp32) and scaled fp8 storage run a 3-pass guided
+    step and stay close to the fp32 model on the same inputs."""
+    from fantasyportrait_core.checkpoints import load_transformer
+
+    from . import checkpoint_writers as W
+
+    transformer, adapter, _, _ = tiny
+    path = W.write_wan_original(transformer, str(tmp_path / "wan.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    c = transformer.config
+    cond = I2VConditioning(torch.randn(1, 9, c.text_dim, generator=g), torch.randn(1, 9, c.text_dim, generator=g),
+                           torch.randn(1, 257, c.image_dim, generator=g), torch.randn(1, 20, 2, 4, 4, generator=g))
+    portrait = PortraitCondition(torch.randn(1, 2, 97, adapter.proj_dim, generator=g))
+    x = torch.randn(1, 16, 2, 4, 4, generator=g)
+    outs = {}
+    for name, dtype, st in (("fp32", torch.float32, None), ("low", torch.bfloat16, storage)):
+        model = load_transformer(path, dtype=dtype, storage_dtype=st, num_heads=2)
+        state = attach_portrait_processors(model, copy.deepcopy(adapter).to(dtype))
+        outs[name] = PortraitDenoiser(model, state, cond, portrait, cfg=3.0, portrait_cfg=4.0)(x, 0.5)
+    assert outs["low"].dtype == torch.float32 and torch.isfinite(outs["low"]).all()
+    err = (outs["low"] - outs["fp32"]).norm() / outs["fp32"].norm()
+    assert err < (0.05 if storage is None else 0.1), err
