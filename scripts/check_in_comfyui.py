@@ -181,7 +181,7 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
         elif ct == "CLIPVisionEncode":
             ct, inp = "FPCheckClipVisionEncode", {"image": inp["image"], "dim": names["image_dim"]}
         elif ct == "FantasyPortraitModelLoader":
-            inp.update(transformer=names["transformer"], adapter=names["adapter"], weight_dtype="fp32", storage="same")
+            inp.update(transformer=names["transformer"], adapter=names["adapter"], weight_dtype="bf16", storage="fp8_e4m3fn")
         elif ct == "FantasyPortraitExpressionEncoderLoader":
             inp["encoder"] = names["pd_fpg"]
         elif ct == "VAELoader":

@@ -49,7 +49,7 @@ def files(tmp_path_factory, tiny):
 @pytest.fixture(scope="module")
 def loaded(files):
     (model,) = run("FantasyPortraitModelLoader", transformer=files["transformer"], adapter=files["adapter"],
-                   weight_dtype="fp32", storage="same", offload="none")
+                   weight_dtype="bf16", storage="fp8_e4m3fn", offload="none")
     (encoder,) = run("FantasyPortraitExpressionEncoderLoader", encoder=files["adapter"])
     (detector,) = run("FantasyPortraitFaceDetectorLoader", backend="mediapipe (offline)", min_score=0.5)
     return model, encoder, detector
