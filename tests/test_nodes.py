@@ -242,3 +242,23 @@ def test_every_input_has_a_tooltip():
         for group in ("required", "optional"):
             for inp, entry in spec.get(group, {}).items():
                 assert len(entry) > 1 and entry[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+
+
+def test_face_mapping_follows_wanimagetovideo_centre_crop():
+    """Faces found on the reference land where WanImageToVideo's centre crop + resize puts them."""
+    import nodes.sampler as S
+    from fantasyportrait_core.faces import Face
+
+    face = Face(np.array([300.0, 100.0, 400.0, 200.0]), np.zeros((5, 2)), 1.0)
+    # 1000x500 reference into a square 256x256 video: 250 px cropped each side, then x0.512
+    scale, ox, oy = S.center_crop_map(1000, 500, 256, 256)
+    assert (ox, oy) == (250.0, 0.0) and scale == pytest.approx(0.512)
+    mapped = S.map_face(face, scale, ox, oy).box
+    np.testing.assert_allclose(mapped, [25.6, 51.2, 76.8, 102.4])
+    # a tall reference into a wide video crops top and bottom
+    scale, ox, oy = S.center_crop_map(500, 1000, 320, 160)
+    assert ox == 0.0 and oy == pytest.approx(375.0) and scale == pytest.approx(0.64)
+    mask = torch.zeros(1000, 500)
+    mask[375:625, :] = 1.0  # exactly the kept band
+    out = S.map_mask(mask, scale, ox, oy, 320, 160)
+    assert out.shape == (1, 160, 320) and out.min() == 1.0
