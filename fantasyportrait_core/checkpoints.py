@@ -58,7 +58,6 @@ class TensorSource:
     def __init__(self, paths: str | Iterable[str]):
         self.paths = _expand_paths(paths)
         self._where: dict[str, tuple[str, object]] = {}
-        self._handles = []
         for path in self.paths:
             self._open(path)
 
@@ -77,7 +76,6 @@ class TensorSource:
             except Exception as e:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated "
                                       f"or corrupt, download it again") from e
-            self._handles.append(handle)
             for k in keys:
                 self._where[k] = (path, handle)
         elif path.endswith(PICKLE_EXT):
@@ -92,9 +90,6 @@ class TensorSource:
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
-
-    def file_of(self, key: str) -> str:
-        return self._where[key][0]
 
     def shape(self, key: str) -> tuple[int, ...]:
         path, h = self._where[key]
