@@ -179,6 +179,7 @@ def multi() -> dict:
     driving(g, "B", "trump.mp4", (380, 1640))  # character 1 = next face to the right
     g.link("A_expr", "expression", "cond", "expression")
     g.link("B_expr", "expression", "cond", "expression_2")
+    g.link("A_parts", "audio", "create", "audio")  # first driver's sound (these two clips have none)
     g.link("A_parts", "fps", "create", "fps")
     return g.to_json()
 
