@@ -23,13 +23,13 @@ import torch
 from . import pipeline as P
 from .attention import attach_portrait_processors
 from .denoiser import I2VConditioning
+from .models import DTYPES
 from .detectors import BACKENDS, make_detector
 from .preview import draw_faces
 from .video import Video, probe_video, read_image, read_video, resample_fps, write_video
 
 log = logging.getLogger("FantasyPortrait")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,7 +154,7 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
         faces = detector.detect(ref)
         report["reference_faces"] = [{"box": [round(float(v), 1) for v in f.box], "score": round(f.score, 3)}
                                      for f in faces]
-        order = [int(t) for t in getattr(args, "face_order", "").split(",") if t.strip()] or None
+        order = P.parse_face_order(getattr(args, "face_order", ""), "--face-order")
         chosen = P.assign_faces(faces, len(drivers), order, getattr(args, "assign", "left_to_right"),
                                 [P.driver_embedding(d) for d in drivers])
         layout = P.reference_layout(chosen, drivers, width, height, num_frames)

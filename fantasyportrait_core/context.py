@@ -78,7 +78,6 @@ class ContextWindowDenoiser:
         self.weights = window_weights(self.windows, num_latent)
         self.parts = [PortraitDenoiser(transformer, state, slice_conditioning(cond, s, e), slice_portrait(portrait, s, e),
                                        cfg=cfg, portrait_cfg=portrait_cfg) for s, e in self.windows]
-        self.passes = self.parts[0].passes
         self.device = self.parts[0].device
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:

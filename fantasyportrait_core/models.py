@@ -14,6 +14,9 @@ import torch.nn as nn
 
 from .adapter import PortraitAdapter
 
+# Weight dtypes by the names the CLI and the nodes offer.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 WAN21_I2V_14B = dict(
     patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
     text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
@@ -41,17 +44,22 @@ WAN21_LATENTS_STD = [
 ]
 
 
+def _latent_stats(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def as_tensor(values):
+        return torch.tensor(values, device=latent.device, dtype=latent.dtype).view(1, -1, 1, 1, 1)
+
+    return as_tensor(WAN21_LATENTS_MEAN), as_tensor(WAN21_LATENTS_STD)
+
+
 def normalize_latent(latent: torch.Tensor) -> torch.Tensor:
     """Raw Wan VAE latent ``[B, 16, F, h, w]`` -> the normalised latent the DiT works in."""
-    mean = torch.tensor(WAN21_LATENTS_MEAN, device=latent.device, dtype=latent.dtype).view(1, -1, 1, 1, 1)
-    std = torch.tensor(WAN21_LATENTS_STD, device=latent.device, dtype=latent.dtype).view(1, -1, 1, 1, 1)
+    mean, std = _latent_stats(latent)
     return (latent - mean) / std
 
 
 def denormalize_latent(latent: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`normalize_latent`."""
-    mean = torch.tensor(WAN21_LATENTS_MEAN, device=latent.device, dtype=latent.dtype).view(1, -1, 1, 1, 1)
-    std = torch.tensor(WAN21_LATENTS_STD, device=latent.device, dtype=latent.dtype).view(1, -1, 1, 1, 1)
+    mean, std = _latent_stats(latent)
     return latent * std + mean
 
 

@@ -201,6 +201,22 @@ def assign_faces(faces: list[Face], count: int, order: list[int] | None = None, 
     raise ValueError(f"unknown assignment mode {mode!r}; choose one of {ASSIGN_MODES}")
 
 
+def parse_face_order(text: str | None, name: str = "face_order") -> list[int] | None:
+    """``"1,0"`` -> ``[1, 0]``; empty -> ``None`` (use the assignment mode). ``name`` is the input
+    the text came from, for the error message.
+
+    Raises:
+        ValueError: for anything but comma-separated integers.
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise ValueError(f"{name} '{text}' must be comma-separated face numbers like '1,0'") from None
+
+
 def driver_embedding(driver: "DrivingExpression") -> np.ndarray | None:
     """Mean identity embedding of a driving track (``None`` when the backend gives none)."""
     embs = driver.track.embeddings
@@ -345,5 +361,5 @@ def frames_for(drivers: list[DrivingExpression], max_frames: int | None = None) 
 __all__ = [
     "DrivingExpression", "ReferenceLayout", "StepInfo", "decode_latent", "encode_driving", "encode_reference_latent",
     "frames_for", "generate_latent", "generation_size", "on_device", "portrait_condition", "reference_layout",
-    "resize_image", "assign_faces", "driver_embedding", "smooth_over_time", "ASSIGN_MODES",
+    "resize_image", "assign_faces", "parse_face_order", "driver_embedding", "smooth_over_time", "ASSIGN_MODES",
 ]

@@ -9,10 +9,10 @@ import torch
 from fantasyportrait_core.attention import PortraitState, attach_portrait_processors
 from fantasyportrait_core.checkpoints import load_adapter, load_expression_encoder, load_transformer
 from fantasyportrait_core.detectors import make_detector
+from fantasyportrait_core.models import DTYPES
 
 from . import host
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CATEGORY = "FantasyPortrait/loaders"
 
 

@@ -165,7 +165,7 @@ class FantasyPortraitConditioning:
         drivers = list(expression)
         for i in range(2, 2 + MAX_EXTRA_EXPRESSIONS):
             drivers += list(more.get(f"expression_{i}") or [])
-        order = _parse_order(face_order)
+        order = P.parse_face_order(face_order)
         chosen = P.assign_faces(faces.faces, len(drivers), order, assignment,
                                 [P.driver_embedding(d) for d in drivers])
         user_masks: list = [None] * len(drivers)
@@ -180,13 +180,3 @@ class FantasyPortraitConditioning:
                                                      for i, f in enumerate(chosen)])
         return (PortraitInputs(chosen, drivers, faces.width, faces.height, portrait_scale, user_masks),
                 host.uint8_to_image(preview))
-
-
-def _parse_order(text: str) -> list[int] | None:
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise ValueError(f"face_order '{text}' must be comma-separated face numbers like '1,0'") from None
