@@ -14,3 +14,20 @@ def test_forward_benchmark_runs_tiny():
     assert out.returncode == 0, out.stderr[-2000:]
     for row in ("bare diffusers forward", "ours, portrait, 3 character(s)", "one dual-guidance step"):
         assert row in out.stdout
+
+
+def test_load_benchmark_runs_tiny(tmp_path):
+    """Sharded bf16 (original keys + index) and sharded fp8-scaled (Comfy prefix) checkpoints are
+    written and loaded by every loader; a forward runs on each loaded model."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_load.py"), "--tiny", "--layers", "2",
+                          "--shard-mib", "0.05", "--forward", "--keep", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| bf16") or line.startswith("| fp8_scaled")]
+    assert len(rows) == 5, out.stdout
+    for row in rows:
+        assert "failed" not in row and "non-finite" not in row, row
+    for fmt in ("bf16", "fp8_scaled"):
+        files = os.listdir(tmp_path / f"wan_i2v_2layers_{fmt}")
+        assert "diffusion_pytorch_model.safetensors.index.json" in files
+        assert sum(f.endswith(".safetensors") for f in files) > 1, files
