@@ -50,7 +50,8 @@ class TensorSource:
 
     Args:
         paths: one path, a list of shard paths, a diffusers ``*.index.json``, or a folder holding
-            one of those.
+            one of those. One shard of a set (``*-0000i-of-0000n.safetensors``) stands for the set
+            (:func:`shard_set`).
     Raises:
         CheckpointError: for a missing, truncated, corrupt or code-carrying file.
     """
@@ -119,6 +120,43 @@ def _check_safetensors_size(path: str):
         raise CheckpointError(f"{path} is truncated: header says {8 + n + end} bytes, file has {size}; download it again")
 
 
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})(?P<ext>\.safetensors)$")
+
+
+def shard_set(path: str) -> list[str]:
+    """All shards of the set ``path`` belongs to (``name-0000i-of-0000n.safetensors``), or ``[path]``.
+
+    ComfyUI lists every shard of a sharded release as its own model file (index json files are not
+    listed), so picking any one of them must load the whole set. The set comes from an index json
+    beside the shard that names it, else from the ``-of-0000n`` numbering.
+
+    Raises:
+        CheckpointError: a shard of the set is missing, naming it.
+    """
+    m = _SHARD_NAME.match(os.path.basename(path))
+    if m is None:
+        return [path]
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    for index in sorted(f for f in os.listdir(folder or ".") if f.endswith(".index.json")):
+        try:
+            with open(os.path.join(folder, index)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if name in files:
+            shards = [os.path.join(folder, f) for f in files]
+            break
+    else:
+        n = int(m["n"])
+        shards = [os.path.join(folder, f"{m['stem']}-{i:05d}-of-{n:05d}{m['ext']}") for i in range(1, n + 1)]
+    missing = [os.path.basename(s) for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise CheckpointError(f"{path} is one shard of a set of {len(shards)}, but {', '.join(missing[:4])} "
+                              f"{'is' if len(missing) == 1 else 'are'} missing from {folder}; download all shards "
+                              f"into the same folder")
+    return shards
+
+
 def _expand_paths(paths) -> list[str]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [os.fspath(paths)]
@@ -138,7 +176,8 @@ def _expand_paths(paths) -> list[str]:
                 files = sorted(set(json.load(f)["weight_map"].values()))
             out += [os.path.join(os.path.dirname(p), f) for f in files]
         else:
-            out.append(p)
+            out += shard_set(p)
+    out = list(dict.fromkeys(out))  # a shard list that names shards of one set expands to it once
     if not out:
         raise CheckpointError(f"no checkpoint files found in {paths}")
     return out
@@ -322,7 +361,7 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     """Load a Wan2.1-I2V transformer from any supported format into diffusers ``WanTransformer3DModel``.
 
     Args:
-        paths: file, shard list, index json or folder.
+        paths: file, shard list, any one shard of a set, index json or folder.
         dtype: compute dtype of the weights (bf16 / fp16 / fp32). Modules diffusers keeps in fp32
             (time embedder, modulation tables, norms) stay fp32.
         storage_dtype: ``torch.float8_e4m3fn`` stores the linear layers of the blocks as scaled fp8

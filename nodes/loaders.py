@@ -50,7 +50,8 @@ class FantasyPortraitModelLoader:
         return {"required": {
             "transformer": (host.list_models("diffusion_models"), {
                 "tooltip": "Wan2.1-I2V-14B (480P or 720P) transformer from models/diffusion_models: original Wan "
-                           "keys, the Comfy-Org repack, fp8 / fp8-scaled files or diffusers shards."}),
+                           "keys, the Comfy-Org repack, fp8 / fp8-scaled files, or a sharded release (pick any "
+                           "one shard, e.g. diffusion_pytorch_model-00001-of-00007: all shards are loaded)."}),
             "adapter": (host.list_models(host.MODEL_FOLDER), {
                 "tooltip": "fantasyportrait_model.ckpt or Wan2_1_FantasyPortrait_fp16.safetensors from "
                            "models/fantasyportrait."}),

@@ -237,3 +237,17 @@ def test_scaled_fp8_beats_plain_cast_on_small_weights():
     for scaled, plain in errors.values():
         assert scaled < 0.04 and scaled < plain  # scaled error does not depend on the weights' size
     assert errors[0.005][1] > 3 * errors[0.005][0]
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+def test_any_shard_loads_the_whole_set(tmp_path, bf16_transformer, with_index):
+    """ComfyUI lists each shard as a model file: picking shard 2 of 3 must load all three."""
+    if with_index:  # diffusers layout: the index json names the set
+        folder = W.write_wan_diffusers(bf16_transformer, str(tmp_path / "transformer"), shards=3)
+        shard = os.path.join(folder, "diffusion_pytorch_model-00002-of-00003.safetensors")
+    else:  # original keys, numbered shards, no index
+        shard = W.write_wan_original(bf16_transformer, str(tmp_path / "wan.safetensors"), shards=3)[1]
+    _assert_same_weights(load_transformer(shard, dtype=torch.float32, num_heads=2), bf16_transformer)
+    os.remove(shard.replace("-00002-of-", "-00003-of-"))
+    with pytest.raises(CheckpointError, match=r"-00003-of-00003\.safetensors is missing"):
+        load_transformer(shard, dtype=torch.float32, num_heads=2)
