@@ -20,7 +20,7 @@ def test_load_benchmark_runs_tiny(tmp_path):
     """Sharded bf16 (original keys + index) and sharded fp8-scaled (Comfy prefix) checkpoints are
     written and loaded by every loader; a forward runs on each loaded model."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_load.py"), "--tiny", "--layers", "2",
-                          "--shard-mib", "0.05", "--forward", "--keep", str(tmp_path)],
+                          "--shard-mib", "0.01", "--forward", "--keep", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| bf16") or line.startswith("| fp8_scaled")]
