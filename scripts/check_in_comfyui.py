@@ -4,8 +4,9 @@
         python scripts/check_in_comfyui.py /path/to/ComfyUI [--port 8199] [--keep]
 
 What it does, against the ComfyUI checkout at the given path (nothing is downloaded or built):
-1. writes tiny random checkpoints (a 2-block Wan2.1-I2V transformer in the original key layout,
-   the repacked adapter with pd_fpg, a random full-size Wan2.1 VAE built by ComfyUI itself) into a
+1. writes tiny random checkpoints (a 2-block Wan2.1-I2V transformer in the original key layout, as
+   one file for the single workflow and as 3 numbered shards in a subfolder for the multi workflow,
+   which picks shard 2 as a user would from the dropdown; the repacked adapter with pd_fpg, a random full-size Wan2.1 VAE built by ComfyUI itself) into a
    temporary models folder registered with ``--extra-model-paths-config``;
 2. links this pack into ``custom_nodes/`` plus a small check-only pack providing two nodes that
    stand in for umT5-XXL text encoding and CLIP-ViT-H image encoding (11 GB and 2.5 GB models
@@ -116,6 +117,11 @@ def write_models(models_dir: str, comfy_dir: str, comfy_python: str) -> dict:
     names = {"transformer": "tiny_wan_i2v.safetensors", "adapter": "tiny_fantasyportrait.safetensors",
              "pd_fpg": "tiny_pd_fpg.pth", "vae": "tiny_wan_vae.safetensors"}
     W.write_wan_original(transformer, os.path.join(models_dir, "diffusion_models", names["transformer"]))
+    # a sharded release in a subfolder, as the official one: the multi workflow picks its 2nd shard
+    os.makedirs(os.path.join(models_dir, "diffusion_models", "tiny_wan_sharded"))
+    W.write_wan_original(transformer, os.path.join(models_dir, "diffusion_models", "tiny_wan_sharded",
+                                                   "tiny_wan_i2v.safetensors"), shards=3)
+    names["transformer_sharded"] = "tiny_wan_sharded/tiny_wan_i2v-00002-of-00003.safetensors"
     W.write_adapter_repacked(adapter, os.path.join(models_dir, "fantasyportrait", names["adapter"]), encoder)
     W.write_pd_fpg(encoder, os.path.join(models_dir, "fantasyportrait", names["pd_fpg"]))
     subprocess.run([comfy_python, "-c", MAKE_VAE, comfy_dir, os.path.join(models_dir, "vae", names["vae"])], check=True)
@@ -169,7 +175,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int]) -> dict:
+def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int], transformer: str) -> dict:
     """Swap the big text/CLIP models for the check stand-ins; use the tiny files; shrink the job."""
     out = {}
     for nid, node in prompt.items():
@@ -181,7 +187,7 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
         elif ct == "CLIPVisionEncode":
             ct, inp = "FPCheckClipVisionEncode", {"image": inp["image"], "dim": names["image_dim"]}
         elif ct == "FantasyPortraitModelLoader":
-            inp.update(transformer=names["transformer"], adapter=names["adapter"], weight_dtype="bf16", storage="fp8_e4m3fn")
+            inp.update(transformer=transformer, adapter=names["adapter"], weight_dtype="bf16", storage="fp8_e4m3fn")
         elif ct == "FantasyPortraitExpressionEncoderLoader":
             inp["encoder"] = names["pd_fpg"]
         elif ct == "VAELoader":
@@ -270,7 +276,14 @@ def main(argv=None) -> int:
         ok &= not missing
         summary.append(f"nodes listed: {len(expected & set(info))}/{len(expected)}" + (f" MISSING {missing}" if missing else ""))
 
-        for wf_name, size in (("fantasyportrait_single.json", (64, 64)), ("fantasyportrait_multi.json", (96, 64))):
+        runs = (("fantasyportrait_single.json", (64, 64), names["transformer"]),
+                ("fantasyportrait_multi.json", (96, 64), names["transformer_sharded"]))
+        for wf_name, size, transformer in runs:
+            listed = info["FantasyPortraitModelLoader"]["input"]["required"]["transformer"]
+            if transformer not in json.dumps(listed):
+                ok = False
+                summary.append(f"{wf_name}: {transformer} is not offered by the model loader")
+                continue
             with open(os.path.join(ROOT, "workflows", wf_name)) as f:
                 wf = json.load(f)
             unknown = sorted({n["type"] for n in wf["nodes"]} - set(info) - {"Note"})
@@ -278,7 +291,7 @@ def main(argv=None) -> int:
                 ok = False
                 summary.append(f"{wf_name}: node types unknown to ComfyUI: {unknown}")
                 continue
-            prompt = adapt_for_check(ui_to_api(wf, info), names, args.length, size)
+            prompt = adapt_for_check(ui_to_api(wf, info), names, args.length, size, transformer)
             t1 = time.time()
             res = get(base + "/prompt", {"prompt": prompt, "client_id": "fp-check"})
             if res.get("node_errors"):
@@ -314,7 +327,7 @@ def main(argv=None) -> int:
             ok &= good
             summary.append(f"{wf_name}: {'OK' if good else 'WRONG'} -> {v['filename']}: {p['frames']} frames "
                            f"{p['width']}x{p['height']} @ {p['fps']:.2f} fps, audio={p['audio']} "
-                           f"({time.time() - t1:.1f} s)")
+                           f"({time.time() - t1:.1f} s; transformer {transformer})")
     except Exception as e:  # report, then clean up
         ok = False
         summary.append(f"ERROR: {e}")
