@@ -93,6 +93,20 @@ def offload_device() -> torch.device:
         return torch.device("cpu")
 
 
+def available_ram_bytes() -> int | None:
+    """Host RAM available now (psutil, which ComfyUI ships; else sysconf), or None if unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def free_vram_for(model: torch.nn.Module, device: torch.device):
     """Ask ComfyUI to unload its own models so ``model`` fits on ``device``."""
     if device.type != "cuda":

@@ -31,13 +31,27 @@ class PortraitModel:
     offload: str = "none"
 
 
+def pin_weights_upfront(weights_bytes: int, available_bytes: int | None) -> bool:
+    """Whether block offload may keep a pinned (page-locked) host copy of all weights.
+
+    Pinned copies make the block-by-block uploads overlap with compute, but they are a second copy
+    of the weights (15.5 GiB for the 14B in fp8, 30.5 GiB in bf16) that cannot be swapped out; the
+    cards that need offload often sit in machines with 32 GB of RAM. So pin up front only when the
+    weights take under half of the RAM available now, else pin each block on the fly (diffusers
+    ``low_cpu_mem_usage``).
+    """
+    return available_bytes is not None and 2 * weights_bytes < available_bytes
+
+
 def build_portrait_model(transformer, adapter, dtype, offload: str = "none") -> PortraitModel:
     state = attach_portrait_processors(transformer, adapter)
     if offload == "block":
         device = host.torch_device()
         if device.type == "cuda":
+            weights = sum(t.numel() * t.element_size() for t in (*transformer.parameters(), *transformer.buffers()))
+            upfront = pin_weights_upfront(weights, host.available_ram_bytes())
             transformer.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type="block_level",
-                                             num_blocks_per_group=1, use_stream=True)
+                                             num_blocks_per_group=1, use_stream=True, low_cpu_mem_usage=not upfront)
             adapter.to(device)
     return PortraitModel(transformer, adapter, state, dtype, offload)
 

@@ -262,3 +262,24 @@ def test_face_mapping_follows_wanimagetovideo_centre_crop():
     mask[375:625, :] = 1.0  # exactly the kept band
     out = S.map_mask(mask, scale, ox, oy, 320, 160)
     assert out.shape == (1, 160, 320) and out.min() == 1.0
+
+
+@pytest.mark.parametrize("ram_gib, pin_on_the_fly", [(1024, False), (0, True), (None, True)])
+def test_block_offload_pins_on_the_fly_when_ram_is_short(tiny, monkeypatch, ram_gib, pin_on_the_fly):
+    """offload = block streams one block at a time with CUDA streams; the pinned host copy of all
+    weights is only made when they take under half of the available RAM."""
+    import copy
+
+    from nodes import host, loaders
+
+    transformer, adapter = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    calls = []
+    monkeypatch.setattr(host, "torch_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(host, "available_ram_bytes", lambda: None if ram_gib is None else int(ram_gib * 2**30))
+    monkeypatch.setattr(transformer, "enable_group_offload", lambda *a, **kw: calls.append((a, kw)), raising=False)
+    monkeypatch.setattr(adapter, "to", lambda *a, **kw: adapter)
+    model = loaders.build_portrait_model(transformer, adapter, torch.bfloat16, offload="block")
+    assert model.offload == "block" and len(calls) == 1
+    (device,), kw = calls[0]
+    assert device.type == "cuda" and kw["offload_type"] == "block_level" and kw["use_stream"]
+    assert kw["low_cpu_mem_usage"] is pin_on_the_fly
