@@ -59,6 +59,16 @@ def test_transformer_lossless_formats(tmp_path, bf16_transformer, layout):
         torch.testing.assert_close(loaded(*args, **kw)[0], m(*args, **kw)[0])
 
 
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16])
+def test_transformer_fp32_and_fp16_files(tmp_path, bf16_transformer, stored):
+    """Files stored in fp32 / fp16 load to exactly the stored values (bf16 -> fp16 may round tiny
+    weights, so the expectation is the stored tensor, not the model's)."""
+    src = W.write_wan_original(bf16_transformer, str(tmp_path / "wan.safetensors"), dtype=stored)
+    loaded = load_transformer(src, dtype=torch.float32, num_heads=2).state_dict()
+    for k, v in bf16_transformer.state_dict().items():
+        assert torch.equal(loaded[k], v.to(stored).float()), k
+
+
 def test_transformer_bf16_keeps_fp32_modules(tmp_path, bf16_transformer):
     src = W.write_wan_original(bf16_transformer, str(tmp_path / "wan.safetensors"))
     m = load_transformer(src, dtype=torch.bfloat16, num_heads=2)
