@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -102,9 +103,7 @@ def _shard_groups(shapes: dict[str, tuple], bytes_per_element: int, shard_bytes:
     keys = sorted(shapes, key=lambda k: (block_of(k), k))
     groups, size = [[]], 0
     for k in keys:
-        n = bytes_per_element
-        for d in shapes[k]:
-            n *= d
+        n = bytes_per_element * math.prod(shapes[k])
         if size + n > shard_bytes and groups[-1] and block_of(k) != block_of(groups[-1][-1]):
             groups.append([])
             size = 0

@@ -123,6 +123,12 @@ def _check_safetensors_size(path: str):
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})(?P<ext>\.safetensors)$")
 
 
+def _index_files(index_path: str) -> list[str]:
+    """Shard file names listed by a ``*.index.json`` (its ``weight_map`` values), sorted."""
+    with open(index_path) as f:
+        return sorted(set(json.load(f)["weight_map"].values()))
+
+
 def shard_set(path: str) -> list[str]:
     """All shards of the set ``path`` belongs to (``name-0000i-of-0000n.safetensors``), or ``[path]``.
 
@@ -139,8 +145,7 @@ def shard_set(path: str) -> list[str]:
     folder, name = os.path.dirname(path), os.path.basename(path)
     for index in sorted(f for f in os.listdir(folder or ".") if f.endswith(".index.json")):
         try:
-            with open(os.path.join(folder, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = _index_files(os.path.join(folder, index))
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if name in files:
@@ -172,9 +177,7 @@ def _expand_paths(paths) -> list[str]:
         elif p.endswith(".index.json"):
             if not os.path.isfile(p):
                 raise CheckpointError(f"checkpoint index not found: {p}")
-            with open(p) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            out += [os.path.join(os.path.dirname(p), f) for f in files]
+            out += [os.path.join(os.path.dirname(p), f) for f in _index_files(p)]
         else:
             out += shard_set(p)
     out = list(dict.fromkeys(out))  # a shard list that names shards of one set expands to it once

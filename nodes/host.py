@@ -107,6 +107,11 @@ def available_ram_bytes() -> int | None:
         return None
 
 
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers: what moving it to a device or pinning it costs."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def free_vram_for(model: torch.nn.Module, device: torch.device):
     """Ask ComfyUI to unload its own models so ``model`` fits on ``device``."""
     if device.type != "cuda":
@@ -115,7 +120,7 @@ def free_vram_for(model: torch.nn.Module, device: torch.device):
         import comfy.model_management as mm
     except ImportError:
         return
-    need = sum(p.numel() * p.element_size() for p in model.parameters()) * 1.3
+    need = weight_bytes(model) * 1.3
     mm.free_memory(need, device)
     mm.soft_empty_cache()
 

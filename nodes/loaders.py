@@ -48,8 +48,7 @@ def build_portrait_model(transformer, adapter, dtype, offload: str = "none") -> 
     if offload == "block":
         device = host.torch_device()
         if device.type == "cuda":
-            weights = sum(t.numel() * t.element_size() for t in (*transformer.parameters(), *transformer.buffers()))
-            upfront = pin_weights_upfront(weights, host.available_ram_bytes())
+            upfront = pin_weights_upfront(host.weight_bytes(transformer), host.available_ram_bytes())
             transformer.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type="block_level",
                                              num_blocks_per_group=1, use_stream=True, low_cpu_mem_usage=not upfront)
             adapter.to(device)

@@ -171,7 +171,7 @@ class FantasyPortraitSampler:
                                     cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback,
                                     context_frames=context_frames, context_overlap=context_overlap)
         except torch.cuda.OutOfMemoryError as e:
-            weights_gib = sum(p.numel() * p.element_size() for p in tr.parameters()) / 2**30
+            weights_gib = host.weight_bytes(tr) / 2**30
             raise RuntimeError(
                 f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
                 f"{num_frames} frames). In FantasyPortrait Model Loader set storage = fp8_e4m3fn (halves the weights) "

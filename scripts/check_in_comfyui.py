@@ -6,8 +6,9 @@
 What it does, against the ComfyUI checkout at the given path (nothing is downloaded or built):
 1. writes tiny random checkpoints (a 2-block Wan2.1-I2V transformer in the original key layout, as
    one file for the single workflow and as 3 numbered shards in a subfolder for the multi workflow,
-   which picks shard 2 as a user would from the dropdown; the repacked adapter with pd_fpg, a random full-size Wan2.1 VAE built by ComfyUI itself) into a
-   temporary models folder registered with ``--extra-model-paths-config``;
+   which picks shard 2 as a user would from the dropdown; the repacked adapter with pd_fpg; a random
+   full-size Wan2.1 VAE built by ComfyUI itself) into a temporary models folder registered with
+   ``--extra-model-paths-config``;
 2. links this pack into ``custom_nodes/`` plus a small check-only pack providing two nodes that
    stand in for umT5-XXL text encoding and CLIP-ViT-H image encoding (11 GB and 2.5 GB models
    that a CPU test machine cannot run), emitting CONDITIONING / CLIP_VISION_OUTPUT of the shapes the
@@ -278,9 +279,9 @@ def main(argv=None) -> int:
 
         runs = (("fantasyportrait_single.json", (64, 64), names["transformer"]),
                 ("fantasyportrait_multi.json", (96, 64), names["transformer_sharded"]))
+        listed = json.dumps(info["FantasyPortraitModelLoader"]["input"]["required"]["transformer"])
         for wf_name, size, transformer in runs:
-            listed = info["FantasyPortraitModelLoader"]["input"]["required"]["transformer"]
-            if transformer not in json.dumps(listed):
+            if transformer not in listed:
                 ok = False
                 summary.append(f"{wf_name}: {transformer} is not offered by the model loader")
                 continue
