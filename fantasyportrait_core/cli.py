@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--shift", type=float, default=5.0)
         p.add_argument("--seed", type=int, default=42)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--detector", choices=BACKENDS, default="mediapipe",
-                       help="face detector: mediapipe (offline), insightface, official (ONNX pair)")
+        p.add_argument("--detector", choices=BACKENDS, default="mtcnn",
+                       help="face detector: mtcnn (offline), mediapipe, insightface, official (ONNX pair)")
         p.add_argument("--detector-dir", default=None,
                        help="insightface root (holding models/buffalo_l) or folder with face_det.onnx + face_landmark.onnx")
         p.add_argument("--smooth", type=float, default=0.0, help="landmark smoothing sigma in frames (0 = off)")

@@ -2,8 +2,10 @@
 each face with a box, 5 landmarks (left eye, right eye, nose tip, left/right mouth corner, in
 image terms), a score and, where the backend has one, an identity embedding.
 
-* ``mediapipe`` (default, offline): BlazeFace short- and full-range + Face Mesh, models inside the
-  mediapipe 0.10.21 wheel.
+* ``mtcnn`` (default, offline): MTCNN (P/R/O-Net cascade: boxes + 5 landmarks) from
+  ``facenet-pytorch``, whose wheel ships the weights; runs on numpy 2 and Python 3.10–3.13.
+* ``mediapipe`` (optional, offline): BlazeFace short- and full-range + Face Mesh, models inside the
+  mediapipe 0.10.21 wheel (numpy < 2, Python <= 3.12 only).
 * ``insightface``: ``buffalo_l`` / ``antelopev2`` from ``ComfyUI/models/insightface`` (SCRFD
   detection, 5 keypoints, ArcFace identity embedding).
 * ``official``: the FantasyPortrait release's ``face_det.onnx`` (NanoDet-style GFL detector) +
@@ -30,6 +32,69 @@ _MESH_EYE_A = 468
 _MESH_EYE_B = 473
 _MESH_NOSE = 1
 _MESH_MOUTH = (61, 291)
+
+
+class MtcnnDetector:
+    """Offline face detector: MTCNN (Zhang et al. 2016, "Joint Face Detection and Alignment using
+    Multi-task Cascaded Convolutional Networks") as packaged by ``facenet-pytorch`` 2.5.3, whose
+    wheel ships the P/R/O-Net weights (2 MB): nothing is downloaded.
+
+    The O-Net gives 5 landmarks per face (eye centres, nose tip, mouth corners), the points the
+    5-point alignment template uses. Frames of one size are detected as one batch.
+
+    Args:
+        min_score: final (O-Net) confidence threshold in [0, 1]. Real faces score >= 0.99 on the
+            shared inputs; textures in the background reach 0.8, hence the default 0.9.
+        min_face_size: smallest face side searched for, in pixels (smaller = slower).
+        device: torch device (default: CUDA when available).
+    Raises:
+        ImportError: naming the package to install when facenet-pytorch (or torchvision) is missing.
+    """
+
+    name = "mtcnn"
+
+    def __init__(self, min_score: float = 0.9, min_face_size: int = 20, device=None):
+        try:
+            import torch
+            from facenet_pytorch import MTCNN
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("the offline face detector needs facenet-pytorch 2.5.3 and torchvision: "
+                              "pip install 'facenet-pytorch==2.5.3'") from e
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.min_score = float(min_score)
+        self._mtcnn = MTCNN(keep_all=True, min_face_size=int(min_face_size), device=device,
+                            thresholds=[0.6, 0.7, max(0.7, self.min_score)], post_process=False)
+
+    def close(self):
+        pass
+
+    def detect_batch(self, images: np.ndarray) -> list[list[Face]]:
+        """Faces in each of ``images`` (``[B, H, W, 3]`` uint8 RGB, one size), each list left to right."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 RGB frames [B, H, W, 3], got {images.dtype} {images.shape}")
+        if len(images) == 0:
+            return []
+        h, w = images.shape[1:3]
+        boxes, probs, points = self._mtcnn.detect(np.ascontiguousarray(images), landmarks=True)
+        out = []
+        for b, p, lm in zip(boxes, probs, points):
+            faces = []
+            if b is not None:
+                for box, score, five in zip(b, p, lm):
+                    if score is None or score < self.min_score:
+                        continue
+                    box = np.clip(np.asarray(box, np.float64), 0, [w, h, w, h])
+                    if box[2] - box[0] < 2 or box[3] - box[1] < 2:
+                        continue
+                    faces.append(Face(box=box, landmarks=order_points(five), score=float(score)))
+            out.append(sorted(faces, key=lambda f: f.center[0]))
+        return out
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces in ``image`` (``[H, W, 3]`` uint8 RGB), left to right."""
+        return self.detect_batch(check_image(image)[None])[0]
 
 
 class MediaPipeDetector:
@@ -325,18 +390,29 @@ class OfficialOnnxDetector:
         return sorted(faces, key=lambda f: f.center[0])
 
 
-BACKENDS = ("mediapipe", "insightface", "official")
+BACKENDS = ("mtcnn", "mediapipe", "insightface", "official")
 
 
-def make_detector(backend: str = "mediapipe", model_dir: str | None = None, min_score: float = 0.5, **kw):
+# Each backend's own confidence threshold (used when none is given).
+DEFAULT_MIN_SCORE = {"mtcnn": 0.9, "mediapipe": 0.5, "insightface": 0.5, "official": _DET_SCORE}
+
+
+def make_detector(backend: str = "mtcnn", model_dir: str | None = None, min_score: float | None = None, **kw):
     """Build a detector by name.
 
     Args:
-        backend: ``mediapipe`` | ``insightface`` | ``official``.
+        backend: ``mtcnn`` | ``mediapipe`` | ``insightface`` | ``official``.
         model_dir: insightface root (``models/insightface``) or the folder with the official ONNX pair.
+        min_score: confidence threshold; ``None`` or 0 takes the backend's own (``DEFAULT_MIN_SCORE``).
     Raises:
         ValueError: unknown backend; FileNotFoundError: missing model files (names the folder).
     """
+    if backend not in DEFAULT_MIN_SCORE:
+        raise ValueError(f"unknown face detector backend {backend!r}; choose one of {BACKENDS}")
+    if not min_score:
+        min_score = DEFAULT_MIN_SCORE[backend]
+    if backend == "mtcnn":
+        return MtcnnDetector(min_score=min_score, **kw)
     if backend == "mediapipe":
         return MediaPipeDetector(min_score=min_score, **kw)
     if backend == "insightface":
@@ -344,5 +420,5 @@ def make_detector(backend: str = "mediapipe", model_dir: str | None = None, min_
     if backend == "official":
         d = model_dir or os.path.join("models", "fantasyportrait")
         return OfficialOnnxDetector(os.path.join(d, "face_det.onnx"), os.path.join(d, "face_landmark.onnx"),
-                                    min_score=max(min_score, 0.0))
+                                    min_score=min_score)
     raise ValueError(f"unknown face detector backend {backend!r}; choose one of {BACKENDS}")

@@ -116,6 +116,7 @@ class FantasyPortraitExpressionEncoderLoader:
 
 
 DETECTORS = {
+    "mtcnn (offline)": ("mtcnn", None),
     "mediapipe (offline)": ("mediapipe", None),
     "insightface buffalo_l": ("insightface", "buffalo_l"),
     "insightface antelopev2": ("insightface", "antelopev2"),
@@ -130,13 +131,15 @@ class FantasyPortraitFaceDetectorLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "backend": (list(DETECTORS), {
-                "tooltip": "mediapipe: models shipped inside the mediapipe wheel, nothing to download. "
+                "tooltip": "mtcnn: weights shipped inside the facenet-pytorch wheel, nothing to download. "
+                           "mediapipe: needs mediapipe==0.10.21 (numpy<2, Python<=3.12). "
                            "insightface: models/insightface/models/<name>/*.onnx; gives identity embeddings "
                            "(needed for identity assignment). official onnx: face_det.onnx + face_landmark.onnx "
                            "of the FantasyPortrait release in models/fantasyportrait (the landmarks the model "
                            "was trained with)."}),
-            "min_score": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 0.99, "step": 0.05,
-                                    "tooltip": "Detection confidence threshold (official onnx: its own default is 0.4)."}),
+            "min_score": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.05,
+                                    "tooltip": "Detection confidence threshold; 0 = the backend's own default "
+                                               "(mtcnn 0.9, mediapipe 0.5, insightface 0.5, official onnx 0.4)."}),
         }}
 
     RETURN_TYPES = ("FP_FACE_DETECTOR",)
@@ -144,7 +147,7 @@ class FantasyPortraitFaceDetectorLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, backend, min_score=0.5):
+    def load(self, backend, min_score=0.0):
         kind, name = DETECTORS[backend]
         if kind == "insightface":
             return (make_detector(kind, host.models_subdir("insightface"), min_score=min_score, name=name),)

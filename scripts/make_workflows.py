@@ -125,7 +125,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     g.add("clipenc", "CLIPVisionEncode", (380, 560), ["none"])
     g.add("i2v", "WanImageToVideo", (780, 300), [width, height, length, 1], size=(320, 220))
     g.add("encoder", "FantasyPortraitExpressionEncoderLoader", (0, 1020), ["pd_fpg.pth"])
-    g.add("detector", "FantasyPortraitFaceDetectorLoader", (0, 1140), ["mediapipe (offline)", 0.5])
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", (0, 1140), ["mtcnn (offline)", 0.0])
     g.add("facemasks", "FantasyPortraitFaceMasks", (380, 720))
     g.add("facepreview", "PreviewImage", (380, 860), title="Faces found (#0 = leftmost)", size=(320, 260))
     g.add("cond", "FantasyPortraitConditioning", (1140, 720), [1.0, "left_to_right", ""], size=(340, 220))

@@ -29,9 +29,9 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def detector():
-    from fantasyportrait_core.detectors import MediaPipeDetector
+    from fantasyportrait_core.detectors import MtcnnDetector
 
-    det = MediaPipeDetector()
+    det = MtcnnDetector()
     yield det
     det.close()
 

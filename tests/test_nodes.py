@@ -51,7 +51,7 @@ def loaded(files):
     (model,) = run("FantasyPortraitModelLoader", transformer=files["transformer"], adapter=files["adapter"],
                    weight_dtype="bf16", storage="fp8_e4m3fn", offload="none")
     (encoder,) = run("FantasyPortraitExpressionEncoderLoader", encoder=files["adapter"])
-    (detector,) = run("FantasyPortraitFaceDetectorLoader", backend="mediapipe (offline)", min_score=0.5)
+    (detector,) = run("FantasyPortraitFaceDetectorLoader", backend="mtcnn (offline)", min_score=0.0)
     return model, encoder, detector
 
 
@@ -59,7 +59,7 @@ def test_loaders(loaded):
     model, encoder, detector = loaded
     assert len(model.transformer.blocks) == model.adapter.num_layers == 2
     assert not encoder.training
-    assert detector.name == "mediapipe"
+    assert detector.name == "mtcnn"
 
 
 def test_missing_model_file_names_folder():
