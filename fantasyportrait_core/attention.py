@@ -116,6 +116,27 @@ def portrait_branch(
     return out
 
 
+def apply_portrait(query: torch.Tensor, cond: PortraitCondition | None, k_proj: torch.nn.Module,
+                   v_proj: torch.nn.Module) -> torch.Tensor | None:
+    """The portrait term one block adds to its cross-attention output before the output projection:
+    ``scale · portrait_branch(query, ...)``, or ``None`` when there is no condition or the scale is 0.
+
+    The one entry point for every host of the branch (the diffusers processor below and the patch on
+    ComfyUI's own Wan model), so the math lives in one place.
+
+    Args:
+        query: ``[B, L, H, D]`` normalised cross-attention query of the block.
+        cond: the :class:`PortraitCondition` of this forward, or ``None``.
+        k_proj, v_proj: that block's adapter projections.
+    Returns:
+        ``[B, L, H·D]`` in ``query``'s dtype, or ``None``.
+    """
+    if cond is None or cond.scale == 0.0:
+        return None
+    out = portrait_branch(query, cond.windows, k_proj, v_proj, cond.latent_person, cond.token_person)
+    return out * cond.scale
+
+
 class PortraitAttnProcessor:
     """diffusers ``WanAttention`` processor for I2V cross-attention plus the portrait branch.
 
@@ -153,11 +174,9 @@ class PortraitAttnProcessor:
             out_img = dispatch_attention_fn(query, key_img, value_img, backend=self._attention_backend)
             out = out + out_img.flatten(2, 3).type_as(query)
 
-        cond = self.state.condition
-        if cond is not None and cond.scale != 0.0:
-            portrait = portrait_branch(query, cond.windows, self.k_proj, self.v_proj,
-                                       cond.latent_person, cond.token_person)
-            out = out + portrait * cond.scale
+        portrait = apply_portrait(query, self.state.condition, self.k_proj, self.v_proj)
+        if portrait is not None:
+            out = out + portrait
 
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--max-size", type=int, default=720, help="longest side of the output, rounded up to /16")
         p.add_argument("--steps", type=int, default=30)
         p.add_argument("--cfg", type=float, default=1.0, help="text guidance (1 = off, as the reference scripts)")
-        p.add_argument("--portrait-cfg", type=float, default=4.0, help="portrait guidance")
+        p.add_argument("--portrait-cfg", type=float, default=4.0, help="portrait guidance (<= 1 = off, as the reference)")
         p.add_argument("--portrait-scale", type=float, default=1.0, help="portrait branch strength in the DiT")
         p.add_argument("--shift", type=float, default=5.0)
         p.add_argument("--seed", type=int, default=42)

@@ -52,17 +52,17 @@ def combine_guidance(
     ``pred = neg + cfg·(pos − neg) + portrait_cfg·(pos_portrait − pos)`` where ``pos``/``neg`` are
     the positive/negative prompt without the portrait branch and ``pos_portrait`` the positive
     prompt with it. With ``cfg == 1`` the ``neg`` pass is not needed:
-    ``pos + portrait_cfg·(pos_portrait − pos)``. With ``portrait_cfg == 1`` the reference falls back
-    to plain text cfg with the portrait branch in both passes:
-    ``neg_portrait + cfg·(pos_portrait − neg_portrait)`` (then ``v_negative`` is that pass and
-    ``v_positive`` is unused).
+    ``pos + portrait_cfg·(pos_portrait − pos)``. With ``portrait_cfg <= 1`` portrait guidance is off,
+    as in the reference (``if portrait_cfg > 1.0`` in ``WanVideoPipeline.__call__``): plain text cfg
+    with the portrait branch in both passes, ``neg_portrait + cfg·(pos_portrait − neg_portrait)``
+    (then ``v_negative`` is that pass and ``v_positive`` is unused).
 
     Raises:
         ValueError: if a pass the scales require is missing.
     """
-    if portrait_cfg != 1.0:
+    if portrait_guided(portrait_cfg):
         if v_positive is None:
-            raise ValueError("portrait_cfg != 1 needs the positive pass without portrait")
+            raise ValueError("portrait_cfg > 1 needs the positive pass without portrait")
         if cfg == 1.0:
             return v_positive + portrait_cfg * (v_portrait - v_positive)
         if v_negative is None:
@@ -75,11 +75,17 @@ def combine_guidance(
     return v_negative + cfg * (v_portrait - v_negative)
 
 
+def portrait_guided(portrait_cfg: float) -> bool:
+    """Whether portrait guidance runs: only above 1 (reference ``portrait_cfg > 1.0``); values at or
+    below 1 switch it off rather than extrapolating away from the portrait."""
+    return portrait_cfg > 1.0
+
+
 def guidance_passes(cfg: float, portrait_cfg: float) -> list[tuple[str, bool]]:
     """The DiT passes one step needs as ``(prompt, with_portrait)``, in the order used by
     :func:`combine_guidance` (portrait first). 1 to 3 passes."""
     passes = [("positive", True)]
-    if portrait_cfg != 1.0:
+    if portrait_guided(portrait_cfg):
         passes.append(("positive", False))
         if cfg != 1.0:
             passes.append(("negative", False))

@@ -109,7 +109,8 @@ class FantasyPortraitSampler:
             "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
                               "tooltip": "Text guidance; 1 = off (the reference setting, saves a pass)."}),
             "portrait_cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                                       "tooltip": "Portrait guidance; 1 = off. The reference uses 4."}),
+                                       "tooltip": "Portrait guidance; 1 or less = off (as the reference). The reference "
+                                                  "uses 4."}),
             "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.5, "max": 20.0, "step": 0.1,
                                 "tooltip": "Flow-matching sigma shift (reference: 5)."}),
             "context_frames": ("INT", {"default": 81, "min": 5, "max": 1001, "step": 4, "tooltip":

@@ -133,3 +133,14 @@ def test_bf16_model_denoises_like_fp32(tmp_path, tiny, storage):
     assert outs["low"].dtype == torch.float32 and torch.isfinite(outs["low"]).all()
     err = (outs["low"] - outs["fp32"]).norm() / outs["fp32"].norm()
     assert err < (0.05 if storage is None else 0.1), err
+
+
+def test_portrait_cfg_at_or_below_one_is_off_as_in_reference(tiny):
+    """Reference ``WanVideoPipeline.__call__`` runs portrait guidance only for ``portrait_cfg > 1``;
+    0.5 must give the same passes and the same prediction as 1 (no extrapolation)."""
+    x = torch.randn(1, 16, 2, 4, 4)
+    for cfg in (1.0, 5.0):
+        assert guidance_passes(cfg, 0.5) == guidance_passes(cfg, 1.0) == guidance_passes(cfg, 0.0)
+        at_one, below = _denoiser(tiny, cfg=cfg, pcfg=1.0), _denoiser(tiny, cfg=cfg, pcfg=0.5)
+        torch.testing.assert_close(below(x, 0.6), at_one(x, 0.6), rtol=0, atol=0)
+    assert len(guidance_passes(1.0, 1.01)) == 2, "just above 1 portrait guidance is on"
