@@ -59,21 +59,45 @@ def main(job_path: str, out_path: str):
     portraits = {k: PortraitInputs(v["faces"], v["drivers"], v["ref_width"], v["ref_height"], v.get("scale", 1.0),
                                    [None] * len(v["drivers"])) for k, v in job["portraits"].items()}
 
-    (adapter,) = native.FantasyPortraitAdapterLoader().load(job["adapter"], "auto")
+    adapters = {}
+
+    def adapter_in(dtype):
+        if dtype not in adapters:
+            adapters[dtype] = native.FantasyPortraitAdapterLoader().load(job["adapter"], dtype)[0]
+        return adapters[dtype]
+
     (noise,) = custom.RandomNoise().get_noise(job["seed"])
     (sampler,) = custom.KSamplerSelect().get_sampler("euler")
     models = {}
     results = {}
     print(f"[runner] ComfyUI + pack imported, adapter loaded: {time.time() - T0:.1f} s", file=sys.stderr)
+    gguf_loader = None
+    if job.get("gguf_pack"):  # city96's ComfyUI-GGUF, imported like ComfyUI imports a custom node pack
+        spec = importlib.util.spec_from_file_location("comfyui_gguf", os.path.join(job["gguf_pack"], "__init__.py"),
+                                                      submodule_search_locations=[job["gguf_pack"]])
+        gguf_pack = importlib.util.module_from_spec(spec)
+        sys.modules["comfyui_gguf"] = gguf_pack
+        spec.loader.exec_module(gguf_pack)
+        gguf_loader = gguf_pack.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"]()
+
+    def load(name, run):
+        path = job.get("checkpoints", {}).get(name, job["checkpoint"])
+        if path.endswith(".gguf"):  # by file name from models/diffusion_models, as in the UI
+            folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(path))
+            # dequant_dtype: Unet Loader (GGUF/Advanced)'s option ("float32": exact Q8_0 values)
+            return gguf_loader.load_unet(os.path.basename(path), dequant_dtype=run.get("dequant_dtype"))[0]
+        return comfy.sd.load_diffusion_model(path)
+
     for run in job["runs"]:
         t_run = time.time()
         if run.get("model", "base") not in models or run.get("fresh"):
-            models[run.get("model", "base")] = comfy.sd.load_diffusion_model(job["checkpoint"])
+            models[run.get("model", "base")] = load(run.get("model", "base"), run)
         model = models[run.get("model", "base")]
         if run.get("lora"):
             name, strength = run["lora"]
             (model,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)
         if run.get("portrait"):
+            adapter = adapter_in(run.get("adapter_dtype", "auto"))
             (model,) = native.FantasyPortraitPatchModel().patch(model, adapter, portraits[run["portrait"]])
         if run.get("context"):
             length, overlap = run["context"]
@@ -90,6 +114,19 @@ def main(job_path: str, out_path: str):
         try:
             out, _ = custom.SamplerCustomAdvanced().sample(noise, guider, sampler, job["sigmas"], latent)
             results[run["name"]] = out["samples"].float().cpu()
+            if run.get("facts"):  # how ComfyUI's model management sees the patched MODEL and the adapter
+                import comfy.model_management as mm
+
+                extra = model.get_nested_additional_models()
+                loaded = mm.loaded_models()
+                results[run["name"] + ":facts"] = {
+                    "additional": [(type(m.model).__name__, m.model_size()) for m in extra],
+                    "adapter_bytes": sum(t.numel() * t.element_size() for t in adapter.adapter.parameters()),
+                    "loaded_with_model": [any(m.is_clone(x) for x in loaded) for m in extra],
+                    "kv_dtype": str(adapter.kv_for(None)[1].blocks[0].cross_attn.ip_adapter_single_stream_k_proj
+                                    .weight.dtype),
+                    "token_dtype": str(adapter.adapter.proj_model.norm.weight.dtype),
+                }
         except Exception as e:  # reported to the test, which decides
             results[run["name"]] = f"{type(e).__name__}: {e}"
         print(f"[runner] {run['name']}: {time.time() - t_run:.1f} s", file=sys.stderr)

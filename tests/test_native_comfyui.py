@@ -98,7 +98,10 @@ def _write_lora(path: str, transformer_config: dict):
 
 RUNS = [
     dict(name="plain_before", guider="basic"),  # first sampling of this MODEL: never patched
-    dict(name="one_cfg1", portrait="one", guider="fantasyportrait", cfg=1.0, portrait_cfg=4.0),
+    dict(name="one_cfg1", portrait="one", guider="fantasyportrait", cfg=1.0, portrait_cfg=4.0, facts=True),
+    # adapter loaded in fp16: the patch takes its K/V in the MODEL's compute dtype (fp32 on the CPU)
+    dict(name="one_cfg1_fp16_adapter", portrait="one", guider="fantasyportrait", cfg=1.0, portrait_cfg=4.0,
+         adapter_dtype="fp16"),
     dict(name="one_cfg3", portrait="one", guider="fantasyportrait", cfg=3.0, portrait_cfg=4.0),
     dict(name="two_cfg1", portrait="two", guider="fantasyportrait", cfg=1.0, portrait_cfg=4.0),
     dict(name="two_cfg3", portrait="two", guider="fantasyportrait", cfg=3.0, portrait_cfg=4.0),
@@ -204,6 +207,106 @@ def test_context_windows_need_the_patch_for_wan_i2v(native):
     if isinstance(plain, str):
         assert "Sizes of tensors must match" in plain
     assert isinstance(native["two_context_cfg3"], torch.Tensor)
+
+
+def test_adapter_is_under_comfyui_model_management(native):
+    """The adapter rides with the MODEL as ComfyUI additional models (loaded by load_models_gpu with
+    it, offloaded like any model): its K/V projections and its fp32 expression-token path."""
+    facts = native["one_cfg1:facts"]
+    kinds = sorted(name for name, _ in facts["additional"])
+    assert kinds == ["_BlockList", "_TokenPath"], facts
+    assert sum(size for _, size in facts["additional"]) == facts["adapter_bytes"]
+    assert all(facts["loaded_with_model"]), facts
+    assert facts["token_dtype"] == "torch.float32"
+    # K/V follow the MODEL's compute dtype: an fp16-loaded adapter gives the fp32 result exactly
+    assert torch.equal(_result(native, "one_cfg1_fp16_adapter"), _result(native, "one_cfg1"))
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF through city96's ComfyUI-GGUF (COMFYUI_DIR/custom_nodes/ComfyUI-GGUF or COMFYUI_GGUF_DIR)
+
+
+def gguf_pack_dir() -> str | None:
+    for d in (os.environ.get("COMFYUI_GGUF_DIR"), os.path.join(COMFYUI_DIR or "", "custom_nodes", "ComfyUI-GGUF")):
+        if d and os.path.isfile(os.path.join(d, "loader.py")):
+            return d
+    return None
+
+
+def write_wan_gguf(transformer, gguf_path: str, dequantized_path: str):
+    """The tiny Wan as a GGUF file the way Wan GGUFs are published (``general.architecture`` "wan",
+    original key names, 2-D weights Q8_0, the rest F32, >4-D tensors flattened with ComfyUI-GGUF's
+    ``comfy.gguf.orig_shape`` record), and a safetensors file holding its dequantised values."""
+    import gguf
+
+    from fantasyportrait_core.checkpoints import transformer_state_dict_original
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    writer = gguf.GGUFWriter(gguf_path, arch="wan")
+    dequantized = {}
+    for key, t in transformer_state_dict_original(transformer).items():
+        data = t.float().numpy()
+        if data.ndim == 2 and data.shape[1] % 32 == 0:
+            packed = gguf.quants.quantize(data, q8)
+            writer.add_tensor(key, packed, raw_dtype=q8)
+            dequantized[key] = torch.from_numpy(gguf.quants.dequantize(packed, q8)).contiguous()
+            continue
+        if data.ndim > 4:
+            writer.add_array(f"comfy.gguf.orig_shape.{key}", [int(d) for d in data.shape])
+            data = data.reshape(data.shape[0], data.shape[1], -1)
+        writer.add_tensor(key, np.ascontiguousarray(data))
+        dequantized[key] = t.float().contiguous()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    save_file(dequantized, dequantized_path)
+
+
+GGUF_RUNS = [  # dequant_dtype float32 (Unet Loader (GGUF/Advanced)): the exact Q8_0 values, as gguf-py gives them
+    dict(name="gguf_plain", model="gguf", guider="basic", dequant_dtype="float32"),
+    dict(name="gguf_one_cfg3", model="gguf", portrait="one", guider="fantasyportrait", cfg=3.0, portrait_cfg=4.0),
+    dict(name="deq_one_cfg3", model="deq", portrait="one", guider="fantasyportrait", cfg=3.0, portrait_cfg=4.0),
+    dict(name="gguf_one_lora", model="gguf", portrait="one", guider="fantasyportrait", cfg=3.0, portrait_cfg=4.0,
+         lora=("tiny.safetensors", 1.0)),
+    dict(name="deq_one_lora", model="deq", portrait="one", guider="fantasyportrait", cfg=3.0, portrait_cfg=4.0,
+         lora=("tiny.safetensors", 1.0)),
+    # the plain Unet Loader (GGUF) (its default dequantisation rounds the Q8_0 scale product more coarsely)
+    dict(name="gguf_default_one_cfg3", model="gguf_default", fresh=True, portrait="one", guider="fantasyportrait",
+         cfg=3.0, portrait_cfg=4.0),
+]
+
+
+@pytest.mark.skipif(gguf_pack_dir() is None, reason="ComfyUI-GGUF not found (COMFYUI_DIR/custom_nodes/ComfyUI-GGUF or "
+                                                    "COMFYUI_GGUF_DIR)")
+def test_gguf_model_through_comfyui_gguf(setup):
+    """A Q8_0 GGUF loaded by ComfyUI-GGUF's Unet Loader (GGUF): its quantised q / k / v / o layers
+    dequantise inside the patched cross-attention (and take a LoRA there), giving the latent of the
+    same dequantised weights loaded from safetensors, and of our sampler on them."""
+    d, paths, cond, portraits = setup
+    transformer = load_transformer(paths["checkpoint"], dtype=torch.float32)
+    gguf_path, deq_path = str(d / "wan_i2v_tiny_Q8_0.gguf"), str(d / "wan_i2v_tiny_Q8_0_dequantized.safetensors")
+    write_wan_gguf(transformer, gguf_path, deq_path)
+    job = dict(comfy_dir=COMFYUI_DIR, checkpoint=paths["checkpoint"], checkpoints={"gguf": gguf_path, "gguf_default": gguf_path, "deq": deq_path},
+               gguf_pack=gguf_pack_dir(), adapter=paths["adapter"], lora_dir=str(d / "loras"), conditioning=cond,
+               latent_shape=(1, 16, F_LAT, LAT, LAT), portraits=portraits, sigmas=flow_sigmas(STEPS, SHIFT), seed=SEED,
+               runs=GGUF_RUNS)
+    torch.save(job, d / "gguf_job.pt")
+    res = subprocess.run([comfy_python(), os.path.join(ROOT, "tests", "comfy_native_runner.py"), str(d / "gguf_job.pt"),
+                          str(d / "gguf_out.pt")], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = torch.load(d / "gguf_out.pt", weights_only=False)
+    q8, deq = _result(out, "gguf_one_cfg3"), _result(out, "deq_one_cfg3")
+    assert (q8 - deq).abs().max().item() < ATOL
+    assert (q8 - _result(out, "gguf_plain")).abs().max().item() > 100 * ATOL
+    lora = _result(out, "gguf_one_lora")
+    assert (lora - _result(out, "deq_one_lora")).abs().max().item() < ATOL
+    assert (lora - q8).abs().max().item() > 100 * ATOL
+    # default dequantisation: the same result up to the coarser rounding of the weights (~5e-4 relative)
+    assert (_result(out, "gguf_default_one_cfg3") - q8).abs().max().item() < 0.05
+    ours = build_portrait_model(load_transformer(deq_path, dtype=torch.float32),
+                                load_adapter(paths["adapter"], dtype=torch.float32), torch.float32)
+    assert (_our_latent(ours, setup, "one", 3.0, 4.0) - q8).abs().max().item() < ATOL
 
 
 def test_unpatching_is_clean(native):
