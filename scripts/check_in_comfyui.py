@@ -279,6 +279,8 @@ def main(argv=None) -> int:
                     help="ComfyUI's python (default: COMFYUI_DIR/venv/bin/python or this python)")
     ap.add_argument("--length", type=int, default=9)
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--workflows", default="", help="comma-separated workflow names to run (e.g. 'native'); "
+                                                     "default: all")
     args = ap.parse_args(argv)
     comfy = os.path.abspath(args.comfyui_dir)
     py = args.python or (os.path.join(comfy, "venv", "bin", "python")
@@ -345,6 +347,8 @@ def main(argv=None) -> int:
                 # ComfyUI's own Wan MODEL (Load Diffusion Model), as shipped (LoRA bypassed) and with the LoRA on
                 ("fantasyportrait_native.json", (64, 64), names["native_unet"], False),
                 ("fantasyportrait_native.json", (64, 64), names["native_unet"], True))
+        wanted = [w.strip() for w in args.workflows.split(",") if w.strip()]
+        runs = [r for r in runs if not wanted or any(w in r[0] for w in wanted)]
         for wf_name, size, transformer, lora_on in runs:
             loader = ("UNETLoader", "unet_name") if "native" in wf_name else ("FantasyPortraitModelLoader", "transformer")
             if transformer not in json.dumps(info[loader[0]]["input"]["required"][loader[1]]):

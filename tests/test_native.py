@@ -159,3 +159,50 @@ def test_nodes_outside_comfyui(tmp_path, tiny):
         native.FantasyPortraitAdapterLoader().load(path, "int8")
     for name in ("FantasyPortraitAdapterLoader", "FantasyPortraitPatchModel", "FantasyPortraitGuider"):
         assert nodes.NODE_CLASS_MAPPINGS[name] is getattr(native, name)
+
+
+def test_native_workflow_uses_only_core_nodes_and_ours():
+    import json
+    import os
+
+    from .conftest import ROOT
+
+    with open(os.path.join(ROOT, "workflows", "fantasyportrait_native.json")) as f:
+        wf = json.load(f)
+    types = {n["type"] for n in wf["nodes"]}
+    core = {"UNETLoader", "LoraLoaderModelOnly", "ModelSamplingSD3", "CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader",
+            "CLIPVisionEncode", "LoadImage", "VAELoader", "WanImageToVideo", "KSamplerSelect", "BasicScheduler",
+            "RandomNoise", "SamplerCustomAdvanced", "VAEDecode", "LoadVideo", "GetVideoComponents", "CreateVideo",
+            "SaveVideo", "PreviewImage"}
+    ours = {t for t in types if t.startswith("FantasyPortrait")}
+    assert types - ours <= core, types - ours - core
+    assert {"FantasyPortraitAdapterLoader", "FantasyPortraitPatchModel", "FantasyPortraitGuider"} <= ours
+    assert "FantasyPortraitModelLoader" not in ours and "FantasyPortraitSampler" not in ours
+    lora = next(n for n in wf["nodes"] if n["type"] == "LoraLoaderModelOnly")
+    assert lora["mode"] == 4, "the LoRA ships bypassed"
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    for link_id, src, slot, dst, dst_slot, typ in wf["links"]:
+        assert by_id[src]["outputs"][slot]["type"] == by_id[dst]["inputs"][dst_slot]["type"] == typ
+    for name in ours:
+        node = next(n for n in wf["nodes"] if n["type"] == name)
+        spec = nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
+        spec = {**spec["required"], **spec.get("optional", {})}
+        widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+        assert len(node.get("widgets_values", [])) == len(widgets) + (1 if "seed" in widgets else 0), name
+        assert {i["name"] for i in node["inputs"]} == set(spec) - set(widgets), name
+
+
+def test_resampler_latents_follow_the_input(tiny):
+    """Under ComfyUI's partial loading the resamplers' learned latents (a bare parameter, which ComfyUI's
+    loader does not move on its own) can sit elsewhere than the layers; they are taken to the input's
+    device and dtype, so the tokens come out the same."""
+    import copy
+
+    adapter = copy.deepcopy(tiny[1])
+    feats = torch.randn(1, 5, 554, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = adapter.expression_tokens(feats)
+        for r in (adapter.mouth_proj_model, adapter.emo_proj_model):
+            r.latents.data = r.latents.data.double()  # stands in for "left on another device"
+        got = adapter.expression_tokens(feats)
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
