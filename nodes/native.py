@@ -42,6 +42,7 @@ How it hooks into ComfyUI (0.3.6x, ``comfy/ldm/wan/model.py``):
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -411,6 +412,11 @@ def check_wan_i2v(diffusion_model, adapter):
         raise ValueError(f"model must be Wan2.1 image-to-video 14B (e.g. wan2.1_i2v_720p_14B_*.safetensors or a GGUF of "
                          f"it in Load Diffusion Model / Unet Loader (GGUF)); got {type(diffusion_model).__name__} "
                          f"{getattr(diffusion_model, 'model_type', '')}")
+    params = list(inspect.signature(type(blocks[0].cross_attn).forward).parameters)
+    if params[:5] != ["self", "x", "context", "context_img_len", "transformer_options"]:
+        raise ValueError(f"this ComfyUI's Wan cross-attention forward{tuple(params)} is not the one FantasyPortrait "
+                         f"Patch Model mirrors (ComfyUI 0.3.6x: x, context, context_img_len, transformer_options); "
+                         f"update ComfyUI, or use FantasyPortrait Model Loader + Sampler")
     if adapter.num_layers != len(blocks) or adapter.dim != diffusion_model.dim:
         raise ValueError(f"the FantasyPortrait adapter fits a {adapter.num_layers}-block, {adapter.dim}-wide Wan; the "
                          f"model has {len(blocks)} blocks of width {diffusion_model.dim}: use Wan2.1 I2V 14B")

@@ -206,3 +206,39 @@ def test_resampler_latents_follow_the_input(tiny):
             r.latents.data = r.latents.data.double()  # stands in for "left on another device"
         got = adapter.expression_tokens(feats)
     assert got.dtype == ref.dtype and torch.equal(got, ref)
+
+
+class _CrossAttention(torch.nn.Module):
+    k_img = None
+
+    def forward(self, x, context, context_img_len, transformer_options={}):
+        return x
+
+
+class _OldCrossAttention(_CrossAttention):
+    def forward(self, x, context, context_img_len):
+        return x
+
+
+def _wan(dim, layers, attention=_CrossAttention, model_type="i2v"):
+    class WanModel(torch.nn.Module):  # the class name ComfyUI's Wan has
+        pass
+
+    m = WanModel()
+    m.dim, m.model_type = dim, model_type
+    m.blocks = torch.nn.ModuleList(torch.nn.Module() for _ in range(layers))
+    for b in m.blocks:
+        b.cross_attn = attention()
+    return m
+
+
+def test_patch_refuses_what_it_cannot_patch(adapter):
+    native.check_wan_i2v(_wan(adapter.dim, adapter.num_layers), adapter)  # fits
+    with pytest.raises(ValueError, match="Wan2.1 image-to-video"):
+        native.check_wan_i2v(_wan(adapter.dim, adapter.num_layers, model_type="t2v"), adapter)
+    with pytest.raises(ValueError, match="Wan2.1 image-to-video"):
+        native.check_wan_i2v(torch.nn.Linear(2, 2), adapter)
+    with pytest.raises(ValueError, match="fits a 2-block, 24-wide Wan"):
+        native.check_wan_i2v(_wan(5120, 40), adapter)
+    with pytest.raises(ValueError, match="update ComfyUI"):
+        native.check_wan_i2v(_wan(adapter.dim, adapter.num_layers, _OldCrossAttention), adapter)
