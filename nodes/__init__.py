@@ -4,6 +4,7 @@
 from . import host
 from .loaders import (FantasyPortraitExpressionEncoderLoader, FantasyPortraitFaceDetectorLoader,
                       FantasyPortraitModelLoader)
+from .native import FantasyPortraitAdapterLoader, FantasyPortraitGuider, FantasyPortraitPatchModel
 from .portrait import FantasyPortraitConditioning, FantasyPortraitEncodeExpression, FantasyPortraitFaceMasks
 from .sampler import FantasyPortraitSampler
 
@@ -17,6 +18,9 @@ NODE_CLASS_MAPPINGS = {
     "FantasyPortraitFaceMasks": FantasyPortraitFaceMasks,
     "FantasyPortraitConditioning": FantasyPortraitConditioning,
     "FantasyPortraitSampler": FantasyPortraitSampler,
+    "FantasyPortraitAdapterLoader": FantasyPortraitAdapterLoader,
+    "FantasyPortraitPatchModel": FantasyPortraitPatchModel,
+    "FantasyPortraitGuider": FantasyPortraitGuider,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,4 +31,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FantasyPortraitFaceMasks": "FantasyPortrait Face Masks",
     "FantasyPortraitConditioning": "FantasyPortrait Conditioning",
     "FantasyPortraitSampler": "FantasyPortrait Sampler",
+    "FantasyPortraitAdapterLoader": "FantasyPortrait Adapter Loader",
+    "FantasyPortraitPatchModel": "FantasyPortrait Patch Model (native)",
+    "FantasyPortraitGuider": "FantasyPortrait Guider",
 }
