@@ -5,9 +5,11 @@ from . import host
 from .loaders import (FantasyPortraitExpressionEncoderLoader, FantasyPortraitFaceDetectorLoader,
                       FantasyPortraitModelLoader)
 from .portrait import FantasyPortraitConditioning, FantasyPortraitEncodeExpression, FantasyPortraitFaceMasks
+from .lora import FantasyPortraitLoRA
 from .sampler import FantasyPortraitSampler
 
 host.register_model_folder()
+host.register_gguf_folder()
 
 NODE_CLASS_MAPPINGS = {
     "FantasyPortraitModelLoader": FantasyPortraitModelLoader,
@@ -17,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "FantasyPortraitFaceMasks": FantasyPortraitFaceMasks,
     "FantasyPortraitConditioning": FantasyPortraitConditioning,
     "FantasyPortraitSampler": FantasyPortraitSampler,
+    "FantasyPortraitLoRA": FantasyPortraitLoRA,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,4 +30,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FantasyPortraitFaceMasks": "FantasyPortrait Face Masks",
     "FantasyPortraitConditioning": "FantasyPortrait Conditioning",
     "FantasyPortraitSampler": "FantasyPortrait Sampler",
+    "FantasyPortraitLoRA": "FantasyPortrait LoRA",
 }
