@@ -392,7 +392,7 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     if isinstance(paths, (str, os.PathLike)) and os.fspath(paths).lower().endswith(GGUF_EXT):
         if storage_dtype is not None:
             raise ValueError(f"{os.path.basename(os.fspath(paths))} is a GGUF file, already quantised: set storage to "
-                             f"'same' (fp8 storage is for bf16/fp16/fp32 checkpoints)")
+                             f"'same' (CLI: drop --fp8); fp8 storage is for bf16/fp16/fp32 checkpoints")
         return load_transformer_gguf(os.fspath(paths), dtype=dtype, device=device, num_heads=num_heads)
     source = TensorSource(paths)
     fmt, prefix, scaled = detect_transformer_format(source.keys())

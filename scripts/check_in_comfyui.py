@@ -125,6 +125,10 @@ def write_models(models_dir: str, comfy_dir: str, comfy_python: str) -> dict:
     names["transformer_sharded"] = "tiny_wan_sharded/tiny_wan_i2v-00002-of-00003.safetensors"
     W.write_adapter_repacked(adapter, os.path.join(models_dir, "fantasyportrait", names["adapter"]), encoder)
     W.write_pd_fpg(encoder, os.path.join(models_dir, "fantasyportrait", names["pd_fpg"]))
+    # a tiny LoRA in lightx2v's published layout (diffusion_model.*.lora_down/up + diff_b, norm diff, diff_m)
+    os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
+    names["lora"] = "tiny_lightx2v_step_distill.safetensors"
+    W.write_wan_lora(transformer, os.path.join(models_dir, "loras", names["lora"]), lightx2v=True)
     subprocess.run([comfy_python, "-c", MAKE_VAE, comfy_dir, os.path.join(models_dir, "vae", names["vae"])], check=True)
     names["text_dim"] = transformer.config.text_dim
     names["image_dim"] = transformer.config.image_dim
@@ -195,6 +199,8 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             inp["vae_name"] = names["vae"]
         elif ct == "WanImageToVideo":
             inp.update(width=size[0], height=size[1], length=length)
+        elif ct == "FantasyPortraitLoRA":
+            inp["lora_name"] = names["lora"]
         elif ct == "FantasyPortraitSampler":
             inp["steps"] = 2
         out[nid] = {"class_type": ct, "inputs": inp}
@@ -234,7 +240,7 @@ def main(argv=None) -> int:
     extra = os.path.join(tmp, "extra_model_paths.yaml")
     with open(extra, "w") as f:
         f.write(f"fp_check:\n  base_path: {models}\n  diffusion_models: diffusion_models\n"
-                f"  vae: vae\n  fantasyportrait: fantasyportrait\n")
+                f"  vae: vae\n  fantasyportrait: fantasyportrait\n  loras: loras\n")
     link = os.path.join(comfy, "custom_nodes", PACK_NAME)
     check_pack = os.path.join(comfy, "custom_nodes", CHECK_PACK)
     created_link = not os.path.exists(link)
@@ -278,7 +284,8 @@ def main(argv=None) -> int:
         summary.append(f"nodes listed: {len(expected & set(info))}/{len(expected)}" + (f" MISSING {missing}" if missing else ""))
 
         runs = (("fantasyportrait_single.json", (64, 64), names["transformer"]),
-                ("fantasyportrait_multi.json", (96, 64), names["transformer_sharded"]))
+                ("fantasyportrait_multi.json", (96, 64), names["transformer_sharded"]),
+                ("fantasyportrait_fast.json", (64, 64), names["transformer"]))
         listed = json.dumps(info["FantasyPortraitModelLoader"]["input"]["required"]["transformer"])
         for wf_name, size, transformer in runs:
             if transformer not in listed:
@@ -329,6 +336,11 @@ def main(argv=None) -> int:
             summary.append(f"{wf_name}: {'OK' if good else 'WRONG'} -> {v['filename']}: {p['frames']} frames "
                            f"{p['width']}x{p['height']} @ {p['fps']:.2f} fps, audio={p['audio']} "
                            f"({time.time() - t1:.1f} s; transformer {transformer})")
+            if any(n["type"] == "FantasyPortraitLoRA" for n in wf["nodes"]):  # the LoRA must have been applied
+                with open(log_path) as f:
+                    active = [l.strip() for l in f if "LoRAs active" in l and names["lora"] in l]
+                ok &= bool(active)
+                summary.append(f"{wf_name}: " + (active[-1] if active else f"LoRA {names['lora']} was NOT applied"))
     except Exception as e:  # report, then clean up
         ok = False
         summary.append(f"ERROR: {e}")

@@ -138,3 +138,26 @@ def test_model_loader_takes_gguf(tmp_path, tiny):
     with pytest.raises(ValueError, match="storage to 'same'"):
         run("FantasyPortraitModelLoader", transformer=path, adapter=ad, weight_dtype="bf16", storage="fp8_e4m3fn",
             offload="none")
+
+
+def test_fast_workflow_is_consistent_with_the_nodes():
+    import json
+    import os
+
+    from .conftest import ROOT
+    from .test_nodes import MAPPINGS, NATIVE, _widget_count
+
+    with open(os.path.join(ROOT, "workflows", "fantasyportrait_fast.json")) as f:
+        wf = json.load(f)
+    types = {n["type"] for n in wf["nodes"]}
+    assert "FantasyPortraitLoRA" in types and types - set(MAPPINGS) <= NATIVE
+    nodes_by_id = {n["id"]: n for n in wf["nodes"]}
+    for n in wf["nodes"]:
+        if n["type"] in MAPPINGS:
+            assert len(n["widgets_values"]) == _widget_count(MAPPINGS[n["type"]].INPUT_TYPES()), n["type"]
+    sampler = next(n for n in wf["nodes"] if n["type"] == "FantasyPortraitSampler")
+    lora = next(n for n in wf["nodes"] if n["type"] == "FantasyPortraitLoRA")
+    assert sampler["widgets_values"][9] == "lightx2v" and sampler["widgets_values"][3] == 1.0  # preset, cfg 1
+    src = next(l for l in wf["links"] if l[3] == sampler["id"] and l[4] == 0)
+    assert nodes_by_id[src[1]] is lora, "the sampler's model comes through the LoRA node"
+    assert len({l[0] for l in wf["links"]}) == len(wf["links"])
