@@ -222,6 +222,8 @@ def main(argv=None) -> int:
                     help="ComfyUI's python (default: COMFYUI_DIR/venv/bin/python or this python)")
     ap.add_argument("--length", type=int, default=9)
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--only", nargs="+", default=None, metavar="WORKFLOW",
+                    help="run only these example workflows (file names in workflows/)")
     args = ap.parse_args(argv)
     comfy = os.path.abspath(args.comfyui_dir)
     py = args.python or (os.path.join(comfy, "venv", "bin", "python")
@@ -286,6 +288,7 @@ def main(argv=None) -> int:
         runs = (("fantasyportrait_single.json", (64, 64), names["transformer"]),
                 ("fantasyportrait_multi.json", (96, 64), names["transformer_sharded"]),
                 ("fantasyportrait_fast.json", (64, 64), names["transformer"]))
+        runs = [r for r in runs if args.only is None or r[0] in args.only]
         listed = json.dumps(info["FantasyPortraitModelLoader"]["input"]["required"]["transformer"])
         for wf_name, size, transformer in runs:
             if transformer not in listed:
