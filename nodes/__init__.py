@@ -6,9 +6,11 @@ from .loaders import (FantasyPortraitExpressionEncoderLoader, FantasyPortraitFac
                       FantasyPortraitModelLoader)
 from .native import FantasyPortraitAdapterLoader, FantasyPortraitGuider, FantasyPortraitPatchModel
 from .portrait import FantasyPortraitConditioning, FantasyPortraitEncodeExpression, FantasyPortraitFaceMasks
+from .lora import FantasyPortraitLoRA
 from .sampler import FantasyPortraitSampler
 
 host.register_model_folder()
+host.register_gguf_folder()
 
 NODE_CLASS_MAPPINGS = {
     "FantasyPortraitModelLoader": FantasyPortraitModelLoader,
@@ -21,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
     "FantasyPortraitAdapterLoader": FantasyPortraitAdapterLoader,
     "FantasyPortraitPatchModel": FantasyPortraitPatchModel,
     "FantasyPortraitGuider": FantasyPortraitGuider,
+    "FantasyPortraitLoRA": FantasyPortraitLoRA,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -34,4 +37,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FantasyPortraitAdapterLoader": "FantasyPortrait Adapter Loader",
     "FantasyPortraitPatchModel": "FantasyPortrait Patch Model (native)",
     "FantasyPortraitGuider": "FantasyPortrait Guider",
+    "FantasyPortraitLoRA": "FantasyPortrait LoRA",
 }

@@ -127,6 +127,10 @@ def write_models(models_dir: str, comfy_dir: str, comfy_python: str) -> dict:
     names["transformer_sharded"] = "tiny_wan_sharded/tiny_wan_i2v-00002-of-00003.safetensors"
     W.write_adapter_repacked(adapter, os.path.join(models_dir, "fantasyportrait", names["adapter"]), encoder)
     W.write_pd_fpg(encoder, os.path.join(models_dir, "fantasyportrait", names["pd_fpg"]))
+    # a tiny LoRA in lightx2v's published layout (diffusion_model.*.lora_down/up + diff_b, norm diff, diff_m)
+    os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
+    names["lora"] = "tiny_lightx2v_step_distill.safetensors"
+    W.write_wan_lora(transformer, os.path.join(models_dir, "loras", names["lora"]), lightx2v=True)
     subprocess.run([comfy_python, "-c", MAKE_VAE, comfy_dir, os.path.join(models_dir, "vae", names["vae"])], check=True)
     names["text_dim"] = transformer.config.text_dim
     names["image_dim"] = transformer.config.image_dim
@@ -147,7 +151,7 @@ def write_native_models(models_dir: str) -> dict:
     transformer, adapter = W.tiny_native_models(seed=0)
     os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
     names = {"native_unet": "tiny_wan21_i2v_native.safetensors", "native_adapter": "tiny_fantasyportrait_native.safetensors",
-             "lora": "tiny_wan_lora.safetensors", "native_text_dim": transformer.config.text_dim,
+             "native_lora": "tiny_wan_lora.safetensors", "native_text_dim": transformer.config.text_dim,
              "native_image_dim": transformer.config.image_dim}
     W.write_wan_original(transformer, os.path.join(models_dir, "diffusion_models", names["native_unet"]))
     W.write_adapter_repacked(adapter, os.path.join(models_dir, "fantasyportrait", names["native_adapter"]))
@@ -160,7 +164,7 @@ def write_native_models(models_dir: str) -> dict:
             lora[key + ".lora_down.weight"] = torch.randn(4, dim, generator=g) * 0.1
             lora[key + ".lora_up.weight"] = torch.randn(dim, 4, generator=g) * 0.1
             lora[key + ".alpha"] = torch.tensor(4.0)
-    save_file(lora, os.path.join(models_dir, "loras", names["lora"]))
+    save_file(lora, os.path.join(models_dir, "loras", names["native_lora"]))
     return names
 
 
@@ -244,6 +248,8 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             inp["vae_name"] = names["vae"]
         elif ct == "WanImageToVideo":
             inp.update(width=size[0], height=size[1], length=length)
+        elif ct == "FantasyPortraitLoRA":
+            inp["lora_name"] = names["lora"]
         elif ct == "FantasyPortraitSampler":
             inp["steps"] = 2
         elif ct == "UNETLoader":  # native workflow
@@ -251,7 +257,7 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
         elif ct == "FantasyPortraitAdapterLoader":
             inp["adapter"] = names["native_adapter"]
         elif ct == "LoraLoaderModelOnly":
-            inp["lora_name"] = names["lora"]
+            inp["lora_name"] = names["native_lora"]
         elif ct == "BasicScheduler":
             inp["steps"] = 2
         out[nid] = {"class_type": ct, "inputs": inp}
@@ -344,6 +350,7 @@ def main(argv=None) -> int:
 
         runs = (("fantasyportrait_single.json", (64, 64), names["transformer"], False),
                 ("fantasyportrait_multi.json", (96, 64), names["transformer_sharded"], False),
+                ("fantasyportrait_fast.json", (64, 64), names["transformer"], False),
                 # ComfyUI's own Wan MODEL (Load Diffusion Model), as shipped (LoRA bypassed) and with the LoRA on
                 ("fantasyportrait_native.json", (64, 64), names["native_unet"], False),
                 ("fantasyportrait_native.json", (64, 64), names["native_unet"], True))
@@ -404,6 +411,11 @@ def main(argv=None) -> int:
             summary.append(f"{wf_name}: {'OK' if good else 'WRONG'} -> {v['filename']}: {p['frames']} frames "
                            f"{p['width']}x{p['height']} @ {p['fps']:.2f} fps, audio={p['audio']} "
                            f"({time.time() - t1:.1f} s; transformer {transformer})")
+            if any(n["type"] == "FantasyPortraitLoRA" for n in wf["nodes"]):  # the LoRA must have been applied
+                with open(log_path) as f:
+                    active = [l.strip() for l in f if "LoRAs active" in l and names["lora"] in l]
+                ok &= bool(active)
+                summary.append(f"{wf_name}: " + (active[-1] if active else f"LoRA {names['lora']} was NOT applied"))
     except Exception as e:  # report, then clean up
         ok = False
         summary.append(f"ERROR: {e}")

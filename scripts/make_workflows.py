@@ -45,7 +45,8 @@ SOCKETS = {
                                     [("portrait", "FP_PORTRAIT"), ("preview", "IMAGE")]),
     "FantasyPortraitSampler": ([("model", "FANTASYPORTRAIT_MODEL", False), ("portrait", "FP_PORTRAIT", False),
                                 ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
-                                ("latent", "LATENT", False)], [("latent", "LATENT")]),
+                                ("latent", "LATENT", False), ("sigmas", "SIGMAS", True)], [("latent", "LATENT")]),
+    "FantasyPortraitLoRA": ([("model", "FANTASYPORTRAIT_MODEL", False)], [("model", "FANTASYPORTRAIT_MODEL")]),
     # native-MODEL graph (fantasyportrait_native.json)
     "UNETLoader": ([], [("MODEL", "MODEL")]),
     "LoraLoaderModelOnly": ([("model", "MODEL", False)], [("MODEL", "MODEL")]),
@@ -62,6 +63,9 @@ SOCKETS = {
     "FantasyPortraitGuider": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
                                ("negative", "CONDITIONING", False)], [("guider", "GUIDER")]),
 }
+# Sampler widgets after the reference ones: sampler, preset, denoise, cfg start/end, portrait cfg start/end,
+# portrait scale per step range (defaults = the reference behaviour).
+SAMPLER_DEFAULTS = ["euler", "none", 1.0, 0.0, 1.0, 0.0, 1.0, ""]
 # Widgets turned into sockets (name, type) when something is linked to them.
 WIDGET_SOCKETS = {"CreateVideo": [("fps", "FLOAT")]}
 
@@ -145,7 +149,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     g.add("facepreview", "PreviewImage", (380, 860), title="Faces found (#0 = leftmost)", size=(320, 260))
     g.add("cond", "FantasyPortraitConditioning", (1140, 720), [1.0, "left_to_right", ""], size=(340, 220))
     g.add("condpreview", "PreviewImage", (1500, 720), title="Which face each character drives", size=(320, 260))
-    g.add("sampler", "FantasyPortraitSampler", (1140, 300), [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16],
+    g.add("sampler", "FantasyPortraitSampler", (1140, 300), [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16, *SAMPLER_DEFAULTS],
           size=(340, 300))
     g.add("decode", "VAEDecode", (1500, 300))
     g.add("create", "CreateVideo", (1500, 420), [25])
@@ -259,10 +263,37 @@ def native() -> dict:
     return g.to_json()
 
 
+LIGHTX2V_LORA = "Wan21_I2V_14B_lightx2v_cfg_step_distill_lora_rank64_bf16.safetensors"
+
+
+def fast() -> dict:
+    """The single-character graph in few-step mode: lightx2v step-distill LoRA (FantasyPortrait LoRA
+    node between the model loader and the sampler), the sampler's lightx2v preset (4 steps, cfg 1),
+    portrait guidance on the first half of the steps only (2 + 2 + 1 + 1 transformer passes)."""
+    g = Graph()
+    common(g, "man.jpeg", 720, 720, 57, "A man talks to the camera with lively facial expressions.")
+    driving(g, "A", "jgz.mp4", (380, 1180))
+    g.link("A_expr", "expression", "cond", "expression")
+    g.link("A_parts", "audio", "create", "audio")
+    g.link("A_parts", "fps", "create", "fps")
+    model, sampler = g._node("model"), g._node("sampler")
+    lora = g.add("lora", "FantasyPortraitLoRA", (model["pos"][0], model["pos"][1] - 130), [LIGHTX2V_LORA, 1.0],
+                 title="LoRA: lightx2v step distill (chain more LoRA nodes for styles)", size=(360, 100))
+    # model -> sampler becomes model -> LoRA -> sampler (the link keeps its id, its source moves to the LoRA)
+    link = next(l for l in g.links if l[3] == sampler["id"] and sampler["inputs"][l[4]]["name"] == "model")
+    model["outputs"][link[2]]["links"].remove(link[0])
+    link[1], link[2] = lora["id"], 0
+    lora["outputs"][0]["links"].append(link[0])
+    g.link("model", "model", "lora", "model")
+    sampler["title"] = "FantasyPortrait Sampler (lightx2v preset: 4 steps, cfg 1)"
+    sampler["widgets_values"] = [42, "fixed", 4, 1.0, 4.0, 5.0, 81, 16, "lcm", "lightx2v", 1.0, 0.0, 1.0, 0.0, 0.5, ""]
+    return g.to_json()
+
+
 def main():
     os.makedirs(os.path.join(ROOT, "workflows"), exist_ok=True)
     for name, wf in (("fantasyportrait_single.json", single()), ("fantasyportrait_multi.json", multi()),
-                     ("fantasyportrait_native.json", native())):
+                     ("fantasyportrait_native.json", native()), ("fantasyportrait_fast.json", fast())):
         with open(os.path.join(ROOT, "workflows", name), "w") as f:
             json.dump(wf, f, indent=1, ensure_ascii=False)
             f.write("\n")
