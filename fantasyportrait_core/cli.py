@@ -22,6 +22,7 @@ import torch
 
 from . import pipeline as P
 from .attention import attach_portrait_processors
+from .context import ANCHORS, CONTEXT_MODES, free_memory_bytes, plan_context
 from .denoiser import I2VConditioning
 from .models import DTYPES
 from .detectors import BACKENDS, make_detector
@@ -58,9 +59,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="extra Gaussian landmark smoothing, sigma in frames (0 = none, as the reference)")
         p.add_argument("--fps", type=float, default=P.OUTPUT_FPS,
                        help="output frame rate; every driving video is resampled to it (default 25, as the reference)")
-        p.add_argument("--context-frames", type=int, default=81,
-                       help="longer videos are denoised in overlapping windows of this many frames")
+        p.add_argument("--long-video", choices=CONTEXT_MODES, default="auto",
+                       help="auto: one pass (as the reference) when it fits in free memory, else windows; "
+                            "one_pass; windows")
+        p.add_argument("--context-frames", type=int, default=81, help="window length when windows are used")
         p.add_argument("--context-overlap", type=int, default=16, help="frames shared by neighbouring windows")
+        p.add_argument("--window-anchor", choices=ANCHORS, default="reference",
+                       help="reference: later windows also see the first frame with the reference condition")
 
     demo = sub.add_parser("demo", help="tiny random model on the shared inputs (one and two characters)")
     demo.add_argument("--data", default=os.path.join("..", "shared", "data"))
@@ -199,10 +204,15 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
 
     t1 = time.time()
     with P.on_device(models.transformer, device):
+        c = models.transformer.config
+        window = plan_context(num_frames, width, height, c.num_attention_heads * c.attention_head_dim,
+                              free_memory_bytes(device), getattr(args, "long_video", "auto"),
+                              args.context_frames, models.transformer.patch_embedding.weight.element_size())
+        report["context"] = "one pass" if window is None else f"windows of {window} frames"
         latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
                                    steps=args.steps, seed=args.seed, cfg=args.cfg, portrait_cfg=args.portrait_cfg,
-                                   shift=args.shift, context_frames=args.context_frames,
-                                   context_overlap=args.context_overlap)
+                                   shift=args.shift, context_frames=window, context_overlap=args.context_overlap,
+                                   window_anchor=getattr(args, "window_anchor", "reference"))
     t2 = time.time()
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)

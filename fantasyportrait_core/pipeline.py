@@ -452,22 +452,25 @@ def decode_latent(vae, latent: torch.Tensor) -> np.ndarray:
 
 def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, portrait: PortraitCondition | None,
                     num_frames: int, width: int, height: int, steps: int = 30, seed: int = 42, cfg: float = 1.0,
-                    portrait_cfg: float = 4.0, shift: float = 5.0, callback=None, context_frames: int = 81,
-                    context_overlap: int = 16) -> torch.Tensor:
+                    portrait_cfg: float = 4.0, shift: float = 5.0, callback=None, context_frames: int | None = None,
+                    context_overlap: int = 16, window_anchor: str = "reference") -> torch.Tensor:
     """Sample a normalised Wan latent ``[1, 16, F_lat, H/8, W/8]`` (float32, CPU).
 
     Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42).
-    Videos longer than ``context_frames`` pixel frames are denoised in overlapping context windows
-    (:mod:`fantasyportrait_core.context`; overlap ``context_overlap`` pixel frames).
-    ``callback(StepInfo)`` runs after each step and may raise to interrupt.
+    ``context_frames=None`` (default) denoises the whole video in one pass, as the reference does;
+    a window length (pixel frames, from :func:`~fantasyportrait_core.context.plan_context`)
+    denoises longer videos in overlapping context windows (:mod:`fantasyportrait_core.context`;
+    overlap ``context_overlap`` pixel frames; later windows anchored on the reference image unless
+    ``window_anchor="none"``). ``callback(StepInfo)`` runs after each step and may raise to interrupt.
     """
     f_lat = latent_frames(num_frames)
-    window = latent_frames(floor_to_4k1(context_frames))
+    window = latent_frames(floor_to_4k1(context_frames)) if context_frames else f_lat
     if f_lat > window:
         overlap = min(max(1, context_overlap // 4), window - 1)
-        denoiser = ContextWindowDenoiser(transformer, state, cond, portrait, cfg, portrait_cfg, window, overlap)
-        log.info("[FantasyPortrait] %d frames: %d context windows of %d latent frames", num_frames,
-                 len(denoiser.windows), window)
+        denoiser = ContextWindowDenoiser(transformer, state, cond, portrait, cfg, portrait_cfg, window, overlap,
+                                         anchor=window_anchor)
+        log.info("[FantasyPortrait] %d frames: %d context windows of %d latent frames (anchor: %s)", num_frames,
+                 len(denoiser.windows), window, window_anchor)
     else:
         denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg)
     noise = initial_noise((1, 16, f_lat, height // 8, width // 8), seed)

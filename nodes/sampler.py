@@ -10,6 +10,7 @@ import torch
 
 from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
+from fantasyportrait_core.context import ANCHORS, CONTEXT_MODES, free_memory_bytes, plan_context
 from fantasyportrait_core.denoiser import I2VConditioning
 from fantasyportrait_core.faces import Face
 from fantasyportrait_core.models import denormalize_latent, normalize_latent
@@ -114,21 +115,32 @@ class FantasyPortraitSampler:
             "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.5, "max": 20.0, "step": 0.1,
                                 "tooltip": "Flow-matching sigma shift (reference: 5)."}),
             "context_frames": ("INT", {"default": 81, "min": 5, "max": 1001, "step": 4, "tooltip":
-                                       "Longer videos are denoised in overlapping windows of this many frames "
-                                       "(Wan2.1 is trained on 81)."}),
+                                       "Window length when a long video is denoised in overlapping windows "
+                                       "(see long_video; Wan2.1 is trained on 81)."}),
             "context_overlap": ("INT", {"default": 16, "min": 4, "max": 80, "step": 4, "tooltip":
                                         "Frames shared by neighbouring windows, blended linearly."}),
+        }, "optional": {  # newer inputs: optional, so API prompts saved by earlier versions still validate
+            "long_video": (list(CONTEXT_MODES), {"default": "auto", "tooltip":
+                           "auto: the whole video in one pass, as the reference, when it fits in the free memory "
+                           "(201 frames at 720x416 take ~6.5 GB on top of the weights), else windows of "
+                           "context_frames. one_pass: always one pass. windows: always windows."}),
+            "window_anchor": (list(ANCHORS), {"default": "reference", "tooltip":
+                              "reference: every window after the first also sees the first frame with the "
+                              "reference image as its condition, as in training (keeps the identity; ~5 % more "
+                              "work per window). none: later windows see no reference."}),
         }}
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The sampled video latent: decode it with the native VAE Decode.",)
     FUNCTION = "sample"
     CATEGORY = "FantasyPortrait"
     DESCRIPTION = ("Samples a Wan2.1 image-to-video latent animated by the portrait's expressions. "
                    "Decode with the native VAE Decode.")
 
     def sample(self, model, portrait, positive, negative, latent, seed, steps=DEFAULT_STEPS, cfg=1.0,
-               portrait_cfg=4.0, shift=DEFAULT_SHIFT, context_frames=81, context_overlap=16):
+               portrait_cfg=4.0, shift=DEFAULT_SHIFT, context_frames=81, context_overlap=16, long_video="auto",
+               window_anchor="reference"):
         samples = latent["samples"]
         if samples.ndim != 5 or samples.shape[1] != 16:
             raise ValueError(f"latent must be a Wan2.1 video latent [B, 16, T, H/8, W/8], got {tuple(samples.shape)}")
@@ -168,9 +180,13 @@ class FantasyPortraitSampler:
             model.adapter.to(device)
             cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
             i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
+            window = plan_context(num_frames, width, height, tr.config.num_attention_heads * tr.config.attention_head_dim,
+                                  free_memory_bytes(device, host.available_ram_bytes()), long_video, context_frames,
+                                  torch.empty((), dtype=model.dtype).element_size())
             out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, steps=steps, seed=seed,
                                     cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback,
-                                    context_frames=context_frames, context_overlap=context_overlap)
+                                    context_frames=window, context_overlap=context_overlap,
+                                    window_anchor=window_anchor)
         except torch.cuda.OutOfMemoryError as e:
             weights_gib = host.weight_bytes(tr) / 2**30
             raise RuntimeError(
