@@ -244,6 +244,13 @@ def test_every_input_has_a_tooltip():
                 assert len(entry) > 1 and entry[1].get("tooltip"), f"{name}.{inp} has no tooltip"
 
 
+def test_every_node_has_a_description_and_every_output_a_tooltip():
+    for name, cls in MAPPINGS.items():
+        assert len(getattr(cls, "DESCRIPTION", "")) > 30, f"{name} has no DESCRIPTION"
+        tips = getattr(cls, "OUTPUT_TOOLTIPS", ())
+        assert len(tips) == len(cls.RETURN_TYPES) and all(len(t) > 10 for t in tips), f"{name}: OUTPUT_TOOLTIPS"
+
+
 def test_face_mapping_follows_wanimagetovideo_centre_crop():
     """Faces found on the reference land where WanImageToVideo's centre crop + resize puts them."""
     import nodes.sampler as S
