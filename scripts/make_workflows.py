@@ -2,8 +2,21 @@
 
     python scripts/make_workflows.py
 
-The graphs are described here once (nodes, widget values, links by socket name) so ids, slots and
-link tables stay consistent; the JSON files are what users load.
+Each graph is described once, in a function returning a :class:`Graph` (nodes, widget values, links
+by socket name), so ids, slots and link tables stay consistent; the JSON files are what users load.
+
+Layout rule (``Graph.layout``, tested in tests/test_workflows.py): every node sits in a column and a
+band. Columns follow the data flow, so every link goes from a column to one further right; bands
+are horizontal strips (models and prompts, the reference portrait, each driving video), each drawn
+as a titled group. Within a cell nodes stack top to bottom. Each node reserves its title bar above
+it and ``grow`` pixels below it, the room its preview takes after a run (image and video previews,
+the sampler's latent preview, text shown by Preview Any), so nothing overlaps before or after a run.
+A new graph only picks ``col``/``band`` (and ``grow`` for a node that shows a preview):
+
+    g = Graph(bands=["Models and prompts", "Driving video"])
+    g.add("loader", "FantasyPortraitModelLoader", col=0, band=0, widgets=[...])
+    g.link("loader", "model", "sampler", "model")
+    WORKFLOWS["fantasyportrait_x.json"] = my_graph
 """
 
 from __future__ import annotations
@@ -31,6 +44,8 @@ SOCKETS = {
     "CreateVideo": ([("images", "IMAGE", False), ("audio", "AUDIO", True)], [("VIDEO", "VIDEO")]),
     "SaveVideo": ([("video", "VIDEO", False)], []),
     "PreviewImage": ([("images", "IMAGE", False)], []),
+    "PreviewAny": ([("source", "*", False)], []),
+    "Note": ([], []),
     "FantasyPortraitModelLoader": ([], [("model", "FANTASYPORTRAIT_MODEL")]),
     "FantasyPortraitExpressionEncoderLoader": ([], [("expression_encoder", "FP_EXPRESSION_ENCODER")]),
     "FantasyPortraitFaceDetectorLoader": ([], [("face_detector", "FP_FACE_DETECTOR")]),
@@ -42,30 +57,68 @@ SOCKETS = {
     "FantasyPortraitConditioning": ([("faces", "FP_FACES", False), ("expression", "FP_EXPRESSION", False),
                                      ("expression_2", "FP_EXPRESSION", True), ("expression_3", "FP_EXPRESSION", True),
                                      ("expression_4", "FP_EXPRESSION", True), ("masks", "MASK", True)],
-                                    [("portrait", "FP_PORTRAIT"), ("preview", "IMAGE")]),
+                                    [("portrait", "FP_PORTRAIT"), ("preview", "IMAGE"), ("fps", "FLOAT")]),
     "FantasyPortraitSampler": ([("model", "FANTASYPORTRAIT_MODEL", False), ("portrait", "FP_PORTRAIT", False),
                                 ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
                                 ("latent", "LATENT", False)], [("latent", "LATENT")]),
 }
 # Widgets turned into sockets (name, type) when something is linked to them.
-WIDGET_SOCKETS = {"CreateVideo": [("fps", "FLOAT")]}
+WIDGET_SOCKETS = {"CreateVideo": [("fps", "FLOAT")], "FantasyPortraitEncodeExpression": [("source_fps", "FLOAT")]}
 
+# The reference's default negative prompt (infer.py), as in fantasyportrait_core.encoders.
 NEGATIVE = ("人物静止不动，静止，色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
             "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
             "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+PROMPT = ""  # the reference scripts' prompt (infer_single.sh, infer_multi.sh)
+
+# Layout constants (canvas units = CSS pixels at zoom 1, as LiteGraph draws them).
+TITLE_H = 30          # LiteGraph title bar, drawn above a node's pos
+SLOT_H = 20           # one input/output row
+WIDGET_H = 24         # one widget row (20 + 4 spacing)
+GAP_X = 60            # between columns
+GAP_Y = 24            # between a node's reserved area and the next node's title
+GROUP_TITLE_H = 44    # room for a group's title above its first nodes
+GROUP_PAD = 16        # group border around its nodes
+BAND_GAP = 36         # between groups
+DEFAULT_W = 320
 
 
 class Graph:
-    def __init__(self):
-        self.nodes, self.links, self.groups = [], [], []
+    """A ComfyUI graph described by columns and bands; :meth:`layout` places it (see module doc).
 
-    def add(self, key, type_, pos, widgets=(), title=None, size=(320, 120)):
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size), "flags": {},
+    Args:
+        bands: group titles of the horizontal bands, top to bottom.
+    """
+
+    def __init__(self, bands: list[str] | None = None):
+        self.nodes, self.links, self.groups = [], [], []
+        self.bands = list(bands or [""])
+
+    def add(self, key, type_, col: int, band: int = 0, widgets=(), title=None, size=None, grow: int = 0):
+        """Add a node in column ``col`` of band ``band``.
+
+        Args:
+            widgets: ``widgets_values`` in the node's widget order.
+            size: ``(w, h)`` of the node body (title bar excluded); default: width 320, height from
+                its sockets and widgets (what the frontend needs at least).
+            grow: room below the node for what it shows after a run (previews), in canvas pixels.
+        Raises:
+            TypeError: if ``col`` is a position (the old ``pos`` argument).
+        """
+        if not isinstance(col, int):
+            raise TypeError(f"{key}: give a column number (and band), not a position; see the layout rule")
+        if not 0 <= band < len(self.bands):
+            raise ValueError(f"{key}: band {band} not in {self.bands}")
+        ins, outs = SOCKETS[type_]
+        if size is None:
+            rows = max(len(ins), len(outs))
+            size = (DEFAULT_W, rows * SLOT_H + len(widgets) * WIDGET_H + 16)
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": [0, 0], "size": list(size), "flags": {},
                 "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
-                "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets), "_key": key}
+                "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets),
+                "_key": key, "_col": col, "_band": band, "_grow": grow}
         if title:
             node["title"] = title
-        ins, outs = SOCKETS[type_]
         for name, typ, optional in ins:
             sock = {"name": name, "type": typ, "link": None}
             if optional:
@@ -76,11 +129,11 @@ class Graph:
         self.nodes.append(node)
         return node
 
-    def _node(self, key):
+    def node(self, key):
         return next(n for n in self.nodes if n["_key"] == key)
 
     def link(self, src, out_name, dst, in_name):
-        a, b = self._node(src), self._node(dst)
+        a, b = self.node(src), self.node(dst)
         slot_out = next(i for i, o in enumerate(a["outputs"]) if o["name"] == out_name)
         inputs = b["inputs"]
         slot_in = next((i for i, s in enumerate(inputs) if s["name"] == in_name), None)
@@ -94,47 +147,124 @@ class Graph:
         a["outputs"][slot_out]["links"].append(link_id)
         inputs[slot_in]["link"] = link_id
 
-    def group(self, title, bounding, color="#3f789e"):
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding), "color": color,
-                            "font_size": 24, "flags": {}})
+    def layout(self):
+        """Place every node by the layout rule and make one group per band."""
+        cols = sorted({n["_col"] for n in self.nodes})
+        width = {c: max(n["size"][0] for n in self.nodes if n["_col"] == c) for c in cols}
+        x, left = {}, GROUP_PAD
+        for c in cols:
+            x[c], left = left, left + width[c] + GAP_X
+        right = left - GAP_X + GROUP_PAD
+        self.groups, top = [], 0
+        for b, title in enumerate(self.bands):
+            members = [n for n in self.nodes if n["_band"] == b]
+            if not members:
+                continue
+            bottom = top
+            for c in cols:
+                y = top + GROUP_TITLE_H
+                for n in (m for m in members if m["_col"] == c):
+                    n["pos"] = [x[c], y + TITLE_H]
+                    y += TITLE_H + n["size"][1] + n["_grow"] + GAP_Y
+                bottom = max(bottom, y - GAP_Y + GROUP_PAD)
+            self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [0, top, right, bottom - top],
+                                "color": "#3f789e", "font_size": 24, "flags": {}})
+            top = bottom + BAND_GAP
+
+    def rects(self) -> dict:
+        """``key -> (x, y, w, h)`` of each node's reserved area: title bar, body and ``grow``."""
+        return {n["_key"]: (n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], TITLE_H + n["size"][1] + n["_grow"])
+                for n in self.nodes}
 
     def to_json(self):
+        self.layout()
         nodes = []
         for n in self.nodes:
-            n = {k: v for k, v in n.items() if k != "_key"}
-            for o in n["outputs"]:
-                o["links"] = o["links"] or None
+            n = {k: v for k, v in n.items() if not k.startswith("_")}
+            n["outputs"] = [dict(o, links=o["links"] or None) for o in n["outputs"]]
             nodes.append(n)
         return {"last_node_id": len(nodes), "last_link_id": len(self.links), "nodes": nodes, "links": self.links,
                 "groups": self.groups, "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [40, 40]}},
                 "version": 0.4}
 
 
-def common(g: Graph, image_name: str, width: int, height: int, length: int, prompt: str):
-    """Models, text, CLIP vision, WanImageToVideo, sampler, decode and save."""
-    g.add("model", "FantasyPortraitModelLoader", (0, 0), ["wan2.1_i2v_720p_14B_bf16.safetensors",
-                                                          "Wan2_1_FantasyPortrait_fp16.safetensors",
-                                                          "bf16", "fp8_e4m3fn", "none"], size=(360, 180))
-    g.add("clip", "CLIPLoader", (0, 220), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"])
-    g.add("pos", "CLIPTextEncode", (380, 200), [prompt], title="Positive prompt", size=(360, 140))
-    g.add("neg", "CLIPTextEncode", (380, 380), [NEGATIVE], title="Negative prompt (used when cfg > 1)",
-          size=(360, 140))
-    g.add("clipvision", "CLIPVisionLoader", (0, 380), ["clip_vision_h.safetensors"])
-    g.add("vae", "VAELoader", (0, 520), ["wan_2.1_vae.safetensors"])
-    g.add("image", "LoadImage", (0, 660), [image_name, "image"], title="Reference portrait", size=(320, 320))
-    g.add("clipenc", "CLIPVisionEncode", (380, 560), ["none"])
-    g.add("i2v", "WanImageToVideo", (780, 300), [width, height, length, 1], size=(320, 220))
-    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", (0, 1020), ["pd_fpg.pth"])
-    g.add("detector", "FantasyPortraitFaceDetectorLoader", (0, 1140), ["mtcnn (offline)", 0.0])
-    g.add("facemasks", "FantasyPortraitFaceMasks", (380, 720))
-    g.add("facepreview", "PreviewImage", (380, 860), title="Faces found (#0 = leftmost)", size=(320, 260))
-    g.add("cond", "FantasyPortraitConditioning", (1140, 720), [1.0, "left_to_right", ""], size=(340, 220))
-    g.add("condpreview", "PreviewImage", (1500, 720), title="Which face each character drives", size=(320, 260))
-    g.add("sampler", "FantasyPortraitSampler", (1140, 300), [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16],
-          size=(340, 300))
-    g.add("decode", "VAEDecode", (1500, 300))
-    g.add("create", "CreateVideo", (1500, 420), [25])
-    g.add("save", "SaveVideo", (1840, 300), ["video/FantasyPortrait", "auto", "auto"], size=(360, 420))
+def layout_problems(g: Graph) -> list[str]:
+    """What breaks the layout rule in ``g`` (after :meth:`Graph.layout`): overlapping reserved
+    areas, links that do not go left to right, nodes outside their band's group."""
+    g.layout()
+    rects, problems = g.rects(), []
+    keys = list(rects)
+    for i, a in enumerate(keys):
+        ax, ay, aw, ah = rects[a]
+        for b in keys[i + 1:]:
+            bx, by, bw, bh = rects[b]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                problems.append(f"{a} and {b} overlap")
+    by_id = {n["id"]: n for n in g.nodes}
+    for _, src, _, dst, _, _ in g.links:
+        a, b = by_id[src], by_id[dst]
+        if a["pos"][0] + a["size"][0] >= b["pos"][0]:
+            problems.append(f"link {a['_key']} -> {b['_key']} does not go left to right")
+    bands = [gr for gr in g.groups]
+    for n in g.nodes:
+        x, y, w, h = rects[n["_key"]]
+        inside = [gr for gr in bands if gr["bounding"][0] <= x and x + w <= gr["bounding"][0] + gr["bounding"][2]
+                  and gr["bounding"][1] <= y and y + h <= gr["bounding"][1] + gr["bounding"][3]]
+        if len(inside) != 1 or inside[0]["title"] != g.bands[n["_band"]]:
+            problems.append(f"{n['_key']} is not inside its group {g.bands[n['_band']]!r}")
+    return problems
+
+
+# Room (canvas px) previews take after a run, below a node of the given width.
+def image_room(width: int, height: int, node_w: int = DEFAULT_W) -> int:
+    """A preview of a ``width × height`` picture drawn node-wide, plus a caption line."""
+    return round(node_w * height / width) + 30
+
+
+def common(g: Graph, image_name: str, width: int, height: int, length: int, prompt: str = PROMPT,
+           ref_size: tuple[int, int] = (1024, 1024)):
+    """Models, text, CLIP vision, WanImageToVideo, reference faces, sampler, decode and save.
+
+    Columns: 0 loaders and inputs, 1 encoders, 2 WanImageToVideo / face preview / Encode Expression,
+    3 Conditioning / expression info, 4 Sampler, 5 VAE Decode, 6 Create Video, 7 Save Video.
+    Bands: 0 models and prompts, 1 reference portrait, 2.. driving videos.
+    """
+    g.add("model", "FantasyPortraitModelLoader", 0, 0, ["wan2.1_i2v_720p_14B_bf16.safetensors",
+                                                       "Wan2_1_FantasyPortrait_fp16.safetensors",
+                                                       "bf16", "fp8_e4m3fn", "none"], size=(380, 146))
+    g.add("clip", "CLIPLoader", 0, 0, ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], size=(380, 98))
+    g.add("clipvision", "CLIPVisionLoader", 0, 0, ["clip_vision_h.safetensors"], size=(380, 58))
+    g.add("vae", "VAELoader", 0, 0, ["wan_2.1_vae.safetensors"], size=(380, 58))
+    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0, ["pd_fpg.pth"], size=(380, 58))
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["mtcnn (offline)", 0.0], size=(380, 82))
+    g.add("pos", "CLIPTextEncode", 1, 0, [prompt], title="Positive prompt (the reference leaves it empty)",
+          size=(360, 150))
+    g.add("neg", "CLIPTextEncode", 1, 0, [NEGATIVE], title="Negative prompt (used when cfg > 1)", size=(360, 150))
+    g.add("clipenc", "CLIPVisionEncode", 1, 0, ["none"], title="CLIP Vision Encode (crop none: whole image)",
+          size=(360, 78))
+    g.add("i2v", "WanImageToVideo", 2, 0, [width, height, length, 1], size=(340, 190))
+    g.add("note", "Note", 2, 0, [
+        f"Size as the reference: the longest side scaled to 720, rounded up to a multiple of 16 ({width}x{height} "
+        f"for this image). Wan's 480p size 832x480 (or 480x832) also works and is about twice as fast.\n\n"
+        f"length: frames to generate (4k+1), at most the driving clip's frame count at the output fps (Encode "
+        f"Expression fps, 25 as the reference). The reference makes up to 201 frames in one pass; the sampler "
+        f"does that when it fits in memory (long_video = auto), else overlapping windows."], size=(340, 210))
+    g.add("sampler", "FantasyPortraitSampler", 4, 0, [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16, "auto", "reference"],
+          size=(360, 306), grow=image_room(width, height, 360))
+    g.add("decode", "VAEDecode", 5, 0, size=(220, 62))
+    g.add("create", "CreateVideo", 6, 0, [25], size=(240, 82))
+    g.add("save", "SaveVideo", 7, 0, ["video/FantasyPortrait", "auto", "auto"], size=(420, 106),
+          grow=image_room(width, height, 420) + 40)
+
+    g.add("image", "LoadImage", 0, 1, [image_name, "image"], title="Reference portrait", size=(380, 82),
+          grow=image_room(*ref_size, 380))
+    g.add("facemasks", "FantasyPortraitFaceMasks", 1, 1, size=(360, 86))
+    g.add("facepreview", "PreviewImage", 2, 1, title="Faces found (#0 = leftmost)", size=(340, 46),
+          grow=image_room(*ref_size, 340))
+    g.add("cond", "FantasyPortraitConditioning", 3, 1, [1.0, "left_to_right", ""], size=(340, 226))
+    g.add("condpreview", "PreviewImage", 4, 1, title="Which video track drives which face", size=(360, 46),
+          grow=image_room(*ref_size, 360))
+
     for a, o, b, i in [("clip", "CLIP", "pos", "clip"), ("clip", "CLIP", "neg", "clip"),
                        ("clipvision", "CLIP_VISION", "clipenc", "clip_vision"), ("image", "IMAGE", "clipenc", "image"),
                        ("pos", "CONDITIONING", "i2v", "positive"), ("neg", "CONDITIONING", "i2v", "negative"),
@@ -147,46 +277,59 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
                        ("i2v", "positive", "sampler", "positive"), ("i2v", "negative", "sampler", "negative"),
                        ("i2v", "latent", "sampler", "latent"), ("sampler", "latent", "decode", "samples"),
                        ("vae", "VAE", "decode", "vae"), ("decode", "IMAGE", "create", "images"),
-                       ("create", "VIDEO", "save", "video")]:
+                       ("cond", "fps", "create", "fps"), ("create", "VIDEO", "save", "video")]:
         g.link(a, o, b, i)
 
 
-def driving(g: Graph, key: str, video: str, pos, people: int = 1):
-    x, y = pos
-    g.add(f"{key}_video", "LoadVideo", (x, y), [video, "image"], title=f"Driving video {key}", size=(320, 300))
-    g.add(f"{key}_parts", "GetVideoComponents", (x + 340, y))
-    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", (x + 340, y + 140), [people, 0.0], size=(340, 140))
+def driving(g: Graph, key: str, video: str, band: int, people: int = 1, size: tuple[int, int] = (512, 512)):
+    """Load Video → Get Video Components → Encode Expression (resampled to 25 fps) → its info shown."""
+    g.add(f"{key}_video", "LoadVideo", 0, band, [video, "image"], title=f"Driving video {key}", size=(380, 82),
+          grow=image_room(*size, 380) + 40)
+    g.add(f"{key}_parts", "GetVideoComponents", 1, band, size=(240, 86))
+    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", 2, band, [people, 0.0, "one_euro", 25.0, 25.0],
+          size=(340, 186))
+    g.add(f"{key}_info", "PreviewAny", 3, band, title=f"Driving video {key}: faces found, frame rate",
+          size=(340, 120))
     g.link(f"{key}_video", "VIDEO", f"{key}_parts", "video")
     g.link(f"{key}_parts", "images", f"{key}_expr", "images")
+    g.link(f"{key}_parts", "fps", f"{key}_expr", "source_fps")
     g.link("encoder", "expression_encoder", f"{key}_expr", "expression_encoder")
     g.link("detector", "face_detector", f"{key}_expr", "face_detector")
+    g.link(f"{key}_expr", "info", f"{key}_info", "source")
 
 
-def single() -> dict:
-    g = Graph()
-    common(g, "man.jpeg", 720, 720, 57, "A man talks to the camera with lively facial expressions.")
-    driving(g, "A", "jgz.mp4", (380, 1180))
+def single() -> Graph:
+    g = Graph(["Models and prompts", "Reference portrait", "Driving video A"])
+    common(g, "man.jpeg", 720, 720, 97, ref_size=(1024, 1024))  # jgz.mp4: 59 frames at 15 fps = 98 at 25 fps
+    driving(g, "A", "jgz.mp4", 2)
     g.link("A_expr", "expression", "cond", "expression")
     g.link("A_parts", "audio", "create", "audio")  # the driving video's sound goes to the output
-    g.link("A_parts", "fps", "create", "fps")
-    return g.to_json()
+    return g
 
 
-def multi() -> dict:
-    g = Graph()
-    common(g, "two_person.png", 832, 480, 81, "Two people talk to each other with lively facial expressions.")
-    driving(g, "A", "biden.mp4", (380, 1180))  # character 0 = leftmost face
-    driving(g, "B", "trump.mp4", (380, 1640))  # character 1 = next face to the right
+def multi() -> Graph:
+    g = Graph(["Models and prompts", "Reference portrait", "Driving video A (leftmost face)",
+               "Driving video B (next face to the right)"])
+    common(g, "two_person.png", 720, 416, 201, ref_size=(1084, 610))  # 1084x610 -> 720x405 -> /16 up
+    driving(g, "A", "biden.mp4", 2, size=(432, 432))  # character 0 = leftmost face
+    driving(g, "B", "trump.mp4", 3, size=(416, 416))  # character 1 = next face to the right
     g.link("A_expr", "expression", "cond", "expression")
     g.link("B_expr", "expression", "cond", "expression_2")
     g.link("A_parts", "audio", "create", "audio")  # first driver's sound (these two clips have none)
-    g.link("A_parts", "fps", "create", "fps")
-    return g.to_json()
+    return g
+
+
+WORKFLOWS = {"fantasyportrait_single.json": single, "fantasyportrait_multi.json": multi}
 
 
 def main():
     os.makedirs(os.path.join(ROOT, "workflows"), exist_ok=True)
-    for name, wf in (("fantasyportrait_single.json", single()), ("fantasyportrait_multi.json", multi())):
+    for name, build in WORKFLOWS.items():
+        g = build()
+        problems = layout_problems(g)
+        if problems:
+            raise SystemExit(f"{name}: layout rule broken: {problems}")
+        wf = g.to_json()
         with open(os.path.join(ROOT, "workflows", name), "w") as f:
             json.dump(wf, f, indent=1, ensure_ascii=False)
             f.write("\n")

@@ -150,6 +150,7 @@ def test_sampler_errors_name_what_to_connect(loaded):
 # scripts/check_in_comfyui.py).
 NATIVE = {"CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader", "CLIPVisionEncode", "LoadImage", "VAELoader",
           "WanImageToVideo", "VAEDecode", "LoadVideo", "GetVideoComponents", "CreateVideo", "SaveVideo", "PreviewImage",
+          "PreviewAny",
           "Note"}
 
 
