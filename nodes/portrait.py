@@ -104,6 +104,9 @@ class FantasyPortraitEncodeExpression:
             "fps": ("FLOAT", {"default": P.OUTPUT_FPS, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip":
                               "Output frame rate: the frames are resampled to it (nearest frame in time) before "
                               "encoding, so drivers at different rates stay in step. The reference uses 25."}),
+            "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
+                                   "Encode only the first frames (at the output fps), e.g. WanImageToVideo's length; "
+                                   "0 = all. The reference reads only the frames it generates."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("FP_EXPRESSION", "IMAGE", "STRING")
@@ -119,12 +122,17 @@ class FantasyPortraitEncodeExpression:
                    "headpose, eyes, emotion and mouth. Frames without a face are filled from neighbours.")
 
     def encode(self, expression_encoder, face_detector, images, people=1, smooth=0.0, landmark_filter="one_euro",
-               source_fps=P.OUTPUT_FPS, fps=P.OUTPUT_FPS, prompt=None, unique_id=None):
+               source_fps=P.OUTPUT_FPS, fps=P.OUTPUT_FPS, max_frames=0, prompt=None, unique_id=None):
         frames = host.image_to_uint8(images)
         source = source_name(prompt, unique_id) or (f"Encode Expression {unique_id}" if unique_id else "driver")
         idx = resample_indices(len(frames), float(source_fps), float(fps))
         resampled = len(idx) != len(frames) or not np.array_equal(idx, np.arange(len(frames)))
-        if resampled:
+        rate = (f"{len(idx)} frames at {fps:g} fps (resampled from {len(frames)} at {source_fps:g} fps)"
+                if resampled else f"{len(idx)} frames at {fps:g} fps")
+        if 0 < max_frames < len(idx):
+            idx = idx[:max_frames]
+            rate += f", the first {max_frames} encoded (max_frames)"
+        if resampled or len(idx) < len(frames):
             frames = frames[idx]
         # The same driving clip queued again (other seed, prompt or reference) is not re-encoded,
         # even when ComfyUI's own cache was invalidated by other prompts in between.
@@ -141,8 +149,6 @@ class FantasyPortraitEncodeExpression:
                 _EXPRESSION_CACHE.popitem(last=False)
         else:
             _EXPRESSION_CACHE.move_to_end(key)
-        rate = (f"{len(frames)} frames at {fps:g} fps (resampled from {len(images)} at {source_fps:g} fps)"
-                if resampled else f"{len(frames)} frames at {fps:g} fps")
         info = []
         for d in drivers:
             miss = d.track.missing

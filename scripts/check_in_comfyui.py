@@ -202,6 +202,8 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             inp.update(width=size[0], height=size[1], length=length)
         elif ct == "FantasyPortraitSampler":
             inp["steps"] = 2
+        elif ct == "FantasyPortraitEncodeExpression":
+            inp["max_frames"] = length  # only the frames that are generated (as the reference reads them)
         out[nid] = {"class_type": ct, "inputs": inp}
     return out
 
@@ -248,6 +250,7 @@ def main(argv=None) -> int:
                     help="ComfyUI's python (default: COMFYUI_DIR/venv/bin/python or this python)")
     ap.add_argument("--length", type=int, default=9)
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds one workflow may take")
     ap.add_argument("--screenshots", metavar="DIR", help="after the checks, run the workflows in the browser UI and "
                                                          "save workflow_<name>.png screenshots in DIR")
     ap.add_argument("--node-path", default=os.environ.get("NODE_PATH"), help="node_modules with playwright-core")
@@ -344,8 +347,8 @@ def main(argv=None) -> int:
                 if pid in hist and hist[pid].get("status", {}).get("completed") is not None or \
                         pid in hist and hist[pid].get("status", {}).get("status_str") in ("success", "error"):
                     break
-                if time.time() - t1 > 900:
-                    raise RuntimeError(f"{wf_name} did not finish in 15 minutes")
+                if time.time() - t1 > args.timeout:
+                    raise RuntimeError(f"{wf_name} did not finish in {args.timeout:.0f} s")
                 time.sleep(1)
             status = hist[pid]["status"]
             if status.get("status_str") != "success":

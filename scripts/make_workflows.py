@@ -286,8 +286,8 @@ def driving(g: Graph, key: str, video: str, band: int, people: int = 1, size: tu
     g.add(f"{key}_video", "LoadVideo", 0, band, [video, "image"], title=f"Driving video {key}", size=(380, 82),
           grow=image_room(*size, 380) + 40)
     g.add(f"{key}_parts", "GetVideoComponents", 1, band, size=(240, 86))
-    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", 2, band, [people, 0.0, "one_euro", 25.0, 25.0],
-          size=(340, 186))
+    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", 2, band, [people, 0.0, "one_euro", 25.0, 25.0, 0],
+          size=(340, 210))
     g.add(f"{key}_info", "PreviewAny", 3, band, title=f"Driving video {key}: faces found, frame rate",
           size=(340, 120))
     g.link(f"{key}_video", "VIDEO", f"{key}_parts", "video")

@@ -98,6 +98,13 @@ def test_drivers_at_15_and_30_fps_come_out_frame_aligned_at_25(monkeypatch):
     with pytest.raises(ValueError, match="same fps on every Encode Expression"):
         cond.condition(faces, a, expression_2=c)
 
+    # max_frames: only the first frames at the output rate are detected and encoded (as the reference)
+    det = StampDetector()
+    images, _ = _stamped(2.0, 15.0)
+    short, _, info = node.encode(encoder, det, images, source_fps=15.0, fps=25.0, max_frames=9)
+    assert short[0].num_frames == 9 and det.seen == ta[:9].tolist()
+    assert "50 frames at 25 fps (resampled from 30 at 15 fps), the first 9 encoded" in info
+
 
 def test_labels_name_the_video_and_track_driving_each_face(monkeypatch):
     """The preview says which track of which video drives which face ('face #1 <- drive3.mp4 #0')."""
