@@ -135,8 +135,9 @@ class FantasyPortraitSampler:
     OUTPUT_TOOLTIPS = ("The sampled video latent: decode it with the native VAE Decode.",)
     FUNCTION = "sample"
     CATEGORY = "FantasyPortrait"
-    DESCRIPTION = ("Samples a Wan2.1 image-to-video latent animated by the portrait's expressions. "
-                   "Decode with the native VAE Decode.")
+    DESCRIPTION = ("Samples a Wan2.1 image-to-video latent animated by the portrait's expressions, with text and "
+                   "portrait guidance. Long videos run in one pass when they fit in memory (as the reference), "
+                   "else in overlapping windows anchored on the reference image. Decode with the native VAE Decode.")
 
     def sample(self, model, portrait, positive, negative, latent, seed, steps=DEFAULT_STEPS, cfg=1.0,
                portrait_cfg=4.0, shift=DEFAULT_SHIFT, context_frames=81, context_overlap=16, long_video="auto",
