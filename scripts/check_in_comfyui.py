@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         summary.append(f"nodes listed: {len(expected & set(info))}/{len(expected)}" + (f" MISSING {missing}" if missing else ""))
 
         runs = (("fantasyportrait_single.json", (64, 64), names["transformer"]),
-                ("fantasyportrait_multi.json", (96, 64), names["transformer_sharded"]))
+                ("fantasyportrait_multi.json", (112, 64), names["transformer_sharded"]))  # ~ the graph's 720x416
         listed = json.dumps(info["FantasyPortraitModelLoader"]["input"]["required"]["transformer"])
         for wf_name, size, transformer in runs:
             if transformer not in listed:

@@ -62,8 +62,14 @@ SOCKETS = {
                                 ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
                                 ("latent", "LATENT", False)], [("latent", "LATENT")]),
 }
-# Widgets turned into sockets (name, type) when something is linked to them.
-WIDGET_SOCKETS = {"CreateVideo": [("fps", "FLOAT")], "FantasyPortraitEncodeExpression": [("source_fps", "FLOAT")]}
+# Widget inputs (name, type, optional) of the node types where a graph links into a widget, in widget
+# order: the frontend lists them after the socket inputs, and a link's target slot counts them.
+WIDGET_INPUTS = {
+    "CreateVideo": [("fps", "FLOAT", False)],
+    "FantasyPortraitEncodeExpression": [("people", "INT", False), ("smooth", "FLOAT", False),
+                                        ("landmark_filter", "COMBO", True), ("source_fps", "FLOAT", True),
+                                        ("fps", "FLOAT", True), ("max_frames", "INT", True)],
+}
 
 # The reference's default negative prompt (infer.py), as in fantasyportrait_core.encoders.
 NEGATIVE = ("人物静止不动，静止，色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -71,15 +77,19 @@ NEGATIVE = ("人物静止不动，静止，色调艳丽，过曝，静态，细�
             "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 PROMPT = ""  # the reference scripts' prompt (infer_single.sh, infer_multi.sh)
 
-# Layout constants (canvas units = CSS pixels at zoom 1, as LiteGraph draws them).
+# Layout constants (canvas units = CSS pixels at zoom 1, as LiteGraph draws them; the sizes are the
+# ones ComfyUI's frontend 1.27 computes, checked by scripts/screenshot_workflows.mjs).
 TITLE_H = 30          # LiteGraph title bar, drawn above a node's pos
 SLOT_H = 20           # one input/output row
 WIDGET_H = 24         # one widget row (20 + 4 spacing)
-GAP_X = 60            # between columns
-GAP_Y = 24            # between a node's reserved area and the next node's title
-GROUP_TITLE_H = 44    # room for a group's title above its first nodes
-GROUP_PAD = 16        # group border around its nodes
-BAND_GAP = 36         # between groups
+NODE_PAD = 14         # below the last row
+IMAGE_ROOM = 230      # an image preview (LoadImage, PreviewImage, the sampler's latent preview) adds 212
+VIDEO_PAD = 30        # a video preview adds its node-wide picture plus controls
+GAP_X = 50            # between columns
+GAP_Y = 20            # between a node's reserved area and the next node's title
+GROUP_TITLE_H = 40    # room for a group's title above its first nodes
+GROUP_PAD = 12        # group border around its nodes
+BAND_GAP = 30         # between groups
 DEFAULT_W = 320
 
 
@@ -99,8 +109,8 @@ class Graph:
 
         Args:
             widgets: ``widgets_values`` in the node's widget order.
-            size: ``(w, h)`` of the node body (title bar excluded); default: width 320, height from
-                its sockets and widgets (what the frontend needs at least).
+            size: ``(w, h)`` of the node body (title bar excluded); the height is at least what the
+                frontend computes from the sockets and widgets (default width 320).
             grow: room below the node for what it shows after a run (previews), in canvas pixels.
         Raises:
             TypeError: if ``col`` is a position (the old ``pos`` argument).
@@ -110,17 +120,18 @@ class Graph:
         if not 0 <= band < len(self.bands):
             raise ValueError(f"{key}: band {band} not in {self.bands}")
         ins, outs = SOCKETS[type_]
-        if size is None:
-            rows = max(len(ins), len(outs))
-            size = (DEFAULT_W, rows * SLOT_H + len(widgets) * WIDGET_H + 16)
+        w, h = size or (DEFAULT_W, 0)
+        size = (w, max(h, max(len(ins), len(outs)) * SLOT_H + len(widgets) * WIDGET_H + NODE_PAD))
         node = {"id": len(self.nodes) + 1, "type": type_, "pos": [0, 0], "size": list(size), "flags": {},
                 "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
                 "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets),
                 "_key": key, "_col": col, "_band": band, "_grow": grow}
         if title:
             node["title"] = title
-        for name, typ, optional in ins:
+        for name, typ, optional in ins + WIDGET_INPUTS.get(type_, []):
             sock = {"name": name, "type": typ, "link": None}
+            if (name, typ, optional) not in ins:
+                sock["widget"] = {"name": name}
             if optional:
                 sock["shape"] = 7
             node["inputs"].append(sock)
@@ -136,11 +147,7 @@ class Graph:
         a, b = self.node(src), self.node(dst)
         slot_out = next(i for i, o in enumerate(a["outputs"]) if o["name"] == out_name)
         inputs = b["inputs"]
-        slot_in = next((i for i, s in enumerate(inputs) if s["name"] == in_name), None)
-        if slot_in is None:  # a widget converted to a socket
-            typ = dict(WIDGET_SOCKETS[b["type"]])[in_name]
-            inputs.append({"name": in_name, "type": typ, "widget": {"name": in_name}, "link": None})
-            slot_in = len(inputs) - 1
+        slot_in = next(i for i, s in enumerate(inputs) if s["name"] == in_name)
         link_id = len(self.links) + 1
         typ = a["outputs"][slot_out]["type"]
         self.links.append([link_id, a["id"], slot_out, b["id"], slot_in, typ])
@@ -154,7 +161,6 @@ class Graph:
         x, left = {}, GROUP_PAD
         for c in cols:
             x[c], left = left, left + width[c] + GAP_X
-        right = left - GAP_X + GROUP_PAD
         self.groups, top = [], 0
         for b, title in enumerate(self.bands):
             members = [n for n in self.nodes if n["_band"] == b]
@@ -167,6 +173,7 @@ class Graph:
                     n["pos"] = [x[c], y + TITLE_H]
                     y += TITLE_H + n["size"][1] + n["_grow"] + GAP_Y
                 bottom = max(bottom, y - GAP_Y + GROUP_PAD)
+            right = max(n["pos"][0] + n["size"][0] for n in members) + GROUP_PAD
             self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [0, top, right, bottom - top],
                                 "color": "#3f789e", "font_size": 24, "flags": {}})
             top = bottom + BAND_GAP
@@ -215,14 +222,12 @@ def layout_problems(g: Graph) -> list[str]:
     return problems
 
 
-# Room (canvas px) previews take after a run, below a node of the given width.
-def image_room(width: int, height: int, node_w: int = DEFAULT_W) -> int:
-    """A preview of a ``width × height`` picture drawn node-wide, plus a caption line."""
-    return round(node_w * height / width) + 30
+def video_room(width: int, height: int, node_w: int) -> int:
+    """Room a ``width × height`` video preview takes below a node ``node_w`` wide."""
+    return round(node_w * height / width) + VIDEO_PAD
 
 
-def common(g: Graph, image_name: str, width: int, height: int, length: int, prompt: str = PROMPT,
-           ref_size: tuple[int, int] = (1024, 1024)):
+def common(g: Graph, image_name: str, width: int, height: int, length: int, prompt: str = PROMPT):
     """Models, text, CLIP vision, WanImageToVideo, reference faces, sampler, decode and save.
 
     Columns: 0 loaders and inputs, 1 encoders, 2 WanImageToVideo / face preview / Encode Expression,
@@ -231,39 +236,38 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     """
     g.add("model", "FantasyPortraitModelLoader", 0, 0, ["wan2.1_i2v_720p_14B_bf16.safetensors",
                                                        "Wan2_1_FantasyPortrait_fp16.safetensors",
-                                                       "bf16", "fp8_e4m3fn", "none"], size=(380, 146))
-    g.add("clip", "CLIPLoader", 0, 0, ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], size=(380, 98))
-    g.add("clipvision", "CLIPVisionLoader", 0, 0, ["clip_vision_h.safetensors"], size=(380, 58))
-    g.add("vae", "VAELoader", 0, 0, ["wan_2.1_vae.safetensors"], size=(380, 58))
-    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0, ["pd_fpg.pth"], size=(380, 58))
-    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["mtcnn (offline)", 0.0], size=(380, 82))
+                                                       "bf16", "fp8_e4m3fn", "none"], size=(360, 0))
+    g.add("clip", "CLIPLoader", 0, 0, ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], size=(360, 0))
+    g.add("clipvision", "CLIPVisionLoader", 0, 0, ["clip_vision_h.safetensors"], size=(360, 0))
+    g.add("vae", "VAELoader", 0, 0, ["wan_2.1_vae.safetensors"], size=(360, 0))
+    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0, ["pd_fpg.pth"], size=(360, 0))
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["mtcnn (offline)", 0.0], size=(360, 0))
     g.add("pos", "CLIPTextEncode", 1, 0, [prompt], title="Positive prompt (the reference leaves it empty)",
-          size=(360, 150))
-    g.add("neg", "CLIPTextEncode", 1, 0, [NEGATIVE], title="Negative prompt (used when cfg > 1)", size=(360, 150))
-    g.add("clipenc", "CLIPVisionEncode", 1, 0, ["none"], title="CLIP Vision Encode (crop none: whole image)",
-          size=(360, 78))
-    g.add("i2v", "WanImageToVideo", 2, 0, [width, height, length, 1], size=(340, 190))
+          size=(340, 140))
+    g.add("neg", "CLIPTextEncode", 1, 0, [NEGATIVE], title="Negative prompt (used when cfg > 1)", size=(340, 140))
+    g.add("clipenc", "CLIPVisionEncode", 1, 0, ["none"], title="CLIP Vision Encode (crop none = whole image)",
+          size=(340, 0))
+    g.add("i2v", "WanImageToVideo", 2, 0, [width, height, length, 1], size=(320, 0))
     g.add("note", "Note", 2, 0, [
         f"Size as the reference: the longest side scaled to 720, rounded up to a multiple of 16 ({width}x{height} "
         f"for this image). Wan's 480p size 832x480 (or 480x832) also works and is about twice as fast.\n\n"
         f"length: frames to generate (4k+1), at most the driving clip's frame count at the output fps (Encode "
         f"Expression fps, 25 as the reference). The reference makes up to 201 frames in one pass; the sampler "
-        f"does that when it fits in memory (long_video = auto), else overlapping windows."], size=(340, 210))
+        f"does that when it fits in memory (long_video = auto), else overlapping windows."], size=(320, 230))
     g.add("sampler", "FantasyPortraitSampler", 4, 0, [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16, "auto", "reference"],
-          size=(360, 306), grow=image_room(width, height, 360))
-    g.add("decode", "VAEDecode", 5, 0, size=(220, 62))
-    g.add("create", "CreateVideo", 6, 0, [25], size=(240, 82))
-    g.add("save", "SaveVideo", 7, 0, ["video/FantasyPortrait", "auto", "auto"], size=(420, 106),
-          grow=image_room(width, height, 420) + 40)
+          size=(340, 0), grow=IMAGE_ROOM)
+    g.add("decode", "VAEDecode", 5, 0, size=(200, 0))
+    g.add("create", "CreateVideo", 6, 0, [25], size=(230, 0))
+    g.add("save", "SaveVideo", 7, 0, ["video/FantasyPortrait", "auto", "auto"], size=(380, 0),
+          grow=video_room(width, height, 380))
 
-    g.add("image", "LoadImage", 0, 1, [image_name, "image"], title="Reference portrait", size=(380, 82),
-          grow=image_room(*ref_size, 380))
-    g.add("facemasks", "FantasyPortraitFaceMasks", 1, 1, size=(360, 86))
-    g.add("facepreview", "PreviewImage", 2, 1, title="Faces found (#0 = leftmost)", size=(340, 46),
-          grow=image_room(*ref_size, 340))
-    g.add("cond", "FantasyPortraitConditioning", 3, 1, [1.0, "left_to_right", ""], size=(340, 226))
-    g.add("condpreview", "PreviewImage", 4, 1, title="Which video track drives which face", size=(360, 46),
-          grow=image_room(*ref_size, 360))
+    g.add("image", "LoadImage", 0, 1, [image_name, "image"], title="Reference portrait", size=(360, 0),
+          grow=IMAGE_ROOM)
+    g.add("facemasks", "FantasyPortraitFaceMasks", 1, 1, size=(340, 0))
+    g.add("facepreview", "PreviewImage", 2, 1, title="Faces found (#0 = leftmost)", size=(320, 0), grow=IMAGE_ROOM)
+    g.add("cond", "FantasyPortraitConditioning", 3, 1, [1.0, "left_to_right", ""], size=(340, 0))
+    g.add("condpreview", "PreviewImage", 4, 1, title="Which video track drives which face", size=(340, 0),
+          grow=IMAGE_ROOM)
 
     for a, o, b, i in [("clip", "CLIP", "pos", "clip"), ("clip", "CLIP", "neg", "clip"),
                        ("clipvision", "CLIP_VISION", "clipenc", "clip_vision"), ("image", "IMAGE", "clipenc", "image"),
@@ -283,13 +287,13 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
 
 def driving(g: Graph, key: str, video: str, band: int, people: int = 1, size: tuple[int, int] = (512, 512)):
     """Load Video → Get Video Components → Encode Expression (resampled to 25 fps) → its info shown."""
-    g.add(f"{key}_video", "LoadVideo", 0, band, [video, "image"], title=f"Driving video {key}", size=(380, 82),
-          grow=image_room(*size, 380) + 40)
-    g.add(f"{key}_parts", "GetVideoComponents", 1, band, size=(240, 86))
+    g.add(f"{key}_video", "LoadVideo", 0, band, [video, "image"], title=f"Driving video {key}", size=(300, 0),
+          grow=video_room(*size, 300))
+    g.add(f"{key}_parts", "GetVideoComponents", 1, band, size=(240, 0))
     g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", 2, band, [people, 0.0, "one_euro", 25.0, 25.0, 0],
-          size=(340, 210))
-    g.add(f"{key}_info", "PreviewAny", 3, band, title=f"Driving video {key}: faces found, frame rate",
-          size=(340, 120))
+          size=(320, 0))
+    g.add(f"{key}_info", "PreviewAny", 3, band, title=f"Driving video {key}: what was found",
+          size=(340, 130))
     g.link(f"{key}_video", "VIDEO", f"{key}_parts", "video")
     g.link(f"{key}_parts", "images", f"{key}_expr", "images")
     g.link(f"{key}_parts", "fps", f"{key}_expr", "source_fps")
@@ -300,7 +304,7 @@ def driving(g: Graph, key: str, video: str, band: int, people: int = 1, size: tu
 
 def single() -> Graph:
     g = Graph(["Models and prompts", "Reference portrait", "Driving video A"])
-    common(g, "man.jpeg", 720, 720, 97, ref_size=(1024, 1024))  # jgz.mp4: 59 frames at 15 fps = 98 at 25 fps
+    common(g, "man.jpeg", 720, 720, 97)  # jgz.mp4: 59 frames at 15 fps = 98 at 25 fps
     driving(g, "A", "jgz.mp4", 2)
     g.link("A_expr", "expression", "cond", "expression")
     g.link("A_parts", "audio", "create", "audio")  # the driving video's sound goes to the output
@@ -310,7 +314,7 @@ def single() -> Graph:
 def multi() -> Graph:
     g = Graph(["Models and prompts", "Reference portrait", "Driving video A (leftmost face)",
                "Driving video B (next face to the right)"])
-    common(g, "two_person.png", 720, 416, 201, ref_size=(1084, 610))  # 1084x610 -> 720x405 -> /16 up
+    common(g, "two_person.png", 720, 416, 201)  # 1084x610 -> 720x405 -> /16 up
     driving(g, "A", "biden.mp4", 2, size=(432, 432))  # character 0 = leftmost face
     driving(g, "B", "trump.mp4", 3, size=(416, 416))  # character 1 = next face to the right
     g.link("A_expr", "expression", "cond", "expression")

@@ -118,7 +118,8 @@ async function inspect(page, wf) {
       const tag = `#${n.id} ${n.type}`;
       if (n.has_errors) res.errorNodes.push(tag);
       const ctor = n.constructor;
-      if (!LG.registered_node_types[n.type] || !ctor.nodeData || ctor === LG.LGraphNode) res.placeholders.push(tag);
+      const virtual = n.isVirtualNode || (ctor.prototype && ctor.prototype.isVirtualNode); // Note, Reroute: frontend-only
+      if (!LG.registered_node_types[n.type] || (!ctor.nodeData && !virtual) || ctor === LG.LGraphNode) res.placeholders.push(tag);
       // combo values that are not among the options
       for (const w of n.widgets || []) {
         if (w.type === 'combo') {

@@ -56,13 +56,21 @@ def test_layout_rule_catches_overlaps_and_backward_links():
         M.Graph().add("c", "VAELoader", (0, 100))
 
 
-def test_sampler_preview_room_matches_the_video():
-    """The latent preview is drawn node-wide at the video's aspect: that much room is left below."""
+def test_previews_have_the_room_the_frontend_gives_them():
+    """ComfyUI's frontend 1.27 adds 212 px to a node for an image preview (LoadImage, PreviewImage,
+    the sampler's latent preview) whatever the picture, and shows a video node-wide at its aspect
+    (measured by scripts/screenshot_workflows.mjs after a run); the layout leaves that room."""
     for build in (M.single, M.multi):
         g = build()
         width, height = g.node("i2v")["widgets_values"][:2]
-        sampler = g.node("sampler")
-        assert sampler["_grow"] >= sampler["size"][0] * height / width
+        for n in g.nodes:
+            if n["type"] in ("LoadImage", "PreviewImage", "FantasyPortraitSampler"):
+                assert n["_grow"] >= 212, n["_key"]
+        save = g.node("save")
+        assert save["_grow"] >= save["size"][0] * height / width
+        for n in g.nodes:
+            if n["type"] == "LoadVideo":
+                assert n["_grow"] >= n["size"][0]  # the driving clips are square
 
 
 @pytest.mark.parametrize("build, image, drivers", [(M.single, "man.jpeg", 1), (M.multi, "two_person.png", 2)])
