@@ -28,6 +28,7 @@ import torch
 
 from . import pipeline as P
 from .attention import attach_portrait_processors
+from .context import ANCHORS, CONTEXT_MODES, free_memory_bytes, plan_context
 from .denoiser import I2VConditioning
 from .models import DTYPES
 from .detectors import BACKENDS, make_detector
@@ -58,10 +59,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="face detector: mtcnn (offline), mediapipe, insightface, official (ONNX pair)")
         p.add_argument("--detector-dir", default=None,
                        help="insightface root (holding models/buffalo_l) or folder with face_det.onnx + face_landmark.onnx")
-        p.add_argument("--smooth", type=float, default=0.0, help="landmark smoothing sigma in frames (0 = off)")
-        p.add_argument("--context-frames", type=int, default=81,
-                       help="longer videos are denoised in overlapping windows of this many frames")
+        p.add_argument("--landmark-filter", choices=P.LANDMARK_FILTERS, default="one_euro",
+                       help="landmark filter before alignment: one_euro (the reference's) or none")
+        p.add_argument("--smooth", type=float, default=0.0,
+                       help="extra Gaussian landmark smoothing, sigma in frames (0 = none, as the reference)")
+        p.add_argument("--fps", type=float, default=P.OUTPUT_FPS,
+                       help="output frame rate; every driving video is resampled to it (default 25, as the reference)")
+        p.add_argument("--long-video", choices=CONTEXT_MODES, default="auto",
+                       help="auto: one pass (as the reference) when it fits in free memory, else windows; "
+                            "one_pass; windows")
+        p.add_argument("--context-frames", type=int, default=81, help="window length when windows are used")
         p.add_argument("--context-overlap", type=int, default=16, help="frames shared by neighbouring windows")
+        p.add_argument("--window-anchor", choices=ANCHORS, default="reference",
+                       help="reference: later windows also see the first frame with the reference condition")
         _sampling_options(p)
 
     demo = sub.add_parser("demo", help="tiny random model on the shared inputs (one and two characters)")
@@ -83,8 +93,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--assign", choices=P.ASSIGN_MODES, default="left_to_right",
                      help="which reference face each character animates")
     run.add_argument("--face-order", default="", help="explicit face index per character, e.g. 1,0 (overrides --assign)")
-    run.add_argument("--fps", type=float, default=None,
-                     help="frame rate of the output; driving videos are resampled to it (default: the first video's)")
     run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards, folder or .gguf (any supported format)")
     run.add_argument("--wan-dir", help="diffusers Wan2.1-I2V folder (VAE, umT5, CLIP; transformer if not given)")
     run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors")
@@ -226,8 +234,11 @@ def real_models(args) -> Models:
 
 
 def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args, people: int | None = None,
-            prompt: str = "", negative_prompt: str | None = None) -> dict:
+            prompt: str = "", negative_prompt: str | None = None, source_fps: list[float] | None = None) -> dict:
     """Run the whole pipeline for one reference image; write ``out_path`` and ``*_faces.png``.
+
+    ``videos`` are already at the output frame rate (``args.fps``); ``source_fps`` are their rates
+    before resampling, for the report.
 
     Returns:
         A report dict (faces found, frames filled, sizes, timings) that is also printed.
@@ -241,15 +252,17 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
     try:
         # Driving side: one track per video, or `people` tracks from a single video.
         drivers = []
+        filt = getattr(args, "landmark_filter", "one_euro")
         with P.on_device(models.encoder, device):
-            if people and people > 1 and len(videos) == 1:
-                drivers = P.encode_driving(detector, models.encoder, videos[0].frames, people=people, smooth=args.smooth)
-            else:
-                for v in videos:
-                    drivers += P.encode_driving(detector, models.encoder, v.frames, people=1, smooth=args.smooth)
-        report["driving"] = [{"video": os.path.basename(videos[min(i, len(videos) - 1)].path or "?"),
-                              "frames": int(d.num_frames), "frames_without_face": d.track.missing}
-                             for i, d in enumerate(drivers)]
+            for v in videos:
+                n = people if (people and people > 1 and len(videos) == 1) else 1
+                drivers += P.encode_driving(detector, models.encoder, v.frames, people=n, smooth=args.smooth,
+                                            landmark_filter=filt, source=os.path.basename(v.path or "video"),
+                                            fps=v.fps)
+        src = {os.path.basename(v.path or "video"): r for v, r in zip(videos, source_fps or [v.fps for v in videos])}
+        report["driving"] = [{"video": d.source, "track": d.track_index, "frames": int(d.num_frames),
+                              "fps": round(d.fps, 3), "source_fps": round(src.get(d.source, d.fps), 3),
+                              "frames_without_face": d.track.missing} for d in drivers]
         num_frames = P.frames_for(drivers, args.frames)
 
         # Reference side.
@@ -266,8 +279,11 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
         detector.close()
 
     portrait = P.portrait_condition(models.adapter.to(device), drivers, num_frames, layout, args.portrait_scale)
+    index = {id(f): k for k, f in enumerate(faces)}
     preview = draw_faces(ref, layout.faces, layout.regions, layout.latent_person if len(drivers) > 1 else None,
-                         [f"#{i} <- {r['video']}" for i, r in enumerate(report["driving"])])
+                         [f"face #{index.get(id(f), i)} <- {d.label}" for i, (f, d) in enumerate(zip(chosen, drivers))])
+    report["faces_driven_by"] = {f"face #{index.get(id(f), i)}": d.label
+                                 for i, (f, d) in enumerate(zip(chosen, drivers))}
     preview_path = os.path.splitext(out_path)[0] + "_faces.png"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     cv2.imwrite(preview_path, cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
@@ -297,10 +313,15 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
             init = init_latent_from_video(models.vae, args.init_video, num_frames, width, height)
     t1 = time.time()
     with P.on_device(models.transformer, device):
+        c = models.transformer.config
+        window = plan_context(num_frames, width, height, c.num_attention_heads * c.attention_head_dim,
+                              free_memory_bytes(device), getattr(args, "long_video", "auto"),
+                              args.context_frames, models.transformer.patch_embedding.weight.element_size())
+        report["context"] = "one pass" if window is None else f"windows of {window} frames"
         latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
                                    steps=args.steps, seed=args.seed, cfg=args.cfg, portrait_cfg=args.portrait_cfg,
-                                   shift=args.shift, context_frames=args.context_frames,
-                                   context_overlap=args.context_overlap, init_latent=init, **sampling)
+                                   shift=args.shift, context_frames=window, context_overlap=args.context_overlap,
+                                   window_anchor=getattr(args, "window_anchor", "reference"), init_latent=init, **sampling)
     t2 = time.time()
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)
@@ -343,8 +364,9 @@ def cmd_demo(args) -> int:
     for out_name, image_name, video_names in jobs:
         image = read_image(os.path.join(data, image_name))
         videos = [read_video(os.path.join(data, v)) for v in video_names]
-        videos = [_trim(resample_fps(v, videos[0].fps), args.frames) for v in videos]
-        report = animate(models, image, videos, os.path.join(args.out, out_name), args)
+        rates = [v.fps for v in videos]
+        videos = [_trim(resample_fps(v, args.fps), args.frames) for v in videos]
+        report = animate(models, image, videos, os.path.join(args.out, out_name), args, source_fps=rates)
         report["reference"] = image_name
         if loras:
             report["loras"] = loras
@@ -367,11 +389,11 @@ def cmd_run(args) -> int:
     loras = apply_cli_loras(models.transformer, args.lora)
     image = read_image(args.image)
     videos = [read_video(v) for v in args.driving]
-    fps = args.fps or videos[0].fps
-    videos = [_trim(resample_fps(v, fps), args.frames) for v in videos]  # drivers in step, same rate
+    rates = [v.fps for v in videos]
+    videos = [_trim(resample_fps(v, args.fps), args.frames) for v in videos]  # drivers in step, same rate
     people = args.people or (len(videos) if len(videos) > 1 else 1)
     report = animate(models, image, videos, args.out, args, people=people, prompt=args.prompt,
-                     negative_prompt=args.negative_prompt)
+                     negative_prompt=args.negative_prompt, source_fps=rates)
     if loras:
         report["loras"] = loras
     _print_report(report)

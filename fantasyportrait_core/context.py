@@ -1,19 +1,102 @@
-"""Long videos: overlapping context windows over latent frames with blended overlaps.
+"""Long videos: one pass when memory allows, else overlapping context windows with an anchor.
 
-Wan2.1 is trained on up to 81 frames (21 latent frames). For longer driving clips the sampler runs
-the denoiser on overlapping windows of latent frames at every step and blends their x0 predictions
-with linear ramps across each overlap, so the whole video is denoised jointly (no seams from
-stitching separately generated clips). Window 0 keeps the reference-image condition at latent frame
-0; every window sees the same text and CLIP image context and its own slice of expression tokens and
-face masks. The idea is the one of ComfyUI's context windows / AnimateDiff "uniform" contexts.
+The reference generates its long clips (e.g. 201 frames) in one transformer pass, and that is the
+default here whenever the pass fits in the free memory (:func:`plan_context`). Otherwise the sampler
+runs the denoiser on overlapping windows of latent frames at every step and blends their x0
+predictions with linear ramps across each overlap, so the whole video is denoised jointly (no seams
+from stitching separately generated clips; the idea of ComfyUI's context windows / AnimateDiff
+"uniform" contexts).
+
+Wan2.1 I2V is trained with the reference image as the condition of latent frame 0. A window that
+starts later would, sliced naively, see no reference at all (zero first-frame mask, no image
+latent): an input the model never saw in training, so identity can drift. With the default anchor
+``"reference"`` every later window is run as a fresh I2V clip of ``1 + window`` latent frames whose
+first frame is the video's own latent frame 0: its condition is the reference image (mask 1 +
+reference latent, exactly the first window's condition), its noisy input the current state of
+latent frame 0 (which the first window pins to the reference), its expression tokens those of
+frame 0; the prediction for that extra frame is dropped. The idea of keeping the start frame in
+every context is FramePack's anti-drifting anchor (Zhang & Agrawala 2025).
+
+What each choice costs (14B, 720×416, 1170 tokens per latent frame; from the H100 bf16
+measurements in the project's reference notes, ≈ 23 bytes of activations per token and model
+channel, attention ≈ 40 × 0.2 s at 75,600 tokens growing with tokens²):
+
+* one pass, 201 frames = 51 latent frames = 59,670 tokens: ≈ 6.5 GiB of activations on top of the
+  weights (15.5 GiB fp8 / 30.5 GiB bf16), ≈ 8.8 s per forward on an H100;
+* windows of 81 frames (21 latent), overlap 16 (4): 3 windows, 21 + 22 + 22 latent frames with the
+  reference anchor (+1 frame = +4.8 % tokens and about +10 % attention per later window);
+  ≈ 2.8 GiB of activations, ≈ 7.5 s per step-forward in total (7.2 s without the anchor): at
+  this length windows save memory, hardly time;
+* anchoring on the previous window's last generated frames instead (as clip-extension methods
+  do) forbids joint denoising: windows run one after the other (same transformer work), each needs
+  a VAE decode of the previous window and an encode of its last frame inside the sampler, the
+  sampler would need the VAE, and errors compound from window to window (colour/identity drift);
+  Wan2.1 I2V's condition holds one frame only. Not implemented, for these reasons.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .adapter import floor_to_4k1, latent_frames
 from .attention import PortraitCondition
 from .denoiser import I2VConditioning, PortraitDenoiser
+from .masks import TOKEN_STRIDE
+
+ANCHORS = ("reference", "none")
+CONTEXT_MODES = ("auto", "one_pass", "windows")
+# Peak activation memory of one bare Wan2.1-14B forward, per token and model channel (dim): peak
+# minus weights on an H100, bf16, SDPA: 2.4 / 3.6 / 8.2 GiB at 21,504 / 32,760 / 75,600 tokens,
+# dim 5120 -> 22.7-23.4 bytes. fp32 compute doubles it.
+ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 23.0
+MEMORY_MARGIN = 0.8  # use at most this share of the free memory for one pass
+
+
+def video_tokens(num_frames: int, width: int, height: int) -> int:
+    """Transformer tokens of a ``num_frames`` (4k+1) video at ``width × height`` pixels."""
+    return latent_frames(num_frames) * (height // TOKEN_STRIDE) * (width // TOKEN_STRIDE)
+
+
+def activation_bytes(num_tokens: int, dim: int, dtype_bytes: int = 2, batch: int = 1) -> int:
+    """Estimated peak activation memory (bytes) of one transformer forward over ``num_tokens``
+    tokens (:data:`ACTIVATION_BYTES_PER_TOKEN_CHANNEL`, scaled to the compute dtype and batch)."""
+    return int(num_tokens * dim * ACTIVATION_BYTES_PER_TOKEN_CHANNEL * dtype_bytes / 2 * batch)
+
+
+def free_memory_bytes(device, ram_bytes: int | None = None) -> int | None:
+    """Memory a transformer pass can still use on ``device``: free CUDA memory plus what PyTorch's
+    allocator holds unused; on the CPU ``ram_bytes`` (available RAM, when the caller knows it);
+    ``None`` if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return ram_bytes if device.type == "cpu" else None
+
+
+def plan_context(num_frames: int, width: int, height: int, dim: int, free_bytes: int | None,
+                 mode: str = "auto", context_frames: int = 81, dtype_bytes: int = 2) -> int | None:
+    """Window length (pixel frames) to denoise ``num_frames`` with, or ``None`` for one pass.
+
+    ``mode``: ``"one_pass"`` always one pass (as the reference); ``"windows"`` windows of
+    ``context_frames`` whenever the video is longer; ``"auto"`` one pass when its activations
+    (:func:`activation_bytes`) fit in ``MEMORY_MARGIN`` of ``free_bytes`` (``None`` = unknown:
+    one pass), else windows.
+
+    Raises:
+        ValueError: for an unknown mode or a window shorter than 5 frames.
+    """
+    if mode not in CONTEXT_MODES:
+        raise ValueError(f"context mode {mode!r}: choose one of {CONTEXT_MODES}")
+    window = floor_to_4k1(int(context_frames))
+    if mode != "one_pass" and window < 5:
+        raise ValueError(f"context_frames {context_frames}: windows need at least 5 frames")
+    if mode == "one_pass" or num_frames <= window:
+        return None
+    if mode == "windows":
+        return window
+    need = activation_bytes(video_tokens(num_frames, width, height), dim, dtype_bytes)
+    return None if free_bytes is None or need <= MEMORY_MARGIN * free_bytes else window
 
 
 def context_windows(num_latent: int, window: int, overlap: int) -> list[tuple[int, int]]:
@@ -51,16 +134,23 @@ def window_weights(windows: list[tuple[int, int]], num_latent: int) -> torch.Ten
     return w / w.sum(0, keepdim=True)
 
 
-def slice_portrait(portrait: PortraitCondition | None, start: int, end: int) -> PortraitCondition | None:
-    """The expression-token windows and latent person map of latent frames ``[start, end)``."""
+def slice_portrait(portrait: PortraitCondition | None, start: int, end: int,
+                   anchored: bool = False) -> PortraitCondition | None:
+    """The expression-token windows and latent person map of latent frames ``[start, end)``,
+    preceded by those of frame 0 when ``anchored``."""
     if portrait is None:
         return None
-    lp = None if portrait.latent_person is None else portrait.latent_person[start:end]
-    return PortraitCondition(portrait.windows[:, start:end], portrait.token_person, lp, portrait.scale)
+    idx = ([0] if anchored else []) + list(range(start, end))
+    lp = None if portrait.latent_person is None else portrait.latent_person[idx]
+    return PortraitCondition(portrait.windows[:, idx], portrait.token_person, lp, portrait.scale)
 
 
-def slice_conditioning(cond: I2VConditioning, start: int, end: int) -> I2VConditioning:
-    return I2VConditioning(cond.text_positive, cond.text_negative, cond.image_context, cond.image_latent[:, :, start:end])
+def slice_conditioning(cond: I2VConditioning, start: int, end: int, anchored: bool = False) -> I2VConditioning:
+    """The I2V condition of latent frames ``[start, end)``; when ``anchored``, that of a fresh clip
+    of ``1 + end - start`` latent frames starting at the reference (the first window's condition:
+    first-frame mask + reference latent at frame 0)."""
+    y = cond.image_latent[:, :, :1 + end - start] if anchored else cond.image_latent[:, :, start:end]
+    return I2VConditioning(cond.text_positive, cond.text_negative, cond.image_context, y)
 
 
 class ContextWindowDenoiser:
@@ -69,20 +159,33 @@ class ContextWindowDenoiser:
     Args:
         window, overlap: in latent frames (21 and 4 ≈ 81 and 16 pixel frames).
         guidance: optional per-step :class:`~fantasyportrait_core.sampling.GuidanceSchedule`, shared by the windows.
+        anchor: ``"reference"`` (default): windows after the first also see latent frame 0 with the
+            reference condition; ``"none"``: plain slices (later windows get no reference).
         Other arguments as :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`.
+    Raises:
+        ValueError: for an unknown anchor.
     """
 
     def __init__(self, transformer, state, cond: I2VConditioning, portrait: PortraitCondition | None, cfg: float,
-                 portrait_cfg: float, window: int = 21, overlap: int = 4, guidance=None):
+                 portrait_cfg: float, window: int = 21, overlap: int = 4, anchor: str = "reference", guidance=None):
+        if anchor not in ANCHORS:
+            raise ValueError(f"window anchor {anchor!r}: choose one of {ANCHORS}")
         num_latent = cond.image_latent.shape[2]
         self.windows = context_windows(num_latent, window, overlap)
         self.weights = window_weights(self.windows, num_latent)
-        self.parts = [PortraitDenoiser(transformer, state, slice_conditioning(cond, s, e), slice_portrait(portrait, s, e),
-                                       cfg=cfg, portrait_cfg=portrait_cfg, guidance=guidance) for s, e in self.windows]
+        self.anchored = [anchor == "reference" and s > 0 for s, _ in self.windows]
+        self.parts = [PortraitDenoiser(transformer, state, slice_conditioning(cond, s, e, a),
+                                       slice_portrait(portrait, s, e, a), cfg=cfg, portrait_cfg=portrait_cfg,
+                                       guidance=guidance)
+                      for (s, e), a in zip(self.windows, self.anchored)]
         self.device = self.parts[0].device
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         out = torch.zeros_like(x, dtype=torch.float32)
-        for (s, e), part, w in zip(self.windows, self.parts, self.weights):
-            out[:, :, s:e] += part(x[:, :, s:e], sigma) * w[s:e].view(1, 1, -1, 1, 1).to(out.device)
+        for (s, e), part, w, anchored in zip(self.windows, self.parts, self.weights, self.anchored):
+            if anchored:
+                x0 = part(torch.cat([x[:, :, :1], x[:, :, s:e]], dim=2), sigma)[:, :, 1:]
+            else:
+                x0 = part(x[:, :, s:e], sigma)
+            out[:, :, s:e] += x0 * w[s:e].view(1, 1, -1, 1, 1).to(out.device)
         return out

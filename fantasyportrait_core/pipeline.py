@@ -28,6 +28,7 @@ from .masks import (TOKEN_STRIDE, box_masks, expand_box, latent_person_map, moti
                     token_person_ids)
 from .models import denormalize_latent, normalize_latent
 from .sampling import GuidanceSchedule, StepInfo, initial_noise, sample, schedule_sigmas, start_latent
+from .video import OUTPUT_FPS  # noqa: F401  (re-exported for the nodes and the CLI)
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -59,18 +60,34 @@ class DrivingExpression:
         features: float32 ``[F, 554]`` (headpose, eye, emotion, mouth) per frame.
         track: the face track the crops were aligned from (``track.missing``: filled frames).
         crops: uint8 ``[F, 224, 224, 3]`` aligned crops (for previews).
+        source: the driving video's name (file name where known).
+        track_index: which face of that video, 0 = leftmost of the tracked ones.
+        fps: frame rate of ``features`` (the output rate the driver was resampled to), or ``None``.
     """
 
     features: torch.Tensor
     track: FaceTrack
     crops: np.ndarray = field(repr=False, default=None)
+    source: str = "driver"
+    track_index: int = 0
+    fps: float | None = None
 
     @property
     def num_frames(self) -> int:
         return self.features.shape[0]
 
+    @property
+    def label(self) -> str:
+        """Which track of which video, e.g. ``"drive3.mp4 #2"``."""
+        return f"{self.source} #{self.track_index}"
 
-def encode_driving(detector, encoder, frames: np.ndarray, people: int = 1, smooth: float = 0.0) -> list[DrivingExpression]:
+
+LANDMARK_FILTERS = ("one_euro", "none")
+
+
+def encode_driving(detector, encoder, frames: np.ndarray, people: int = 1, smooth: float = 0.0,
+                   landmark_filter: str = "one_euro", source: str = "driver", fps: float | None = None
+                   ) -> list[DrivingExpression]:
     """Expression features of the ``people`` most present faces of a driving video.
 
     Every frame gets features: where a face is missing its landmarks are interpolated from the
@@ -80,28 +97,41 @@ def encode_driving(detector, encoder, frames: np.ndarray, people: int = 1, smoot
     Args:
         detector: face detector (``detect(image) -> list[Face]``).
         encoder: :class:`~fantasyportrait_core.expression.FanEncoder`.
-        frames: uint8 ``[F, H, W, 3]`` RGB.
+        frames: uint8 ``[F, H, W, 3]`` RGB, already at the output frame rate (the reference
+            resamples every driver to 25 fps first; :func:`~fantasyportrait_core.video.resample_indices`).
         people: characters to take from this video (left to right).
-        smooth: Gaussian sigma in frames applied to the landmarks before alignment (0 = off);
-            ~1 removes detector jitter from the crops without lagging real motion much.
+        smooth: extra Gaussian smoothing of the landmarks, sigma in frames (0 = none, as the
+            reference); applied after ``landmark_filter``.
+        landmark_filter: ``"one_euro"`` (default, the reference's tracker filter:
+            :func:`one_euro_landmarks`) or ``"none"`` (raw detector landmarks).
+        source: name of the driving video, for labels (``"drive3.mp4"`` -> ``"drive3.mp4 #1"``).
+        fps: the frame rate of ``frames`` (kept for reports; nothing is resampled here).
     Returns:
         ``people`` :class:`DrivingExpression`, left to right.
     Raises:
-        ValueError: no face in any frame, or fewer faces than ``people`` (names both counts).
+        ValueError: no face in any frame, fewer faces than ``people`` (names both counts), or an
+            unknown ``landmark_filter``.
     """
+    if landmark_filter not in LANDMARK_FILTERS:
+        raise ValueError(f"landmark filter {landmark_filter!r}: choose one of {LANDMARK_FILTERS}")
     frames = np.asarray(frames)
     per_frame = detect_video(detector, frames)
     tracks = track_faces(per_frame, max_people=people)
     if len(tracks) < people:
-        raise ValueError(f"the driving video shows {len(tracks)} face(s) but {people} character(s) were asked of it")
+        raise ValueError(f"the driving video {source} shows {len(tracks)} face(s) but {people} character(s) "
+                         f"were asked of it")
     out = []
-    for track in tracks:
-        landmarks = smooth_over_time(track.landmarks, smooth) if smooth > 0 else track.landmarks
+    for k, track in enumerate(tracks):
+        landmarks = track.landmarks
+        if landmark_filter == "one_euro":
+            landmarks = one_euro_landmarks(landmarks, track.boxes[:, 2] - track.boxes[:, 0])
+        if smooth > 0:
+            landmarks = smooth_over_time(landmarks, smooth)
         crops = np.stack([align_face(frame, lm) for frame, lm in zip(frames, landmarks)])
-        out.append(DrivingExpression(encode_expressions(encoder, crops), track, crops))
+        out.append(DrivingExpression(encode_expressions(encoder, crops), track, crops, source, k, fps))
         if track.missing:
-            log.warning("[FantasyPortrait] no face in %d driving frame(s) %s; filled from neighbouring frames",
-                        len(track.missing), _short(track.missing))
+            log.warning("[FantasyPortrait] %s #%d: no face in %d driving frame(s) %s; filled from neighbouring frames",
+                        source, k, len(track.missing), _short(track.missing))
     return out
 
 
@@ -115,6 +145,105 @@ def smooth_over_time(values: np.ndarray, sigma: float) -> np.ndarray:
     padded = np.pad(flat, ((radius, radius), (0, 0)), mode="reflect" if len(values) > radius else "edge")
     out = np.stack([np.convolve(padded[:, j], k, mode="valid") for j in range(flat.shape[1])], axis=1)
     return out.reshape(values.shape)
+
+
+@dataclass(frozen=True)
+class OneEuroGroup:
+    """The reference's adaptive One-Euro settings for one landmark group (``Smoother222``).
+
+    The group's mean motion since the previous frame, divided by the face size, picks the filter's
+    time step ``t_e`` (the reference's ``fcmin``) and its ``beta``: below ``still`` both ramp from 0
+    to ``slow`` (a still face is held still), between ``still`` and ``moving`` from ``slow`` to
+    ``fast``, above ``moving`` both are ``fast`` (the point follows almost at once).
+    """
+
+    points: tuple[int, ...]
+    still: float
+    moving: float
+    slow: float
+    fast: float
+
+    def settings(self, motion: float) -> tuple[float, float]:
+        """``(t_e, beta)`` for a mean relative motion ``motion``."""
+        if motion < self.still:
+            t = self.slow * motion / self.still
+        elif motion < self.moving:
+            t = self.slow + (self.fast - self.slow) * (motion - self.still) / (self.moving - self.still)
+        else:
+            t = self.fast
+        return t, t
+
+
+# Our 5 alignment points (left eye, right eye, nose, left/right mouth corner) are the reference's
+# 222-point indices 182 / 202 (pupil groups), 36 (nose group), 149 / 133 (mouth group); each takes its
+# group's settings from ``Smoother222.smooth`` (camer.py).
+ONE_EURO_GROUPS = (
+    OneEuroGroup((0,), 0.003, 0.02, 0.03, 0.7),    # left pupil
+    OneEuroGroup((1,), 0.003, 0.02, 0.03, 0.7),    # right pupil
+    OneEuroGroup((2,), 0.003, 0.02, 0.03, 0.7),    # nose
+    OneEuroGroup((3, 4), 0.003, 0.02, 0.05, 0.7),  # mouth
+)
+ONE_EURO_MIN_CUTOFF = 1.0  # reference OneEuroFilter defaults (camer.py)
+ONE_EURO_D_CUTOFF = 1.0
+
+
+def _smoothing_factor(t_e: float, cutoff):
+    r = 2 * np.pi * cutoff * t_e
+    return r / (r + 1)
+
+
+def one_euro_landmarks(landmarks: np.ndarray, face_size: np.ndarray,
+                       groups: tuple[OneEuroGroup, ...] = ONE_EURO_GROUPS) -> np.ndarray:
+    """Causal One-Euro filtering of a landmark track, as the reference's face tracker does.
+
+    Formulation: Casiez et al., "1€ Filter" (CHI 2012), with the reference's adaptive settings
+    (``OneEuroFilter`` and ``Smoother222`` in ``diffsynth/models/camer.py``): per frame and group,
+    ``t_e, beta`` from the group's mean motion relative to the face size (:class:`OneEuroGroup`);
+    ``dx = (x − x̂_prev) / t_e``; ``dx̂ = α(t_e, d_cutoff)·dx + (1 − α)·dx̂_prev``;
+    ``x̂ = α(t_e, min_cutoff + beta·|dx̂|)·x + (1 − α)·x̂_prev`` with ``α(t, c) = r / (r + 1)``,
+    ``r = 2π·c·t``. The first frame passes unchanged. A group that has not moved at all
+    (``t_e = 0``, where the reference divides by zero) keeps its previous value.
+
+    Differences from the reference, which runs on 222 points: the motion of a group is that of our
+    1–2 points of it; the face size is the previous frame's detector box width (the reference:
+    the distance between the jaw-contour ends, times ``1 + (|pitch| + 0.6·|yaw|) / 18``); the
+    reference's tracker also restarts the filter on frames where a fresh detection's landmark box is
+    the larger one (a side effect of its duplicate-face removal), which is not reproduced.
+
+    Args:
+        landmarks: float ``[F, P, 2]`` pixels (``P = 5``: left eye, right eye, nose, mouth corners).
+        face_size: float ``[F]`` pixels (face width per frame).
+        groups: point groups and their settings (default: the reference's for the 5 points).
+    Returns:
+        float64 ``[F, P, 2]``.
+    Raises:
+        ValueError: if the shapes do not match or a face size is not positive.
+    """
+    x = np.asarray(landmarks, dtype=np.float64)
+    size = np.asarray(face_size, dtype=np.float64).reshape(-1)
+    if x.ndim != 3 or x.shape[-1] != 2 or len(size) != len(x):
+        raise ValueError(f"landmarks must be [F, P, 2] with one face size per frame, got {x.shape} and {size.shape}")
+    if len(x) and not (size > 0).all():
+        raise ValueError("face sizes must be positive")
+    out = x.copy()
+    dx_prev = np.zeros_like(x[0]) if len(x) else None
+    a_d_of = lambda t: _smoothing_factor(t, ONE_EURO_D_CUTOFF)  # noqa: E731
+    for f in range(1, len(x)):
+        prev = out[f - 1]
+        motion = np.linalg.norm(x[f] - prev, axis=-1) / size[f - 1]  # [P]
+        for g in groups:
+            idx = list(g.points)
+            t_e, beta = g.settings(float(motion[idx].mean()))
+            if t_e <= 0.0:
+                out[f, idx] = prev[idx]
+                continue
+            dx = (x[f, idx] - prev[idx]) / t_e
+            a_d = a_d_of(t_e)
+            dx_hat = a_d * dx + (1 - a_d) * dx_prev[idx]
+            a = _smoothing_factor(t_e, ONE_EURO_MIN_CUTOFF + beta * np.abs(dx_hat))
+            out[f, idx] = a * x[f, idx] + (1 - a) * prev[idx]
+            dx_prev[idx] = dx_hat
+    return out
 
 
 def _short(idx: list[int], n: int = 12) -> str:
@@ -323,16 +452,18 @@ def decode_latent(vae, latent: torch.Tensor) -> np.ndarray:
 
 def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, portrait: PortraitCondition | None,
                     num_frames: int, width: int, height: int, steps: int = 30, seed: int = 42, cfg: float = 1.0,
-                    portrait_cfg: float = 4.0, shift: float = 5.0, callback=None, context_frames: int = 81,
-                    context_overlap: int = 16, sampler: str = "euler", sigmas=None, preset: str | None = None,
-                    denoise: float = 1.0, init_latent: torch.Tensor | None = None, cfg_range=(0.0, 1.0),
-                    portrait_cfg_range=(0.0, 1.0), portrait_scales=()) -> torch.Tensor:
+                    portrait_cfg: float = 4.0, shift: float = 5.0, callback=None, context_frames: int | None = None,
+                    context_overlap: int = 16, window_anchor: str = "reference", sampler: str = "euler", sigmas=None,
+                    preset: str | None = None, denoise: float = 1.0, init_latent: torch.Tensor | None = None,
+                    cfg_range=(0.0, 1.0), portrait_cfg_range=(0.0, 1.0), portrait_scales=()) -> torch.Tensor:
     """Sample a normalised Wan latent ``[1, 16, F_lat, H/8, W/8]`` (float32, CPU).
 
     Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42,
-    Euler). Videos longer than ``context_frames`` pixel frames are denoised in overlapping context
-    windows (:mod:`fantasyportrait_core.context`; overlap ``context_overlap`` pixel frames).
-    ``callback(StepInfo)`` runs after each step and may raise to interrupt.
+    Euler). ``context_frames=None`` (default) denoises the whole video in one pass, as the reference
+    does; a window length (pixel frames, from :func:`~fantasyportrait_core.context.plan_context`)
+    denoises longer videos in overlapping context windows (:mod:`fantasyportrait_core.context`;
+    overlap ``context_overlap`` pixel frames; later windows anchored on the reference image unless
+    ``window_anchor="none"``). ``callback(StepInfo)`` runs after each step and may raise to interrupt.
 
     Sampling options (:mod:`fantasyportrait_core.sampling`): ``sampler`` (:data:`~.sampling.SAMPLERS`);
     the schedule from ``sigmas`` (explicit), else ``preset`` (e.g. ``"lightx2v"``, which also sets
@@ -350,13 +481,13 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     schedule = schedule_sigmas(steps, shift, denoise, sigmas, preset)
     guidance = GuidanceSchedule(schedule, cfg, portrait_cfg, cfg_range, portrait_cfg_range, portrait_scales)
     f_lat = latent_frames(num_frames)
-    window = latent_frames(floor_to_4k1(context_frames))
+    window = latent_frames(floor_to_4k1(context_frames)) if context_frames else f_lat
     if f_lat > window:
         overlap = min(max(1, context_overlap // 4), window - 1)
         denoiser = ContextWindowDenoiser(transformer, state, cond, portrait, cfg, portrait_cfg, window, overlap,
-                                         guidance=guidance)
-        log.info("[FantasyPortrait] %d frames: %d context windows of %d latent frames", num_frames,
-                 len(denoiser.windows), window)
+                                         anchor=window_anchor, guidance=guidance)
+        log.info("[FantasyPortrait] %d frames: %d context windows of %d latent frames (anchor: %s)", num_frames,
+                 len(denoiser.windows), window, window_anchor)
     else:
         denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg,
                                     guidance=guidance)
@@ -380,4 +511,5 @@ __all__ = [
     "DrivingExpression", "ReferenceLayout", "StepInfo", "decode_latent", "encode_driving", "encode_reference_latent",
     "frames_for", "generate_latent", "generation_size", "on_device", "portrait_condition", "reference_layout",
     "resize_image", "assign_faces", "parse_face_order", "driver_embedding", "smooth_over_time", "ASSIGN_MODES",
+    "one_euro_landmarks", "LANDMARK_FILTERS",
 ]

@@ -18,7 +18,8 @@ def draw_faces(image: np.ndarray, faces: list[Face], regions: np.ndarray | None 
                min_side: int = 768) -> np.ndarray:
     """Draw what the pipeline sees on a copy of ``image`` (``[H, W, 3]`` uint8 RGB).
 
-    Each face i gets colour i, its box, its 5 landmarks and the label ``#i`` (or ``labels[i]``);
+    Each face i gets colour i, its box, its 5 landmarks and the label ``#i`` (or ``labels[i]``, e.g.
+    ``"face #1 <- drive3.mp4 #0"``: which track of which video drives it; shrunk to fit the width);
     ``regions`` are drawn as thin rectangles; ``latent_person`` (``[F_lat, h·w]``, frame 0 shown)
     tints the tokens each person's expression tokens reach. Small images are drawn enlarged so
     that the longest side is at least ``min_side`` (labels stay legible).
@@ -49,6 +50,9 @@ def draw_faces(image: np.ndarray, faces: list[Face], regions: np.ndarray | None 
         label = labels[i] if labels else f"#{i}"
         scale = max(0.5, max(h, w) / 900)
         (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        if tw > w - 4:  # a long label ("face #1 <- a_long_file_name.mp4 #0") shrinks to fit the width
+            scale *= (w - 4) / tw
+            (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
         tx = int(min(max(x1, 2), w - tw - 2))  # keep the label inside the image
         ty = int(y1 - 6 if y1 - 6 > th else min(y2 + th + 6, h - 2))
         cv2.putText(out, label, (tx, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)

@@ -72,14 +72,35 @@ def read_video(path: str, max_frames: int | None = None) -> Video:
     return Video(np.stack(frames), fps, path)
 
 
+OUTPUT_FPS = 25.0  # the reference resamples every driving video to 25 fps (utils.change_video_fps)
+
+
+def resample_indices(num_frames: int, src_fps: float, dst_fps: float) -> np.ndarray:
+    """Source frame index for each output frame when ``num_frames`` at ``src_fps`` are shown at
+    ``dst_fps`` for the same duration: output frame i (time ``i / dst_fps``) takes the source frame
+    nearest in time, as ``ffmpeg -r`` does (the reference's ``change_video_fps``).
+
+    Returns:
+        int64 ``[round(num_frames · dst_fps / src_fps)]`` (at least 1), values in ``[0, num_frames)``.
+    Raises:
+        ValueError: for a frame rate that is not positive or no frames.
+    """
+    if not (src_fps > 0 and dst_fps > 0):
+        raise ValueError(f"frame rates must be > 0, got {src_fps} -> {dst_fps}")
+    if num_frames < 1:
+        raise ValueError("no frames to resample")
+    if abs(src_fps - dst_fps) < 1e-3:
+        return np.arange(num_frames)
+    n = max(1, int(round(num_frames * dst_fps / src_fps)))
+    return np.minimum(np.floor(np.arange(n) * src_fps / dst_fps + 0.5).astype(np.int64), num_frames - 1)
+
+
 def resample_fps(video: Video, fps: float) -> Video:
-    """Nearest-frame resampling of ``video`` to ``fps`` (same duration), so several driving videos
-    with different frame rates stay in step frame by frame."""
+    """Nearest-frame resampling of ``video`` to ``fps`` (same duration; :func:`resample_indices`),
+    so several driving videos with different frame rates stay in step frame by frame."""
     if abs(video.fps - fps) < 1e-3:
         return video
-    n = max(1, int(round(len(video) * fps / video.fps)))
-    idx = np.minimum(np.round(np.arange(n) * video.fps / fps).astype(int), len(video) - 1)
-    return Video(video.frames[idx], fps, video.path)
+    return Video(video.frames[resample_indices(len(video), video.fps, fps)], fps, video.path)
 
 
 def write_video(path: str, frames: np.ndarray, fps: float, audio_from: str | None = None, crf: int = 18) -> str:

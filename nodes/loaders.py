@@ -85,6 +85,7 @@ class FantasyPortraitModelLoader:
 
     RETURN_TYPES = ("FANTASYPORTRAIT_MODEL",)
     RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The transformer with the portrait adapter attached: connect FantasyPortrait Sampler's model.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads the Wan2.1 image-to-video transformer and attaches the FantasyPortrait adapter."
@@ -111,6 +112,7 @@ class FantasyPortraitExpressionEncoderLoader:
 
     RETURN_TYPES = ("FP_EXPRESSION_ENCODER",)
     RETURN_NAMES = ("expression_encoder",)
+    OUTPUT_TOOLTIPS = ("The expression encoder: connect every Encode Expression.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads the PD-FGC implicit expression encoder (headpose, eyes, emotion, mouth per frame)."
@@ -148,8 +150,11 @@ class FantasyPortraitFaceDetectorLoader:
 
     RETURN_TYPES = ("FP_FACE_DETECTOR",)
     RETURN_NAMES = ("face_detector",)
+    OUTPUT_TOOLTIPS = ("The face detector: connect Face Masks and every Encode Expression.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
+    DESCRIPTION = ("Loads a face detector giving boxes and 5 landmarks (eyes, nose, mouth corners) per face, "
+                   "used on the reference portrait and on every driving frame.")
 
     def load(self, backend, min_score=0.0):
         kind, name = DETECTORS[backend]

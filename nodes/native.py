@@ -195,6 +195,8 @@ class FantasyPortraitAdapterLoader:
 
     RETURN_TYPES = ("FANTASYPORTRAIT_ADAPTER",)
     RETURN_NAMES = ("adapter",)
+    OUTPUT_TOOLTIPS = ("The FantasyPortrait adapter (expression-token path + per-block K/V projections) for "
+                       "FantasyPortrait Patch Model.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads the FantasyPortrait adapter for FantasyPortrait Patch Model (Wan2.1 I2V loaded with the "
@@ -437,6 +439,8 @@ class FantasyPortraitPatchModel:
 
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same Wan2.1 I2V MODEL with the portrait branch in every block's cross-attention; "
+                       "sample it with FantasyPortrait Guider (or KSampler: portrait always on).",)
     FUNCTION = "patch"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Adds the FantasyPortrait expression branch to every cross-attention of a native Wan2.1 I2V MODEL. "
@@ -522,6 +526,7 @@ class FantasyPortraitGuider:
 
     RETURN_TYPES = ("GUIDER",)
     RETURN_NAMES = ("guider",)
+    OUTPUT_TOOLTIPS = ("Dual-guidance GUIDER (cfg, portrait cfg) for SamplerCustomAdvanced.",)
     FUNCTION = "get_guider"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Each step runs 1-3 passes (positive with portrait; positive without; negative) and combines them "

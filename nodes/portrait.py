@@ -4,6 +4,7 @@ both -> FP_PORTRAIT for the sampler."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.faces import Face
 from fantasyportrait_core.masks import box_masks
 from fantasyportrait_core.preview import draw_faces
+from fantasyportrait_core.video import resample_indices
 
 from . import host
 
@@ -52,6 +54,31 @@ class PortraitInputs:
     user_masks: list[torch.Tensor | None] = field(default_factory=list)
 
 
+MEDIA_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".webp", ".png", ".jpg", ".jpeg")
+
+
+def source_name(prompt: dict | None, node_id, input_name: str = "images", max_depth: int = 8) -> str | None:
+    """The file name of the video feeding ``input_name`` of node ``node_id`` in an API ``prompt``:
+    follows links upstream (e.g. Encode Expression ← Get Video Components ← Load Video) to the
+    first node holding a media file name (``LoadVideo.file``, VHS ``video``, ...). ``None`` when
+    there is none (frames made by other nodes)."""
+    if not prompt or node_id is None or str(node_id) not in prompt:
+        return None
+    todo = [(prompt[str(node_id)].get("inputs", {}).get(input_name), 0)]
+    seen = set()
+    while todo:
+        ref, depth = todo.pop(0)
+        if not (isinstance(ref, list) and len(ref) == 2) or depth > max_depth or str(ref[0]) in seen:
+            continue
+        seen.add(str(ref[0]))
+        inputs = prompt.get(str(ref[0]), {}).get("inputs", {})
+        for v in inputs.values():
+            if isinstance(v, str) and v.lower().split("?")[0].endswith(MEDIA_EXTENSIONS):
+                return os.path.basename(v.replace("\\", "/").split(" [")[0])
+        todo += [(v, depth + 1) for v in inputs.values() if isinstance(v, list)]
+    return None
+
+
 class FantasyPortraitEncodeExpression:
     """Driving frames -> per-frame expression features of one or several people."""
 
@@ -64,39 +91,68 @@ class FantasyPortraitEncodeExpression:
             "people": ("INT", {"default": 1, "min": 1, "max": 8,
                                "tooltip": "How many faces to take from this video, ordered left to right."}),
             "smooth": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5.0, "step": 0.1,
-                                 "tooltip": "Temporal smoothing of the face landmarks (Gaussian sigma in frames) "
-                                            "before alignment; 1 removes crop jitter. 0 = off (reference)."}),
-        }}
+                                 "tooltip": "Extra Gaussian smoothing of the face landmarks (sigma in frames) after "
+                                            "the landmark filter, for a jittery detector; it blurs fast moves "
+                                            "too. 0 = none (the reference applies only the One-Euro filter)."}),
+        }, "optional": {  # newer inputs: optional, so API prompts saved by earlier versions still validate
+            "landmark_filter": (list(P.LANDMARK_FILTERS), {"default": "one_euro", "tooltip":
+                                "one_euro: the reference's adaptive One-Euro filter on the landmarks (holds a "
+                                "still face still, follows fast moves at once), as the model was trained. "
+                                "none: raw detector landmarks."}),
+            "source_fps": ("FLOAT", {"default": P.OUTPUT_FPS, "min": 1.0, "max": 240.0, "step": 0.001, "tooltip":
+                                     "Frame rate of these frames: connect Get Video Components' fps."}),
+            "fps": ("FLOAT", {"default": P.OUTPUT_FPS, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip":
+                              "Output frame rate: the frames are resampled to it (nearest frame in time) before "
+                              "encoding, so drivers at different rates stay in step. The reference uses 25."}),
+            "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
+                                   "Encode only the first frames (at the output fps), e.g. WanImageToVideo's length; "
+                                   "0 = all. The reference reads only the frames it generates."}),
+        }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("FP_EXPRESSION", "IMAGE", "STRING")
     RETURN_NAMES = ("expression", "aligned_faces", "info")
-    OUTPUT_TOOLTIPS = ("Expression sequences, one per person.",
+    OUTPUT_TOOLTIPS = ("Expression sequences, one per person, at the output frame rate.",
                        "The aligned 224×224 face crops the encoder saw (first person).",
-                       "Frames without a face (filled from neighbours), per person.")
+                       "Per person: which video and face, frame count and rate (and resampling), frames "
+                       "without a face (filled from neighbours).")
     FUNCTION = "encode"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Detects and tracks faces in the driving frames, aligns each face on 5 landmarks and encodes "
-                   "its headpose, eyes, emotion and mouth. Frames without a face are filled from neighbours.")
+    DESCRIPTION = ("Resamples the driving frames to the output frame rate, detects and tracks faces, smooths "
+                   "the landmarks as the reference does, aligns each face on 5 landmarks and encodes its "
+                   "headpose, eyes, emotion and mouth. Frames without a face are filled from neighbours.")
 
-    def encode(self, expression_encoder, face_detector, images, people=1, smooth=0.0):
+    def encode(self, expression_encoder, face_detector, images, people=1, smooth=0.0, landmark_filter="one_euro",
+               source_fps=P.OUTPUT_FPS, fps=P.OUTPUT_FPS, max_frames=0, prompt=None, unique_id=None):
         frames = host.image_to_uint8(images)
+        source = source_name(prompt, unique_id) or (f"Encode Expression {unique_id}" if unique_id else "driver")
+        idx = resample_indices(len(frames), float(source_fps), float(fps))
+        resampled = len(idx) != len(frames) or not np.array_equal(idx, np.arange(len(frames)))
+        rate = (f"{len(idx)} frames at {fps:g} fps (resampled from {len(frames)} at {source_fps:g} fps)"
+                if resampled else f"{len(idx)} frames at {fps:g} fps")
+        if 0 < max_frames < len(idx):
+            idx = idx[:max_frames]
+            rate += f", the first {max_frames} encoded (max_frames)"
+        if resampled or len(idx) < len(frames):
+            frames = frames[idx]
         # The same driving clip queued again (other seed, prompt or reference) is not re-encoded,
         # even when ComfyUI's own cache was invalidated by other prompts in between.
-        key = (_frames_key(frames), people, float(smooth), id(face_detector), id(expression_encoder))
+        key = (_frames_key(frames), people, float(smooth), landmark_filter, float(fps), source,
+               id(face_detector), id(expression_encoder))
         drivers = _EXPRESSION_CACHE.get(key)
         if drivers is None:
             device = host.torch_device()
             with P.on_device(expression_encoder, device):
-                drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people, smooth=smooth)
+                drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people, smooth=smooth,
+                                           landmark_filter=landmark_filter, source=source, fps=float(fps))
             _EXPRESSION_CACHE[key] = drivers
             while len(_EXPRESSION_CACHE) > _EXPRESSION_CACHE_SIZE:
                 _EXPRESSION_CACHE.popitem(last=False)
         else:
             _EXPRESSION_CACHE.move_to_end(key)
         info = []
-        for i, d in enumerate(drivers):
+        for d in drivers:
             miss = d.track.missing
-            info.append(f"person {i}: {d.num_frames} frames, {len(miss)} without a face"
+            info.append(f"{d.label}: {rate}, {len(miss)} without a face"
                         + (f" (filled: {miss[:50]}{' ...' if len(miss) > 50 else ''})" if miss else ""))
         return (drivers, host.uint8_to_image(drivers[0].crops), "\n".join(info))
 
@@ -117,6 +173,9 @@ class FantasyPortraitFaceMasks:
                        "The reference with numbered faces: #0 is the leftmost.")
     FUNCTION = "detect"
     CATEGORY = CATEGORY
+    DESCRIPTION = ("Finds the faces of the reference portrait, numbers them left to right (#0 = leftmost) and "
+                   "gives one box mask per face. The numbers are the ones face_order uses on Portrait "
+                   "Conditioning.")
 
     def detect(self, face_detector, image):
         ref = host.image_to_uint8(image)[0]
@@ -153,12 +212,17 @@ class FantasyPortraitConditioning:
                                       "character, e.g. '1,0'. Empty = use assignment."}),
         }, "optional": optional}
 
-    RETURN_TYPES = ("FP_PORTRAIT", "IMAGE")
-    RETURN_NAMES = ("portrait", "preview")
+    RETURN_TYPES = ("FP_PORTRAIT", "IMAGE", "FLOAT")
+    RETURN_NAMES = ("portrait", "preview", "fps")
+    OUTPUT_TOOLTIPS = ("Characters (face + expression sequence each) for the FantasyPortrait Sampler.",
+                       "The reference with each animated face labelled by the video track driving it, "
+                       "e.g. 'face #1 <- drive3.mp4 #0'.",
+                       "The drivers' frame rate (Encode Expression fps): connect Create Video's fps.")
     FUNCTION = "condition"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Pairs each expression sequence with a face of the reference image. Characters are the people "
-                   "of 'expression', then of expression_2, 3, 4, in order.")
+                   "of 'expression', then of expression_2, 3, 4, in order; the preview shows which video track "
+                   "drives which face.")
 
     def condition(self, faces, expression, portrait_scale=1.0, assignment="left_to_right", face_order="", masks=None,
                   **more):
@@ -174,9 +238,13 @@ class FantasyPortraitConditioning:
             if m.shape[0] != len(drivers):
                 raise ValueError(f"masks has {m.shape[0]} mask(s) for {len(drivers)} character(s); give one per character")
             user_masks = [mi if mi.max() > 0.5 else None for mi in m]
+        rates = sorted({d.fps for d in drivers if d.fps is not None})
+        if len(rates) > 1:
+            raise ValueError(f"the drivers come at different frame rates {rates} fps: set the same fps on every "
+                             f"Encode Expression")
         canvas = faces.image if faces.image is not None else np.full((faces.height, faces.width, 3), 40, np.uint8)
         index = {id(f): k for k, f in enumerate(faces.faces)}
-        preview = draw_faces(canvas, chosen, labels=[f"face #{index[id(f)]} <- character {i}"
-                                                     for i, f in enumerate(chosen)])
+        preview = draw_faces(canvas, chosen, labels=[f"face #{index[id(f)]} <- {d.label}"
+                                                     for f, d in zip(chosen, drivers)])
         return (PortraitInputs(chosen, drivers, faces.width, faces.height, portrait_scale, user_masks),
-                host.uint8_to_image(preview))
+                host.uint8_to_image(preview), float(rates[0] if rates else P.OUTPUT_FPS))

@@ -10,6 +10,7 @@ import torch
 
 from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
+from fantasyportrait_core.context import ANCHORS, CONTEXT_MODES, free_memory_bytes, plan_context
 from fantasyportrait_core.denoiser import I2VConditioning
 from fantasyportrait_core.faces import Face
 from fantasyportrait_core.lora import apply_loras
@@ -127,8 +128,8 @@ class FantasyPortraitSampler:
             "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.5, "max": 20.0, "step": 0.1,
                                 "tooltip": "Flow-matching sigma shift (reference: 5)."}),
             "context_frames": ("INT", {"default": 81, "min": 5, "max": 1001, "step": 4, "tooltip":
-                                       "Longer videos are denoised in overlapping windows of this many frames "
-                                       "(Wan2.1 is trained on 81)."}),
+                                       "Window length when a long video is denoised in overlapping windows "
+                                       "(see long_video; Wan2.1 is trained on 81)."}),
             "context_overlap": ("INT", {"default": 16, "min": 4, "max": 80, "step": 4, "tooltip":
                                         "Frames shared by neighbouring windows, blended linearly."}),
         }, "optional": {
@@ -156,19 +157,30 @@ class FantasyPortraitSampler:
                                                 "Conditioning node's portrait scale."}),
             "sigmas": ("SIGMAS", {"tooltip": "Explicit schedule from any native sigma node (flow sigmas, 1 → 0); "
                                   "overrides steps, shift and the preset's schedule."}),
+            "long_video": (list(CONTEXT_MODES), {"default": "auto", "tooltip":
+                           "auto: the whole video in one pass, as the reference, when it fits in the free memory "
+                           "(201 frames at 720x416 take ~6.5 GB on top of the weights), else windows of "
+                           "context_frames. one_pass: always one pass. windows: always windows."}),
+            "window_anchor": (list(ANCHORS), {"default": "reference", "tooltip":
+                              "reference: every window after the first also sees the first frame with the "
+                              "reference image as its condition, as in training (keeps the identity; ~5 % more "
+                              "work per window). none: later windows see no reference."}),
         }}
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The sampled video latent: decode it with the native VAE Decode.",)
     FUNCTION = "sample"
     CATEGORY = "FantasyPortrait"
-    DESCRIPTION = ("Samples a Wan2.1 image-to-video latent animated by the portrait's expressions. "
-                   "Decode with the native VAE Decode.")
+    DESCRIPTION = ("Samples a Wan2.1 image-to-video latent animated by the portrait's expressions, with text and "
+                   "portrait guidance. Long videos run in one pass when they fit in memory (as the reference), "
+                   "else in overlapping windows anchored on the reference image. Decode with the native VAE Decode.")
 
     def sample(self, model, portrait, positive, negative, latent, seed, steps=DEFAULT_STEPS, cfg=1.0,
                portrait_cfg=4.0, shift=DEFAULT_SHIFT, context_frames=81, context_overlap=16, sampler="euler",
                preset="none", denoise=1.0, cfg_start=0.0, cfg_end=1.0, portrait_cfg_start=0.0, portrait_cfg_end=1.0,
-               portrait_scale_steps="", sigmas=None):
+               portrait_scale_steps="", sigmas=None, long_video="auto",
+               window_anchor="reference"):
         preset = None if preset in (None, "none") else preset
         if preset is not None:
             if preset not in PRESETS:
@@ -225,9 +237,13 @@ class FantasyPortraitSampler:
             model.adapter.to(device)
             cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
             i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
+            window = plan_context(num_frames, width, height, tr.config.num_attention_heads * tr.config.attention_head_dim,
+                                  free_memory_bytes(device, host.available_ram_bytes()), long_video, context_frames,
+                                  torch.empty((), dtype=model.dtype).element_size())
             out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
                                     cfg=cfg, portrait_cfg=portrait_cfg, callback=callback,
-                                    context_frames=context_frames, context_overlap=context_overlap, sampler=sampler,
+                                    context_frames=window, context_overlap=context_overlap,
+                                    window_anchor=window_anchor, sampler=sampler,
                                     sigmas=schedule, init_latent=init, cfg_range=(cfg_start, cfg_end),
                                     portrait_cfg_range=(portrait_cfg_start, portrait_cfg_end),
                                     portrait_scales=scale_ranges)

@@ -16,7 +16,8 @@ from . import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 _WIDGETS = {"INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean}
 _NATIVE = {"IMAGE": io.Image, "MASK": io.Mask, "CONDITIONING": io.Conditioning, "LATENT": io.Latent,
            "VAE": io.Vae, "CLIP_VISION_OUTPUT": io.ClipVisionOutput, "AUDIO": io.Audio, "VIDEO": io.Video,
-           "MODEL": io.Model, "GUIDER": io.Guider, "SIGMAS": io.Sigmas}
+           "MODEL": io.Model, "GUIDER": io.Guider, "SIGMAS": io.Sigmas, "FLOAT": io.Float, "INT": io.Int,
+           "STRING": io.String}
 _CUSTOM: dict[str, type] = {}
 
 
@@ -52,12 +53,16 @@ def to_v3(node_id: str, classic: type) -> type:
             tips = getattr(classic, "OUTPUT_TOOLTIPS", (None,) * len(classic.RETURN_TYPES))
             outputs = [_socket_type(t).Output(display_name=n, tooltip=tip)
                        for t, n, tip in zip(classic.RETURN_TYPES, names, tips)]
+            hidden = [io.Hidden(v) for v in spec.get("hidden", {}).values()]
             return io.Schema(node_id=node_id, display_name=NODE_DISPLAY_NAME_MAPPINGS.get(node_id, node_id),
                              category=classic.CATEGORY, description=getattr(classic, "DESCRIPTION", ""),
-                             inputs=inputs, outputs=outputs)
+                             inputs=inputs, outputs=outputs, hidden=hidden)
 
         @classmethod
         def execute(cls, **kwargs) -> io.NodeOutput:
+            # classic hidden inputs (e.g. "prompt": "PROMPT") arrive on cls.hidden in V3
+            for name, kind in classic.INPUT_TYPES().get("hidden", {}).items():
+                kwargs[name] = getattr(cls.hidden, io.Hidden(kind).name, None) if cls.hidden is not None else None
             return io.NodeOutput(*getattr(classic(), classic.FUNCTION)(**kwargs))
 
     Node.__name__ = Node.__qualname__ = classic.__name__

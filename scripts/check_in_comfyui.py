@@ -19,7 +19,12 @@ What it does, against the ComfyUI checkout at the given path (nothing is downloa
    swaps the text/CLIP-vision nodes for the stand-ins, shrinks size/length/steps, queues it through
    ``/prompt`` and waits for the SaveVideo output; decodes it and checks frame count and size (the
    native workflow twice: as shipped, with its LoraLoaderModelOnly bypassed, and with it enabled);
-5. removes the links and temporary files and prints a summary (non-zero exit on failure).
+5. with ``--screenshots DIR``: clears ComfyUI's cache, then ``scripts/screenshot_workflows.mjs``
+   opens every example workflow in the browser UI, queues the checked ones from the UI (answered
+   with the same check prompts), waits for the run and saves ``DIR/workflow_<name>.png`` with the
+   previews shown; it fails on overlapping nodes (needs node, npm ``playwright-core`` through
+   ``--node-path`` or NODE_PATH, and Chromium through ``--chromium`` or CHROMIUM);
+6. removes the links and temporary files and prints a summary (non-zero exit on failure).
 """
 
 from __future__ import annotations
@@ -260,6 +265,8 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             inp["lora_name"] = names["native_lora"]
         elif ct == "BasicScheduler":
             inp["steps"] = 2
+        elif ct == "FantasyPortraitEncodeExpression":
+            inp["max_frames"] = length  # only the frames that are generated (as the reference reads them)
         out[nid] = {"class_type": ct, "inputs": inp}
     if any(n["class_type"] == "UNETLoader" for n in out.values()):  # ComfyUI's Wan: umT5 / CLIP-H widths
         for n in out.values():
@@ -277,6 +284,33 @@ def probe(path: str) -> dict:
     return probe_video(path)
 
 
+def screenshots(args, base: str, tmp: str, checked: dict, summary: list) -> bool:
+    """Run the browser check on every example workflow, the checked ones queued from the UI."""
+    get(base + "/free", {"free_memory": True})  # empty the execution cache: the UI run executes every node
+    time.sleep(3)
+    runs = []
+    for wf_name, prompt in checked.items():
+        path = os.path.join(tmp, "ui_" + wf_name)
+        with open(path, "w") as f:
+            json.dump(prompt, f)
+        runs.append(f"{wf_name[:-5].replace('fantasyportrait_', '')}={path}")
+    workflows = sorted(os.path.join("workflows", f) for f in os.listdir(os.path.join(ROOT, "workflows"))
+                       if f.endswith(".json"))
+    width, height = args.shot_size.split("x")
+    env = dict(os.environ, CHROMIUM=args.chromium, **({"NODE_PATH": args.node_path} if args.node_path else {}))
+    res = subprocess.run(["node", os.path.join(ROOT, "scripts", "screenshot_workflows.mjs"), "--url", base,
+                          "--out", os.path.abspath(args.screenshots), "--workflows", ",".join(workflows),
+                          "--run", ",".join(runs), "--width", width, "--height", height],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    lines = [l for l in res.stdout.splitlines() if l.strip()]
+    summary.append(f"browser UI ({len(workflows)} workflows, {len(runs)} run from the UI): "
+                   f"{'OK' if res.returncode == 0 else 'PROBLEMS'}")
+    summary.extend("  " + l for l in lines)
+    if res.returncode not in (0, 1):
+        summary.append("  " + res.stderr.strip()[-1500:])
+    return res.returncode == 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("comfyui_dir")
@@ -287,6 +321,12 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--workflows", default="", help="comma-separated workflow names to run (e.g. 'native'); "
                                                      "default: all")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds one workflow may take")
+    ap.add_argument("--screenshots", metavar="DIR", help="after the checks, run the workflows in the browser UI and "
+                                                         "save workflow_<name>.png screenshots in DIR")
+    ap.add_argument("--node-path", default=os.environ.get("NODE_PATH"), help="node_modules with playwright-core")
+    ap.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+    ap.add_argument("--shot-size", default="1920x1080", help="browser viewport for the screenshots, WxH")
     args = ap.parse_args(argv)
     comfy = os.path.abspath(args.comfyui_dir)
     py = args.python or (os.path.join(comfy, "venv", "bin", "python")
@@ -322,6 +362,7 @@ def main(argv=None) -> int:
          "--disable-auto-launch"], cwd=comfy, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{args.port}"
     summary, ok = [], True
+    checked = {}  # workflow file -> the API prompt that ran
     try:
         t0 = time.time()
         while True:
@@ -349,7 +390,7 @@ def main(argv=None) -> int:
         summary.append(f"nodes listed: {len(expected & set(info))}/{len(expected)}" + (f" MISSING {missing}" if missing else ""))
 
         runs = (("fantasyportrait_single.json", (64, 64), names["transformer"], False),
-                ("fantasyportrait_multi.json", (96, 64), names["transformer_sharded"], False),
+                ("fantasyportrait_multi.json", (112, 64), names["transformer_sharded"], False),
                 ("fantasyportrait_fast.json", (64, 64), names["transformer"], False),
                 # ComfyUI's own Wan MODEL (Load Diffusion Model), as shipped (LoRA bypassed) and with the LoRA on
                 ("fantasyportrait_native.json", (64, 64), names["native_unet"], False),
@@ -375,6 +416,8 @@ def main(argv=None) -> int:
                 summary.append(f"{wf_name}: node types unknown to ComfyUI: {unknown}")
                 continue
             prompt = adapt_for_check(ui_to_api(wf, info), names, args.length, size, transformer)
+            if not lora_on:  # the browser run uses the workflow as shipped
+                checked[wf_name] = prompt
             t1 = time.time()
             res = get(base + "/prompt", {"prompt": prompt, "client_id": "fp-check"})
             if res.get("node_errors"):
@@ -387,8 +430,8 @@ def main(argv=None) -> int:
                 if pid in hist and hist[pid].get("status", {}).get("completed") is not None or \
                         pid in hist and hist[pid].get("status", {}).get("status_str") in ("success", "error"):
                     break
-                if time.time() - t1 > 900:
-                    raise RuntimeError(f"{wf_name} did not finish in 15 minutes")
+                if time.time() - t1 > args.timeout:
+                    raise RuntimeError(f"{wf_name} did not finish in {args.timeout:.0f} s")
                 time.sleep(1)
             status = hist[pid]["status"]
             if status.get("status_str") != "success":
@@ -416,6 +459,8 @@ def main(argv=None) -> int:
                     active = [l.strip() for l in f if "LoRAs active" in l and names["lora"] in l]
                 ok &= bool(active)
                 summary.append(f"{wf_name}: " + (active[-1] if active else f"LoRA {names['lora']} was NOT applied"))
+        if args.screenshots:
+            ok &= screenshots(args, base, tmp, checked, summary)
     except Exception as e:  # report, then clean up
         ok = False
         summary.append(f"ERROR: {e}")

@@ -2,8 +2,21 @@
 
     python scripts/make_workflows.py
 
-The graphs are described here once (nodes, widget values, links by socket name) so ids, slots and
-link tables stay consistent; the JSON files are what users load.
+Each graph is described once, in a function returning a :class:`Graph` (nodes, widget values, links
+by socket name), so ids, slots and link tables stay consistent; the JSON files are what users load.
+
+Layout rule (``Graph.layout``, tested in tests/test_workflows.py): every node sits in a column and a
+band. Columns follow the data flow, so every link goes from a column to one further right; bands
+are horizontal strips (models and prompts, the reference portrait, each driving video), each drawn
+as a titled group. Within a cell nodes stack top to bottom. Each node reserves its title bar above
+it and ``grow`` pixels below it, the room its preview takes after a run (image and video previews,
+the sampler's latent preview, text shown by Preview Any), so nothing overlaps before or after a run.
+A new graph only picks ``col``/``band`` (and ``grow`` for a node that shows a preview):
+
+    g = Graph(bands=["Models and prompts", "Driving video"])
+    g.add("loader", "FantasyPortraitModelLoader", col=0, band=0, widgets=[...])
+    g.link("loader", "model", "sampler", "model")
+    WORKFLOWS["fantasyportrait_x.json"] = my_graph
 """
 
 from __future__ import annotations
@@ -31,6 +44,8 @@ SOCKETS = {
     "CreateVideo": ([("images", "IMAGE", False), ("audio", "AUDIO", True)], [("VIDEO", "VIDEO")]),
     "SaveVideo": ([("video", "VIDEO", False)], []),
     "PreviewImage": ([("images", "IMAGE", False)], []),
+    "PreviewAny": ([("source", "*", False)], []),
+    "Note": ([], []),
     "FantasyPortraitModelLoader": ([], [("model", "FANTASYPORTRAIT_MODEL")]),
     "FantasyPortraitExpressionEncoderLoader": ([], [("expression_encoder", "FP_EXPRESSION_ENCODER")]),
     "FantasyPortraitFaceDetectorLoader": ([], [("face_detector", "FP_FACE_DETECTOR")]),
@@ -42,7 +57,7 @@ SOCKETS = {
     "FantasyPortraitConditioning": ([("faces", "FP_FACES", False), ("expression", "FP_EXPRESSION", False),
                                      ("expression_2", "FP_EXPRESSION", True), ("expression_3", "FP_EXPRESSION", True),
                                      ("expression_4", "FP_EXPRESSION", True), ("masks", "MASK", True)],
-                                    [("portrait", "FP_PORTRAIT"), ("preview", "IMAGE")]),
+                                    [("portrait", "FP_PORTRAIT"), ("preview", "IMAGE"), ("fps", "FLOAT")]),
     "FantasyPortraitSampler": ([("model", "FANTASYPORTRAIT_MODEL", False), ("portrait", "FP_PORTRAIT", False),
                                 ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
                                 ("latent", "LATENT", False), ("sigmas", "SIGMAS", True)], [("latent", "LATENT")]),
@@ -63,30 +78,82 @@ SOCKETS = {
     "FantasyPortraitGuider": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
                                ("negative", "CONDITIONING", False)], [("guider", "GUIDER")]),
 }
-# Sampler widgets after the reference ones: sampler, preset, denoise, cfg start/end, portrait cfg start/end,
-# portrait scale per step range (defaults = the reference behaviour).
-SAMPLER_DEFAULTS = ["euler", "none", 1.0, 0.0, 1.0, 0.0, 1.0, ""]
-# Widgets turned into sockets (name, type) when something is linked to them.
-WIDGET_SOCKETS = {"CreateVideo": [("fps", "FLOAT")]}
+# FantasyPortrait Sampler widgets in the node's order: the reference settings (seed, control, steps,
+# cfg, portrait cfg, shift, context frames / overlap), then the optional ones at their defaults
+# (sampler, preset, denoise, cfg start/end, portrait cfg start/end, portrait scale per step range,
+# long video, window anchor).
+SAMPLER_WIDGETS = [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16, "euler", "none", 1.0, 0.0, 1.0, 0.0, 1.0, "",
+                   "auto", "reference"]
+# Widget inputs (name, type, optional) of the node types where a graph links into a widget, in widget
+# order: the frontend lists them after the socket inputs, and a link's target slot counts them.
+WIDGET_INPUTS = {
+    "CreateVideo": [("fps", "FLOAT", False)],
+    "FantasyPortraitEncodeExpression": [("people", "INT", False), ("smooth", "FLOAT", False),
+                                        ("landmark_filter", "COMBO", True), ("source_fps", "FLOAT", True),
+                                        ("fps", "FLOAT", True), ("max_frames", "INT", True)],
+}
 
+# The reference's default negative prompt (infer.py), as in fantasyportrait_core.encoders.
 NEGATIVE = ("人物静止不动，静止，色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
             "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
             "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+PROMPT = ""  # the reference scripts' prompt (infer_single.sh, infer_multi.sh)
+
+# Layout constants (canvas units = CSS pixels at zoom 1, as LiteGraph draws them; the sizes are the
+# ones ComfyUI's frontend 1.27 computes, checked by scripts/screenshot_workflows.mjs).
+TITLE_H = 30          # LiteGraph title bar, drawn above a node's pos
+SLOT_H = 20           # one input/output row
+WIDGET_H = 24         # one widget row (20 + 4 spacing)
+NODE_PAD = 14         # below the last row
+IMAGE_ROOM = 230      # an image preview (LoadImage, PreviewImage, the sampler's latent preview) adds 212
+VIDEO_PAD = 30        # a video preview adds its node-wide picture plus controls
+GAP_X = 50            # between columns
+GAP_Y = 20            # between a node's reserved area and the next node's title
+GROUP_TITLE_H = 40    # room for a group's title above its first nodes
+GROUP_PAD = 12        # group border around its nodes
+BAND_GAP = 30         # between groups
+DEFAULT_W = 320
 
 
 class Graph:
-    def __init__(self):
-        self.nodes, self.links, self.groups = [], [], []
+    """A ComfyUI graph described by columns and bands; :meth:`layout` places it (see module doc).
 
-    def add(self, key, type_, pos, widgets=(), title=None, size=(320, 120)):
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size), "flags": {},
+    Args:
+        bands: group titles of the horizontal bands, top to bottom.
+    """
+
+    def __init__(self, bands: list[str] | None = None):
+        self.nodes, self.links, self.groups = [], [], []
+        self.bands = list(bands or [""])
+
+    def add(self, key, type_, col: int, band: int = 0, widgets=(), title=None, size=None, grow: int = 0):
+        """Add a node in column ``col`` of band ``band``.
+
+        Args:
+            widgets: ``widgets_values`` in the node's widget order.
+            size: ``(w, h)`` of the node body (title bar excluded); the height is at least what the
+                frontend computes from the sockets and widgets (default width 320).
+            grow: room below the node for what it shows after a run (previews), in canvas pixels.
+        Raises:
+            TypeError: if ``col`` is a position (the old ``pos`` argument).
+        """
+        if not isinstance(col, int):
+            raise TypeError(f"{key}: give a column number (and band), not a position; see the layout rule")
+        if not 0 <= band < len(self.bands):
+            raise ValueError(f"{key}: band {band} not in {self.bands}")
+        ins, outs = SOCKETS[type_]
+        w, h = size or (DEFAULT_W, 0)
+        size = (w, max(h, max(len(ins), len(outs)) * SLOT_H + len(widgets) * WIDGET_H + NODE_PAD))
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": [0, 0], "size": list(size), "flags": {},
                 "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
-                "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets), "_key": key}
+                "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets),
+                "_key": key, "_col": col, "_band": band, "_grow": grow}
         if title:
             node["title"] = title
-        ins, outs = SOCKETS[type_]
-        for name, typ, optional in ins:
+        for name, typ, optional in ins + WIDGET_INPUTS.get(type_, []):
             sock = {"name": name, "type": typ, "link": None}
+            if (name, typ, optional) not in ins:
+                sock["widget"] = {"name": name}
             if optional:
                 sock["shape"] = 7
             node["inputs"].append(sock)
@@ -95,65 +162,136 @@ class Graph:
         self.nodes.append(node)
         return node
 
-    def _node(self, key):
+    def node(self, key):
         return next(n for n in self.nodes if n["_key"] == key)
 
     def link(self, src, out_name, dst, in_name):
-        a, b = self._node(src), self._node(dst)
+        a, b = self.node(src), self.node(dst)
         slot_out = next(i for i, o in enumerate(a["outputs"]) if o["name"] == out_name)
         inputs = b["inputs"]
-        slot_in = next((i for i, s in enumerate(inputs) if s["name"] == in_name), None)
-        if slot_in is None:  # a widget converted to a socket
-            typ = dict(WIDGET_SOCKETS[b["type"]])[in_name]
-            inputs.append({"name": in_name, "type": typ, "widget": {"name": in_name}, "link": None})
-            slot_in = len(inputs) - 1
+        slot_in = next(i for i, s in enumerate(inputs) if s["name"] == in_name)
         link_id = len(self.links) + 1
         typ = a["outputs"][slot_out]["type"]
         self.links.append([link_id, a["id"], slot_out, b["id"], slot_in, typ])
         a["outputs"][slot_out]["links"].append(link_id)
         inputs[slot_in]["link"] = link_id
 
-    def group(self, title, bounding, color="#3f789e"):
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding), "color": color,
-                            "font_size": 24, "flags": {}})
+    def layout(self):
+        """Place every node by the layout rule and make one group per band."""
+        cols = sorted({n["_col"] for n in self.nodes})
+        width = {c: max(n["size"][0] for n in self.nodes if n["_col"] == c) for c in cols}
+        x, left = {}, GROUP_PAD
+        for c in cols:
+            x[c], left = left, left + width[c] + GAP_X
+        self.groups, top = [], 0
+        for b, title in enumerate(self.bands):
+            members = [n for n in self.nodes if n["_band"] == b]
+            if not members:
+                continue
+            bottom = top
+            for c in cols:
+                y = top + GROUP_TITLE_H
+                for n in (m for m in members if m["_col"] == c):
+                    n["pos"] = [x[c], y + TITLE_H]
+                    y += TITLE_H + n["size"][1] + n["_grow"] + GAP_Y
+                bottom = max(bottom, y - GAP_Y + GROUP_PAD)
+            right = max(n["pos"][0] + n["size"][0] for n in members) + GROUP_PAD
+            self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [0, top, right, bottom - top],
+                                "color": "#3f789e", "font_size": 24, "flags": {}})
+            top = bottom + BAND_GAP
+
+    def rects(self) -> dict:
+        """``key -> (x, y, w, h)`` of each node's reserved area: title bar, body and ``grow``."""
+        return {n["_key"]: (n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], TITLE_H + n["size"][1] + n["_grow"])
+                for n in self.nodes}
 
     def to_json(self):
+        self.layout()
         nodes = []
         for n in self.nodes:
-            n = {k: v for k, v in n.items() if k != "_key"}
-            for o in n["outputs"]:
-                o["links"] = o["links"] or None
+            n = {k: v for k, v in n.items() if not k.startswith("_")}
+            n["outputs"] = [dict(o, links=o["links"] or None) for o in n["outputs"]]
             nodes.append(n)
         return {"last_node_id": len(nodes), "last_link_id": len(self.links), "nodes": nodes, "links": self.links,
                 "groups": self.groups, "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [40, 40]}},
                 "version": 0.4}
 
 
-def common(g: Graph, image_name: str, width: int, height: int, length: int, prompt: str):
-    """Models, text, CLIP vision, WanImageToVideo, sampler, decode and save."""
-    g.add("model", "FantasyPortraitModelLoader", (0, 0), ["wan2.1_i2v_720p_14B_bf16.safetensors",
-                                                          "Wan2_1_FantasyPortrait_fp16.safetensors",
-                                                          "bf16", "fp8_e4m3fn", "none"], size=(360, 180))
-    g.add("clip", "CLIPLoader", (0, 220), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"])
-    g.add("pos", "CLIPTextEncode", (380, 200), [prompt], title="Positive prompt", size=(360, 140))
-    g.add("neg", "CLIPTextEncode", (380, 380), [NEGATIVE], title="Negative prompt (used when cfg > 1)",
-          size=(360, 140))
-    g.add("clipvision", "CLIPVisionLoader", (0, 380), ["clip_vision_h.safetensors"])
-    g.add("vae", "VAELoader", (0, 520), ["wan_2.1_vae.safetensors"])
-    g.add("image", "LoadImage", (0, 660), [image_name, "image"], title="Reference portrait", size=(320, 320))
-    g.add("clipenc", "CLIPVisionEncode", (380, 560), ["none"])
-    g.add("i2v", "WanImageToVideo", (780, 300), [width, height, length, 1], size=(320, 220))
-    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", (0, 1020), ["pd_fpg.pth"])
-    g.add("detector", "FantasyPortraitFaceDetectorLoader", (0, 1140), ["mtcnn (offline)", 0.0])
-    g.add("facemasks", "FantasyPortraitFaceMasks", (380, 720))
-    g.add("facepreview", "PreviewImage", (380, 860), title="Faces found (#0 = leftmost)", size=(320, 260))
-    g.add("cond", "FantasyPortraitConditioning", (1140, 720), [1.0, "left_to_right", ""], size=(340, 220))
-    g.add("condpreview", "PreviewImage", (1500, 720), title="Which face each character drives", size=(320, 260))
-    g.add("sampler", "FantasyPortraitSampler", (1140, 300), [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16, *SAMPLER_DEFAULTS],
-          size=(340, 300))
-    g.add("decode", "VAEDecode", (1500, 300))
-    g.add("create", "CreateVideo", (1500, 420), [25])
-    g.add("save", "SaveVideo", (1840, 300), ["video/FantasyPortrait", "auto", "auto"], size=(360, 420))
+def layout_problems(g: Graph) -> list[str]:
+    """What breaks the layout rule in ``g`` (after :meth:`Graph.layout`): overlapping reserved
+    areas, links that do not go left to right, nodes outside their band's group."""
+    g.layout()
+    rects, problems = g.rects(), []
+    keys = list(rects)
+    for i, a in enumerate(keys):
+        ax, ay, aw, ah = rects[a]
+        for b in keys[i + 1:]:
+            bx, by, bw, bh = rects[b]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                problems.append(f"{a} and {b} overlap")
+    by_id = {n["id"]: n for n in g.nodes}
+    for _, src, _, dst, _, _ in g.links:
+        a, b = by_id[src], by_id[dst]
+        if a["pos"][0] + a["size"][0] >= b["pos"][0]:
+            problems.append(f"link {a['_key']} -> {b['_key']} does not go left to right")
+    bands = [gr for gr in g.groups]
+    for n in g.nodes:
+        x, y, w, h = rects[n["_key"]]
+        inside = [gr for gr in bands if gr["bounding"][0] <= x and x + w <= gr["bounding"][0] + gr["bounding"][2]
+                  and gr["bounding"][1] <= y and y + h <= gr["bounding"][1] + gr["bounding"][3]]
+        if len(inside) != 1 or inside[0]["title"] != g.bands[n["_band"]]:
+            problems.append(f"{n['_key']} is not inside its group {g.bands[n['_band']]!r}")
+    return problems
+
+
+def video_room(width: int, height: int, node_w: int) -> int:
+    """Room a ``width × height`` video preview takes below a node ``node_w`` wide."""
+    return round(node_w * height / width) + VIDEO_PAD
+
+
+def common(g: Graph, image_name: str, width: int, height: int, length: int, prompt: str = PROMPT,
+           lora: str | None = None):
+    """Models, text, CLIP vision, WanImageToVideo, reference faces, sampler, decode and save.
+
+    Columns: 0 loaders and inputs, 1 encoders, 2 WanImageToVideo / face preview / Encode Expression,
+    3 Conditioning / expression info, 4 Sampler, 5 VAE Decode, 6 Create Video, 7 Save Video.
+    Bands: 0 models and prompts, 1 reference portrait, 2.. driving videos. ``lora``: a FantasyPortrait
+    LoRA node (column 1) between the model loader and the sampler, with that file.
+    """
+    g.add("model", "FantasyPortraitModelLoader", 0, 0, ["wan2.1_i2v_720p_14B_bf16.safetensors",
+                                                       "Wan2_1_FantasyPortrait_fp16.safetensors",
+                                                       "bf16", "fp8_e4m3fn", "none"], size=(360, 0))
+    g.add("clip", "CLIPLoader", 0, 0, ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], size=(360, 0))
+    g.add("clipvision", "CLIPVisionLoader", 0, 0, ["clip_vision_h.safetensors"], size=(360, 0))
+    g.add("vae", "VAELoader", 0, 0, ["wan_2.1_vae.safetensors"], size=(360, 0))
+    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0, ["pd_fpg.pth"], size=(360, 0))
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["mtcnn (offline)", 0.0], size=(360, 0))
+    g.add("pos", "CLIPTextEncode", 1, 0, [prompt], title="Positive prompt (the reference leaves it empty)",
+          size=(340, 140))
+    g.add("neg", "CLIPTextEncode", 1, 0, [NEGATIVE], title="Negative prompt (used when cfg > 1)", size=(340, 140))
+    g.add("clipenc", "CLIPVisionEncode", 1, 0, ["none"], title="CLIP Vision Encode (crop none = whole image)",
+          size=(340, 0))
+    g.add("i2v", "WanImageToVideo", 2, 0, [width, height, length, 1], size=(320, 0))
+    g.add("note", "Note", 2, 0, [
+        f"Size as the reference: the longest side scaled to 720, rounded up to a multiple of 16 ({width}x{height} "
+        f"for this image). Wan's 480p size 832x480 (or 480x832) also works and is about twice as fast.\n\n"
+        f"length: frames to generate (4k+1), at most the driving clip's frame count at the output fps (Encode "
+        f"Expression fps, 25 as the reference). The reference makes up to 201 frames in one pass; the sampler "
+        f"does that when it fits in memory (long_video = auto), else overlapping windows."], size=(320, 230))
+    g.add("sampler", "FantasyPortraitSampler", 4, 0, SAMPLER_WIDGETS, size=(340, 0), grow=IMAGE_ROOM)
+    g.add("decode", "VAEDecode", 5, 0, size=(200, 0))
+    g.add("create", "CreateVideo", 6, 0, [25], size=(230, 0))
+    g.add("save", "SaveVideo", 7, 0, ["video/FantasyPortrait", "auto", "auto"], size=(380, 0),
+          grow=video_room(width, height, 380))
+
+    g.add("image", "LoadImage", 0, 1, [image_name, "image"], title="Reference portrait", size=(360, 0),
+          grow=IMAGE_ROOM)
+    g.add("facemasks", "FantasyPortraitFaceMasks", 1, 1, size=(340, 0))
+    g.add("facepreview", "PreviewImage", 2, 1, title="Faces found (#0 = leftmost)", size=(320, 0), grow=IMAGE_ROOM)
+    g.add("cond", "FantasyPortraitConditioning", 3, 1, [1.0, "left_to_right", ""], size=(340, 0))
+    g.add("condpreview", "PreviewImage", 4, 1, title="Which video track drives which face", size=(340, 0),
+          grow=IMAGE_ROOM)
+
     for a, o, b, i in [("clip", "CLIP", "pos", "clip"), ("clip", "CLIP", "neg", "clip"),
                        ("clipvision", "CLIP_VISION", "clipenc", "clip_vision"), ("image", "IMAGE", "clipenc", "image"),
                        ("pos", "CONDITIONING", "i2v", "positive"), ("neg", "CONDITIONING", "i2v", "negative"),
@@ -162,84 +300,127 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
                        ("detector", "face_detector", "facemasks", "face_detector"), ("image", "IMAGE", "facemasks", "image"),
                        ("facemasks", "preview", "facepreview", "images"), ("facemasks", "faces", "cond", "faces"),
                        ("cond", "preview", "condpreview", "images"),
-                       ("model", "model", "sampler", "model"), ("cond", "portrait", "sampler", "portrait"),
+                       ("cond", "portrait", "sampler", "portrait"),
                        ("i2v", "positive", "sampler", "positive"), ("i2v", "negative", "sampler", "negative"),
                        ("i2v", "latent", "sampler", "latent"), ("sampler", "latent", "decode", "samples"),
                        ("vae", "VAE", "decode", "vae"), ("decode", "IMAGE", "create", "images"),
-                       ("create", "VIDEO", "save", "video")]:
+                       ("cond", "fps", "create", "fps"), ("create", "VIDEO", "save", "video")]:
         g.link(a, o, b, i)
+    if lora:
+        g.add("lora", "FantasyPortraitLoRA", 1, 0, [lora, 1.0],
+              title="LoRA: lightx2v step distill (chain more LoRA nodes for styles)", size=(340, 0))
+        g.link("model", "model", "lora", "model")
+        g.link("lora", "model", "sampler", "model")
+    else:
+        g.link("model", "model", "sampler", "model")
 
 
-def driving(g: Graph, key: str, video: str, pos, people: int = 1):
-    x, y = pos
-    g.add(f"{key}_video", "LoadVideo", (x, y), [video, "image"], title=f"Driving video {key}", size=(320, 300))
-    g.add(f"{key}_parts", "GetVideoComponents", (x + 340, y))
-    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", (x + 340, y + 140), [people, 0.0], size=(340, 140))
+def driving(g: Graph, key: str, video: str, band: int, people: int = 1, size: tuple[int, int] = (512, 512)):
+    """Load Video → Get Video Components → Encode Expression (resampled to 25 fps) → its info shown."""
+    g.add(f"{key}_video", "LoadVideo", 0, band, [video, "image"], title=f"Driving video {key}", size=(300, 0),
+          grow=video_room(*size, 300))
+    g.add(f"{key}_parts", "GetVideoComponents", 1, band, size=(240, 0))
+    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", 2, band, [people, 0.0, "one_euro", 25.0, 25.0, 0],
+          size=(320, 0))
+    g.add(f"{key}_info", "PreviewAny", 3, band, title=f"Driving video {key}: what was found",
+          size=(340, 130))
     g.link(f"{key}_video", "VIDEO", f"{key}_parts", "video")
     g.link(f"{key}_parts", "images", f"{key}_expr", "images")
+    g.link(f"{key}_parts", "fps", f"{key}_expr", "source_fps")
     g.link("encoder", "expression_encoder", f"{key}_expr", "expression_encoder")
     g.link("detector", "face_detector", f"{key}_expr", "face_detector")
+    g.link(f"{key}_expr", "info", f"{key}_info", "source")
 
 
-def single() -> dict:
-    g = Graph()
-    common(g, "man.jpeg", 720, 720, 57, "A man talks to the camera with lively facial expressions.")
-    driving(g, "A", "jgz.mp4", (380, 1180))
+def single() -> Graph:
+    g = Graph(["Models and prompts", "Reference portrait", "Driving video A"])
+    common(g, "man.jpeg", 720, 720, 97)  # jgz.mp4: 59 frames at 15 fps = 98 at 25 fps
+    driving(g, "A", "jgz.mp4", 2)
     g.link("A_expr", "expression", "cond", "expression")
     g.link("A_parts", "audio", "create", "audio")  # the driving video's sound goes to the output
-    g.link("A_parts", "fps", "create", "fps")
-    return g.to_json()
+    return g
 
 
-def multi() -> dict:
-    g = Graph()
-    common(g, "two_person.png", 832, 480, 81, "Two people talk to each other with lively facial expressions.")
-    driving(g, "A", "biden.mp4", (380, 1180))  # character 0 = leftmost face
-    driving(g, "B", "trump.mp4", (380, 1640))  # character 1 = next face to the right
+def multi() -> Graph:
+    g = Graph(["Models and prompts", "Reference portrait", "Driving video A (leftmost face)",
+               "Driving video B (next face to the right)"])
+    common(g, "two_person.png", 720, 416, 201)  # 1084x610 -> 720x405 -> /16 up
+    driving(g, "A", "biden.mp4", 2, size=(432, 432))  # character 0 = leftmost face
+    driving(g, "B", "trump.mp4", 3, size=(416, 416))  # character 1 = next face to the right
     g.link("A_expr", "expression", "cond", "expression")
     g.link("B_expr", "expression", "cond", "expression_2")
     g.link("A_parts", "audio", "create", "audio")  # first driver's sound (these two clips have none)
-    g.link("A_parts", "fps", "create", "fps")
-    return g.to_json()
+    return g
 
 
-def native() -> dict:
+LIGHTX2V_LORA = "Wan21_I2V_14B_lightx2v_cfg_step_distill_lora_rank64_bf16.safetensors"
+
+
+def fast() -> Graph:
+    """The single-character graph in few-step mode: lightx2v step-distill LoRA (FantasyPortrait LoRA
+    node between the model loader and the sampler), the sampler's lightx2v preset (4 steps, cfg 1),
+    portrait guidance on the first half of the steps only (2 + 2 + 1 + 1 transformer passes)."""
+    g = Graph(["Models and prompts", "Reference portrait", "Driving video A"])
+    common(g, "man.jpeg", 720, 720, 97, lora=LIGHTX2V_LORA)
+    driving(g, "A", "jgz.mp4", 2)
+    g.link("A_expr", "expression", "cond", "expression")
+    g.link("A_parts", "audio", "create", "audio")
+    sampler = g.node("sampler")
+    sampler["title"] = "FantasyPortrait Sampler (lightx2v preset: 4 steps, cfg 1)"
+    widgets = list(SAMPLER_WIDGETS)
+    widgets[2], widgets[8], widgets[9], widgets[14] = 4, "lcm", "lightx2v", 0.5  # steps, sampler, preset, portrait cfg end
+    sampler["widgets_values"] = widgets
+    return g
+
+
+def native() -> Graph:
     """One character on ComfyUI's own Wan2.1 I2V MODEL: Load Diffusion Model (bf16 / fp8; a GGUF loader
     fits the same socket), an optional LoraLoaderModelOnly (bypassed; e.g. the lightx2v step-distill
-    LoRA, then steps 4-8, cfg 1), FantasyPortrait Patch Model + Guider, SamplerCustomAdvanced."""
-    g = Graph()
-    g.add("unet", "UNETLoader", (0, 0), ["wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors", "default"], size=(360, 90))
-    lora = g.add("lora", "LoraLoaderModelOnly", (0, 120),
+    LoRA, then steps 4-8, cfg 1), FantasyPortrait Patch Model + Guider, SamplerCustomAdvanced.
+
+    Columns: 0 loaders and inputs, 1 LoRA / encoders, 2 shift / WanImageToVideo / face preview /
+    Encode Expression, 3 Conditioning, 4 Patch Model, 5 Guider / noise / sampler / sigmas,
+    6 SamplerCustomAdvanced, 7 VAE Decode, 8 Create Video, 9 Save Video.
+    """
+    g = Graph(["Models and prompts", "Reference portrait", "Driving video A"])
+    g.add("unet", "UNETLoader", 0, 0, ["wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors", "default"], size=(360, 0))
+    g.add("clip", "CLIPLoader", 0, 0, ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], size=(360, 0))
+    g.add("clipvision", "CLIPVisionLoader", 0, 0, ["clip_vision_h.safetensors"], size=(360, 0))
+    g.add("vae", "VAELoader", 0, 0, ["wan_2.1_vae.safetensors"], size=(360, 0))
+    g.add("adapter", "FantasyPortraitAdapterLoader", 0, 0, ["Wan2_1_FantasyPortrait_fp16.safetensors", "auto"],
+          size=(360, 0))
+    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0, ["pd_fpg.pth"], size=(360, 0))
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["mtcnn (offline)", 0.0], size=(360, 0))
+    lora = g.add("lora", "LoraLoaderModelOnly", 1, 0,
                  ["lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors", 1.0],
-                 title="LoRA (optional: Ctrl+B to enable)", size=(360, 90))
+                 title="LoRA (optional: Ctrl+B to enable)", size=(340, 0))
     lora["mode"] = 4  # bypassed: the MODEL passes through unchanged
-    g.add("shift", "ModelSamplingSD3", (0, 240), [5.0], title="Shift 5 (reference)", size=(360, 60))
-    g.add("adapter", "FantasyPortraitAdapterLoader", (0, 330), ["Wan2_1_FantasyPortrait_fp16.safetensors", "auto"],
-          size=(360, 90))
-    g.add("clip", "CLIPLoader", (0, 450), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"])
-    g.add("pos", "CLIPTextEncode", (380, 430), ["A man talks to the camera with lively facial expressions."],
-          title="Positive prompt", size=(360, 140))
-    g.add("neg", "CLIPTextEncode", (380, 600), [NEGATIVE], title="Negative prompt (used when cfg > 1)", size=(360, 140))
-    g.add("clipvision", "CLIPVisionLoader", (0, 600), ["clip_vision_h.safetensors"])
-    g.add("vae", "VAELoader", (0, 740), ["wan_2.1_vae.safetensors"])
-    g.add("image", "LoadImage", (0, 880), ["man.jpeg", "image"], title="Reference portrait", size=(320, 320))
-    g.add("clipenc", "CLIPVisionEncode", (380, 780), ["none"])
-    g.add("i2v", "WanImageToVideo", (780, 520), [720, 720, 57, 1], size=(320, 220))
-    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", (0, 1240), ["pd_fpg.pth"])
-    g.add("detector", "FantasyPortraitFaceDetectorLoader", (0, 1360), ["mtcnn (offline)", 0.0])
-    g.add("facemasks", "FantasyPortraitFaceMasks", (380, 940))
-    g.add("facepreview", "PreviewImage", (380, 1080), title="Faces found (#0 = leftmost)", size=(320, 260))
-    g.add("cond", "FantasyPortraitConditioning", (780, 940), [1.0, "left_to_right", ""], size=(340, 220))
-    g.add("patch", "FantasyPortraitPatchModel", (780, 120), size=(320, 90))
-    g.add("guider", "FantasyPortraitGuider", (1140, 120), [1.0, 4.0], size=(320, 130))
-    g.add("noise", "RandomNoise", (1140, 280), [42, "fixed"], size=(320, 90))
-    g.add("sampler", "KSamplerSelect", (1140, 400), ["euler"], size=(320, 60))
-    g.add("sigmas", "BasicScheduler", (1140, 490), ["simple", 30, 1.0], size=(320, 110))
-    g.add("sample", "SamplerCustomAdvanced", (1500, 120), size=(320, 300))
-    g.add("decode", "VAEDecode", (1500, 460))
-    g.add("create", "CreateVideo", (1500, 560), [25])
-    g.add("save", "SaveVideo", (1840, 120), ["video/FantasyPortrait_native", "auto", "auto"], size=(360, 420))
-    driving(g, "A", "jgz.mp4", (380, 1400))
+    g.add("pos", "CLIPTextEncode", 1, 0, [PROMPT], title="Positive prompt (the reference leaves it empty)",
+          size=(340, 140))
+    g.add("neg", "CLIPTextEncode", 1, 0, [NEGATIVE], title="Negative prompt (used when cfg > 1)", size=(340, 140))
+    g.add("clipenc", "CLIPVisionEncode", 1, 0, ["none"], title="CLIP Vision Encode (crop none = whole image)",
+          size=(340, 0))
+    g.add("shift", "ModelSamplingSD3", 2, 0, [5.0], title="Shift 5 (reference)", size=(320, 0))
+    g.add("i2v", "WanImageToVideo", 2, 0, [720, 720, 97, 1], size=(320, 0))
+    g.add("patch", "FantasyPortraitPatchModel", 4, 0, size=(320, 0))
+    g.add("guider", "FantasyPortraitGuider", 5, 0, [1.0, 4.0], size=(320, 0))
+    g.add("noise", "RandomNoise", 5, 0, [42, "fixed"], size=(320, 0))
+    g.add("ksampler", "KSamplerSelect", 5, 0, ["euler"], size=(320, 0))
+    g.add("sigmas", "BasicScheduler", 5, 0, ["simple", 30, 1.0], size=(320, 0))
+    g.add("sample", "SamplerCustomAdvanced", 6, 0, size=(320, 0), grow=IMAGE_ROOM)
+    g.add("decode", "VAEDecode", 7, 0, size=(200, 0))
+    g.add("create", "CreateVideo", 8, 0, [25], size=(230, 0))
+    g.add("save", "SaveVideo", 9, 0, ["video/FantasyPortrait_native", "auto", "auto"], size=(380, 0),
+          grow=video_room(720, 720, 380))
+
+    g.add("image", "LoadImage", 0, 1, ["man.jpeg", "image"], title="Reference portrait", size=(360, 0),
+          grow=IMAGE_ROOM)
+    g.add("facemasks", "FantasyPortraitFaceMasks", 1, 1, size=(340, 0))
+    g.add("facepreview", "PreviewImage", 2, 1, title="Faces found (#0 = leftmost)", size=(320, 0), grow=IMAGE_ROOM)
+    g.add("cond", "FantasyPortraitConditioning", 3, 1, [1.0, "left_to_right", ""], size=(340, 0))
+    g.add("condpreview", "PreviewImage", 4, 1, title="Which video track drives which face", size=(320, 0),
+          grow=IMAGE_ROOM)
+    driving(g, "A", "jgz.mp4", 2)
     for a, o, b, i in [("unet", "MODEL", "lora", "model"), ("lora", "MODEL", "shift", "model"),
                        ("shift", "MODEL", "patch", "model"), ("adapter", "adapter", "patch", "adapter"),
                        ("cond", "portrait", "patch", "portrait"), ("patch", "model", "guider", "model"),
@@ -251,49 +432,31 @@ def native() -> dict:
                        ("image", "IMAGE", "i2v", "start_image"),
                        ("detector", "face_detector", "facemasks", "face_detector"), ("image", "IMAGE", "facemasks", "image"),
                        ("facemasks", "preview", "facepreview", "images"), ("facemasks", "faces", "cond", "faces"),
+                       ("cond", "preview", "condpreview", "images"),
                        ("A_expr", "expression", "cond", "expression"),
                        ("i2v", "positive", "guider", "positive"), ("i2v", "negative", "guider", "negative"),
                        ("noise", "NOISE", "sample", "noise"), ("guider", "guider", "sample", "guider"),
-                       ("sampler", "SAMPLER", "sample", "sampler"), ("sigmas", "SIGMAS", "sample", "sigmas"),
+                       ("ksampler", "SAMPLER", "sample", "sampler"), ("sigmas", "SIGMAS", "sample", "sigmas"),
                        ("i2v", "latent", "sample", "latent_image"), ("sample", "output", "decode", "samples"),
                        ("vae", "VAE", "decode", "vae"), ("decode", "IMAGE", "create", "images"),
-                       ("A_parts", "audio", "create", "audio"), ("A_parts", "fps", "create", "fps"),
+                       ("A_parts", "audio", "create", "audio"), ("cond", "fps", "create", "fps"),
                        ("create", "VIDEO", "save", "video")]:
         g.link(a, o, b, i)
-    return g.to_json()
+    return g
 
 
-LIGHTX2V_LORA = "Wan21_I2V_14B_lightx2v_cfg_step_distill_lora_rank64_bf16.safetensors"
-
-
-def fast() -> dict:
-    """The single-character graph in few-step mode: lightx2v step-distill LoRA (FantasyPortrait LoRA
-    node between the model loader and the sampler), the sampler's lightx2v preset (4 steps, cfg 1),
-    portrait guidance on the first half of the steps only (2 + 2 + 1 + 1 transformer passes)."""
-    g = Graph()
-    common(g, "man.jpeg", 720, 720, 57, "A man talks to the camera with lively facial expressions.")
-    driving(g, "A", "jgz.mp4", (380, 1180))
-    g.link("A_expr", "expression", "cond", "expression")
-    g.link("A_parts", "audio", "create", "audio")
-    g.link("A_parts", "fps", "create", "fps")
-    model, sampler = g._node("model"), g._node("sampler")
-    lora = g.add("lora", "FantasyPortraitLoRA", (model["pos"][0], model["pos"][1] - 130), [LIGHTX2V_LORA, 1.0],
-                 title="LoRA: lightx2v step distill (chain more LoRA nodes for styles)", size=(360, 100))
-    # model -> sampler becomes model -> LoRA -> sampler (the link keeps its id, its source moves to the LoRA)
-    link = next(l for l in g.links if l[3] == sampler["id"] and sampler["inputs"][l[4]]["name"] == "model")
-    model["outputs"][link[2]]["links"].remove(link[0])
-    link[1], link[2] = lora["id"], 0
-    lora["outputs"][0]["links"].append(link[0])
-    g.link("model", "model", "lora", "model")
-    sampler["title"] = "FantasyPortrait Sampler (lightx2v preset: 4 steps, cfg 1)"
-    sampler["widgets_values"] = [42, "fixed", 4, 1.0, 4.0, 5.0, 81, 16, "lcm", "lightx2v", 1.0, 0.0, 1.0, 0.0, 0.5, ""]
-    return g.to_json()
+WORKFLOWS = {"fantasyportrait_single.json": single, "fantasyportrait_multi.json": multi,
+             "fantasyportrait_fast.json": fast, "fantasyportrait_native.json": native}
 
 
 def main():
     os.makedirs(os.path.join(ROOT, "workflows"), exist_ok=True)
-    for name, wf in (("fantasyportrait_single.json", single()), ("fantasyportrait_multi.json", multi()),
-                     ("fantasyportrait_native.json", native()), ("fantasyportrait_fast.json", fast())):
+    for name, build in WORKFLOWS.items():
+        g = build()
+        problems = layout_problems(g)
+        if problems:
+            raise SystemExit(f"{name}: layout rule broken: {problems}")
+        wf = g.to_json()
         with open(os.path.join(ROOT, "workflows", name), "w") as f:
             json.dump(wf, f, indent=1, ensure_ascii=False)
             f.write("\n")

@@ -9,9 +9,13 @@
 //   --url URL          ComfyUI address (default http://127.0.0.1:8190)
 //   --out DIR          where the PNGs go (default docs); workflow_<name>.png, where <name> is the
 //                      workflow file name without "fantasyportrait_" and ".json"
-//   --workflows A,B    workflow files (default workflows/fantasyportrait_single.json,
-//                      workflows/fantasyportrait_multi.json)
+//   --workflows A,B    workflow files (default: every workflows/*.json)
 //   --width/--height   viewport (default 1920x1080)
+//   --run NAME=FILE,.. run workflow NAME (e.g. single) before the screenshot: the UI queues it as a
+//                      user would (app.queuePrompt), the request is answered with the API prompt in
+//                      FILE instead (scripts/check_in_comfyui.py writes these: the same graph with
+//                      tiny stand-in models), and the script waits until it has run, so previews,
+//                      shown text and grown nodes are in the picture
 //
 // Needs: npm "playwright-core" (found through NODE_PATH, e.g. `npm install playwright-core` in some
 // folder outside the pack and NODE_PATH=<that folder>/node_modules) and a Chromium executable given by
@@ -23,7 +27,10 @@
 // or models, node types that LiteGraph does not know, nodes with has_errors or that are placeholders
 // for a missing type, links that did not attach, widget values that changed on load or are not in
 // their combo's options, required inputs left unconnected, and whether app.graphToPrompt() works.
-// It then fits the view to the whole graph and saves a 1920x1080 screenshot.
+// It then fits the view to the whole graph and saves a screenshot. Layout: overlapping nodes are
+// found from the node rectangles LiteGraph reports (title bar included), after the run when --run
+// is given; any overlap, and any node the frontend had to enlarge beyond its saved size, is listed,
+// and an overlap makes the exit status 1.
 // Model files named in the workflows need not exist for the node check; to make the combos show the
 // names, start ComfyUI with --extra-model-paths-config pointing at a folder of empty placeholder files.
 // Exit status: 0 if every workflow is clean, 1 otherwise.
@@ -42,9 +49,11 @@ function parseArgs(argv) {
   const a = {
     url: 'http://127.0.0.1:8190',
     out: 'docs',
-    workflows: ['workflows/fantasyportrait_single.json', 'workflows/fantasyportrait_multi.json'],
+    workflows: fs.readdirSync(path.join(ROOT, 'workflows')).filter((f) => f.endsWith('.json')).sort()
+      .map((f) => path.join('workflows', f)),
     width: 1920,
     height: 1080,
+    run: {},
   };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
@@ -54,6 +63,10 @@ function parseArgs(argv) {
     else if (k === '--workflows') { a.workflows = v.split(','); i++; }
     else if (k === '--width') { a.width = Number(v); i++; }
     else if (k === '--height') { a.height = Number(v); i++; }
+    else if (k === '--run') {
+      a.run = Object.fromEntries(v.split(',').map((kv) => kv.split('=')));
+      i++;
+    }
     else if (k === '-h' || k === '--help') {
       console.log('node scripts/screenshot_workflows.mjs --url http://127.0.0.1:8190 --out docs [--workflows a.json,b.json]');
       process.exit(0);
@@ -105,7 +118,8 @@ async function inspect(page, wf) {
       const tag = `#${n.id} ${n.type}`;
       if (n.has_errors) res.errorNodes.push(tag);
       const ctor = n.constructor;
-      if (!LG.registered_node_types[n.type] || !ctor.nodeData || ctor === LG.LGraphNode) res.placeholders.push(tag);
+      const virtual = n.isVirtualNode || (ctor.prototype && ctor.prototype.isVirtualNode); // Note, Reroute: frontend-only
+      if (!LG.registered_node_types[n.type] || (!ctor.nodeData && !virtual) || ctor === LG.LGraphNode) res.placeholders.push(tag);
       // combo values that are not among the options
       for (const w of n.widgets || []) {
         if (w.type === 'combo') {
@@ -199,6 +213,63 @@ async function fitView(page) {
   return page.evaluate(() => window.app.canvas.ds.scale);
 }
 
+// Queue the loaded graph from the UI and wait until the server has run it (see --run).
+async function runWorkflow(page, apiPrompt, arm, result) {
+  arm(apiPrompt);
+  const t0 = Date.now();
+  await page.evaluate(async () => { await window.app.queuePrompt(0, 1); });
+  let q = null;
+  while (!(q = result()) && Date.now() - t0 < 30000) await page.waitForTimeout(200);
+  if (!q || !q.prompt_id) return { status: 'not queued', seconds: (Date.now() - t0) / 1000, detail: JSON.stringify(q).slice(0, 500), outputs: 0 };
+  for (;;) {
+    const h = await (await fetch(`${args.url}/history/${q.prompt_id}`)).json();
+    const entry = h[q.prompt_id];
+    const st = entry && entry.status;
+    if (st && (st.completed || st.status_str === 'error' || st.status_str === 'success')) {
+      const err = (st.messages || []).find((m) => m[0] === 'execution_error');
+      await page.waitForTimeout(3000); // previews, videos and shown text render
+      return { status: st.status_str, seconds: (Date.now() - t0) / 1000,
+        detail: err ? String(err[1].exception_message).slice(0, 500) : '', outputs: Object.keys(entry.outputs || {}).length };
+    }
+    if (Date.now() - t0 > 1800000) return { status: 'timeout', seconds: (Date.now() - t0) / 1000, outputs: 0 };
+    await page.waitForTimeout(1000);
+  }
+}
+
+// Node rectangles as LiteGraph has them now (title bar included): overlaps, nodes outside the group
+// they were saved in, nodes larger than saved.
+async function checkLayout(page, wf) {
+  return page.evaluate((wf) => {
+    const graph = window.app.graph;
+    const nodes = graph._nodes || graph.nodes;
+    const bs = nodes.map((n) => [n, n.getBounding()]);
+    const tag = (n) => `#${n.id} ${n.title}`;
+    const overlaps = [];
+    for (let i = 0; i < bs.length; i++) for (let j = i + 1; j < bs.length; j++) {
+      const [a, ba] = bs[i], [b, bb] = bs[j];
+      const w = Math.min(ba[0] + ba[2], bb[0] + bb[2]) - Math.max(ba[0], bb[0]);
+      const h = Math.min(ba[1] + ba[3], bb[1] + bb[3]) - Math.max(ba[1], bb[1]);
+      if (w > 1 && h > 1) overlaps.push(`${tag(a)} / ${tag(b)} (${Math.round(w)}x${Math.round(h)})`);
+    }
+    const groups = (wf.groups || []).map((g) => g.bounding);
+    const saved = Object.fromEntries(wf.nodes.map((n) => [n.id, n]));
+    const outsideGroup = [];
+    const grown = [];
+    for (const [n, b] of bs) {
+      const s = saved[n.id];
+      if (!s) continue;
+      const home = groups.find((g) => g[0] <= s.pos[0] && s.pos[0] < g[0] + g[2] && g[1] <= s.pos[1] && s.pos[1] < g[1] + g[3]);
+      if (home && (b[0] < home[0] || b[1] < home[1] || b[0] + b[2] > home[0] + home[2] + 1 || b[1] + b[3] > home[1] + home[3] + 1)) {
+        outsideGroup.push(`${tag(n)} (${b.map(Math.round).join(',')} vs group ${home.join(',')})`);
+      }
+      if (n.size[0] > s.size[0] + 1 || n.size[1] > s.size[1] + 1) {
+        grown.push(`${tag(n)} ${s.size.map(Math.round).join('x')} -> ${[...n.size].map(Math.round).join('x')}`);
+      }
+    }
+    return { overlaps, outsideGroup, grown };
+  }, wf);
+}
+
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
   headless: true,
@@ -216,6 +287,22 @@ try {
     if (s.startsWith('data:') || s.startsWith('blob:')) return false;
     try { return new URL(s).host !== host; } catch (e) { return true; }
   }, (r) => r.abort());
+
+  // --run: the UI's own queue request is answered with the check's API prompt for this graph.
+  let pendingPrompt = null;
+  let queued = null;
+  await page.route((u) => { try { const x = new URL(u.toString()); return x.host === host && x.pathname.endsWith('/prompt'); } catch (e) { return false; } },
+    async (route) => {
+      const req = route.request();
+      if (req.method() !== 'POST' || !pendingPrompt) return route.continue();
+      const body = JSON.parse(req.postData() || '{}');
+      body.prompt = pendingPrompt;
+      pendingPrompt = null;
+      const resp = await route.fetch({ postData: JSON.stringify(body) });
+      const text = await resp.text();
+      try { queued = JSON.parse(text); } catch (e) { queued = { error: text.slice(0, 500) }; }
+      await route.fulfill({ response: resp, body: text });
+    });
 
   await page.goto(args.url, { waitUntil: 'domcontentloaded', timeout: 60000 });
   await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas && window.LiteGraph
@@ -242,27 +329,21 @@ try {
     const res = await inspect(page, wf);
     const missingMsgs = [...ov.dialogs, ...ov.toasts].filter((t) => /missing|not found|not installed/i.test(t));
     await closeDialogs(page);
+    let run = null;
+    if (args.run[name]) {
+      run = await runWorkflow(page, JSON.parse(fs.readFileSync(resolve(args.run[name]), 'utf8')),
+        (p) => { pendingPrompt = p; queued = null; }, () => queued);
+      await closeDialogs(page);
+    }
     const scale = await fitView(page);
-    // nodes whose boxes overlap once previews have loaded (layout only; not a failure). Overlaps up to a
-    // title bar's height are ignored: saved sizes often exceed what the widgets need.
-    const overlaps = await page.evaluate(() => {
-      const nodes = window.app.graph._nodes || window.app.graph.nodes;
-      const bs = nodes.map((n) => [n, n.getBounding()]);
-      const out = [];
-      for (let i = 0; i < bs.length; i++) for (let j = i + 1; j < bs.length; j++) {
-        const [a, ba] = bs[i], [b, bb] = bs[j];
-        const w = Math.min(ba[0] + ba[2], bb[0] + bb[2]) - Math.max(ba[0], bb[0]);
-        const h = Math.min(ba[1] + ba[3], bb[1] + bb[3]) - Math.max(ba[1], bb[1]);
-        if (w > 4 && h > 32) out.push(`#${a.id} ${a.title} / #${b.id} ${b.title} (${Math.round(w)}x${Math.round(h)})`);
-      }
-      return out;
-    });
+    const layout = await checkLayout(page, wf);
     const png = path.join(resolve(args.out), `workflow_${name}.png`);
     await page.screenshot({ path: png, fullPage: true });
 
     const ok = !loadError && !missingMsgs.length && !res.unknownTypes.length && !res.errorNodes.length
       && !res.placeholders.length && !res.badLinks.length && !res.unlinkedRequired.length && !res.promptError
-      && res.prompt && !res.prompt.dangling.length;
+      && res.prompt && !res.prompt.dangling.length && !layout.overlaps.length && !layout.outsideGroup.length
+      && (!run || run.status === 'success');
     allOk = allOk && ok;
     console.log(`== ${path.relative(process.cwd(), file)}: ${ok ? 'OK' : 'PROBLEMS'}`);
     console.log(`   nodes ${res.nodes} (file ${wf.nodes.length}), links attached ${res.links}/${wf.links.length}`);
@@ -275,7 +356,10 @@ try {
     console.log(`   unconnected required inputs: ${res.unlinkedRequired.join(', ') || 'none'}`);
     console.log(`   widget values changed on load: ${res.widgetDiffs.join('; ') || 'none'}`);
     console.log(`   combo values not in options: ${res.comboNotInOptions.join(', ') || 'none'}`);
-    console.log(`   overlapping nodes (layout): ${overlaps.join('; ') || 'none'}`);
+    if (run) console.log(`   run: ${run.status} in ${run.seconds.toFixed(1)} s${run.detail ? ' ' + run.detail : ''}; outputs shown by ${run.outputs} node(s)`);
+    console.log(`   overlapping nodes${run ? ' after the run' : ''} (from node rectangles): ${layout.overlaps.join('; ') || 'none'}`);
+    console.log(`   nodes leaving their group: ${layout.outsideGroup.join('; ') || 'none'}`);
+    console.log(`   nodes the frontend enlarged beyond their saved size: ${layout.grown.join('; ') || 'none'}`);
     console.log(`   graphToPrompt: ${res.promptError ? 'ERROR ' + res.promptError
       : `ok, ${res.prompt.nodes} nodes${res.prompt.dangling.length ? ', dangling ' + res.prompt.dangling.join(',') : ''}`}`);
     if (pageErrors.length > errBefore) console.log(`   page errors: ${pageErrors.slice(errBefore).join(' | ')}`);

@@ -17,6 +17,7 @@ def test_cli_run_two_characters(tmp_path, capsys):
     report = json.loads(text[text.index("{"):])
     assert len(report["reference_faces"]) == 2
     assert report["reference_faces"][0]["box"][0] < report["reference_faces"][1]["box"][0]
+    assert report["faces_driven_by"] == {"face #0": "biden.mp4 #0", "face #1": "trump.mp4 #0"}
     p = probe_video(out)
     assert (p["frames"], p["width"], p["height"]) == (9, 128, 80)  # 1084x610 -> 128x72 -> rounded up to /16
     assert (tmp_path / "two_faces.png").exists()
@@ -28,6 +29,10 @@ def test_cli_single_keeps_driving_audio(tmp_path, capsys):
                  "--out", out, "--frames", "6", "--max-size", "96", "--steps", "1", "--device", "cpu"]) == 0
     p = probe_video(out)
     assert p["frames"] == 5 and p["audio"]  # 6 floored to 4k+1
+    report = json.loads((t := capsys.readouterr().out)[t.index("{"):])
+    (driver,) = report["driving"]
+    assert (driver["source_fps"], driver["fps"], report["fps"]) == (15.0, 25.0, 25.0)  # resampled as the reference
+    assert p["fps"] == 25.0
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):

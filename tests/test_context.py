@@ -62,6 +62,7 @@ def test_blending_removes_window_disagreement_seams():
     den = ContextWindowDenoiser.__new__(ContextWindowDenoiser)
     den.windows = context_windows(41, 21, 4)
     den.weights = window_weights(den.windows, 41)
+    den.anchored = [False] * len(den.windows)
 
     class Const:
         def __init__(self, k):
@@ -76,3 +77,81 @@ def test_blending_removes_window_disagreement_seams():
     steps = x0.diff().abs()
     assert steps.max() <= 2 / (min(overlaps) + 1) + 1e-6 < 1
     assert x0[0] == 0 and x0[-1] == len(den.windows) - 1
+
+
+def _long_setup(tiny, num_frames=161, h=4, w=4):
+    transformer, adapter, _, _ = tiny
+    model = copy.deepcopy(transformer)
+    state = attach_portrait_processors(model, adapter)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(num_frames, 554, generator=g)
+    track = FaceTrack(np.tile([0.0, 0, 32, 32], (num_frames, 1)), np.zeros((num_frames, 5, 2)), np.ones(num_frames, bool))
+    portrait = P.portrait_condition(adapter, [P.DrivingExpression(feats, track)], num_frames, None)
+    c = model.config
+    f_lat = (num_frames - 1) // 4 + 1
+    y = torch.cat([torch.zeros(1, 4, f_lat, h, w), torch.randn(1, 16, f_lat, h, w, generator=g)], 1)
+    y[:, :4, 0] = 1
+    cond = I2VConditioning(torch.randn(1, 8, c.text_dim, generator=g), None,
+                           torch.randn(1, 257, c.image_dim, generator=g), y)
+    calls = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        calls.append((hidden.detach().clone(), state.condition))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    return model, state, portrait, cond, calls
+
+
+def test_windows_after_the_first_are_anchored_on_the_reference(tiny):
+    """161 frames in windows of 81: every window after the first now receives the reference
+    condition (mask 1 + reference latent) in front of its own frames, with latent frame 0's current
+    state as input and frame 0's expression tokens; without the anchor it got zeros there."""
+    model, state, portrait, cond, calls = _long_setup(tiny)
+    ref_latent = cond.image_latent[:, 4:, 0]
+    assert ref_latent.abs().sum() > 0
+    P.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1, context_frames=81,
+                      context_overlap=16, window_anchor="reference")
+    # one step, cfg 1 + portrait cfg 4: 2 passes per window; windows start at latent 0, 10, 20
+    assert [c[0].shape[2] for c in calls] == [21, 21, 22, 22, 22, 22]
+    x0 = calls[0][0][:, :16, 0]  # latent frame 0 as the first window sees it
+    for hidden, condition in calls[2:]:
+        mask, image = hidden[:, 16:20], hidden[:, 20:]
+        assert (mask[:, :, 0] == 1).all() and (mask[:, :, 1:] == 0).all()
+        torch.testing.assert_close(image[:, :, 0], ref_latent.to(image.dtype))
+        torch.testing.assert_close(hidden[:, :16, 0], x0)
+        if condition is not None:
+            torch.testing.assert_close(condition.windows[:, 0], portrait.windows[:, 0])
+    windows = context_windows(41, 21, 4)
+    assert windows[1][0] > 0 and calls[2][1] is not None
+
+    calls.clear()
+    P.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1, context_frames=81,
+                      context_overlap=16, window_anchor="none")
+    assert [c[0].shape[2] for c in calls] == [21] * 6
+    assert all((hidden[:, 16:20] == 0).all() for hidden, _ in calls[2:]), "the old input: no reference"
+
+
+def test_one_pass_is_the_default(tiny):
+    model, state, portrait, cond, calls = _long_setup(tiny)
+    latent = P.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1)
+    assert latent.shape[2] == 41 and [c[0].shape[2] for c in calls] == [41, 41]
+
+
+def test_plan_one_pass_when_it_fits():
+    """201 frames at 720x416 on the 14B (dim 5120): 51 latent frames x 45 x 26 tokens, ~6.5 GiB of
+    activations; one pass when that fits in the free memory, else windows of context_frames."""
+    from fantasyportrait_core.context import activation_bytes, plan_context, video_tokens
+
+    tokens = video_tokens(201, 720, 416)
+    assert tokens == 51 * 45 * 26 == 59670
+    assert 6.3 < activation_bytes(tokens, 5120) / 2**30 < 6.8
+    gib = 2**30
+    assert plan_context(201, 720, 416, 5120, 24 * gib - int(15.5 * gib)) is None  # 24 GB card, fp8 weights
+    assert plan_context(201, 720, 416, 5120, 4 * gib) == 81
+    assert plan_context(201, 720, 416, 5120, None) is None  # unknown memory: as the reference
+    assert plan_context(201, 720, 416, 5120, 4 * gib, mode="one_pass") is None
+    assert plan_context(201, 720, 416, 5120, 80 * gib, mode="windows", context_frames=61) == 61
+    assert plan_context(81, 720, 416, 5120, 1, mode="windows") is None  # not longer than a window
+    with pytest.raises(ValueError, match="context mode"):
+        plan_context(201, 720, 416, 5120, None, mode="sometimes")

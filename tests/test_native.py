@@ -173,7 +173,7 @@ def test_native_workflow_uses_only_core_nodes_and_ours():
     core = {"UNETLoader", "LoraLoaderModelOnly", "ModelSamplingSD3", "CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader",
             "CLIPVisionEncode", "LoadImage", "VAELoader", "WanImageToVideo", "KSamplerSelect", "BasicScheduler",
             "RandomNoise", "SamplerCustomAdvanced", "VAEDecode", "LoadVideo", "GetVideoComponents", "CreateVideo",
-            "SaveVideo", "PreviewImage"}
+            "SaveVideo", "PreviewImage", "PreviewAny"}
     ours = {t for t in types if t.startswith("FantasyPortrait")}
     assert types - ours <= core, types - ours - core
     assert {"FantasyPortraitAdapterLoader", "FantasyPortraitPatchModel", "FantasyPortraitGuider"} <= ours
@@ -182,14 +182,16 @@ def test_native_workflow_uses_only_core_nodes_and_ours():
     assert lora["mode"] == 4, "the LoRA ships bypassed"
     by_id = {n["id"]: n for n in wf["nodes"]}
     for link_id, src, slot, dst, dst_slot, typ in wf["links"]:
-        assert by_id[src]["outputs"][slot]["type"] == by_id[dst]["inputs"][dst_slot]["type"] == typ
+        assert by_id[src]["outputs"][slot]["type"] == typ
+        assert by_id[dst]["inputs"][dst_slot]["type"] in (typ, "*")  # "*": Preview Any takes anything
     for name in ours:
         node = next(n for n in wf["nodes"] if n["type"] == name)
         spec = nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
         spec = {**spec["required"], **spec.get("optional", {})}
         widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")]
         assert len(node.get("widgets_values", [])) == len(widgets) + (1 if "seed" in widgets else 0), name
-        assert {i["name"] for i in node["inputs"]} == set(spec) - set(widgets), name
+        # sockets (inputs linked into a widget carry a "widget" entry and are counted as widgets)
+        assert {i["name"] for i in node["inputs"] if "widget" not in i} == set(spec) - set(widgets), name
 
 
 def test_resampler_latents_follow_the_input(tiny):

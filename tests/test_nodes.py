@@ -91,7 +91,7 @@ def test_two_character_graph(loaded):
     expr_b, _, _ = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
                        images=as_image(trump), people=1, smooth=0.0)
     assert crops.shape == (9, 224, 224, 3) and 0 <= crops.min() and crops.max() <= 1
-    assert "person 0: 9 frames" in info
+    assert info.startswith("driver #0: 9 frames at 25 fps")
 
     faces, masks, preview = run("FantasyPortraitFaceMasks", face_detector=detector, image=as_image(ref))
     assert len(faces.faces) == 2 and masks.shape == (2, ref.shape[0], ref.shape[1])
@@ -101,7 +101,7 @@ def test_two_character_graph(loaded):
     cx = [(m.sum(0) * xs).sum() / m.sum() for m in masks]
     assert cx[0] < cx[1]
 
-    portrait, cpreview = run("FantasyPortraitConditioning", faces=faces, expression=expr_a, expression_2=expr_b,
+    portrait, cpreview, fps = run("FantasyPortraitConditioning", faces=faces, expression=expr_a, expression_2=expr_b,
                              portrait_scale=1.0, assignment="left_to_right", face_order="")
     assert len(portrait.drivers) == 2 and cpreview.shape[-1] == 3
 
@@ -117,7 +117,7 @@ def test_two_character_graph(loaded):
     assert model.state.condition is None
 
     # swapping which face each expression drives changes the result
-    swapped, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr_a, expression_2=expr_b,
+    swapped, _, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr_a, expression_2=expr_b,
                      portrait_scale=1.0, assignment="left_to_right", face_order="1,0")
     (other,) = run("FantasyPortraitSampler", **{**kw, "portrait": swapped})
     assert not torch.equal(out["samples"], other["samples"])
@@ -129,7 +129,7 @@ def test_sampler_errors_name_what_to_connect(loaded):
     expr, _, _ = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
                      images=as_image(frames), people=1, smooth=0.0)
     faces, _, _ = run("FantasyPortraitFaceMasks", face_detector=detector, image=as_image(read_image(data_path("man.jpeg"))))
-    portrait, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0, assignment="left_to_right", face_order="")
+    portrait, _, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0, assignment="left_to_right", face_order="")
     pos, neg = _conditioning(model, 2, 8, 8)
     base = dict(model=model, portrait=portrait, negative=neg, seed=1, steps=1, cfg=1.0, portrait_cfg=4.0, shift=5.0, context_frames=81, context_overlap=16)
     with pytest.raises(ValueError, match="WanImageToVideo"):
@@ -150,6 +150,7 @@ def test_sampler_errors_name_what_to_connect(loaded):
 # scripts/check_in_comfyui.py).
 NATIVE = {"CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader", "CLIPVisionEncode", "LoadImage", "VAELoader",
           "WanImageToVideo", "VAEDecode", "LoadVideo", "GetVideoComponents", "CreateVideo", "SaveVideo", "PreviewImage",
+          "PreviewAny",
           "Note"}
 
 
@@ -191,7 +192,7 @@ def test_interrupt_mid_sampling_then_next_run_succeeds(loaded, monkeypatch):
     expr, _, _ = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
                      images=as_image(frames), people=1, smooth=0.0)
     faces, _, _ = run("FantasyPortraitFaceMasks", face_detector=detector, image=as_image(read_image(data_path("man.jpeg"))))
-    portrait, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0,
+    portrait, _, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr, portrait_scale=1.0,
                       assignment="left_to_right", face_order="")
     pos, neg = _conditioning(model, 2, 8, 8)
     kw = dict(model=model, portrait=portrait, positive=pos, negative=neg, latent={"samples": torch.zeros(1, 16, 2, 8, 8)},
@@ -242,6 +243,13 @@ def test_every_input_has_a_tooltip():
         for group in ("required", "optional"):
             for inp, entry in spec.get(group, {}).items():
                 assert len(entry) > 1 and entry[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+
+
+def test_every_node_has_a_description_and_every_output_a_tooltip():
+    for name, cls in MAPPINGS.items():
+        assert len(getattr(cls, "DESCRIPTION", "")) > 30, f"{name} has no DESCRIPTION"
+        tips = getattr(cls, "OUTPUT_TOOLTIPS", ())
+        assert len(tips) == len(cls.RETURN_TYPES) and all(len(t) > 10 for t in tips), f"{name}: OUTPUT_TOOLTIPS"
 
 
 def test_face_mapping_follows_wanimagetovideo_centre_crop():
