@@ -541,7 +541,7 @@ def reference_embeddings(detector, reference: np.ndarray, generated: list[FaceMo
 
 def evaluate(detector, driving: list[np.ndarray], generated: np.ndarray, people: int | None = None, encoder=None,
              reference: np.ndarray | None = None, assign: str = "left_to_right", face_order: list[int] | None = None,
-             landmarks: str = "auto", encoder_random: bool = False, drivers: list | None = None) -> Evaluation:
+             landmarks: str = "auto", encoder_random: bool = False) -> Evaluation:
     """Expression-fidelity metrics of ``generated`` against its driving video(s).
 
     Args:
@@ -560,9 +560,6 @@ def evaluate(detector, driving: list[np.ndarray], generated: np.ndarray, people:
         landmarks: ``auto`` (Face Mesh if mediapipe ships it, else the crop measurement),
             ``mesh`` or ``crop``.
         encoder_random: the encoder has random weights: the report says PD-FGC values are not meaningful.
-        drivers: optional :class:`~.pipeline.DrivingExpression` list (what Encode Expression gave
-            the generation, one per character): their face tracks and features are reused, so the
-            driving clip is not detected or encoded again.
     Returns:
         :class:`Evaluation`; ``report["seconds"]`` has the time of each stage.
     Raises:
@@ -584,21 +581,7 @@ def evaluate(detector, driving: list[np.ndarray], generated: np.ndarray, people:
     mesh = make_mesh_landmarker(landmarks)
     try:
         t = time.perf_counter()
-        if drivers is not None:
-            if len(drivers) != (people or len(drivers)):
-                raise ValueError(f"{len(drivers)} encoded driver(s) for people={people}")
-            clip_of = [clips[0] if len(clips) == 1 else clips[i] for i in range(len(drivers))]
-            if len(clips) not in (1, len(drivers)):
-                raise ValueError(f"{len(clips)} driving clips for {len(drivers)} encoded drivers")
-            d_motion = []
-            for c, d in zip(clip_of, drivers):
-                if len(d.track) < n:
-                    raise ValueError(f"an encoded driver has {len(d.track)} frames, fewer than the {n} compared")
-                tr = d.track
-                track = FaceTrack(tr.boxes[:n], tr.landmarks[:n], tr.detected[:n], tr.embeddings)
-                d_motion.append(face_motion(c, track, encoder, mesh, d.features[:n] if encoder is not None else None))
-        else:
-            d_motion = measure_driving(detector, clips, people, encoder, mesh)
+        d_motion = measure_driving(detector, clips, people, encoder, mesh)
         seconds["driving"] = time.perf_counter() - t
         t = time.perf_counter()
         g_motion = measure_generated(detector, gen, len(d_motion), encoder, mesh, assign, face_order,
@@ -692,6 +675,7 @@ def plot(evaluation: Evaluation, title: str = "") -> np.ndarray:
     report, series = evaluation.report, evaluation.series
     keys = [k for k in ("expression", "head_pose", *CURVES) if any(k in s for s in series)]
     rows, cols = len(series), len(keys)
+    random_encoder = "RANDOM" in str(report.get("expression_encoder", ""))
     fig = Figure(figsize=(3.4 * cols, 2.5 * rows + 0.6), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -703,7 +687,7 @@ def plot(evaluation: Evaluation, title: str = "") -> np.ndarray:
             if d is None:
                 ax.plot(g, color="tab:red", lw=1.2, label="generated vs driving")
                 ax.axhline(1.0, color="0.6", lw=0.8, ls="--")
-                sub = f"score {m['score']:.2f}"
+                sub = f"score {m['score']:.2f}" + ("  [RANDOM encoder]" if random_encoder else "")
             else:
                 ax.plot(d, color="tab:blue", lw=1.2, label="driving")
                 ax.plot(g, color="tab:orange", lw=1.2, label="generated")

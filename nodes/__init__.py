@@ -2,6 +2,7 @@
 ``fantasyportrait_core``."""
 
 from . import host
+from .evaluate import FantasyPortraitEvaluate
 from .loaders import (FantasyPortraitExpressionEncoderLoader, FantasyPortraitFaceDetectorLoader,
                       FantasyPortraitModelLoader)
 from .portrait import FantasyPortraitConditioning, FantasyPortraitEncodeExpression, FantasyPortraitFaceMasks
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "FantasyPortraitFaceMasks": FantasyPortraitFaceMasks,
     "FantasyPortraitConditioning": FantasyPortraitConditioning,
     "FantasyPortraitSampler": FantasyPortraitSampler,
+    "FantasyPortraitEvaluate": FantasyPortraitEvaluate,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,4 +29,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FantasyPortraitFaceMasks": "FantasyPortrait Face Masks",
     "FantasyPortraitConditioning": "FantasyPortrait Conditioning",
     "FantasyPortraitSampler": "FantasyPortrait Sampler",
+    "FantasyPortraitEvaluate": "FantasyPortrait Evaluate",
 }
