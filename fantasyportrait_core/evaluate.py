@@ -666,11 +666,11 @@ def plot(evaluation: Evaluation, title: str = "") -> np.ndarray:
     Returns:
         uint8 ``[H, W, 3]`` RGB image (matplotlib, Agg backend; no display needed).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the evaluation plot needs matplotlib: pip install matplotlib") from e
 
     report, series = evaluation.report, evaluation.series
     keys = [k for k in ("expression", "head_pose", *CURVES) if any(k in s for s in series)]

@@ -257,3 +257,18 @@ def test_node_returns_table_plot_and_json(det):
     _, _, js2 = getattr(cls(), cls.FUNCTION)(face_detector=det, driving=frames, generated=frames[::2].clone(),
                                              people=1, landmarks="crop", driving_fps=30.0, generated_fps=15.0)
     assert json.loads(js2)["overall"] == 1.0 and json.loads(js2)["frames_compared"] == 3
+
+
+def test_benchmark_runs_tiny():
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_evaluate.py"), "--video",
+                          data_path("jgz.mp4"), "--frames", "3", "--shift", "1", "--min-face-size", "80"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for row in ("driving: align 224² + PD-FGC encode", "generated: eye/mouth curves from the crop",
+                "evaluate() end to end", "sum of the stages"):
+        assert row in out.stdout, out.stdout
