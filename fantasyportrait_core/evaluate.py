@@ -575,6 +575,9 @@ def evaluate(detector, driving: list[np.ndarray], generated: np.ndarray, people:
     if assign not in ASSIGN_MODES:
         raise ValueError(f"unknown assignment {assign!r}; choose one of {ASSIGN_MODES}")
     n = min(len(generated), *(len(v) for v in driving))
+    if len(generated) > n:
+        log.warning("[FantasyPortrait] evaluation: the generated video has %d frames, its driver only %d; "
+                    "the last %d generated frames are not compared", len(generated), n, len(generated) - n)
     clips = [v[:n] for v in driving]
     gen = generated[:n]
     seconds = {}
