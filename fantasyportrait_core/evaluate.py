@@ -154,7 +154,9 @@ def crop_curves(crops: np.ndarray, points5: np.ndarray) -> tuple[np.ndarray, np.
     Limits (documented in the README): the values are heights of dark/pale regions, not landmark
     gaps: lashes and the lip line give a floor of about 0.02–0.05 for closed eyes and about 0.05–0.1
     for a closed mouth; glasses, heavy make-up, moustaches and deep side shadows add to it;
-    squinting eyes at low resolution lose the sclera. Compare curves of the same measurement only.
+    squinting eyes at low resolution lose the sclera. Against MediaPipe Face Mesh gaps the mouth
+    curve correlates at r 0.96 / 0.48 (jgz 20 frames / trump 60 frames), the eye curve at only
+    0.28 / 0.39. Compare curves of the same measurement only.
 
     Args:
         crops: uint8 ``[F, S, S, 3]`` RGB aligned crops; points5: ``[F, 5, 2]`` landmarks in the crop.
