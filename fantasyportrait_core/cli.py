@@ -301,6 +301,8 @@ def cmd_evaluate(args) -> int:
 
     from . import evaluate as E
 
+    if not os.path.isfile(args.generated):
+        raise FileNotFoundError(f"generated video not found: {args.generated} (--generated)")
     generated = read_video(args.generated)
     videos = [resample_fps(read_video(v), generated.fps) for v in args.driving]
     gen_frames = generated.frames

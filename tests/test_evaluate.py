@@ -195,6 +195,35 @@ def test_identity_is_arcface_cosine_to_the_reference_or_not_measured():
     assert E.identity_metrics(ref, np.zeros((0, 0))).startswith("not measured")
 
 
+class _EmbeddingDetector:
+    """MTCNN plus a stand-in identity embedding (mean RGB of the face box), to run the identity path
+    the insightface backend takes without its model files."""
+
+    def __init__(self, det):
+        self.det = det
+
+    def _embed(self, image, faces):
+        for f in faces:
+            x0, y0, x1, y1 = np.round(f.box).astype(int)
+            f.embedding = image[y0:y1, x0:x1].reshape(-1, 3).mean(0)
+        return faces
+
+    def detect(self, image):
+        return self._embed(image, self.det.detect(image))
+
+    def detect_batch(self, images):
+        return [self._embed(im, faces) for im, faces in zip(images, self.det.detect_batch(images))]
+
+
+def test_identity_is_measured_against_the_reference_when_the_detector_gives_embeddings(det):
+    frames = _clip("jgz.mp4", 4)
+    ev = E.evaluate(_EmbeddingDetector(det), [frames], frames.copy(), reference=frames[0])
+    ch = _metrics(ev)
+    assert ev.report["identity_target"] == "reference image"
+    assert ch["identity"]["frames"] == 4 and ch["identity"]["cosine_mean"] > 0.99
+    assert ch["overall"] == 1.0
+
+
 def test_two_characters_are_matched_by_the_generation_assignment(det):
     """two_person.mp4 against itself: the default left-to-right assignment pairs each person with
     themself (perfect scores); face_order 1,0 (as the generation would have used) crosses them."""
