@@ -5,6 +5,7 @@ from . import host
 from .evaluate import FantasyPortraitEvaluate
 from .loaders import (FantasyPortraitExpressionEncoderLoader, FantasyPortraitFaceDetectorLoader,
                       FantasyPortraitModelLoader)
+from .native import FantasyPortraitAdapterLoader, FantasyPortraitGuider, FantasyPortraitPatchModel
 from .portrait import FantasyPortraitConditioning, FantasyPortraitEncodeExpression, FantasyPortraitFaceMasks
 from .sampler import FantasyPortraitSampler
 
@@ -18,6 +19,9 @@ NODE_CLASS_MAPPINGS = {
     "FantasyPortraitFaceMasks": FantasyPortraitFaceMasks,
     "FantasyPortraitConditioning": FantasyPortraitConditioning,
     "FantasyPortraitSampler": FantasyPortraitSampler,
+    "FantasyPortraitAdapterLoader": FantasyPortraitAdapterLoader,
+    "FantasyPortraitPatchModel": FantasyPortraitPatchModel,
+    "FantasyPortraitGuider": FantasyPortraitGuider,
     "FantasyPortraitEvaluate": FantasyPortraitEvaluate,
 }
 
@@ -29,5 +33,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FantasyPortraitFaceMasks": "FantasyPortrait Face Masks",
     "FantasyPortraitConditioning": "FantasyPortrait Conditioning",
     "FantasyPortraitSampler": "FantasyPortrait Sampler",
+    "FantasyPortraitAdapterLoader": "FantasyPortrait Adapter Loader",
+    "FantasyPortraitPatchModel": "FantasyPortrait Patch Model (native)",
+    "FantasyPortraitGuider": "FantasyPortrait Guider",
     "FantasyPortraitEvaluate": "FantasyPortrait Evaluate",
 }

@@ -48,6 +48,17 @@ def map_mask(mask: torch.Tensor, scale: float, off_x: float, off_y: float, dst_w
     return torch.nn.functional.interpolate(m[:, None], size=(dst_h, dst_w), mode="nearest")[:, 0]
 
 
+def portrait_layout(portrait, width: int, height: int, num_frames: int) -> P.ReferenceLayout:
+    """Per-character regions and latent person map of FP_PORTRAIT at the generated size: faces and
+    user masks are taken from reference pixels through WanImageToVideo's centre crop
+    (:func:`center_crop_map`), then :func:`fantasyportrait_core.pipeline.reference_layout`. Used by this
+    sampler and by the patch on ComfyUI's own Wan MODEL (``nodes/native.py``)."""
+    scale, ox, oy = center_crop_map(portrait.ref_width, portrait.ref_height, width, height)
+    faces = [map_face(f, scale, ox, oy) for f in portrait.faces]
+    masks = [None if m is None else map_mask(m, scale, ox, oy, width, height) for m in portrait.user_masks]
+    return P.reference_layout(faces, portrait.drivers, width, height, num_frames, masks or None)
+
+
 def conditioning_parts(positive, negative, cfg: float):
     """Text embeddings, CLIP image tokens and the 20-channel image condition from native Wan I2V
     CONDITIONING (as produced by ``WanImageToVideo``).
@@ -145,10 +156,7 @@ class FantasyPortraitSampler:
             raise ValueError(f"reference latent {tuple(y.shape[2:])} and latent {tuple(samples.shape[2:])} differ: "
                              "take both from the same WanImageToVideo")
 
-        scale, ox, oy = center_crop_map(portrait.ref_width, portrait.ref_height, width, height)
-        faces = [map_face(f, scale, ox, oy) for f in portrait.faces]
-        masks = [None if m is None else map_mask(m, scale, ox, oy, width, height) for m in portrait.user_masks]
-        layout = P.reference_layout(faces, portrait.drivers, width, height, num_frames, masks or None)
+        layout = portrait_layout(portrait, width, height, num_frames)
 
         device = host.torch_device()
         tr = model.transformer

@@ -76,3 +76,31 @@ def write_adapter_repacked(adapter, path, encoder=None, dtype=torch.float16):
 def write_pd_fpg(encoder, path):
     torch.save(encoder.state_dict(), path)
     return path
+
+
+# The smallest Wan2.1-I2V transformer ComfyUI's model detection takes as Wan2.1 I2V
+# (comfy/model_detection.py fixes head size 128, freq_dim 256, umT5 width 4096 and CLIP-H width
+# 1280): 2 heads (width 256), 2 blocks. Used for the native-MODEL tests and the real-ComfyUI check.
+def _tiny_native_config():
+    from fantasyportrait_core.models import WAN21_I2V_14B
+
+    return dict(WAN21_I2V_14B, num_attention_heads=2, attention_head_dim=128, ffn_dim=64, num_layers=2,
+                added_kv_proj_dim=256)
+
+
+TINY_NATIVE_TRANSFORMER = _tiny_native_config()
+
+
+def tiny_native_models(seed: int = 0):
+    """(transformer, adapter) in :data:`TINY_NATIVE_TRANSFORMER` sizes with seeded random weights; the
+    adapter's K/V projections get small random values (zero in a fresh adapter) so the portrait
+    branch moves the output."""
+    from fantasyportrait_core.models import TINY_ADAPTER, build_adapter, build_transformer
+
+    torch.manual_seed(seed)
+    transformer = build_transformer(TINY_NATIVE_TRANSFORMER).eval()
+    adapter = build_adapter(TINY_NATIVE_TRANSFORMER, **TINY_ADAPTER).eval()
+    for block in adapter.ip_adapter.blocks:
+        for lin in (block.cross_attn.ip_adapter_single_stream_k_proj, block.cross_attn.ip_adapter_single_stream_v_proj):
+            torch.nn.init.normal_(lin.weight, std=0.2)
+    return transformer, adapter
