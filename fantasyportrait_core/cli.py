@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--init-video", default=None,
                      help="video to start from when --denoise < 1 (video-to-video; resized to the output size)")
     common(run)
+    _evaluate_parser(sub)
     return ap
 
 
@@ -199,6 +200,36 @@ def init_latent_from_video(vae, path: str, num_frames: int, width: int, height: 
     x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
     p = next(vae.parameters())
     return normalize_latent(vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float()).cpu()
+def _evaluate_parser(sub):
+    ev = sub.add_parser("evaluate", help="how faithfully a generated video follows its driving video(s)",
+                        description="Expression-fidelity metrics per character (PD-FGC expression and head-pose "
+                                    "distances, eye/mouth curves, identity with insightface) and an overall score "
+                                    "in [0, 1]; see fantasyportrait_core/evaluate.py and the README.")
+    ev.add_argument("--driving", nargs="+", required=True,
+                    help="the driving video(s) the generation used: one per character, or one with --people N")
+    ev.add_argument("--generated", required=True, help="the generated video")
+    ev.add_argument("--people", type=int, default=None, help="characters in a single driving video")
+    ev.add_argument("--image", default=None, help="reference image (identity target; default: first generated frame)")
+    ev.add_argument("--assign", choices=P.ASSIGN_MODES, default="left_to_right",
+                    help="the assignment the generation used (which face each character animates)")
+    ev.add_argument("--face-order", default="", help="the --face-order the generation used, e.g. 1,0")
+    ev.add_argument("--frames", type=int, default=None, help="compare at most this many frames (default: all)")
+    ev.add_argument("--offset", type=int, default=0,
+                    help="compare generated frame i+OFFSET with driving frame i (negative: the driving side is "
+                         "advanced); e.g. to measure a known lag")
+    ev.add_argument("--pd-fpg", default=None,
+                    help="PD-FGC encoder (pd_fpg.pth or the repacked adapter) for the expression/head-pose metrics")
+    ev.add_argument("--tiny-random", action="store_true",
+                    help="random PD-FGC encoder (plumbing checks only: its distances are not meaningful)")
+    ev.add_argument("--landmarks", choices=("auto", "mesh", "crop"), default="auto",
+                    help="eye/mouth curves from MediaPipe Face Mesh (if installed with its models) or the aligned crop")
+    ev.add_argument("--detector", choices=BACKENDS, default="mtcnn")
+    ev.add_argument("--detector-dir", default=None)
+    ev.add_argument("--min-face-size", type=int, default=0,
+                    help="mtcnn: smallest face side searched, px (0 = a tenth of the smallest video side, min 20)")
+    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ev.add_argument("--json", default=None, help="write every metric to this JSON file")
+    ev.add_argument("--plot", default=None, help="write the per-frame curves to this PNG")
 
 
 class Models:
@@ -400,10 +431,74 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """``evaluate``: read the videos, resample the driving ones to the generated video's rate,
+    measure (:func:`fantasyportrait_core.evaluate.evaluate`), print the table, write JSON / PNG."""
+    import cv2
+
+    from . import evaluate as E
+
+    if not os.path.isfile(args.generated):
+        raise FileNotFoundError(f"generated video not found: {args.generated} (--generated)")
+    generated = read_video(args.generated)
+    videos = [resample_fps(read_video(v), generated.fps) for v in args.driving]
+    gen_frames = generated.frames
+    if args.offset > 0:
+        gen_frames = gen_frames[args.offset:]
+    elif args.offset < 0:
+        videos = [Video(v.frames[-args.offset:], v.fps, v.path) for v in videos]
+    if len(gen_frames) == 0 or any(len(v) == 0 for v in videos):
+        raise ValueError(f"--offset {args.offset} leaves no frame to compare")
+    if args.frames is not None:
+        if args.frames < 1:
+            raise ValueError(f"--frames must be at least 1, got {args.frames}")
+        gen_frames = gen_frames[:args.frames]
+    kw = {}
+    if args.detector == "mtcnn":
+        shortest = min(min(f.shape[1:3]) for f in [gen_frames] + [v.frames for v in videos])
+        kw["min_face_size"] = args.min_face_size or max(20, shortest // 10)
+    encoder, random_encoder = None, False
+    if args.pd_fpg:
+        from .checkpoints import load_expression_encoder
+
+        encoder = load_expression_encoder(args.pd_fpg, device=args.device)
+    elif args.tiny_random:
+        from .expression import FanEncoder
+
+        torch.manual_seed(0)
+        encoder, random_encoder = FanEncoder().eval().to(args.device), True
+        print("RANDOM PD-FGC encoder: expression and head-pose distances are not meaningful.")
+    detector = make_detector(args.detector, args.detector_dir, **kw)
+    try:
+        ev = E.evaluate(detector, [v.frames for v in videos], gen_frames, people=args.people, encoder=encoder,
+                        reference=read_image(args.image) if args.image else None, assign=args.assign,
+                        face_order=P.parse_face_order(args.face_order, "--face-order"), landmarks=args.landmarks,
+                        encoder_random=random_encoder)
+    finally:
+        detector.close()
+    report = {"generated": args.generated, "driving": list(args.driving), "fps": round(generated.fps, 3),
+              "offset": args.offset, **ev.report}
+    print(E.format_table(report))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(E.json_ready(report), f, indent=1)
+        print(f"metrics: {args.json}")
+    if args.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        title = os.path.basename(args.generated) + (f" (offset {args.offset})" if args.offset else "")
+        if not cv2.imwrite(args.plot, cv2.cvtColor(E.plot(ev, title), cv2.COLOR_RGB2BGR)):
+            raise ValueError(f"cannot write the plot to {args.plot} (use a .png name in a writable folder)")
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = _parser().parse_args(argv)
     try:
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
         return cmd_demo(args) if args.command == "demo" else cmd_run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

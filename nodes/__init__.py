@@ -2,6 +2,7 @@
 ``fantasyportrait_core``."""
 
 from . import host
+from .evaluate import FantasyPortraitEvaluate
 from .loaders import (FantasyPortraitExpressionEncoderLoader, FantasyPortraitFaceDetectorLoader,
                       FantasyPortraitModelLoader)
 from .native import FantasyPortraitAdapterLoader, FantasyPortraitGuider, FantasyPortraitPatchModel
@@ -24,6 +25,7 @@ NODE_CLASS_MAPPINGS = {
     "FantasyPortraitPatchModel": FantasyPortraitPatchModel,
     "FantasyPortraitGuider": FantasyPortraitGuider,
     "FantasyPortraitLoRA": FantasyPortraitLoRA,
+    "FantasyPortraitEvaluate": FantasyPortraitEvaluate,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -38,4 +40,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FantasyPortraitPatchModel": "FantasyPortrait Patch Model (native)",
     "FantasyPortraitGuider": "FantasyPortrait Guider",
     "FantasyPortraitLoRA": "FantasyPortrait LoRA",
+    "FantasyPortraitEvaluate": "FantasyPortrait Evaluate",
 }
