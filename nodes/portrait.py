@@ -4,6 +4,7 @@ both -> FP_PORTRAIT for the sampler."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -14,8 +15,11 @@ from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.faces import Face
 from fantasyportrait_core.masks import box_masks
 from fantasyportrait_core.preview import draw_faces
+from fantasyportrait_core.validate import InputError, parse_face_order
 
 from . import host
+
+log = logging.getLogger("FantasyPortrait")
 
 CATEGORY = "FantasyPortrait"
 MAX_EXTRA_EXPRESSIONS = 3  # expression + expression_2..4
@@ -29,7 +33,8 @@ def _frames_key(frames: np.ndarray) -> str:
 
 @dataclass
 class ReferenceFaces:
-    """FP_FACES: faces found in the reference image (left to right), the image and its size."""
+    """FP_FACES: faces found in the reference image (reading order: the numbers on the preview),
+    the image and its size."""
 
     faces: list[Face]
     width: int
@@ -66,6 +71,12 @@ class FantasyPortraitEncodeExpression:
             "smooth": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5.0, "step": 0.1,
                                  "tooltip": "Temporal smoothing of the face landmarks (Gaussian sigma in frames) "
                                             "before alignment; 1 removes crop jitter. 0 = off (reference)."}),
+        }, "optional": {
+            "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
+                                   "Frames to detect and encode, from start_frame: set it to WanImageToVideo's length "
+                                   "so a long clip is not encoded in full. 0 = every frame."}),
+            "start_frame": ("INT", {"default": 0, "min": 0, "max": 1000000, "tooltip":
+                                    "First driving frame to use (0 = the first)."}),
         }}
 
     RETURN_TYPES = ("FP_EXPRESSION", "IMAGE", "STRING")
@@ -78,8 +89,13 @@ class FantasyPortraitEncodeExpression:
     DESCRIPTION = ("Detects and tracks faces in the driving frames, aligns each face on 5 landmarks and encodes "
                    "its headpose, eyes, emotion and mouth. Frames without a face are filled from neighbours.")
 
-    def encode(self, expression_encoder, face_detector, images, people=1, smooth=0.0):
-        frames = host.image_to_uint8(images)
+    def encode(self, expression_encoder, face_detector, images, people=1, smooth=0.0, max_frames=0, start_frame=0):
+        n = images.shape[0] if isinstance(images, torch.Tensor) and images.ndim == 4 else None
+        if n is not None and n > 0 and start_frame >= n:
+            raise InputError(f"start_frame {start_frame} is past the end of the {n} driving frames; lower it")
+        if n is not None and (start_frame or max_frames):
+            images = images[start_frame:start_frame + max_frames if max_frames else None]  # only these are encoded
+        frames = host.image_to_uint8(images, "images (driving frames)")
         # The same driving clip queued again (other seed, prompt or reference) is not re-encoded,
         # even when ComfyUI's own cache was invalidated by other prompts in between.
         key = (_frames_key(frames), people, float(smooth), id(face_detector), id(expression_encoder))
@@ -87,13 +103,16 @@ class FantasyPortraitEncodeExpression:
         if drivers is None:
             device = host.torch_device()
             with P.on_device(expression_encoder, device):
-                drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people, smooth=smooth)
+                drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people, smooth=smooth,
+                                           progress=host.progress, name="driving images")
             _EXPRESSION_CACHE[key] = drivers
             while len(_EXPRESSION_CACHE) > _EXPRESSION_CACHE_SIZE:
                 _EXPRESSION_CACHE.popitem(last=False)
         else:
             _EXPRESSION_CACHE.move_to_end(key)
         info = []
+        if drivers[0].people_seen > len(drivers):
+            info.append(f"the video shows {drivers[0].people_seen} people; {len(drivers)} used (raise people to use more)")
         for i, d in enumerate(drivers):
             miss = d.track.missing
             info.append(f"person {i}: {d.num_frames} frames, {len(miss)} without a face"
@@ -102,7 +121,7 @@ class FantasyPortraitEncodeExpression:
 
 
 class FantasyPortraitFaceMasks:
-    """Reference image -> faces (left to right), one MASK per face and a numbered preview."""
+    """Reference image -> faces (reading order), one MASK per face and a numbered preview."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -113,16 +132,18 @@ class FantasyPortraitFaceMasks:
 
     RETURN_TYPES = ("FP_FACES", "MASK", "IMAGE")
     RETURN_NAMES = ("faces", "face_masks", "preview")
-    OUTPUT_TOOLTIPS = ("Faces for Portrait Conditioning.", "One mask per face (box), left to right.",
-                       "The reference with numbered faces: #0 is the leftmost.")
+    OUTPUT_TOOLTIPS = ("Faces for Portrait Conditioning.", "One mask per face (box), in face-number order.",
+                       "The reference with numbered faces in reading order (rows top to bottom, left to right): "
+                       "the numbers face_order takes.")
     FUNCTION = "detect"
     CATEGORY = CATEGORY
 
     def detect(self, face_detector, image):
-        ref = host.image_to_uint8(image)[0]
-        faces = face_detector.detect(ref)
+        ref = host.image_to_uint8(image[:1] if isinstance(image, torch.Tensor) and image.ndim == 4 else image,
+                                  "image (reference)")[0]
+        faces = P.detect_reference(face_detector, ref)
         if not faces:
-            raise ValueError("no face found in the reference image; use a clearer, larger or more frontal face")
+            raise InputError("no face found in the reference image; use a clearer, larger or more frontal face")
         h, w = ref.shape[:2]
         boxes = np.stack([np.round(f.box).astype(int) for f in faces])
         masks = box_masks(boxes, h, w).float()
@@ -149,8 +170,8 @@ class FantasyPortraitConditioning:
                            "right_to_left, largest_first, or identity (closest-looking face; needs the insightface "
                            "detector)."}),
             "face_order": ("STRING", {"default": "", "tooltip":
-                                      "Overrides assignment: the face number (from the Face Masks preview) of each "
-                                      "character, e.g. '1,0'. Empty = use assignment."}),
+                                      "Overrides assignment: the face number (from the Face Masks preview, reading "
+                                      "order from 0) of each character, e.g. '1,0'. Empty = use assignment."}),
         }, "optional": optional}
 
     RETURN_TYPES = ("FP_PORTRAIT", "IMAGE")
@@ -160,23 +181,46 @@ class FantasyPortraitConditioning:
     DESCRIPTION = ("Pairs each expression sequence with a face of the reference image. Characters are the people "
                    "of 'expression', then of expression_2, 3, 4, in order.")
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, face_order=None):
+        """Checked when the prompt is queued, before anything runs (a linked value arrives as None)."""
+        if face_order is not None:
+            try:
+                parse_face_order(face_order)
+            except InputError as e:
+                return str(e)
+        return True
+
     def condition(self, faces, expression, portrait_scale=1.0, assignment="left_to_right", face_order="", masks=None,
                   **more):
+        order = P.parse_face_order(face_order)
+        user_masks_in = None if masks is None else host.masks_to_tensor(masks, "masks")
         drivers = list(expression)
         for i in range(2, 2 + MAX_EXTRA_EXPRESSIONS):
             drivers += list(more.get(f"expression_{i}") or [])
-        order = P.parse_face_order(face_order)
+        if not drivers:
+            raise InputError("expression holds no character; connect Encode Expression")
         chosen = P.assign_faces(faces.faces, len(drivers), order, assignment,
                                 [P.driver_embedding(d) for d in drivers])
         user_masks: list = [None] * len(drivers)
-        if masks is not None:
-            m = masks if masks.ndim == 3 else masks[None]
+        if user_masks_in is not None:
+            m = user_masks_in
             if m.shape[0] != len(drivers):
-                raise ValueError(f"masks has {m.shape[0]} mask(s) for {len(drivers)} character(s); give one per character")
+                raise InputError(f"masks has {m.shape[0]} mask(s) for {len(drivers)} character(s); give one per "
+                                 f"character (batch in character order)")
+            mh, mw = m.shape[-2:]
+            if abs(mw / mh - faces.width / faces.height) > 0.01 * faces.width / faces.height:
+                raise InputError(f"masks are {mw}x{mh} but the reference image is {faces.width}x{faces.height} (another "
+                                 f"aspect ratio); draw the masks on the reference image or crop them to its shape")
             user_masks = [mi if mi.max() > 0.5 else None for mi in m]
+        numbers = P.face_numbers(chosen, faces.faces)
+        unused = [k for k in range(len(faces.faces)) if k not in numbers]
+        if unused:
+            log.warning("[FantasyPortrait] reference face(s) %s have no driving expression and stay as in the image",
+                          ", ".join(f"#{k}" for k in unused))
         canvas = faces.image if faces.image is not None else np.full((faces.height, faces.width, 3), 40, np.uint8)
-        index = {id(f): k for k, f in enumerate(faces.faces)}
-        preview = draw_faces(canvas, chosen, labels=[f"face #{index[id(f)]} <- character {i}"
-                                                     for i, f in enumerate(chosen)])
+        preview = draw_faces(canvas, chosen + [faces.faces[k] for k in unused],
+                             labels=[f"face #{numbers[i]} <- character {i}" for i in range(len(chosen))]
+                             + [f"face #{k}: no driver" for k in unused])
         return (PortraitInputs(chosen, drivers, faces.width, faces.height, portrait_scale, user_masks),
                 host.uint8_to_image(preview))

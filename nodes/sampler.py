@@ -13,7 +13,9 @@ from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
 from fantasyportrait_core.denoiser import I2VConditioning
 from fantasyportrait_core.faces import Face
 from fantasyportrait_core.models import denormalize_latent, normalize_latent
+from fantasyportrait_core.restore import restored
 from fantasyportrait_core.sampling import DEFAULT_SHIFT, DEFAULT_STEPS
+from fantasyportrait_core.validate import InputError
 
 from . import host
 
@@ -56,19 +58,25 @@ def conditioning_parts(positive, negative, cfg: float):
         ValueError: naming the node to connect when a part is missing.
     """
     if not positive or not isinstance(positive[0], (list, tuple)):
-        raise ValueError("positive must be CONDITIONING (e.g. CLIPTextEncode → WanImageToVideo)")
+        raise InputError("positive must be CONDITIONING (e.g. CLIPTextEncode → WanImageToVideo)")
     text_pos, extra = positive[0][0], positive[0][1]
     if "concat_latent_image" not in extra:
-        raise ValueError("positive has no reference image latent: connect WanImageToVideo (with start_image = the "
+        raise InputError("positive has no reference image latent: connect WanImageToVideo (with start_image = the "
                          "reference portrait) between the text encoders and this sampler")
     clip = extra.get("clip_vision_output")
     if clip is None:
-        raise ValueError("positive has no CLIP image embedding: connect CLIPVisionEncode (clip_vision_h) to "
+        raise InputError("positive has no CLIP image embedding: connect CLIPVisionEncode (clip_vision_h) to "
                          "WanImageToVideo's clip_vision_output; Wan2.1 I2V needs it")
     image_ctx = clip["penultimate_hidden_states"] if isinstance(clip, dict) else clip.penultimate_hidden_states
     text_neg = negative[0][0] if (negative and cfg != 1.0) else None
     if cfg != 1.0 and text_neg is None:
-        raise ValueError("cfg != 1 needs a negative CONDITIONING")
+        raise InputError("cfg != 1 needs a negative CONDITIONING")
+    host.check_finite(text_pos, "positive (text embedding)", "check the text encoder and its model file")
+    if text_neg is not None:
+        host.check_finite(text_neg, "negative (text embedding)", "check the text encoder and its model file")
+    host.check_finite(image_ctx, "positive (CLIP vision embedding)", "check CLIPVisionEncode and its model file")
+    host.check_finite(extra["concat_latent_image"], "positive (reference image latent)",
+                      "check the start_image and the VAE of WanImageToVideo")
 
     def fit(t):
         if t.shape[1] > TEXT_CONTEXT_TOKENS:
@@ -123,26 +131,44 @@ class FantasyPortraitSampler:
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     FUNCTION = "sample"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, context_frames=None, context_overlap=None):
+        """Checked when the prompt is queued. Taking these inputs turns off ComfyUI's own min/max check
+        for them, so their limits are checked here too (a linked value arrives as None)."""
+        spec = FantasyPortraitSampler.INPUT_TYPES()["required"]
+        for name, value in (("context_frames", context_frames), ("context_overlap", context_overlap)):
+            lo, hi = spec[name][1]["min"], spec[name][1]["max"]
+            if value is not None and not lo <= value <= hi:
+                return f"{name} must be between {lo} and {hi}, got {value}"
+        if context_frames is not None and context_overlap is not None and context_overlap >= context_frames:
+            return (f"context_overlap ({context_overlap}) must be less than context_frames ({context_frames}); "
+                    f"lower the overlap")
+        return True
     CATEGORY = "FantasyPortrait"
     DESCRIPTION = ("Samples a Wan2.1 image-to-video latent animated by the portrait's expressions. "
                    "Decode with the native VAE Decode.")
 
     def sample(self, model, portrait, positive, negative, latent, seed, steps=DEFAULT_STEPS, cfg=1.0,
                portrait_cfg=4.0, shift=DEFAULT_SHIFT, context_frames=81, context_overlap=16):
-        samples = latent["samples"]
-        if samples.ndim != 5 or samples.shape[1] != 16:
-            raise ValueError(f"latent must be a Wan2.1 video latent [B, 16, T, H/8, W/8], got {tuple(samples.shape)}")
+        samples = host.check_latent(latent, "latent")
+        msg = self.VALIDATE_INPUTS(context_frames, context_overlap)
+        if msg is not True:
+            raise InputError(msg)
         f_lat, h, w = samples.shape[2:]
         num_frames, width, height = 4 * (f_lat - 1) + 1, w * 8, h * 8
         if width % 16 or height % 16:
-            raise ValueError(f"width and height must be multiples of 16, got {width}x{height}")
+            raise InputError(f"latent is {width}x{height} pixels; Wan needs multiples of 16: set WanImageToVideo "
+                             f"width and height to multiples of 16")
+        if not portrait.drivers:
+            raise InputError("portrait holds no character; connect FantasyPortrait Conditioning")
         shortest = min(d.num_frames for d in portrait.drivers)
         if shortest < num_frames:
-            raise ValueError(f"the latent is {num_frames} frames long but a driving expression has only {shortest}; "
+            raise InputError(f"the latent is {num_frames} frames long but a driving expression has only {shortest}; "
                              f"set WanImageToVideo length to at most {P.frames_for(portrait.drivers)}")
         text_pos, text_neg, image_ctx, y = conditioning_parts(positive, negative, cfg)
         if y.shape[2:] != samples.shape[2:]:
-            raise ValueError(f"reference latent {tuple(y.shape[2:])} and latent {tuple(samples.shape[2:])} differ: "
+            raise InputError(f"reference latent {tuple(y.shape[2:])} and latent {tuple(samples.shape[2:])} differ: "
                              "take both from the same WanImageToVideo")
 
         scale, ox, oy = center_crop_map(portrait.ref_width, portrait.ref_height, width, height)
@@ -161,30 +187,26 @@ class FantasyPortraitSampler:
             host.check_interrupt()
             pbar.update(info.i + 1, info.denoised)
 
-        home = next(tr.parameters()).device
         try:
-            if move:
-                tr.to(device)
-            model.adapter.to(device)
-            cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
-            i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
-            out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, steps=steps, seed=seed,
-                                    cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback,
-                                    context_frames=context_frames, context_overlap=context_overlap)
+            # Whatever happens inside (Cancel, out of memory, an error), the model leaves as it came:
+            # no condition attached, processors and hooks as loaded, weights back on their device.
+            with restored(tr, model.state, (tr, model.adapter), device, move=move):
+                cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
+                i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
+                out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, steps=steps, seed=seed,
+                                        cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback,
+                                        context_frames=context_frames, context_overlap=context_overlap)
         except torch.cuda.OutOfMemoryError as e:
-            weights_gib = host.weight_bytes(tr) / 2**30
-            raise RuntimeError(
-                f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
-                f"{num_frames} frames). In FantasyPortrait Model Loader set storage = fp8_e4m3fn (halves the weights) "
-                f"and/or offload = block (weights stay in CPU RAM), or lower the size, length or context_frames."
-            ) from e
-        finally:
-            model.state.condition = None
-            if move:
-                tr.to(home)
-                model.adapter.to(home)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            raise RuntimeError(oom_message(tr, width, height, num_frames, context_frames, model.offload)) from e
         result = copy.copy(latent)
         result["samples"] = denormalize_latent(out).to(samples.dtype)
         return (result,)
+
+
+def oom_message(transformer, width: int, height: int, num_frames: int, context_frames: int, offload: str) -> str:
+    """What to change when sampling ran out of GPU memory, with the numbers that were tried."""
+    weights_gib = host.weight_bytes(transformer) / 2**30
+    return (f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
+            f"{num_frames} frames, context_frames {context_frames}, offload {offload}). In FantasyPortrait Model "
+            f"Loader set storage = fp8_e4m3fn (halves the weights) and/or offload = block (weights stay in CPU RAM), "
+            f"or lower the size, length or context_frames.")

@@ -59,6 +59,10 @@ def to_v3(node_id: str, classic: type) -> type:
         def execute(cls, **kwargs) -> io.NodeOutput:
             return io.NodeOutput(*getattr(classic(), classic.FUNCTION)(**kwargs))
 
+    if hasattr(classic, "VALIDATE_INPUTS"):
+        # ComfyUI passes only the inputs named in the signature (and skips its own min/max check
+        # for those), so the V3 hook keeps the classic function's exact signature.
+        Node.validate_inputs = classmethod(classic.VALIDATE_INPUTS.__func__)
     Node.__name__ = Node.__qualname__ = classic.__name__
     return Node
 

@@ -197,6 +197,8 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             inp.update(width=size[0], height=size[1], length=length)
         elif ct == "FantasyPortraitSampler":
             inp["steps"] = 2
+        elif ct == "FantasyPortraitEncodeExpression":
+            inp["max_frames"] = length  # encode only the frames generated
         out[nid] = {"class_type": ct, "inputs": inp}
     return out
 

@@ -151,11 +151,13 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
         g.link(a, o, b, i)
 
 
-def driving(g: Graph, key: str, video: str, pos, people: int = 1):
+def driving(g: Graph, key: str, video: str, pos, people: int = 1, frames: int = 0):
+    """A driving video into Encode Expression; ``frames`` (= WanImageToVideo length) caps what is encoded."""
     x, y = pos
     g.add(f"{key}_video", "LoadVideo", (x, y), [video, "image"], title=f"Driving video {key}", size=(320, 300))
     g.add(f"{key}_parts", "GetVideoComponents", (x + 340, y))
-    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", (x + 340, y + 140), [people, 0.0], size=(340, 140))
+    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", (x + 340, y + 140), [people, 0.0, frames, 0],
+          size=(340, 190))
     g.link(f"{key}_video", "VIDEO", f"{key}_parts", "video")
     g.link(f"{key}_parts", "images", f"{key}_expr", "images")
     g.link("encoder", "expression_encoder", f"{key}_expr", "expression_encoder")
@@ -165,7 +167,7 @@ def driving(g: Graph, key: str, video: str, pos, people: int = 1):
 def single() -> dict:
     g = Graph()
     common(g, "man.jpeg", 720, 720, 57, "A man talks to the camera with lively facial expressions.")
-    driving(g, "A", "jgz.mp4", (380, 1180))
+    driving(g, "A", "jgz.mp4", (380, 1180), frames=57)
     g.link("A_expr", "expression", "cond", "expression")
     g.link("A_parts", "audio", "create", "audio")  # the driving video's sound goes to the output
     g.link("A_parts", "fps", "create", "fps")
@@ -175,8 +177,8 @@ def single() -> dict:
 def multi() -> dict:
     g = Graph()
     common(g, "two_person.png", 832, 480, 81, "Two people talk to each other with lively facial expressions.")
-    driving(g, "A", "biden.mp4", (380, 1180))  # character 0 = leftmost face
-    driving(g, "B", "trump.mp4", (380, 1640))  # character 1 = next face to the right
+    driving(g, "A", "biden.mp4", (380, 1180), frames=81)  # character 0 = face #0 (leftmost)
+    driving(g, "B", "trump.mp4", (380, 1640), frames=81)  # character 1 = face #1
     g.link("A_expr", "expression", "cond", "expression")
     g.link("B_expr", "expression", "cond", "expression_2")
     g.link("A_parts", "audio", "create", "audio")  # first driver's sound (these two clips have none)
