@@ -259,7 +259,11 @@ def validate_run_args(args) -> RunPlan:
     """
     validate_common(args)
     plan = plan_job(args.image, args.driving, args.out, args, args.people, args.face_order)
-    plan.real = not (args.tiny_random or not (args.wan_dir or args.adapter or args.transformer))
+    given = [f"--{n.replace('_', '-')}" for n in ("wan_dir", "adapter", "transformer", "pd_fpg") if getattr(args, n)]
+    if args.tiny_random and given:
+        raise InputError(f"--tiny-random builds a random model and would ignore {' '.join(given)}; drop --tiny-random "
+                         f"to use the checkpoints, or drop {' '.join(given)}")
+    plan.real = bool(given)
     if plan.real:
         if not args.wan_dir or not args.adapter:
             raise InputError("real-model mode needs --wan-dir (the diffusers Wan2.1-I2V folder) and --adapter; or "

@@ -395,6 +395,9 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     Videos longer than ``context_frames`` pixel frames are denoised in overlapping context windows
     (:mod:`fantasyportrait_core.context`; overlap ``context_overlap`` pixel frames).
     ``callback(StepInfo)`` runs after each step and may raise to interrupt.
+
+    Raises:
+        FloatingPointError: if the result holds NaN/Inf (never returned silently).
     """
     f_lat = latent_frames(num_frames)
     window = latent_frames(floor_to_4k1(context_frames))
@@ -408,7 +411,12 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     noise = initial_noise((1, 16, f_lat, height // 8, width // 8), seed)
     sigmas = flow_sigmas(steps, shift)
     x = noise.to(denoiser.device) * sigmas[0]
-    return sample_euler(denoiser, x, sigmas, callback=callback).float().cpu()
+    out = sample_euler(denoiser, x, sigmas, callback=callback).float().cpu()
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        raise FloatingPointError(f"sampling produced {bad} NaN/infinite latent value(s) of {out.numel()}: the weights or "
+                                 f"conditions hold NaN, or fp16 overflowed (use bf16 weights)")
+    return out
 
 
 def frames_for(drivers: list[DrivingExpression], max_frames: int | None = None) -> int:
