@@ -428,8 +428,13 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     where = source.paths[0] if len(source.paths) == 1 else f"{os.path.dirname(source.paths[0])} ({len(source.paths)} shards)"
     try:
         config = infer_transformer_config(shapes, num_heads)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{where} [{fmt}]: incomplete Wan transformer, cannot infer its config (missing {e})") from e
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{where} [{fmt}]: incomplete or damaged Wan transformer, cannot infer its config "
+                              f"({type(e).__name__}: {e}); download it again") from e
+    if config["image_dim"] is None or config["in_channels"] != 36 or config["out_channels"] != 16:
+        raise CheckpointError(f"{where} [{fmt}]: a Wan transformer with {config['in_channels']} input channels and "
+                              f"{'no' if config['image_dim'] is None else 'an'} image branch is not Wan2.1-I2V (36 input "
+                              f"channels, CLIP image branch); FantasyPortrait needs Wan2.1-I2V-14B 480P or 720P")
     model = build_transformer(config, empty=True)
     _check_keys(where, fmt + (" fp8-scaled" if scaled else ""), {k: tuple(v.shape) for k, v in model.state_dict().items()},
                 shapes)

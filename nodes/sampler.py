@@ -167,6 +167,13 @@ class FantasyPortraitSampler:
             raise InputError(f"the latent is {num_frames} frames long but a driving expression has only {shortest}; "
                              f"set WanImageToVideo length to at most {P.frames_for(portrait.drivers)}")
         text_pos, text_neg, image_ctx, y = conditioning_parts(positive, negative, cfg)
+        tc = model.transformer.config
+        if text_pos.shape[-1] != tc.text_dim:
+            raise InputError(f"positive text embeddings are {text_pos.shape[-1]}-wide but the transformer takes "
+                             f"{tc.text_dim}: encode the prompt with the Wan umT5-XXL text encoder (CLIPLoader type wan)")
+        if image_ctx.shape[-1] != tc.image_dim:
+            raise InputError(f"the CLIP vision embedding is {image_ctx.shape[-1]}-wide but the transformer takes "
+                             f"{tc.image_dim}: use clip_vision_h in CLIPVisionLoader")
         if y.shape[2:] != samples.shape[2:]:
             raise InputError(f"reference latent {tuple(y.shape[2:])} and latent {tuple(samples.shape[2:])} differ: "
                              "take both from the same WanImageToVideo")

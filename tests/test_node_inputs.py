@@ -269,3 +269,12 @@ def test_loaders_take_only_files_in_comfy_model_folders(fake_comfy_folders):
         host.model_path("fantasyportrait", "../../secret.ckpt")
     with pytest.raises(FileNotFoundError, match="'missing.pth' not found in ComfyUI model folder 'fantasyportrait'"):
         host.model_path("fantasyportrait", "missing.pth")
+
+
+def test_conditioning_from_another_model_is_named(model, two_faces, monkeypatch):
+    monkeypatch.setattr(P, "generate_latent", lambda *a, **k: pytest.fail("sampled foreign conditioning"))
+    portrait, _ = _condition(two_faces, None)
+    pos = _cond(model)
+    pos[0][0] = torch.zeros(1, 8, 4096 + 1)
+    with pytest.raises(InputError, match="text embeddings are 4097-wide but the transformer takes 32: .*umT5"):
+        node("FantasyPortraitSampler")(model, portrait, pos, pos, {"samples": torch.zeros(1, 16, 2, 4, 4)}, 0, 1)
