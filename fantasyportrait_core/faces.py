@@ -321,9 +321,16 @@ def _stitch(tracks: list[dict], min_identity: float) -> list[dict]:
     return tracks
 
 
-def detect_video(detector, frames, batch_size: int = 16, progress=None) -> list[list[Face]]:
-    """Faces in every frame of ``frames``: ``detector.detect_batch`` on batches of ``batch_size``
-    frames where the backend has it, else ``detector.detect`` per frame.
+DETECT_BATCH_PIXELS = 16 * 512 * 512  # frames per detection batch: 16 at 512², 4 at 720p, 2 at 1080p
+
+
+def detect_video(detector, frames, batch_size: int | None = None, progress=None) -> list[list[Face]]:
+    """Faces in every frame of ``frames``: ``detector.detect_batch`` on batches where the backend
+    has it, else ``detector.detect`` per frame.
+
+    Batches hold about :data:`DETECT_BATCH_PIXELS` pixels (``batch_size`` overrides), so the
+    detector's memory (MTCNN's image pyramid and first feature maps, ~60 bytes per pixel) stays
+    near 1 GiB whatever the frame size.
 
     Args:
         frames: ``[F, H, W, 3]`` uint8 RGB array or any re-iterable of ``[H, W, 3]`` frames (e.g. a
@@ -332,6 +339,12 @@ def detect_video(detector, frames, batch_size: int = 16, progress=None) -> list[
     """
     from .video import iter_batches
 
+    if batch_size is None:
+        if isinstance(frames, np.ndarray) and frames.ndim == 4:
+            h, w = frames.shape[1:3]
+        else:
+            h, w = getattr(frames, "height", 512), getattr(frames, "width", 512)
+        batch_size = max(1, DETECT_BATCH_PIXELS // max(h * w, 1))
     batch = getattr(detector, "detect_batch", None)
     out: list[list[Face]] = []
     for chunk in iter_batches(frames, batch_size):
