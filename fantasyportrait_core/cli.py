@@ -361,8 +361,10 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str 
         detector.close()
 
     portrait = P.portrait_condition(models.adapter.to(device), drivers, num_frames, layout, args.portrait_scale)
-    labels = [f"face #{numbers[i]} <- char {i}: {os.path.basename(d.source)}" + (f" person {d.person}" if d.people_seen > 1 else "")
-              for i, d in enumerate(drivers)] + [f"face #{k}: no driver" for k in unused]
+    # One numbering everywhere: the face numbers --face-order takes, next to the character each drives.
+    labels = [f"face #{numbers[i]} <- char {i}: {os.path.basename(d.source)}"
+              + (f" person {d.person}" if d.people_seen > 1 else "") for i, d in enumerate(drivers)]
+    labels += [f"face #{k}: no driver" for k in unused]
     preview = draw_faces(ref, chosen + [faces[k] for k in unused], layout.regions,
                          layout.latent_person if len(drivers) > 1 else None, labels)
     preview_path = os.path.splitext(plan.out)[0] + "_faces.png"

@@ -105,8 +105,9 @@ def check_face_order(order: list[int] | None, characters: int, faces: int | None
         raise InputError(f"{name} lists {len(order)} face(s) for {characters} character(s); give one face number "
                          f"per character, e.g. '{','.join(str(i) for i in range(characters))}'")
     if faces is not None and max(order) >= faces:
-        raise InputError(f"{name} uses face {max(order)} but the reference image has {faces} face(s), numbered "
-                         f"0 to {faces - 1} on the face preview")
+        numbers = "number 0" if faces == 1 else f"numbered 0 to {faces - 1}"
+        raise InputError(f"{name} uses face {max(order)} but the reference image has {faces} face(s) ({numbers} on "
+                         f"the face preview)")
     return order
 
 

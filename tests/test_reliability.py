@@ -165,7 +165,10 @@ def test_one_video_of_two_people_says_what_it_used(tmp_path, capsys, fast_models
     """No silent fallback: the report and the log say the video shows 2 people and 1 was used, and
     which reference face got no driver; the preview numbers are the face numbers."""
     assert _run(tmp_path, driving=("two_person.mp4",)) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    for bar in ("faces in two_person.mp4", "expressions in two_person.mp4", "sampling"):  # progress on stderr
+        assert bar in captured.err
     report = json.loads(text[text.index("{"):])
     assert report["characters"][0]["people_in_video"] == 2
     assert report["notes"] == ["two_person.mp4 shows 2 people; 1 animated (--people)"]
