@@ -4,6 +4,7 @@ are tested) without a ComfyUI install: model folders, device, progress bar, inte
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 
@@ -319,3 +320,41 @@ def uint8_to_image(frames: np.ndarray) -> torch.Tensor:
     if frames.ndim == 3:
         frames = frames[None]
     return torch.from_numpy(np.ascontiguousarray(frames)).float() / 255.0
+
+
+def queue_validator(classic: type):
+    """The V3 ``validate_inputs`` of a plain node class: checks every dropdown (combo) value against
+    the node's current choices (ComfyUI 0.3.x does not check V3 combos when a prompt is queued, so a
+    shared workflow naming a model file the user lacks would run until its loader), then calls the
+    class's own ``VALIDATE_INPUTS``.
+
+    ComfyUI passes a validator only the inputs its signature names (and skips its own min/max check
+    for those), so the function carries an explicit ``__signature__`` of exactly the combo inputs
+    and the inputs ``VALIDATE_INPUTS`` takes. Returns ``None`` when there is nothing to check.
+    """
+    spec = classic.INPUT_TYPES()
+    combos = [n for group in ("required", "optional") for n, e in spec.get(group, {}).items() if isinstance(e[0], list)]
+    own = getattr(classic, "VALIDATE_INPUTS", None)
+    own_names = [p for p in inspect.signature(own).parameters] if own is not None else []
+    names = list(dict.fromkeys(combos + own_names))
+    if not names:
+        return None
+
+    def validate_inputs(cls, **inputs):
+        current = classic.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for name, entry in current.get(group, {}).items():
+                value = inputs.get(name)
+                if name in combos and value is not None and isinstance(entry[0], list) and value not in entry[0]:
+                    shown = ", ".join(map(str, entry[0][:6])) + (" ..." if len(entry[0]) > 6 else "")
+                    return (f"{name}: '{value}' is not one of the {len(entry[0])} choices ({shown or 'none'}); pick "
+                            f"one from the list (a model file must be in its ComfyUI models folder: refresh after "
+                            f"adding it)")
+        if own is not None:
+            return own(**{k: inputs.get(k) for k in own_names})
+        return True
+
+    params = [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
+    validate_inputs.__signature__ = inspect.Signature(params)
+    return validate_inputs

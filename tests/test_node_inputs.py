@@ -278,3 +278,23 @@ def test_conditioning_from_another_model_is_named(model, two_faces, monkeypatch)
     pos[0][0] = torch.zeros(1, 8, 4096 + 1)
     with pytest.raises(InputError, match="text embeddings are 4097-wide but the transformer takes 32: .*umT5"):
         node("FantasyPortraitSampler")(model, portrait, pos, pos, {"samples": torch.zeros(1, 16, 2, 4, 4)}, 0, 1)
+
+
+def test_queue_validator_checks_dropdowns_and_node_rules(monkeypatch):
+    """The V3 registration's validate_inputs: ComfyUI 0.3.x does not check V3 dropdown values when a
+    prompt is queued, so a workflow naming a model file the user lacks is refused there, by name."""
+    import inspect
+
+    monkeypatch.setattr(host, "list_models", lambda folder: {"diffusion_models": ["wan_i2v.safetensors"],
+                                                             "fantasyportrait": ["fp.safetensors"]}.get(folder, []))
+    loader = host.queue_validator(M["FantasyPortraitModelLoader"])
+    assert inspect.getfullargspec(classmethod(loader).__get__(None, object)).args == \
+        ["cls", "transformer", "adapter", "weight_dtype", "storage", "offload"]
+    assert loader(None, transformer="wan_i2v.safetensors", adapter="fp.safetensors", weight_dtype="bf16") is True
+    msg = loader(None, transformer="wan_i2v.safetensors", adapter="missing.safetensors")
+    assert msg.startswith("adapter: 'missing.safetensors' is not one of the 1 choices (fp.safetensors)")
+    cond = host.queue_validator(M["FantasyPortraitConditioning"])
+    assert cond(None, assignment="left_to_right", face_order="1,0") is True
+    assert "assignment: 'random' is not one of the 4 choices" in cond(None, assignment="random")
+    assert "must be comma-separated" in cond(None, assignment="left_to_right", face_order="x")
+    assert host.queue_validator(M["FantasyPortraitFaceMasks"]) is None
