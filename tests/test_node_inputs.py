@@ -298,3 +298,10 @@ def test_queue_validator_checks_dropdowns_and_node_rules(monkeypatch):
     assert "assignment: 'random' is not one of the 4 choices" in cond(None, assignment="random")
     assert "must be comma-separated" in cond(None, assignment="left_to_right", face_order="x")
     assert host.queue_validator(M["FantasyPortraitFaceMasks"]) is None
+
+
+def test_encode_expression_says_how_many_people_it_used(detector, tiny):
+    frames = torch.from_numpy(read_video(data_path("two_person.mp4"), max_frames=2).frames).float() / 255
+    expr, _, info = node("FantasyPortraitEncodeExpression")(tiny[3], detector, frames, 1, 0.0)
+    assert len(expr) == 1 and expr[0].people_seen == 2
+    assert info.splitlines()[0] == "the video shows 2 people; 1 used (raise people to use more)"
