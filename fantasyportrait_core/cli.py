@@ -4,6 +4,12 @@
     python -m fantasyportrait_core.cli run --image ref.png --driving a.mp4 [b.mp4 ...] --out out.mp4 \\
         --wan-dir Wan2.1-I2V-14B-720P-Diffusers --adapter fantasyportrait_model.ckpt --pd-fpg pd_fpg.pth
 
+Few-step and styled sampling (any run):
+
+    ... --lora lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors --preset lightx2v
+    ... --lora style.safetensors:0.7 --sampler unipc --steps 20 --portrait-cfg-end 0.5
+    ... --transformer wan2.1-i2v-14b-480p-Q4_K_M.gguf
+
 ``run`` without checkpoint paths (or with ``--tiny-random``) builds a tiny randomly initialised
 model: the pipeline runs end to end, but the pixels are not a real animation.
 """
@@ -32,7 +38,8 @@ from .preview import draw_faces
 from .restore import restored
 from .validate import (InputError, check_face_order, check_float, check_image_size, check_input_dir,
                        check_input_file, check_int, check_output_path, parse_face_order)
-from .video import VideoStream, load_frames, probe_image, probe_video, read_image, save_video, write_video
+from .video import (VideoStream, load_frames, probe_image, probe_video, read_image, read_video, save_video,
+                    write_video)
 
 log = logging.getLogger("FantasyPortrait")
 MAX_PEOPLE = 8
@@ -62,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--context-frames", type=int, default=81,
                        help="longer videos are denoised in overlapping windows of this many frames")
         p.add_argument("--context-overlap", type=int, default=16, help="frames shared by neighbouring windows")
+        _sampling_options(p)
 
     demo = sub.add_parser("demo", help="tiny random model on the shared inputs (one and two characters)")
     demo.add_argument("--data", default=os.path.join("..", "shared", "data"))
@@ -88,13 +96,15 @@ def _parser() -> argparse.ArgumentParser:
                           "overrides --assign")
     run.add_argument("--fps", type=float, default=None,
                      help="frame rate of the output; driving videos are resampled to it (default: the first video's)")
-    run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards or folder (any supported format)")
+    run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards, folder or .gguf (any supported format)")
     run.add_argument("--wan-dir", help="diffusers Wan2.1-I2V folder (VAE, umT5, CLIP; transformer if not given)")
     run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors")
     run.add_argument("--pd-fpg", help="pd_fpg.pth (default: the pd_fpg.* keys of a repacked adapter)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     run.add_argument("--fp8", action="store_true", help="store transformer weights in fp8 (bf16 compute)")
     run.add_argument("--tiny-random", action="store_true", help="use a tiny random model (no checkpoints)")
+    run.add_argument("--init-video", default=None,
+                     help="video to start from when --denoise < 1 (video-to-video; resized to the output size)")
     common(run)
 
     enc = sub.add_parser("encode", help="encode a *.frames.npz (kept when a video could not be written) to a video")
@@ -102,6 +112,101 @@ def _parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", required=True, help="output video (.mp4, .mov or .mkv)")
     enc.add_argument("--fps", type=float, default=None, help="frame rate (default: the one stored in the file)")
     return ap
+
+
+def _sampling_options(p):
+    """LoRAs, sampler, schedule, denoise and guidance interval (fantasyportrait_core.sampling / .lora)."""
+    from .sampling import PRESETS, SAMPLERS
+
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="Wan2.1 LoRA (any published layout), strength 1 by default; repeat for several")
+    p.add_argument("--sampler", choices=SAMPLERS, default="euler",
+                   help="euler (reference), unipc (Wan's default solver), dpmpp_2m, dpmpp_2m_sde, lcm")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="lightx2v: 4 steps at timesteps 1000/750/500/250, shift 5, lcm, cfg 1 (for lightx2v's "
+                        "step-distill LoRA); overrides --steps/--shift/--sampler/--cfg")
+    p.add_argument("--sigmas", default=None, help="explicit comma-separated sigmas from 1 to 0 (overrides steps/shift)")
+    p.add_argument("--denoise", type=float, default=1.0, help="start below full noise (needs --init-video)")
+    p.add_argument("--cfg-start", type=float, default=0.0, help="text cfg from this fraction of the steps on")
+    p.add_argument("--cfg-end", type=float, default=1.0, help="text cfg up to this fraction of the steps")
+    p.add_argument("--portrait-cfg-start", type=float, default=0.0, help="portrait cfg from this fraction of the steps")
+    p.add_argument("--portrait-cfg-end", type=float, default=1.0, help="portrait cfg up to this fraction of the steps")
+    p.add_argument("--portrait-scale-steps", default="",
+                   help="portrait scale per step range, e.g. '0-0.5:1.2,0.5-1:0.8' (fractions of the steps)")
+
+
+def sampling_kwargs(args) -> dict:
+    """The sampling options of ``args`` as :func:`~fantasyportrait_core.pipeline.generate_latent` keywords.
+
+    Raises:
+        ValueError: naming the option, for unparsable sigmas or step ranges.
+    """
+    from .sampling import parse_step_ranges
+
+    sigmas = None
+    if getattr(args, "sigmas", None):
+        try:
+            sigmas = [float(v) for v in args.sigmas.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ValueError(f"--sigmas '{args.sigmas}' must be comma-separated numbers like 1,0.9375,0.8333,0.625,0") from None
+    return dict(sampler=args.sampler, preset=args.preset, sigmas=sigmas, denoise=args.denoise,
+                cfg_range=(args.cfg_start, args.cfg_end), portrait_cfg_range=(args.portrait_cfg_start, args.portrait_cfg_end),
+                portrait_scales=parse_step_ranges(args.portrait_scale_steps, "--portrait-scale-steps"))
+
+
+def check_sampling_args(args) -> None:
+    """Early, one-line errors for the sampling options (before any model is loaded or video read).
+
+    Raises:
+        ValueError: bad sigmas, step ranges or guidance ranges, an unreadable --lora spec, or a
+            schedule starting below full noise without --init-video.
+    """
+    from .lora import parse_lora_arg
+    from .sampling import GuidanceSchedule, schedule_sigmas
+
+    kw = sampling_kwargs(args)
+    schedule = schedule_sigmas(args.steps, args.shift, kw["denoise"], kw["sigmas"], kw["preset"])
+    GuidanceSchedule(schedule, args.cfg, args.portrait_cfg, kw["cfg_range"], kw["portrait_cfg_range"],
+                     kw["portrait_scales"])
+    if float(schedule[0]) < 1.0 and not getattr(args, "init_video", None):
+        raise ValueError(f"the schedule starts at sigma {float(schedule[0]):.4f} < 1 (--denoise {args.denoise} or "
+                         f"--sigmas): give --init-video to start from, or use --denoise 1")
+    for spec in args.lora:
+        path, _ = parse_lora_arg(spec)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--lora {spec}: file not found: {path}")
+
+
+def apply_cli_loras(transformer, specs: list[str]) -> list:
+    """Read and apply ``--lora FILE[:STRENGTH]`` arguments; returns the summaries for the report."""
+    from .lora import apply_loras, parse_lora_arg, read_lora
+
+    loras = []
+    for spec in specs:
+        path, strength = parse_lora_arg(spec)
+        loras.append((read_lora(path, transformer), strength))
+    apply_loras(transformer, loras)
+    return [{"lora": w.name, "strength": s, "summary": w.summary(), "unmatched_keys": len(w.unmatched)}
+            for w, s in loras]
+
+
+@torch.no_grad()
+def init_latent_from_video(vae, path: str, num_frames: int, width: int, height: int) -> torch.Tensor:
+    """Normalised VAE latent ``[1, 16, F_lat, H/8, W/8]`` of the first ``num_frames`` frames of a video,
+    resized to the output size: what ``--denoise < 1`` starts from.
+
+    Raises:
+        ValueError: the video has fewer frames than will be generated.
+    """
+    from .models import normalize_latent
+
+    video = read_video(path, max_frames=num_frames)
+    if len(video.frames) < num_frames:
+        raise ValueError(f"--init-video {path} has {len(video.frames)} frames; {num_frames} are generated")
+    frames = np.stack([P.resize_image(f, width, height) for f in video.frames])
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    p = next(vae.parameters())
+    return normalize_latent(vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float()).cpu()
 
 
 class Models:
@@ -198,6 +303,12 @@ def validate_common(args) -> None:
         if args.detector == "official":
             for f in ("face_det.onnx", "face_landmark.onnx"):
                 check_input_file(os.path.join(args.detector_dir, f), "--detector-dir", f)
+    try:  # sampler, schedule, LoRAs, guidance interval (the sampling options' own checks)
+        check_sampling_args(args)
+    except (InputError, FileNotFoundError):
+        raise
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def plan_job(image: str, driving: list[str], out: str, args, people=None, face_order: str = "") -> RunPlan:
@@ -316,7 +427,7 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str 
 
     t0 = time.time()
     device = args.device
-    report = {"output": plan.out, "random_weights": models.random}
+    report = {"output": plan.out, "random_weights": models.random, "sampler": args.preset or args.sampler}
     detector = make_detector(args.detector, args.detector_dir)
     mode = getattr(args, "assign", "left_to_right")
     try:
@@ -388,13 +499,22 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str 
         image_ctx = torch.randn(1, 257, cfg_t.image_dim, generator=g)
     cond = I2VConditioning(text_pos, text_neg, image_ctx, y)
 
+    sampling = sampling_kwargs(args)
+    init = None
+    if getattr(args, "init_video", None):
+        with P.on_device(models.vae, device):
+            init = init_latent_from_video(models.vae, args.init_video, num_frames, width, height)
+    from .sampling import schedule_sigmas
+
+    steps = len(schedule_sigmas(args.steps, args.shift, sampling["denoise"], sampling["sigmas"], sampling["preset"])) - 1
     t1 = time.time()
-    with tqdm_progress("sampling", args.steps, unit="step") as update, \
+    with tqdm_progress("sampling", steps, unit="step") as update, \
             restored(models.transformer, models.state, (models.transformer, models.adapter), device):
         latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
                                    steps=args.steps, seed=args.seed, cfg=args.cfg, portrait_cfg=args.portrait_cfg,
                                    shift=args.shift, callback=lambda info: update(1),
-                                   context_frames=args.context_frames, context_overlap=args.context_overlap)
+                                   context_frames=args.context_frames, context_overlap=args.context_overlap,
+                                   init_latent=init, **sampling)
     t2 = time.time()
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)
@@ -449,10 +569,13 @@ def cmd_demo(args) -> int:
           "initialised Wan/adapter/VAE is built from config. Face detection, alignment, expression encoding,\n"
           "masks, windows, guidance and video IO are real; the output pixels are not a meaningful animation.\n")
     models = tiny_random_models(args.seed)
+    loras = apply_cli_loras(models.transformer, args.lora)
     reports = []
     for plan, (_, image_name, video_names) in zip(plans, jobs):
         report = animate(models, read_image(plan.image), plan, args)
         report["reference"] = image_name
+        if loras:
+            report["loras"] = loras
         if report.get("output") is None:
             _print_report(report)
             return 1
@@ -471,8 +594,11 @@ def cmd_run(args) -> int:
     if not plan.real:
         print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real animation).")
     models = real_models(args) if plan.real else tiny_random_models(args.seed)
+    loras = apply_cli_loras(models.transformer, args.lora)
     image = read_image(plan.image)
     report = animate(models, image, plan, args, prompt=args.prompt, negative_prompt=args.negative_prompt)
+    if loras:
+        report["loras"] = loras
     _print_report(report)
     if report.get("output") is None:
         print(f"error: could not write {plan.out} ({report['error']}); the frames are saved in {report['fallback']}: "

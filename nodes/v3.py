@@ -16,7 +16,8 @@ from .host import queue_validator
 
 _WIDGETS = {"INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean}
 _NATIVE = {"IMAGE": io.Image, "MASK": io.Mask, "CONDITIONING": io.Conditioning, "LATENT": io.Latent,
-           "VAE": io.Vae, "CLIP_VISION_OUTPUT": io.ClipVisionOutput, "AUDIO": io.Audio, "VIDEO": io.Video}
+           "VAE": io.Vae, "CLIP_VISION_OUTPUT": io.ClipVisionOutput, "AUDIO": io.Audio, "VIDEO": io.Video,
+           "MODEL": io.Model, "GUIDER": io.Guider, "SIGMAS": io.Sigmas}
 _CUSTOM: dict[str, type] = {}
 
 

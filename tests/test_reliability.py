@@ -386,7 +386,7 @@ def test_nan_latent_is_an_error_not_a_video(tiny, monkeypatch):
     from fantasyportrait_core.attention import attach_portrait_processors
     from fantasyportrait_core.denoiser import I2VConditioning
 
-    monkeypatch.setattr(P, "sample_euler", lambda *a, **k: torch.full((1, 16, 2, 2, 2), float("nan")))
+    monkeypatch.setattr(P, "sample", lambda *a, **k: torch.full((1, 16, 2, 2, 2), float("nan")))
     transformer = copy.deepcopy(tiny[0])
     state = attach_portrait_processors(transformer, copy.deepcopy(tiny[1]))
     c = transformer.config
