@@ -370,6 +370,9 @@ def validate_run_args(args) -> RunPlan:
     """
     validate_common(args)
     plan = plan_job(args.image, args.driving, args.out, args, args.people, args.face_order)
+    if getattr(args, "init_video", None):
+        check_input_file(args.init_video, "--init-video", "video to start from")
+        VideoStream(args.init_video, name=f"--init-video '{args.init_video}'")  # a readable video stream
     given = [f"--{n.replace('_', '-')}" for n in ("wan_dir", "adapter", "transformer", "pd_fpg") if getattr(args, n)]
     if args.tiny_random and given:
         raise InputError(f"--tiny-random builds a random model and would ignore {' '.join(given)}; drop --tiny-random "
