@@ -68,6 +68,8 @@ CLI_ERRORS = [
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "bogus"], "--device"),
     (["--detector", "official", "--detector-dir", "/nonexistent"], "--detector-dir '/nonexistent' is not a folder"),
     (["--adapter", "/nonexistent.ckpt"], "--tiny-random builds a random model and would ignore --adapter"),
+    (["--init-video", "/nonexistent.mp4"], "--init-video '/nonexistent.mp4' not found"),
+    (["--sigmas", "1,half,0"], "--sigmas '1,half,0' must be comma-separated numbers"),
 ]
 
 
