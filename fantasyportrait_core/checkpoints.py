@@ -42,8 +42,12 @@ GGUF_EXT = (".gguf",)
 PICKLE_EXT = (".ckpt", ".pth", ".pt", ".bin")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: unreadable, unknown format, or keys that do not fit."""
+from .validate import InputError
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be loaded: unreadable, unknown format, or keys, shapes or dtypes that do
+    not fit. An :class:`~fantasyportrait_core.validate.InputError` (the file is the user's input)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +107,13 @@ class TensorSource:
             return tuple(h.shape)
         return tuple(h.get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> str:
+        """Stored dtype as a safetensors name (``F32``, ``BF16``, ``F8_E4M3``, ``I64``, ``BOOL``...)."""
+        path, h = self._where[key]
+        if isinstance(h, torch.Tensor):
+            return _TORCH_DTYPE_NAMES.get(h.dtype, str(h.dtype))
+        return h.get_slice(key).get_dtype()
+
     def get(self, key: str) -> torch.Tensor:
         path, h = self._where[key]
         if isinstance(h, torch.Tensor):
@@ -111,6 +122,26 @@ class TensorSource:
             return h.get_tensor(key)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e}); the file may be truncated") from e
+
+
+_TORCH_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+                      torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _check_dtypes(path, fmt: str, source: "TensorSource", key_map: dict[str, str], integer_ok=lambda k: False):
+    """Every weight must be stored as a float type (an integer or bool tensor where a weight belongs
+    means a damaged or foreign file, and casting it would load garbage silently).
+
+    Raises:
+        CheckpointError: naming the first offending keys and their dtypes.
+    """
+    bad = [f"{src} ({source.dtype(src)})" for target, src in key_map.items()
+           if not integer_ok(target) and source.dtype(src) not in FLOAT_DTYPES]
+    if bad:
+        raise CheckpointError(f"{path} [{fmt}]: {len(bad)} weight(s) stored as non-float types (e.g. {bad[:3]}); the "
+                              f"file is damaged or not this model: download it again")
 
 
 def _check_safetensors_size(path: str):
@@ -361,6 +392,18 @@ def infer_transformer_config(shapes: dict[str, tuple], num_heads: int | None = N
     return cfg
 
 
+def _check_i2v(where, fmt: str, config: dict):
+    """A T2V (or other) Wan transformer instead of I2V is named as such.
+
+    Raises:
+        CheckpointError: without the CLIP image branch or with other than 36 input / 16 output channels.
+    """
+    if config["image_dim"] is None or config["in_channels"] != 36 or config["out_channels"] != 16:
+        raise CheckpointError(f"{where} [{fmt}]: a Wan transformer with {config['in_channels']} input channels and "
+                              f"{'no' if config['image_dim'] is None else 'an'} image branch is not Wan2.1-I2V (36 input "
+                              f"channels, CLIP image branch); FantasyPortrait needs Wan2.1-I2V-14B 480P or 720P")
+
+
 _FP32_MODULES = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
 
@@ -408,11 +451,14 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     where = source.paths[0] if len(source.paths) == 1 else f"{os.path.dirname(source.paths[0])} ({len(source.paths)} shards)"
     try:
         config = infer_transformer_config(shapes, num_heads)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{where} [{fmt}]: incomplete Wan transformer, cannot infer its config (missing {e})") from e
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{where} [{fmt}]: incomplete or damaged Wan transformer, cannot infer its config "
+                              f"({type(e).__name__}: {e}); download it again") from e
+    _check_i2v(where, fmt, config)
     model = build_transformer(config, empty=True)
     _check_keys(where, fmt + (" fp8-scaled" if scaled else ""), {k: tuple(v.shape) for k, v in model.state_dict().items()},
                 shapes)
+    _check_dtypes(where, fmt, source, key_map)
 
     def scale_of(src):
         key = src[: -len(".weight")] + ".scale_weight"
@@ -502,8 +548,10 @@ def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device
             shapes[wan_original_to_diffusers(body) if fmt == "wan_original" else body] = shape
     try:
         config = infer_transformer_config(shapes, num_heads)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} [gguf {fmt}]: incomplete Wan transformer, cannot infer its config (missing {e})") from e
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path} [gguf {fmt}]: incomplete or damaged Wan transformer, cannot infer its config "
+                              f"({type(e).__name__}: {e})") from e
+    _check_i2v(path, f"gguf {fmt}", config)
     empty = build_transformer(config, empty=True)
     _check_keys(path, f"gguf {fmt}", {k: tuple(v.shape) for k, v in empty.state_dict().items()}, shapes)
     del empty
@@ -597,6 +645,7 @@ def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", *
     with parameters_on_meta():
         adapter = PortraitAdapter(**cfg)
     _check_keys(path, fmt, {k: tuple(v.shape) for k, v in adapter.state_dict().items()}, shapes)
+    _check_dtypes(path, fmt, source, key_map)
     # The token path (projection + resamplers, 164 M parameters) stays fp32 as in the reference,
     # where it runs outside autocast; the per-block K/V projections take the transformer's dtype.
     _assign(adapter, source, key_map, device, lambda k, t: dtype if k.startswith("ip_adapter.") else torch.float32)
@@ -639,6 +688,7 @@ def load_expression_encoder(path: str, dtype: torch.dtype = torch.float32, devic
     optional = {k for k in expected if k.endswith("num_batches_tracked") and k not in key_map}
     _check_keys(path, fmt, {k: v for k, v in expected.items() if k not in optional},
                 {t: source.shape(s) for t, s in key_map.items()})
+    _check_dtypes(path, fmt, source, key_map, integer_ok=lambda k: k.endswith("num_batches_tracked"))
     sd = {t: source.get(s) for t, s in key_map.items()}
     encoder.load_state_dict(sd, strict=False)
     return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -17,26 +17,33 @@ model: the pipeline runs end to end, but the pixels are not a real animation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import pipeline as P
+from .adapter import floor_to_4k1
 from .attention import attach_portrait_processors
 from .context import ANCHORS, CONTEXT_MODES, free_memory_bytes, plan_context
 from .denoiser import I2VConditioning
-from .models import DTYPES
 from .detectors import BACKENDS, make_detector
+from .models import DTYPES
 from .preview import draw_faces
-from .video import Video, probe_video, read_image, read_video, resample_fps, write_video
+from .restore import restored
+from .validate import (InputError, check_face_order, check_float, check_image_size, check_input_dir,
+                       check_input_file, check_int, check_output_path, parse_face_order)
+from .video import (Video, VideoStream, load_frames, probe_image, probe_video, read_image, read_video,
+                    save_video, write_video)
 
 log = logging.getLogger("FantasyPortrait")
-
+MAX_PEOPLE = 8
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,16 +90,20 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="animate one reference image")
     run.add_argument("--image", required=True)
     run.add_argument("--driving", nargs="+", required=True,
-                     help="one video per character, characters ordered left to right in the image; "
-                          "or one video showing all characters")
-    run.add_argument("--out", required=True, help="output .mp4 (a _faces.png preview is written beside it)")
+                     help="driving videos: one per character (characters take the reference faces in reading "
+                          "order: rows top to bottom, left to right), or videos showing several people (--people)")
+    run.add_argument("--out", required=True,
+                     help="output video (.mp4, .mov or .mkv; a _faces.png preview is written beside it)")
     run.add_argument("--prompt", default="")
     run.add_argument("--negative-prompt", default=None)
-    run.add_argument("--people", type=int, default=None,
-                     help="characters in a single driving video (default: one per video)")
+    run.add_argument("--people", type=int, nargs="+", default=None,
+                     help="people to animate from each driving video: one number for every video, or one number "
+                          "per video (default: 1 each); they are taken in reading order")
     run.add_argument("--assign", choices=P.ASSIGN_MODES, default="left_to_right",
                      help="which reference face each character animates")
-    run.add_argument("--face-order", default="", help="explicit face index per character, e.g. 1,0 (overrides --assign)")
+    run.add_argument("--face-order", default="",
+                     help="face number (as on the _faces.png preview, reading order from 0) per character, e.g. 1,0; "
+                          "overrides --assign")
     run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards, folder or .gguf (any supported format)")
     run.add_argument("--wan-dir", help="diffusers Wan2.1-I2V folder (VAE, umT5, CLIP; transformer if not given)")
     run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors")
@@ -103,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--init-video", default=None,
                      help="video to start from when --denoise < 1 (video-to-video; resized to the output size)")
     common(run)
+
+    enc = sub.add_parser("encode", help="encode a *.frames.npz (kept when a video could not be written) to a video")
+    enc.add_argument("frames_file", help="the .frames.npz file")
+    enc.add_argument("--out", required=True, help="output video (.mp4, .mov or .mkv)")
+    enc.add_argument("--fps", type=float, default=None, help="frame rate (default: the one stored in the file)")
     _evaluate_parser(sub)
     return ap
 
@@ -200,6 +216,8 @@ def init_latent_from_video(vae, path: str, num_frames: int, width: int, height: 
     x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
     p = next(vae.parameters())
     return normalize_latent(vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float()).cpu()
+
+
 def _evaluate_parser(sub):
     ev = sub.add_parser("evaluate", help="how faithfully a generated video follows its driving video(s)",
                         description="Expression-fidelity metrics per character (PD-FGC expression and head-pose "
@@ -253,8 +271,6 @@ def real_models(args) -> Models:
     from .checkpoints import load_adapter, load_expression_encoder, load_transformer
     from .encoders import WanConditioners
 
-    if not args.wan_dir or not args.adapter:
-        raise SystemExit("real-model mode needs --wan-dir and --adapter (or use --tiny-random)")
     dtype = DTYPES[args.dtype]
     transformer = load_transformer(args.transformer or os.path.join(args.wan_dir, "transformer"), dtype=dtype,
                                    device="cpu", storage_dtype=torch.float8_e4m3fn if args.fp8 else None)
@@ -264,60 +280,254 @@ def real_models(args) -> Models:
     return Models(transformer, adapter, vae, encoder, WanConditioners(args.wan_dir, dtype, args.device))
 
 
-def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args, people: int | None = None,
-            prompt: str = "", negative_prompt: str | None = None, source_fps: list[float] | None = None) -> dict:
-    """Run the whole pipeline for one reference image; write ``out_path`` and ``*_faces.png``.
+# ----------------------------------------------------------------------------------------------
+# Validation: every cheap check, before any model is loaded or any frame decoded
 
-    ``videos`` are already at the output frame rate (``args.fps``); ``source_fps`` are their rates
-    before resampling, for the report.
+
+@dataclass
+class RunPlan:
+    """What a validated ``run`` (or one ``demo`` job) will do.
+
+    Attributes:
+        image: reference image path; image_size: its (width, height).
+        videos: one :class:`~fantasyportrait_core.video.VideoStream` per driving video, all at
+            ``fps``, each yielding at most ``frames`` frames (nothing beyond is ever decoded).
+        people: people to animate from each video; characters: their sum.
+        fps: output and driving frame rate.
+        frames: most frames that can be generated (4k+1).
+        face_order: parsed ``--face-order`` or ``None``.
+        out: absolute output path; real: real checkpoints (else the tiny random model).
+    """
+
+    image: str
+    image_size: tuple[int, int]
+    videos: list
+    people: list[int]
+    characters: int
+    fps: float
+    frames: int
+    face_order: list[int] | None
+    out: str
+    real: bool = False
+
+
+def validate_common(args) -> None:
+    """Numbers and options shared by ``run`` and ``demo``.
+
+    Raises:
+        InputError: one line naming the option, the value and the fix.
+    """
+    check_int("--frames", args.frames, 1, 100_000, fix="the number of frames to generate, e.g. 81")
+    check_int("--steps", args.steps, 1, 1000, fix="30 is the reference setting, 4-8 with a distilled LoRA")
+    check_int("--max-size", args.max_size, 64, 4096, fix="the longest side of the output in pixels, e.g. 720")
+    check_float("--cfg", args.cfg, 0.0, 30.0, fix="1 switches text guidance off (the reference setting)")
+    check_float("--portrait-cfg", args.portrait_cfg, 0.0, 30.0, fix="the reference uses 4; <= 1 is off")
+    check_float("--portrait-scale", args.portrait_scale, 0.0, 10.0, fix="1 is the reference strength")
+    check_float("--shift", args.shift, 0.0, 100.0, lo_open=True, fix="the reference uses 5")
+    check_int("--seed", args.seed, 0, 2**64 - 1)
+    check_float("--smooth", args.smooth, 0.0, 20.0, fix="0 (off) or about 1 frame")
+    check_int("--context-frames", args.context_frames, 5, 100_000,
+              fix="the window length in frames, 81 as Wan2.1 was trained on")
+    check_int("--context-overlap", args.context_overlap, 0, args.context_frames - 1,
+              fix=f"frames shared by neighbouring windows, less than --context-frames ({args.context_frames})")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu (slow) or install "
+                         "a CUDA build of torch")
+    try:
+        torch.device(args.device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device '{args.device}' is not a torch device; use cuda, cuda:1 or cpu") from None
+    if args.detector in ("insightface", "official"):
+        what = "insightface root (holding models/buffalo_l)" if args.detector == "insightface" else \
+            "folder with face_det.onnx and face_landmark.onnx"
+        check_input_dir(args.detector_dir, "--detector-dir", what)
+        if args.detector == "official":
+            for f in ("face_det.onnx", "face_landmark.onnx"):
+                check_input_file(os.path.join(args.detector_dir, f), "--detector-dir", f)
+    try:  # sampler, schedule, LoRAs, guidance interval (the sampling options' own checks)
+        check_sampling_args(args)
+    except (InputError, FileNotFoundError):
+        raise
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def plan_job(image: str, driving: list[str], out: str, args, people=None, face_order: str = "") -> RunPlan:
+    """Check one reference image, its driving videos, the people taken from each, the face order
+    and the output path, probing the files' headers only.
+
+    Raises:
+        InputError: naming the option and the file.
+    """
+    check_input_file(image, "--image", "reference image")
+    width, height = probe_image(image, "--image")
+    check_image_size(width, height, f"--image '{image}'")
+    out_abs = os.path.abspath(out) if out else out
+    for path in driving:
+        check_input_file(path, "--driving", "driving video")
+        if os.path.abspath(path) == out_abs:
+            raise InputError(f"--out '{out}' is also a driving video; writing it would destroy the input: choose "
+                             f"another name")
+    if os.path.abspath(image) == out_abs:
+        raise InputError(f"--out '{out}' is the reference image; choose another name")
+    out_abs = check_output_path(out, "--out")
+    videos = [VideoStream(p, name=f"--driving '{p}'") for p in driving]
+    fps = videos[0].source_fps if getattr(args, "fps", None) is None else \
+        check_float("--fps", args.fps, 0.0, 240.0, lo_open=True, fix="the output frame rate, e.g. 25")
+    cap = floor_to_4k1(args.frames)
+    for v in videos:
+        v.fps, v.max_frames = fps, cap
+        if v.width < 32 or v.height < 32:
+            raise InputError(f"--driving '{v.path}' is {v.width}x{v.height}; a face cannot be found in frames that "
+                             f"small: use a larger video")
+    if people is None:
+        people = [1] * len(videos)
+    elif len(people) == 1:
+        people = list(people) * len(videos)
+    elif len(people) != len(videos):
+        raise InputError(f"--people has {len(people)} numbers for {len(videos)} driving videos; give one number for "
+                         f"every video or one per video")
+    for n in people:
+        check_int("--people", n, 1, MAX_PEOPLE, fix="people to animate from a driving video")
+    characters = sum(people)
+    order = check_face_order(parse_face_order(face_order, "--face-order"), characters, name="--face-order")
+    if getattr(args, "assign", None) == "identity" and args.detector != "insightface" and order is None:
+        raise InputError(f"--assign identity needs identity embeddings, which only --detector insightface gives "
+                         f"(now: {args.detector}); use --detector insightface or another --assign")
+    return RunPlan(image, (width, height), videos, people, characters, fps, cap, order, out_abs)
+
+
+def validate_run_args(args) -> RunPlan:
+    """Every cheap check of ``run``'s arguments, in one place, before any model is loaded or any
+    frame decoded: numbers (:func:`validate_common`), files and the output path, driving videos
+    (headers probed), people per video, face order against the character count, modes that need
+    embeddings, and the checkpoint paths of the real model. The reference face count is checked
+    as soon as the reference is detected, before any driving frame.
 
     Returns:
-        A report dict (faces found, frames filled, sizes, timings) that is also printed.
+        :class:`RunPlan`.
+    Raises:
+        InputError: one line naming the option, what was wrong and the fix.
+    """
+    validate_common(args)
+    plan = plan_job(args.image, args.driving, args.out, args, args.people, args.face_order)
+    if getattr(args, "init_video", None):
+        check_input_file(args.init_video, "--init-video", "video to start from")
+        VideoStream(args.init_video, name=f"--init-video '{args.init_video}'")  # a readable video stream
+    given = [f"--{n.replace('_', '-')}" for n in ("wan_dir", "adapter", "transformer", "pd_fpg") if getattr(args, n)]
+    if args.tiny_random and given:
+        raise InputError(f"--tiny-random builds a random model and would ignore {' '.join(given)}; drop --tiny-random "
+                         f"to use the checkpoints, or drop {' '.join(given)}")
+    plan.real = bool(given)
+    if plan.real:
+        if not args.wan_dir or not args.adapter:
+            raise InputError("real-model mode needs --wan-dir (the diffusers Wan2.1-I2V folder) and --adapter; or "
+                             "use --tiny-random")
+        check_input_dir(args.wan_dir, "--wan-dir", "diffusers Wan2.1-I2V folder (with vae/, text_encoder/...)")
+        check_input_dir(os.path.join(args.wan_dir, "vae"), "--wan-dir", "Wan2.1 folder holding vae/")
+        check_input_file(args.adapter, "--adapter", "FantasyPortrait adapter")
+        if args.transformer and not os.path.isdir(args.transformer):
+            check_input_file(args.transformer, "--transformer", "Wan2.1-I2V transformer")
+        if not args.transformer:
+            check_input_dir(os.path.join(args.wan_dir, "transformer"), "--wan-dir",
+                            "Wan2.1 folder holding transformer/ (or give --transformer)")
+        if args.pd_fpg:
+            check_input_file(args.pd_fpg, "--pd-fpg", "pd_fpg.pth expression encoder")
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+
+
+@contextlib.contextmanager
+def tqdm_progress(desc: str, total: int | None, unit: str = "frame"):
+    """A tqdm bar on stderr as a ``progress(desc, total)`` context yielding ``update(n)``."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+        yield bar.update
+
+
+# ----------------------------------------------------------------------------------------------
+# One generation
+
+
+def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str = "",
+            negative_prompt: str | None = None) -> dict:
+    """Run the whole pipeline for one reference image; write ``plan.out`` and ``*_faces.png``.
+
+    Order: reference faces first (one image: checks the face count and face order before any
+    driving frame is decoded), then the driving videos as streams (only the frames used), then
+    sampling with a restore guard, decoding and a write that never loses the result.
+
+    Returns:
+        A report dict (faces in reading order, which face each character drives, unused faces,
+        frames filled, sizes, timings) that is also printed.
+    Raises:
+        InputError: a reference or driving video without the faces asked of it.
     """
     import cv2
 
     t0 = time.time()
     device = args.device
+    report = {"output": plan.out, "random_weights": models.random, "sampler": args.preset or args.sampler}
     detector = make_detector(args.detector, args.detector_dir)
-    report = {"output": out_path, "random_weights": models.random, "sampler": args.preset or args.sampler}
+    mode = getattr(args, "assign", "left_to_right")
     try:
-        # Driving side: one track per video, or `people` tracks from a single video.
-        drivers = []
-        filt = getattr(args, "landmark_filter", "one_euro")
-        with P.on_device(models.encoder, device):
-            for v in videos:
-                n = people if (people and people > 1 and len(videos) == 1) else 1
-                drivers += P.encode_driving(detector, models.encoder, v.frames, people=n, smooth=args.smooth,
-                                            landmark_filter=filt, source=os.path.basename(v.path or "video"),
-                                            fps=v.fps)
-        src = {os.path.basename(v.path or "video"): r for v, r in zip(videos, source_fps or [v.fps for v in videos])}
-        report["driving"] = [{"video": d.source, "track": d.track_index, "frames": int(d.num_frames),
-                              "fps": round(d.fps, 3), "source_fps": round(src.get(d.source, d.fps), 3),
-                              "frames_without_face": d.track.missing} for d in drivers]
-        num_frames = P.frames_for(drivers, args.frames)
-
-        # Reference side.
+        # Reference side (one image): face count and order are checked before any driving frame.
         width, height = P.generation_size(image.shape[1], image.shape[0], args.max_size)
         ref = P.resize_image(image, width, height)
-        faces = detector.detect(ref)
-        report["reference_faces"] = [{"box": [round(float(v), 1) for v in f.box], "score": round(f.score, 3)}
-                                     for f in faces]
-        order = P.parse_face_order(getattr(args, "face_order", ""), "--face-order")
-        chosen = P.assign_faces(faces, len(drivers), order, getattr(args, "assign", "left_to_right"),
-                                [P.driver_embedding(d) for d in drivers])
+        faces = P.detect_reference(detector, ref)
+        report["reference_faces"] = [{"face": k, "box": [round(float(v), 1) for v in f.box],
+                                      "score": round(f.score, 3)} for k, f in enumerate(faces)]
+        chosen = None
+        if plan.face_order is not None or mode != "identity":
+            chosen = P.assign_faces(faces, plan.characters, plan.face_order, mode, order_name="--face-order")
+        else:
+            P.assign_faces(faces, plan.characters, list(range(plan.characters)))  # counts only
+
+        # Driving side: streams, only the frames that will be used.
+        drivers = []
+        with P.on_device(models.encoder, device):
+            for video, people in zip(plan.videos, plan.people):
+                drivers += P.encode_driving(detector, models.encoder, video, people=people, smooth=args.smooth,
+                                            landmark_filter=getattr(args, "landmark_filter", "one_euro"),
+                                            source=video.path, fps=plan.fps, progress=tqdm_progress)
+        if chosen is None:
+            chosen = P.assign_faces(faces, len(drivers), None, mode, [P.driver_embedding(d) for d in drivers])
+        num_frames = P.frames_for(drivers, args.frames)
+        numbers = P.face_numbers(chosen, faces)
+        rates = {v.path: v.source_fps for v in plan.videos}
+        report["characters"] = [{"character": i, "face": numbers[i], "video": os.path.basename(d.source),
+                                 "person_in_video": d.track_index, "people_in_video": d.people_seen,
+                                 "frames": int(d.num_frames), "fps": round(plan.fps, 3),
+                                 "source_fps": round(rates.get(d.source, plan.fps), 3),
+                                 "frames_without_face": d.track.missing}
+                                for i, d in enumerate(drivers)]
+        report["faces_driven_by"] = {f"face #{numbers[i]}": d.label for i, d in enumerate(drivers)}
+        unused = [k for k in range(len(faces)) if k not in numbers]
+        report["unused_faces"] = unused
+        if unused:
+            log.warning("[FantasyPortrait] reference face(s) %s have no driver and stay as in the image; add driving "
+                        "videos or --people to animate them", ", ".join(f"#{k}" for k in unused))
+        for v, n in zip(plan.videos, plan.people):
+            seen = max((d.people_seen for d in drivers if d.source == v.path), default=n)
+            if seen > n:
+                report.setdefault("notes", []).append(
+                    f"{os.path.basename(v.path)} shows {seen} people; {n} animated (--people)")
         layout = P.reference_layout(chosen, drivers, width, height, num_frames)
     finally:
         detector.close()
 
     portrait = P.portrait_condition(models.adapter.to(device), drivers, num_frames, layout, args.portrait_scale)
-    index = {id(f): k for k, f in enumerate(faces)}
-    preview = draw_faces(ref, layout.faces, layout.regions, layout.latent_person if len(drivers) > 1 else None,
-                         [f"face #{index.get(id(f), i)} <- {d.label}" for i, (f, d) in enumerate(zip(chosen, drivers))])
-    report["faces_driven_by"] = {f"face #{index.get(id(f), i)}": d.label
-                                 for i, (f, d) in enumerate(zip(chosen, drivers))}
-    preview_path = os.path.splitext(out_path)[0] + "_faces.png"
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    cv2.imwrite(preview_path, cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
+    # One numbering everywhere: the face numbers --face-order takes, next to the character each drives.
+    labels = [f"face #{numbers[i]} <- {d.label}" for i, d in enumerate(drivers)]
+    labels += [f"face #{k}: no driver" for k in unused]
+    preview = draw_faces(ref, chosen + [faces[k] for k in unused], layout.regions,
+                         layout.latent_person if len(drivers) > 1 else None, labels)
+    preview_path = os.path.splitext(plan.out)[0] + "_faces.png"
+    _write_png(preview_path, cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
 
     # Conditions: text + CLIP image (real encoders) or seeded stand-ins (random tiny model).
     with P.on_device(models.vae, device):
@@ -342,8 +552,12 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
     if getattr(args, "init_video", None):
         with P.on_device(models.vae, device):
             init = init_latent_from_video(models.vae, args.init_video, num_frames, width, height)
+    from .sampling import schedule_sigmas
+
+    steps = len(schedule_sigmas(args.steps, args.shift, sampling["denoise"], sampling["sigmas"], sampling["preset"])) - 1
     t1 = time.time()
-    with P.on_device(models.transformer, device):
+    with tqdm_progress("sampling", steps, unit="step") as update, \
+            restored(models.transformer, models.state, (models.transformer, models.adapter), device):
         c = models.transformer.config
         window = plan_context(num_frames, width, height, c.num_attention_heads * c.attention_head_dim,
                               free_memory_bytes(device), getattr(args, "long_video", "auto"),
@@ -351,25 +565,43 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
         report["context"] = "one pass" if window is None else f"windows of {window} frames"
         latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
                                    steps=args.steps, seed=args.seed, cfg=args.cfg, portrait_cfg=args.portrait_cfg,
-                                   shift=args.shift, context_frames=window, context_overlap=args.context_overlap,
-                                   window_anchor=getattr(args, "window_anchor", "reference"), init_latent=init, **sampling)
+                                   shift=args.shift, callback=lambda info: update(1),
+                                   context_frames=window, context_overlap=args.context_overlap,
+                                   window_anchor=getattr(args, "window_anchor", "reference"),
+                                   init_latent=init, **sampling)
     t2 = time.time()
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)
-    fps = videos[0].fps
-    write_video(out_path, frames, fps, audio_from=videos[0].path)
-    written = probe_video(out_path)  # check what a player will see, not what we meant to write
+    saved = save_video(plan.out, frames, plan.fps, audio_from=plan.videos[0].path)
+    report.update(faces_png=preview_path, sampling_s=round(t2 - t1, 2), fps=round(plan.fps, 3))
+    if saved.path is None:
+        report.update(output=None, fallback=saved.fallback, error=saved.error)
+        return report
+    written = probe_video(plan.out)  # check what a player will see, not what we meant to write
     if (written["frames"], written["width"], written["height"]) != (num_frames, width, height):
-        raise RuntimeError(f"{out_path}: wrote {written} but expected {num_frames} frames {width}x{height}")
+        raise RuntimeError(f"{plan.out}: wrote {written} but expected {num_frames} frames {width}x{height}")
     report.update(frames=written["frames"], width=written["width"], height=written["height"], audio=written["audio"],
-                  fps=round(fps, 3), faces_png=preview_path, sampling_s=round(t2 - t1, 2),
                   total_s=round(time.time() - t0, 2))
     return report
 
 
-def _trim(video: Video, frames: int | None) -> Video:
-    """Only the frames that will be generated are worth detecting and encoding."""
-    return video if frames is None else Video(video.frames[:frames], video.fps, video.path)
+def _write_png(path: str, bgr: np.ndarray):
+    """Write a PNG via a temporary file in the same folder (never a half-written preview)."""
+    import cv2
+
+    ok, data = cv2.imencode(".png", bgr)
+    tmp = path + ".partial"
+    try:
+        if not ok:
+            raise OSError("PNG encoding failed")
+        with open(tmp, "wb") as f:
+            f.write(data.tobytes())
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("[FantasyPortrait] could not write the face preview %s (%s)", path, e)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _print_report(report: dict):
@@ -377,33 +609,33 @@ def _print_report(report: dict):
 
 
 def cmd_demo(args) -> int:
-    check_sampling_args(args)
+    validate_common(args)
     data = args.data
     need = ["man.jpeg", "jgz.mp4", "two_person.png", "biden.mp4", "trump.mp4"]
     missing = [f for f in need if not os.path.isfile(os.path.join(data, f))]
     if missing:
-        print(f"demo inputs missing in {data}: {missing}; pass --data DIR", file=sys.stderr)
-        return 2
+        raise InputError(f"--data: demo inputs {missing} missing in {data}; pass --data DIR (the shared data folder)")
+    jobs = [("single_man_jgz.mp4", "man.jpeg", ["jgz.mp4"]),
+            ("multi_two_person_biden_trump.mp4", "two_person.png", ["biden.mp4", "trump.mp4"])]
+    plans = [plan_job(os.path.join(data, image_name), [os.path.join(data, v) for v in video_names],
+                      os.path.join(args.out, out_name), args) for out_name, image_name, video_names in jobs]
     print("FantasyPortrait demo: RANDOM WEIGHTS. No pretrained weights can be downloaded here, so a tiny randomly\n"
           "initialised Wan/adapter/VAE is built from config. Face detection, alignment, expression encoding,\n"
           "masks, windows, guidance and video IO are real; the output pixels are not a meaningful animation.\n")
     models = tiny_random_models(args.seed)
     loras = apply_cli_loras(models.transformer, args.lora)
     reports = []
-    jobs = [("single_man_jgz.mp4", "man.jpeg", ["jgz.mp4"]),
-            ("multi_two_person_biden_trump.mp4", "two_person.png", ["biden.mp4", "trump.mp4"])]
-    for out_name, image_name, video_names in jobs:
-        image = read_image(os.path.join(data, image_name))
-        videos = [read_video(os.path.join(data, v)) for v in video_names]
-        rates = [v.fps for v in videos]
-        videos = [_trim(resample_fps(v, args.fps), args.frames) for v in videos]
-        report = animate(models, image, videos, os.path.join(args.out, out_name), args, source_fps=rates)
+    for plan, (_, image_name, video_names) in zip(plans, jobs):
+        report = animate(models, read_image(plan.image), plan, args)
         report["reference"] = image_name
         if loras:
             report["loras"] = loras
+        if report.get("output") is None:
+            _print_report(report)
+            return 1
         print(f"== {image_name} + {', '.join(video_names)}: {len(report['reference_faces'])} face(s) in the "
               f"reference; wrote {report['frames']} frames {report['width']}x{report['height']} (checked by decoding "
-              f"the MP4), faces/masks preview {report['faces_png']}")
+              f"the video), faces/masks preview {report['faces_png']}")
         _print_report(report)
         reports.append(report)
     with open(os.path.join(args.out, "report.json"), "w") as f:
@@ -412,22 +644,32 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    check_sampling_args(args)
-    use_random = args.tiny_random or not (args.wan_dir or args.adapter or args.transformer)
-    if use_random:
+    plan = validate_run_args(args)
+    if not plan.real:
         print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real animation).")
-    models = tiny_random_models(args.seed) if use_random else real_models(args)
+    models = real_models(args) if plan.real else tiny_random_models(args.seed)
     loras = apply_cli_loras(models.transformer, args.lora)
-    image = read_image(args.image)
-    videos = [read_video(v) for v in args.driving]
-    rates = [v.fps for v in videos]
-    videos = [_trim(resample_fps(v, args.fps), args.frames) for v in videos]  # drivers in step, same rate
-    people = args.people or (len(videos) if len(videos) > 1 else 1)
-    report = animate(models, image, videos, args.out, args, people=people, prompt=args.prompt,
-                     negative_prompt=args.negative_prompt, source_fps=rates)
+    image = read_image(plan.image)
+    report = animate(models, image, plan, args, prompt=args.prompt, negative_prompt=args.negative_prompt)
     if loras:
         report["loras"] = loras
     _print_report(report)
+    if report.get("output") is None:
+        print(f"error: could not write {plan.out} ({report['error']}); the frames are saved in {report['fallback']}: "
+              f"python -m fantasyportrait_core.cli encode {report['fallback']} --out VIDEO.mp4", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_encode(args) -> int:
+    """Encode a ``*.frames.npz`` fallback file to a video."""
+    check_input_file(args.frames_file, "frames_file", ".frames.npz file")
+    out = check_output_path(args.out, "--out")
+    frames, fps = load_frames(args.frames_file)
+    if args.fps is not None:
+        fps = check_float("--fps", args.fps, 0.0, 240.0, lo_open=True)
+    write_video(out, frames, fps)
+    print(f"wrote {out}: {len(frames)} frames at {fps:g} fps")
     return 0
 
 
@@ -438,20 +680,21 @@ def cmd_evaluate(args) -> int:
 
     from . import evaluate as E
 
-    if not os.path.isfile(args.generated):
-        raise FileNotFoundError(f"generated video not found: {args.generated} (--generated)")
+    check_input_file(args.generated, "--generated", "generated video")
+    for v in args.driving:
+        check_input_file(v, "--driving", "driving video")
     generated = read_video(args.generated)
-    videos = [resample_fps(read_video(v), generated.fps) for v in args.driving]
+    videos = [read_video(v, fps=generated.fps) for v in args.driving]
     gen_frames = generated.frames
     if args.offset > 0:
         gen_frames = gen_frames[args.offset:]
     elif args.offset < 0:
         videos = [Video(v.frames[-args.offset:], v.fps, v.path) for v in videos]
     if len(gen_frames) == 0 or any(len(v) == 0 for v in videos):
-        raise ValueError(f"--offset {args.offset} leaves no frame to compare")
+        raise InputError(f"--offset {args.offset} leaves no frame to compare; use a smaller offset")
     if args.frames is not None:
         if args.frames < 1:
-            raise ValueError(f"--frames must be at least 1, got {args.frames}")
+            raise InputError(f"--frames must be at least 1, got {args.frames}")
         gen_frames = gen_frames[:args.frames]
     kw = {}
     if args.detector == "mtcnn":
@@ -488,21 +731,33 @@ def cmd_evaluate(args) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         title = os.path.basename(args.generated) + (f" (offset {args.offset})" if args.offset else "")
         if not cv2.imwrite(args.plot, cv2.cvtColor(E.plot(ev, title), cv2.COLOR_RGB2BGR)):
-            raise ValueError(f"cannot write the plot to {args.plot} (use a .png name in a writable folder)")
+            raise InputError(f"cannot write the plot to {args.plot} (use a .png name in a writable folder)")
         print(f"plot: {args.plot}")
     return 0
+
+
+def _oom_message(args) -> str:
+    return (f"out of GPU memory at --max-size {args.max_size}, --frames {args.frames}, --context-frames "
+            f"{args.context_frames}{', --fp8' if getattr(args, 'fp8', False) else ''}: add --fp8 (halves the "
+            f"transformer weights), lower --max-size or --context-frames (e.g. 480 / 49), or run on a larger GPU")
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = _parser().parse_args(argv)
+    commands = {"demo": cmd_demo, "run": cmd_run, "encode": cmd_encode, "evaluate": cmd_evaluate}
     try:
-        if args.command == "evaluate":
-            return cmd_evaluate(args)
-        return cmd_demo(args) if args.command == "demo" else cmd_run(args)
-    except (ValueError, FileNotFoundError) as e:
+        return commands[args.command](args)
+    except (InputError, FileNotFoundError) as e:  # a user mistake: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        print(f"error: {_oom_message(args)}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Faces: the :class:`Face` record, box geometry, and per-person face tracks for driving videos.
 
-Detector backends live in :mod:`fantasyportrait_core.detectors`. Faces in a reference image are returned left to right; a driving video yields one
-:class:`FaceTrack` per person, always one entry per frame: frames where that person's face was not
-found are filled from the nearest detected frames and listed in ``FaceTrack.missing``.
+Detector backends live in :mod:`fantasyportrait_core.detectors`. Faces are numbered in reading order
+(:func:`reading_order`: rows top to bottom, left to right inside a row), the numbers the face
+preview shows and ``face_order`` takes; a driving video yields one :class:`FaceTrack` per person in
+the same order, always one entry per frame: frames where that person's face was not found are
+filled from the nearest detected frames and listed in ``FaceTrack.missing``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,43 @@ def check_image(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(f"expected uint8 RGB, got {image.dtype}")
     return np.ascontiguousarray(image)
+
+
+ROW_TOLERANCE = 0.5  # a face is in a row when its centre is within half a face height of the row's top face
+
+
+def reading_order(boxes: np.ndarray, tolerance: float = ROW_TOLERANCE) -> list[int]:
+    """Indices of ``boxes [N, 4]`` (x1, y1, x2, y2) in reading order: rows top to bottom, left to
+    right inside a row.
+
+    Faces are taken by centre height; a face joins the current row when its centre lies within
+    ``tolerance`` × the larger of its height and the height of the row's first (highest) face below
+    that face's centre, else it starts a new row. So faces side by side at slightly different
+    heights keep left-to-right order, a 2×2 group numbers TL, TR, BL, BR, and faces stacked in a
+    column number top to bottom whatever their x (a few pixels never decide).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return []
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    hgt = np.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
+    rows: list[list[int]] = []
+    for i in np.argsort(cy, kind="stable"):
+        if rows:
+            top = rows[-1][0]
+            if cy[i] - cy[top] <= tolerance * max(hgt[i], hgt[top]):
+                rows[-1].append(int(i))
+                continue
+        rows.append([int(i)])
+    return [i for row in rows for i in sorted(row, key=lambda k: (cx[k], cy[k]))]
+
+
+def in_reading_order(faces: list["Face"], tolerance: float = ROW_TOLERANCE) -> list["Face"]:
+    """``faces`` sorted by :func:`reading_order` of their boxes."""
+    if not faces:
+        return []
+    return [faces[i] for i in reading_order(np.stack([f.box for f in faces]), tolerance)]
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.4, contain: float = 0.7) -> list[int]:
@@ -176,8 +215,9 @@ def track_faces(per_frame: list[list[Face]], max_people: int | None = None, min_
        keeps its track); with identity embeddings a pair must also look alike.
     2. Stitching: a track that starts after another ended, near where it ended (within 1.5 box
        sizes; same identity when embeddings exist), continues it.
-    Tracks are ranked by frames covered, then by mean size; the ``max_people`` best are kept and
-    returned left to right (by mean centre x), each with one entry per frame.
+    Tracks are ranked by frames covered, then by mean size (:func:`rank_tracks`); the
+    ``max_people`` best are kept and returned in reading order of their mean boxes
+    (:func:`order_tracks`), each with one entry per frame.
 
     Args:
         per_frame: for each frame, the faces found (any order).
@@ -218,12 +258,8 @@ def track_faces(per_frame: list[list[Face]], max_people: int | None = None, min_
         raise ValueError(f"no face was found in any of the {n} driving frames")
     tracks = _stitch(tracks, min_identity)
 
-    def rank(t):
-        return (len(t["frames"]), np.mean([f.area for f in t["frames"].values()]))
-
-    kept = sorted(tracks, key=rank, reverse=True)[: max_people or len(tracks)]
     out = []
-    for t in kept:
+    for t in tracks:
         detected = np.zeros(n, bool)
         boxes = np.zeros((n, 4))
         lms = np.zeros((n, 5, 2))
@@ -231,7 +267,26 @@ def track_faces(per_frame: list[list[Face]], max_people: int | None = None, min_
             detected[i], boxes[i], lms[i] = True, f.box, f.landmarks
         out.append(FaceTrack(fill_missing(boxes, detected), fill_missing(lms, detected), detected,
                              [f.embedding for f in t["frames"].values() if f.embedding is not None]))
-    return sorted(out, key=lambda t: t.boxes[t.detected][:, [0, 2]].mean())
+    return order_tracks(rank_tracks(out)[: max_people or len(out)])
+
+
+def _mean_area(track: "FaceTrack") -> float:
+    b = track.boxes[track.detected]
+    return float(np.mean((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])))
+
+
+def rank_tracks(tracks: list[FaceTrack]) -> list[FaceTrack]:
+    """Most present first: by frames with a detection, then by mean face area."""
+    return sorted(tracks, key=lambda t: (int(t.detected.sum()), _mean_area(t)), reverse=True)
+
+
+def order_tracks(tracks: list[FaceTrack]) -> list[FaceTrack]:
+    """Tracks in :func:`reading_order` of their mean detected boxes (the order of characters taken
+    from one driving video)."""
+    if not tracks:
+        return []
+    means = np.stack([t.boxes[t.detected].mean(0) for t in tracks])
+    return [tracks[i] for i in reading_order(means)]
 
 
 def _stitch(tracks: list[dict], min_identity: float) -> list[dict]:
@@ -266,13 +321,34 @@ def _stitch(tracks: list[dict], min_identity: float) -> list[dict]:
     return tracks
 
 
-def detect_video(detector, frames: np.ndarray, batch_size: int = 16) -> list[list[Face]]:
-    """Faces in every frame of ``frames [F, H, W, 3]`` uint8 RGB: ``detector.detect_batch`` on
-    batches of ``batch_size`` frames where the backend has it, else ``detector.detect`` per frame."""
+DETECT_BATCH_PIXELS = 16 * 512 * 512  # frames per detection batch: 16 at 512², 4 at 720p, 2 at 1080p
+
+
+def detect_video(detector, frames, batch_size: int | None = None, progress=None) -> list[list[Face]]:
+    """Faces in every frame of ``frames``: ``detector.detect_batch`` on batches where the backend
+    has it, else ``detector.detect`` per frame.
+
+    Batches hold about :data:`DETECT_BATCH_PIXELS` pixels (``batch_size`` overrides), so the
+    detector's memory (MTCNN's image pyramid and first feature maps, ~60 bytes per pixel) stays
+    near 1 GiB whatever the frame size.
+
+    Args:
+        frames: ``[F, H, W, 3]`` uint8 RGB array or any re-iterable of ``[H, W, 3]`` frames (e.g. a
+            :class:`~fantasyportrait_core.video.VideoStream`: one batch is in memory at a time).
+        progress: optional ``progress(n)`` called with the frames done after each batch.
+    """
+    from .video import iter_batches
+
+    if batch_size is None:
+        if isinstance(frames, np.ndarray) and frames.ndim == 4:
+            h, w = frames.shape[1:3]
+        else:
+            h, w = getattr(frames, "height", 512), getattr(frames, "width", 512)
+        batch_size = max(1, DETECT_BATCH_PIXELS // max(h * w, 1))
     batch = getattr(detector, "detect_batch", None)
-    if batch is None:
-        return [detector.detect(frame) for frame in frames]
     out: list[list[Face]] = []
-    for i in range(0, len(frames), batch_size):
-        out += batch(np.asarray(frames[i:i + batch_size]))
+    for chunk in iter_batches(frames, batch_size):
+        out += batch(np.asarray(chunk)) if batch is not None else [detector.detect(f) for f in chunk]
+        if progress is not None:
+            progress(len(chunk))
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 
 import cv2
@@ -22,8 +23,8 @@ from .adapter import floor_to_4k1, latent_frames, window_length, window_tokens
 from .attention import PortraitCondition, PortraitState
 from .context import ContextWindowDenoiser
 from .denoiser import I2VConditioning, PortraitDenoiser, first_frame_mask
-from .expression import align_face, encode_expressions
-from .faces import Face, FaceTrack, detect_video, track_faces
+from .expression import CROP_SIZE, align_face, encode_expressions
+from .faces import Face, FaceTrack, detect_video, in_reading_order, order_tracks, rank_tracks, track_faces
 from .masks import (TOKEN_STRIDE, box_masks, expand_box, latent_person_map, motion_range, pool_to_tokens,
                     token_person_ids)
 from .models import denormalize_latent, normalize_latent
@@ -60,17 +61,20 @@ class DrivingExpression:
         features: float32 ``[F, 554]`` (headpose, eye, emotion, mouth) per frame.
         track: the face track the crops were aligned from (``track.missing``: filled frames).
         crops: uint8 ``[F, 224, 224, 3]`` aligned crops (for previews).
-        source: the driving video's name (file name where known).
-        track_index: which face of that video, 0 = leftmost of the tracked ones.
+        source: the driving video as the user knows it (file name where known), for labels and messages.
+        track_index: which person of that video (0-based, reading order of the tracked ones).
         fps: frame rate of ``features`` (the output rate the driver was resampled to), or ``None``.
+        people_seen: people found through that video (face tracks in at least
+            :data:`PRESENT_FRACTION` of the frames), so callers can say how many were left unused.
     """
 
     features: torch.Tensor
     track: FaceTrack
     crops: np.ndarray = field(repr=False, default=None)
-    source: str = "driver"
+    source: str = "driving video"
     track_index: int = 0
     fps: float | None = None
+    people_seen: int = 1
 
     @property
     def num_frames(self) -> int:
@@ -79,60 +83,110 @@ class DrivingExpression:
     @property
     def label(self) -> str:
         """Which track of which video, e.g. ``"drive3.mp4 #2"``."""
-        return f"{self.source} #{self.track_index}"
+        return f"{os.path.basename(self.source)} #{self.track_index}"
 
 
 LANDMARK_FILTERS = ("one_euro", "none")
+PRESENT_FRACTION = 0.2  # a face track counts as a person of the video when detected in >= 20 % of frames
 
 
-def encode_driving(detector, encoder, frames: np.ndarray, people: int = 1, smooth: float = 0.0,
-                   landmark_filter: str = "one_euro", source: str = "driver", fps: float | None = None
-                   ) -> list[DrivingExpression]:
+@contextlib.contextmanager
+def _no_progress(desc: str, total: int | None):
+    yield lambda n: None
+
+
+def encode_driving(detector, encoder, frames, people: int = 1, smooth: float = 0.0,
+                   landmark_filter: str = "one_euro", source: str = "driving video", fps: float | None = None,
+                   progress=None) -> list[DrivingExpression]:
     """Expression features of the ``people`` most present faces of a driving video.
 
     Every frame gets features: where a face is missing its landmarks are interpolated from the
     nearest frames with a face (listed in ``track.missing``), so the length always equals the
     frame count.
 
+    Streaming: ``frames`` is iterated twice (detection, then alignment), one detection batch at a
+    time; besides that batch only the per-frame face boxes and one 224×224 crop per frame and
+    person are kept, so with a :class:`~fantasyportrait_core.video.VideoStream` memory is
+    ``16 frames + F · people · 147 KiB`` whatever the clip's length.
+
     Args:
-        detector: face detector (``detect(image) -> list[Face]``).
+        detector: face detector (``detect(image) -> list[Face]``, optionally ``detect_batch``).
         encoder: :class:`~fantasyportrait_core.expression.FanEncoder`.
-        frames: uint8 ``[F, H, W, 3]`` RGB, already at the output frame rate (the reference
-            resamples every driver to 25 fps first; :func:`~fantasyportrait_core.video.resample_indices`).
-        people: characters to take from this video (left to right).
+        frames: uint8 ``[F, H, W, 3]`` RGB, or a re-iterable of ``[H, W, 3]`` frames that yields the
+            same frames each time (a ``VideoStream``), already at the output frame rate (the
+            reference resamples every driver to 25 fps first; :func:`~fantasyportrait_core.video.resample_indices`).
+        people: characters to take from this video (the most present ones, in reading order).
         smooth: extra Gaussian smoothing of the landmarks, sigma in frames (0 = none, as the
             reference); applied after ``landmark_filter``.
         landmark_filter: ``"one_euro"`` (default, the reference's tracker filter:
             :func:`one_euro_landmarks`) or ``"none"`` (raw detector landmarks).
-        source: name of the driving video, for labels (``"drive3.mp4"`` -> ``"drive3.mp4 #1"``).
+        source: the driving video as the user knows it, for labels (``"drive3.mp4"`` ->
+            ``"drive3.mp4 #1"``) and messages.
         fps: the frame rate of ``frames`` (kept for reports; nothing is resampled here).
+        progress: optional ``progress(description, total)`` context manager yielding
+            ``update(n)`` (a tqdm or ComfyUI progress bar).
     Returns:
-        ``people`` :class:`DrivingExpression`, left to right.
+        ``people`` :class:`DrivingExpression`, in reading order.
     Raises:
-        ValueError: no face in any frame, fewer faces than ``people`` (names both counts), or an
-            unknown ``landmark_filter``.
+        InputError: no frame, no face in any frame, or fewer people than ``people`` (names the
+            video and both counts); an unknown ``landmark_filter``.
     """
+    from .validate import InputError
+
     if landmark_filter not in LANDMARK_FILTERS:
-        raise ValueError(f"landmark filter {landmark_filter!r}: choose one of {LANDMARK_FILTERS}")
-    frames = np.asarray(frames)
-    per_frame = detect_video(detector, frames)
-    tracks = track_faces(per_frame, max_people=people)
-    if len(tracks) < people:
-        raise ValueError(f"the driving video {source} shows {len(tracks)} face(s) but {people} character(s) "
-                         f"were asked of it")
-    out = []
-    for k, track in enumerate(tracks):
-        landmarks = track.landmarks
+        raise InputError(f"landmark filter {landmark_filter!r}: choose one of {LANDMARK_FILTERS}")
+    name = source
+    progress = progress or _no_progress
+    total = len(frames) if hasattr(frames, "__len__") else getattr(frames, "estimated_frames", lambda: None)()
+    with progress(f"faces in {os.path.basename(name)}", total) as update:
+        per_frame = detect_video(detector, frames, progress=update)
+    if not per_frame:
+        raise InputError(f"{name}: the driving video has no frames")
+    try:
+        all_tracks = track_faces(per_frame)
+    except ValueError:
+        raise InputError(f"{name}: no face was found in any of its {len(per_frame)} frame(s); use a video showing "
+                         f"the face clearly (or remove it)") from None
+    seen = [t for t in all_tracks if t.detected.mean() >= PRESENT_FRACTION]
+    if len(all_tracks) < people:
+        raise InputError(f"{name} shows {len(all_tracks)} face(s) but {people} character(s) were asked of it; set "
+                         f"people to {len(all_tracks)} or use another video")
+    tracks = order_tracks(rank_tracks(all_tracks)[:people])
+    if len(seen) > people:
+        log.warning("[FantasyPortrait] %s shows %d people; animating the %d most present (people = %d). Set people to "
+                    "%d to animate them all.", name, len(seen), people, people, len(seen))
+    landmarks = []
+    for t in tracks:
+        lm = t.landmarks
         if landmark_filter == "one_euro":
-            landmarks = one_euro_landmarks(landmarks, track.boxes[:, 2] - track.boxes[:, 0])
+            lm = one_euro_landmarks(lm, t.boxes[:, 2] - t.boxes[:, 0])
         if smooth > 0:
-            landmarks = smooth_over_time(landmarks, smooth)
-        crops = np.stack([align_face(frame, lm) for frame, lm in zip(frames, landmarks)])
-        out.append(DrivingExpression(encode_expressions(encoder, crops), track, crops, source, k, fps))
-        if track.missing:
-            log.warning("[FantasyPortrait] %s #%d: no face in %d driving frame(s) %s; filled from neighbouring frames",
-                        source, k, len(track.missing), _short(track.missing))
+            lm = smooth_over_time(lm, smooth)
+        landmarks.append(lm)
+    crops = [np.empty((len(per_frame), CROP_SIZE, CROP_SIZE, 3), np.uint8) for _ in tracks]
+    with progress(f"expressions in {os.path.basename(name)}", len(per_frame) * len(tracks)) as update:
+        i = 0
+        for i, frame in enumerate(frames):
+            if i >= len(per_frame):
+                break
+            for k, lm in enumerate(landmarks):
+                crops[k][i] = align_face(frame, lm[i])
+        if i + 1 != len(per_frame):
+            raise InputError(f"{name}: the video gave {len(per_frame)} frames, then {i + 1}; it must be readable twice")
+        out = []
+        for k, (track, c) in enumerate(zip(tracks, crops)):
+            feats = []
+            for start in range(0, len(c), ENCODE_BATCH):
+                feats.append(encode_expressions(encoder, c[start:start + ENCODE_BATCH]))
+                update(len(feats[-1]))
+            out.append(DrivingExpression(torch.cat(feats), track, c, source, k, fps, max(len(seen), people)))
+            if track.missing:
+                log.warning("[FantasyPortrait] %s #%d: no face in %d frame(s) %s; filled from neighbouring frames",
+                            name, k, len(track.missing), _short(track.missing))
     return out
+
+
+ENCODE_BATCH = 32
 
 
 def smooth_over_time(values: np.ndarray, sigma: float) -> np.ndarray:
@@ -288,29 +342,37 @@ class ReferenceLayout:
 ASSIGN_MODES = ("left_to_right", "right_to_left", "largest_first", "identity")
 
 
+def detect_reference(detector, image: np.ndarray) -> list[Face]:
+    """Faces of a reference image, numbered in reading order (:func:`~fantasyportrait_core.faces.reading_order`):
+    the numbers the face preview shows and ``face_order`` takes."""
+    return in_reading_order(detector.detect(image))
+
+
 def assign_faces(faces: list[Face], count: int, order: list[int] | None = None, mode: str = "left_to_right",
-                 driver_embeddings: list[np.ndarray | None] | None = None) -> list[Face]:
+                 driver_embeddings: list[np.ndarray | None] | None = None, order_name: str = "face_order") -> list[Face]:
     """Pick the reference face each of ``count`` characters animates; never by file order.
 
-    Modes (``faces`` come sorted left to right): ``left_to_right`` — character i takes the i-th
-    face from the left (one character: the largest face); ``right_to_left``; ``largest_first`` —
-    character i takes the i-th largest face; ``identity`` — the assignment maximising the total
+    ``faces`` are numbered in reading order (:func:`detect_reference`). Modes: ``left_to_right`` —
+    character i takes face i in reading order (rows top to bottom, left to right in a row; one
+    character: the largest face); ``right_to_left`` — the reverse reading order; ``largest_first``
+    — character i takes the i-th largest face; ``identity`` — the assignment maximising the total
     cosine similarity between each character's driving-face embedding and the reference faces'
-    embeddings (backends with embeddings, e.g. insightface). ``order[i]`` (0-based index into the
-    left-to-right faces) overrides everything.
+    embeddings (backends with embeddings, e.g. insightface). ``order[i]`` (a face number) overrides
+    everything.
 
     Raises:
-        ValueError: no face, fewer faces than characters (names both counts), a bad ``order``,
+        InputError: no face, fewer faces than characters (names both counts), a bad ``order``,
             an unknown mode, or identity mode without embeddings.
     """
+    from .validate import InputError, check_face_order
+
     if not faces:
-        raise ValueError("no face found in the reference image; use a clearer, larger or more frontal face")
+        raise InputError("no face found in the reference image; use a clearer, larger or more frontal face")
     if len(faces) < count:
-        raise ValueError(f"the reference image shows {len(faces)} face(s) but {count} driving expression "
-                         f"sequence(s) were given; give at most {len(faces)}")
+        raise InputError(f"the reference image shows {len(faces)} face(s) but {count} driving expression sequence(s) "
+                         f"(characters) were given; give at most {len(faces)} or use a reference with more faces")
     if order:
-        if len(order) != count or len(set(order)) != count or not all(0 <= i < len(faces) for i in order):
-            raise ValueError(f"face order {order} must list {count} distinct face indices between 0 and {len(faces) - 1}")
+        check_face_order(order, count, len(faces), order_name)
         return [faces[i] for i in order]
     if mode == "left_to_right":
         return [max(faces, key=lambda f: f.area)] if count == 1 else list(faces[:count])
@@ -321,29 +383,26 @@ def assign_faces(faces: list[Face], count: int, order: list[int] | None = None, 
     if mode == "identity":
         if driver_embeddings is None or any(e is None for e in driver_embeddings) or \
                 any(f.embedding is None for f in faces):
-            raise ValueError("identity assignment needs identity embeddings for the reference and driving faces: "
-                             "use the insightface face detector")
+            raise InputError("identity assignment needs identity embeddings for the reference and driving faces: "
+                             "use the insightface face detector, or another assignment")
         sim = np.array([[float(np.dot(d, f.embedding) / (np.linalg.norm(d) * np.linalg.norm(f.embedding) + 1e-9))
                          for f in faces] for d in driver_embeddings])
         best = max(itertools.permutations(range(len(faces)), count), key=lambda p: sum(sim[i, j] for i, j in enumerate(p)))
         return [faces[j] for j in best]
-    raise ValueError(f"unknown assignment mode {mode!r}; choose one of {ASSIGN_MODES}")
+    raise InputError(f"unknown assignment mode {mode!r}; choose one of {ASSIGN_MODES}")
 
 
 def parse_face_order(text: str | None, name: str = "face_order") -> list[int] | None:
-    """``"1,0"`` -> ``[1, 0]``; empty -> ``None`` (use the assignment mode). ``name`` is the input
-    the text came from, for the error message.
+    """``"1,0"`` -> ``[1, 0]``; empty -> ``None`` (see :func:`fantasyportrait_core.validate.parse_face_order`)."""
+    from .validate import parse_face_order as parse
 
-    Raises:
-        ValueError: for anything but comma-separated integers.
-    """
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise ValueError(f"{name} '{text}' must be comma-separated face numbers like '1,0'") from None
+    return parse(text, name)
+
+
+def face_numbers(chosen: list[Face], faces: list[Face]) -> list[int]:
+    """The face number (index in ``faces``, reading order) of each chosen face."""
+    index = {id(f): k for k, f in enumerate(faces)}
+    return [index[id(f)] for f in chosen]
 
 
 def driver_embedding(driver: "DrivingExpression") -> np.ndarray | None:
@@ -471,6 +530,9 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     shape) is what a schedule starting below sigma 1 adds noise to; ``cfg_range`` /
     ``portrait_cfg_range`` are the guidance intervals and ``portrait_scales`` the per-range portrait
     scales of :class:`~.sampling.GuidanceSchedule`.
+
+    Raises:
+        FloatingPointError: if the result holds NaN/Inf (never returned silently).
     """
     from .sampling import PRESETS
 
@@ -493,7 +555,12 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
                                     guidance=guidance)
     noise = initial_noise((1, 16, f_lat, height // 8, width // 8), seed)
     x = start_latent(noise, float(schedule[0]), init_latent).to(denoiser.device)
-    return sample(denoiser, x, schedule, sampler, seed=seed + 1, callback=callback).float().cpu()
+    out = sample(denoiser, x, schedule, sampler, seed=seed + 1, callback=callback).float().cpu()
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        raise FloatingPointError(f"sampling produced {bad} NaN/infinite latent value(s) of {out.numel()}: the weights or "
+                                 f"conditions hold NaN, or fp16 overflowed (use bf16 weights)")
+    return out
 
 
 def frames_for(drivers: list[DrivingExpression], max_frames: int | None = None) -> int:
@@ -503,7 +570,9 @@ def frames_for(drivers: list[DrivingExpression], max_frames: int | None = None) 
         n = min(n, max_frames)
     n = floor_to_4k1(n)
     if n < 1:
-        raise ValueError("the driving video has no frames")
+        from .validate import InputError
+
+        raise InputError("no frame to generate: the driving video has no frames or frames was below 1")
     return n
 
 
@@ -511,5 +580,5 @@ __all__ = [
     "DrivingExpression", "ReferenceLayout", "StepInfo", "decode_latent", "encode_driving", "encode_reference_latent",
     "frames_for", "generate_latent", "generation_size", "on_device", "portrait_condition", "reference_layout",
     "resize_image", "assign_faces", "parse_face_order", "driver_embedding", "smooth_over_time", "ASSIGN_MODES",
-    "one_euro_landmarks", "LANDMARK_FILTERS",
+    "one_euro_landmarks", "LANDMARK_FILTERS", "detect_reference", "face_numbers",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -16,8 +17,11 @@ from fantasyportrait_core.faces import Face
 from fantasyportrait_core.masks import box_masks
 from fantasyportrait_core.preview import draw_faces
 from fantasyportrait_core.video import resample_indices
+from fantasyportrait_core.validate import InputError, parse_face_order
 
 from . import host
+
+log = logging.getLogger("FantasyPortrait")
 
 CATEGORY = "FantasyPortrait"
 MAX_EXTRA_EXPRESSIONS = 3  # expression + expression_2..4
@@ -31,7 +35,8 @@ def _frames_key(frames: np.ndarray) -> str:
 
 @dataclass
 class ReferenceFaces:
-    """FP_FACES: faces found in the reference image (left to right), the image and its size."""
+    """FP_FACES: faces found in the reference image (reading order: the numbers on the preview),
+    the image and its size."""
 
     faces: list[Face]
     width: int
@@ -105,8 +110,11 @@ class FantasyPortraitEncodeExpression:
                               "Output frame rate: the frames are resampled to it (nearest frame in time) before "
                               "encoding, so drivers at different rates stay in step. The reference uses 25."}),
             "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
-                                   "Encode only the first frames (at the output fps), e.g. WanImageToVideo's length; "
-                                   "0 = all. The reference reads only the frames it generates."}),
+                                   "Frames to detect and encode (at the output fps, from start_frame): set it to "
+                                   "WanImageToVideo's length so a long clip is not encoded in full. 0 = all. The "
+                                   "reference reads only the frames it generates."}),
+            "start_frame": ("INT", {"default": 0, "min": 0, "max": 1000000, "tooltip":
+                                    "First driving frame to use, counted at the output fps (0 = the first)."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("FP_EXPRESSION", "IMAGE", "STRING")
@@ -122,18 +130,26 @@ class FantasyPortraitEncodeExpression:
                    "headpose, eyes, emotion and mouth. Frames without a face are filled from neighbours.")
 
     def encode(self, expression_encoder, face_detector, images, people=1, smooth=0.0, landmark_filter="one_euro",
-               source_fps=P.OUTPUT_FPS, fps=P.OUTPUT_FPS, max_frames=0, prompt=None, unique_id=None):
-        frames = host.image_to_uint8(images)
+               source_fps=P.OUTPUT_FPS, fps=P.OUTPUT_FPS, max_frames=0, start_frame=0, prompt=None, unique_id=None):
+        if isinstance(images, torch.Tensor) and images.ndim == 3:
+            images = images[None]
+        n = images.shape[0] if isinstance(images, torch.Tensor) and images.ndim == 4 else 0
+        if not n:  # not an IMAGE batch, or an empty one: this check raises, naming the input
+            host.image_to_uint8(images, "images (driving frames)")
+            raise InputError("images (driving frames) must be an IMAGE batch [frames, height, width, 3]")
         source = source_name(prompt, unique_id) or (f"Encode Expression {unique_id}" if unique_id else "driver")
-        idx = resample_indices(len(frames), float(source_fps), float(fps))
-        resampled = len(idx) != len(frames) or not np.array_equal(idx, np.arange(len(frames)))
-        rate = (f"{len(idx)} frames at {fps:g} fps (resampled from {len(frames)} at {source_fps:g} fps)"
+        idx = resample_indices(n, float(source_fps), float(fps))
+        resampled = len(idx) != n or not np.array_equal(idx, np.arange(n))
+        rate = (f"{len(idx)} frames at {fps:g} fps (resampled from {n} at {source_fps:g} fps)"
                 if resampled else f"{len(idx)} frames at {fps:g} fps")
-        if 0 < max_frames < len(idx):
-            idx = idx[:max_frames]
-            rate += f", the first {max_frames} encoded (max_frames)"
-        if resampled or len(idx) < len(frames):
-            frames = frames[idx]
+        if start_frame >= len(idx):
+            raise InputError(f"start_frame {start_frame} is past the end of the {len(idx)} driving frames (at {fps:g} "
+                             f"fps); lower it")
+        if start_frame or 0 < max_frames < len(idx) - start_frame:
+            idx = idx[start_frame:start_frame + max_frames if max_frames else None]
+            rate += f", frames {start_frame}..{start_frame + len(idx) - 1} encoded (start_frame, max_frames)"
+        # only the frames that are encoded are converted
+        frames = host.image_to_uint8(images[torch.as_tensor(idx)], "images (driving frames)")
         # The same driving clip queued again (other seed, prompt or reference) is not re-encoded,
         # even when ComfyUI's own cache was invalidated by other prompts in between.
         key = (_frames_key(frames), people, float(smooth), landmark_filter, float(fps), source,
@@ -143,13 +159,16 @@ class FantasyPortraitEncodeExpression:
             device = host.torch_device()
             with P.on_device(expression_encoder, device):
                 drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people, smooth=smooth,
-                                           landmark_filter=landmark_filter, source=source, fps=float(fps))
+                                           landmark_filter=landmark_filter, source=source, fps=float(fps),
+                                           progress=host.progress)
             _EXPRESSION_CACHE[key] = drivers
             while len(_EXPRESSION_CACHE) > _EXPRESSION_CACHE_SIZE:
                 _EXPRESSION_CACHE.popitem(last=False)
         else:
             _EXPRESSION_CACHE.move_to_end(key)
         info = []
+        if drivers[0].people_seen > len(drivers):
+            info.append(f"the video shows {drivers[0].people_seen} people; {len(drivers)} used (raise people to use more)")
         for d in drivers:
             miss = d.track.missing
             info.append(f"{d.label}: {rate}, {len(miss)} without a face"
@@ -158,7 +177,7 @@ class FantasyPortraitEncodeExpression:
 
 
 class FantasyPortraitFaceMasks:
-    """Reference image -> faces (left to right), one MASK per face and a numbered preview."""
+    """Reference image -> faces (reading order), one MASK per face and a numbered preview."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -169,8 +188,9 @@ class FantasyPortraitFaceMasks:
 
     RETURN_TYPES = ("FP_FACES", "MASK", "IMAGE")
     RETURN_NAMES = ("faces", "face_masks", "preview")
-    OUTPUT_TOOLTIPS = ("Faces for Portrait Conditioning.", "One mask per face (box), left to right.",
-                       "The reference with numbered faces: #0 is the leftmost.")
+    OUTPUT_TOOLTIPS = ("Faces for Portrait Conditioning.", "One mask per face (box), in face-number order.",
+                       "The reference with numbered faces in reading order (rows top to bottom, left to right): "
+                       "the numbers face_order takes.")
     FUNCTION = "detect"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Finds the faces of the reference portrait, numbers them left to right (#0 = leftmost) and "
@@ -178,10 +198,11 @@ class FantasyPortraitFaceMasks:
                    "Conditioning.")
 
     def detect(self, face_detector, image):
-        ref = host.image_to_uint8(image)[0]
-        faces = face_detector.detect(ref)
+        ref = host.image_to_uint8(image[:1] if isinstance(image, torch.Tensor) and image.ndim == 4 else image,
+                                  "image (reference)")[0]
+        faces = P.detect_reference(face_detector, ref)
         if not faces:
-            raise ValueError("no face found in the reference image; use a clearer, larger or more frontal face")
+            raise InputError("no face found in the reference image; use a clearer, larger or more frontal face")
         h, w = ref.shape[:2]
         boxes = np.stack([np.round(f.box).astype(int) for f in faces])
         masks = box_masks(boxes, h, w).float()
@@ -208,8 +229,8 @@ class FantasyPortraitConditioning:
                            "right_to_left, largest_first, or identity (closest-looking face; needs the insightface "
                            "detector)."}),
             "face_order": ("STRING", {"default": "", "tooltip":
-                                      "Overrides assignment: the face number (from the Face Masks preview) of each "
-                                      "character, e.g. '1,0'. Empty = use assignment."}),
+                                      "Overrides assignment: the face number (from the Face Masks preview, reading "
+                                      "order from 0) of each character, e.g. '1,0'. Empty = use assignment."}),
         }, "optional": optional}
 
     RETURN_TYPES = ("FP_PORTRAIT", "IMAGE", "FLOAT")
@@ -224,27 +245,50 @@ class FantasyPortraitConditioning:
                    "of 'expression', then of expression_2, 3, 4, in order; the preview shows which video track "
                    "drives which face.")
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, face_order=None):
+        """Checked when the prompt is queued, before anything runs (a linked value arrives as None)."""
+        if face_order is not None:
+            try:
+                parse_face_order(face_order)
+            except InputError as e:
+                return str(e)
+        return True
+
     def condition(self, faces, expression, portrait_scale=1.0, assignment="left_to_right", face_order="", masks=None,
                   **more):
+        order = P.parse_face_order(face_order)
+        user_masks_in = None if masks is None else host.masks_to_tensor(masks, "masks")
         drivers = list(expression)
         for i in range(2, 2 + MAX_EXTRA_EXPRESSIONS):
             drivers += list(more.get(f"expression_{i}") or [])
-        order = P.parse_face_order(face_order)
+        if not drivers:
+            raise InputError("expression holds no character; connect Encode Expression")
         chosen = P.assign_faces(faces.faces, len(drivers), order, assignment,
                                 [P.driver_embedding(d) for d in drivers])
         user_masks: list = [None] * len(drivers)
-        if masks is not None:
-            m = masks if masks.ndim == 3 else masks[None]
+        if user_masks_in is not None:
+            m = user_masks_in
             if m.shape[0] != len(drivers):
-                raise ValueError(f"masks has {m.shape[0]} mask(s) for {len(drivers)} character(s); give one per character")
+                raise InputError(f"masks has {m.shape[0]} mask(s) for {len(drivers)} character(s); give one per "
+                                 f"character (batch in character order)")
+            mh, mw = m.shape[-2:]
+            if abs(mw / mh - faces.width / faces.height) > 0.01 * faces.width / faces.height:
+                raise InputError(f"masks are {mw}x{mh} but the reference image is {faces.width}x{faces.height} (another "
+                                 f"aspect ratio); draw the masks on the reference image or crop them to its shape")
             user_masks = [mi if mi.max() > 0.5 else None for mi in m]
         rates = sorted({d.fps for d in drivers if d.fps is not None})
         if len(rates) > 1:
-            raise ValueError(f"the drivers come at different frame rates {rates} fps: set the same fps on every "
+            raise InputError(f"the drivers come at different frame rates {rates} fps: set the same fps on every "
                              f"Encode Expression")
+        numbers = P.face_numbers(chosen, faces.faces)
+        unused = [k for k in range(len(faces.faces)) if k not in numbers]
+        if unused:
+            log.warning("[FantasyPortrait] reference face(s) %s have no driving expression and stay as in the image",
+                        ", ".join(f"#{k}" for k in unused))
         canvas = faces.image if faces.image is not None else np.full((faces.height, faces.width, 3), 40, np.uint8)
-        index = {id(f): k for k, f in enumerate(faces.faces)}
-        preview = draw_faces(canvas, chosen, labels=[f"face #{index[id(f)]} <- {d.label}"
-                                                     for f, d in zip(chosen, drivers)])
+        preview = draw_faces(canvas, chosen + [faces.faces[k] for k in unused],
+                             labels=[f"face #{numbers[i]} <- {d.label}" for i, d in enumerate(drivers)]
+                             + [f"face #{k}: no driver" for k in unused])
         return (PortraitInputs(chosen, drivers, faces.width, faces.height, portrait_scale, user_masks),
                 host.uint8_to_image(preview), float(rates[0] if rates else P.OUTPUT_FPS))

@@ -15,8 +15,10 @@ from fantasyportrait_core.denoiser import I2VConditioning
 from fantasyportrait_core.faces import Face
 from fantasyportrait_core.lora import apply_loras
 from fantasyportrait_core.models import denormalize_latent, normalize_latent
+from fantasyportrait_core.restore import restored
 from fantasyportrait_core.sampling import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
                                            GuidanceSchedule, parse_step_ranges, schedule_sigmas)
+from fantasyportrait_core.validate import InputError
 
 from . import host
 
@@ -70,19 +72,25 @@ def conditioning_parts(positive, negative, cfg: float):
         ValueError: naming the node to connect when a part is missing.
     """
     if not positive or not isinstance(positive[0], (list, tuple)):
-        raise ValueError("positive must be CONDITIONING (e.g. CLIPTextEncode → WanImageToVideo)")
+        raise InputError("positive must be CONDITIONING (e.g. CLIPTextEncode → WanImageToVideo)")
     text_pos, extra = positive[0][0], positive[0][1]
     if "concat_latent_image" not in extra:
-        raise ValueError("positive has no reference image latent: connect WanImageToVideo (with start_image = the "
+        raise InputError("positive has no reference image latent: connect WanImageToVideo (with start_image = the "
                          "reference portrait) between the text encoders and this sampler")
     clip = extra.get("clip_vision_output")
     if clip is None:
-        raise ValueError("positive has no CLIP image embedding: connect CLIPVisionEncode (clip_vision_h) to "
+        raise InputError("positive has no CLIP image embedding: connect CLIPVisionEncode (clip_vision_h) to "
                          "WanImageToVideo's clip_vision_output; Wan2.1 I2V needs it")
     image_ctx = clip["penultimate_hidden_states"] if isinstance(clip, dict) else clip.penultimate_hidden_states
     text_neg = negative[0][0] if (negative and cfg != 1.0) else None
     if cfg != 1.0 and text_neg is None:
-        raise ValueError("cfg != 1 needs a negative CONDITIONING")
+        raise InputError("cfg != 1 needs a negative CONDITIONING")
+    host.check_finite(text_pos, "positive (text embedding)", "check the text encoder and its model file")
+    if text_neg is not None:
+        host.check_finite(text_neg, "negative (text embedding)", "check the text encoder and its model file")
+    host.check_finite(image_ctx, "positive (CLIP vision embedding)", "check CLIPVisionEncode and its model file")
+    host.check_finite(extra["concat_latent_image"], "positive (reference image latent)",
+                      "check the start_image and the VAE of WanImageToVideo")
 
     def fit(t):
         if t.shape[1] > TEXT_CONTEXT_TOKENS:
@@ -176,38 +184,62 @@ class FantasyPortraitSampler:
                    "portrait guidance. Long videos run in one pass when they fit in memory (as the reference), "
                    "else in overlapping windows anchored on the reference image. Decode with the native VAE Decode.")
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, context_frames=None, context_overlap=None):
+        """Checked when the prompt is queued. Taking these inputs turns off ComfyUI's own min/max check
+        for them, so their limits are checked here too (a linked value arrives as None)."""
+        spec = FantasyPortraitSampler.INPUT_TYPES()["required"]
+        for name, value in (("context_frames", context_frames), ("context_overlap", context_overlap)):
+            lo, hi = spec[name][1]["min"], spec[name][1]["max"]
+            if value is not None and not lo <= value <= hi:
+                return f"{name} must be between {lo} and {hi}, got {value}"
+        if context_frames is not None and context_overlap is not None and context_overlap >= context_frames:
+            return (f"context_overlap ({context_overlap}) must be less than context_frames ({context_frames}); "
+                    f"lower the overlap")
+        return True
+
     def sample(self, model, portrait, positive, negative, latent, seed, steps=DEFAULT_STEPS, cfg=1.0,
                portrait_cfg=4.0, shift=DEFAULT_SHIFT, context_frames=81, context_overlap=16, sampler="euler",
                preset="none", denoise=1.0, cfg_start=0.0, cfg_end=1.0, portrait_cfg_start=0.0, portrait_cfg_end=1.0,
-               portrait_scale_steps="", sigmas=None, long_video="auto",
-               window_anchor="reference"):
+               portrait_scale_steps="", sigmas=None, long_video="auto", window_anchor="reference"):
+        samples = host.check_latent(latent, "latent")
+        msg = self.VALIDATE_INPUTS(context_frames, context_overlap)
+        if msg is not True:
+            raise InputError(msg)
         preset = None if preset in (None, "none") else preset
         if preset is not None:
             if preset not in PRESETS:
-                raise ValueError(f"preset '{preset}' is unknown; choose one of none, {', '.join(PRESETS)}")
+                raise InputError(f"preset '{preset}' is unknown; choose one of none, {', '.join(PRESETS)}")
             if cfg != PRESETS[preset].cfg:
                 log.info("[FantasyPortrait] preset %s: cfg %s -> %s", preset, cfg, PRESETS[preset].cfg)
             sampler, cfg = PRESETS[preset].sampler, PRESETS[preset].cfg
         if sampler not in SAMPLERS:
-            raise ValueError(f"sampler '{sampler}' is unknown; choose one of {', '.join(SAMPLERS)}")
+            raise InputError(f"sampler '{sampler}' is unknown; choose one of {', '.join(SAMPLERS)}")
         schedule = schedule_sigmas(steps, shift, denoise, sigmas, preset)
         scale_ranges = parse_step_ranges(portrait_scale_steps, "portrait_scale_steps")
         GuidanceSchedule(schedule, cfg, portrait_cfg, (cfg_start, cfg_end), (portrait_cfg_start, portrait_cfg_end),
                          scale_ranges)  # checks the ranges before any heavy work
-        samples = latent["samples"]
-        if samples.ndim != 5 or samples.shape[1] != 16:
-            raise ValueError(f"latent must be a Wan2.1 video latent [B, 16, T, H/8, W/8], got {tuple(samples.shape)}")
         f_lat, h, w = samples.shape[2:]
         num_frames, width, height = 4 * (f_lat - 1) + 1, w * 8, h * 8
         if width % 16 or height % 16:
-            raise ValueError(f"width and height must be multiples of 16, got {width}x{height}")
+            raise InputError(f"latent is {width}x{height} pixels; Wan needs multiples of 16: set WanImageToVideo "
+                             f"width and height to multiples of 16")
+        if not portrait.drivers:
+            raise InputError("portrait holds no character; connect FantasyPortrait Conditioning")
         shortest = min(d.num_frames for d in portrait.drivers)
         if shortest < num_frames:
-            raise ValueError(f"the latent is {num_frames} frames long but a driving expression has only {shortest}; "
+            raise InputError(f"the latent is {num_frames} frames long but a driving expression has only {shortest}; "
                              f"set WanImageToVideo length to at most {P.frames_for(portrait.drivers)}")
         text_pos, text_neg, image_ctx, y = conditioning_parts(positive, negative, cfg)
+        tc = model.transformer.config
+        if text_pos.shape[-1] != tc.text_dim:
+            raise InputError(f"positive text embeddings are {text_pos.shape[-1]}-wide but the transformer takes "
+                             f"{tc.text_dim}: encode the prompt with the Wan umT5-XXL text encoder (CLIPLoader type wan)")
+        if image_ctx.shape[-1] != tc.image_dim:
+            raise InputError(f"the CLIP vision embedding is {image_ctx.shape[-1]}-wide but the transformer takes "
+                             f"{tc.image_dim}: use clip_vision_h in CLIPVisionLoader")
         if y.shape[2:] != samples.shape[2:]:
-            raise ValueError(f"reference latent {tuple(y.shape[2:])} and latent {tuple(samples.shape[2:])} differ: "
+            raise InputError(f"reference latent {tuple(y.shape[2:])} and latent {tuple(samples.shape[2:])} differ: "
                              "take both from the same WanImageToVideo")
 
         layout = portrait_layout(portrait, width, height, num_frames)
@@ -229,38 +261,35 @@ class FantasyPortraitSampler:
             host.check_interrupt()
             pbar.update(info.i + 1, info.denoised)
 
-        home = next(tr.parameters()).device
         try:
             apply_loras(tr, model.loras)  # exactly this model's LoRAs (none: any earlier ones are removed)
-            if move:
-                tr.to(device)
-            model.adapter.to(device)
-            cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
-            i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
-            window = plan_context(num_frames, width, height, tr.config.num_attention_heads * tr.config.attention_head_dim,
-                                  free_memory_bytes(device, host.available_ram_bytes()), long_video, context_frames,
-                                  torch.empty((), dtype=model.dtype).element_size())
-            out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
-                                    cfg=cfg, portrait_cfg=portrait_cfg, callback=callback,
-                                    context_frames=window, context_overlap=context_overlap,
-                                    window_anchor=window_anchor, sampler=sampler,
-                                    sigmas=schedule, init_latent=init, cfg_range=(cfg_start, cfg_end),
-                                    portrait_cfg_range=(portrait_cfg_start, portrait_cfg_end),
-                                    portrait_scales=scale_ranges)
+            # Whatever happens inside (Cancel, out of memory, an error), the model leaves as it came:
+            # no condition attached, processors and hooks as loaded, weights back on their device.
+            with restored(tr, model.state, (tr, model.adapter), device, move=move):
+                cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
+                i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
+                window = plan_context(num_frames, width, height,
+                                      tr.config.num_attention_heads * tr.config.attention_head_dim,
+                                      free_memory_bytes(device, host.available_ram_bytes()), long_video,
+                                      context_frames, torch.empty((), dtype=model.dtype).element_size())
+                out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
+                                        cfg=cfg, portrait_cfg=portrait_cfg, callback=callback,
+                                        context_frames=window, context_overlap=context_overlap,
+                                        window_anchor=window_anchor, sampler=sampler, sigmas=schedule,
+                                        init_latent=init, cfg_range=(cfg_start, cfg_end),
+                                        portrait_cfg_range=(portrait_cfg_start, portrait_cfg_end),
+                                        portrait_scales=scale_ranges)
         except torch.cuda.OutOfMemoryError as e:
-            weights_gib = host.weight_bytes(tr) / 2**30
-            raise RuntimeError(
-                f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
-                f"{num_frames} frames). In FantasyPortrait Model Loader set storage = fp8_e4m3fn (halves the weights) "
-                f"and/or offload = block (weights stay in CPU RAM), or lower the size, length or context_frames."
-            ) from e
-        finally:
-            model.state.condition = None
-            if move:
-                tr.to(home)
-                model.adapter.to(home)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            raise RuntimeError(oom_message(tr, width, height, num_frames, context_frames, model.offload)) from e
         result = copy.copy(latent)
         result["samples"] = denormalize_latent(out).to(samples.dtype)
         return (result,)
+
+
+def oom_message(transformer, width: int, height: int, num_frames: int, context_frames: int, offload: str) -> str:
+    """What to change when sampling ran out of GPU memory, with the numbers that were tried."""
+    weights_gib = host.weight_bytes(transformer) / 2**30
+    return (f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
+            f"{num_frames} frames, context_frames {context_frames}, offload {offload}). In FantasyPortrait Model "
+            f"Loader set storage = fp8_e4m3fn (halves the weights) and/or offload = block (weights stay in CPU RAM), "
+            f"or lower the size, length or context_frames.")

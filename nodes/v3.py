@@ -12,6 +12,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .host import queue_validator
 
 _WIDGETS = {"INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean}
 _NATIVE = {"IMAGE": io.Image, "MASK": io.Mask, "CONDITIONING": io.Conditioning, "LATENT": io.Latent,
@@ -65,6 +66,9 @@ def to_v3(node_id: str, classic: type) -> type:
                 kwargs[name] = getattr(cls.hidden, io.Hidden(kind).name, None) if cls.hidden is not None else None
             return io.NodeOutput(*getattr(classic(), classic.FUNCTION)(**kwargs))
 
+    validate = queue_validator(classic)  # dropdown values + the class's own VALIDATE_INPUTS, when queued
+    if validate is not None:
+        Node.validate_inputs = classmethod(validate)
     Node.__name__ = Node.__qualname__ = classic.__name__
     return Node
 

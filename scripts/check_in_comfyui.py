@@ -30,6 +30,7 @@ What it does, against the ComfyUI checkout at the given path (nothing is downloa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
+import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,6 +260,8 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             inp["lora_name"] = names["lora"]
         elif ct == "FantasyPortraitSampler":
             inp["steps"] = 2
+        elif ct == "FantasyPortraitEncodeExpression":
+            inp["max_frames"] = length  # encode only the frames generated
         elif ct == "UNETLoader":  # native workflow
             inp["unet_name"] = names["native_unet"]
         elif ct == "FantasyPortraitAdapterLoader":
@@ -265,8 +270,6 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             inp["lora_name"] = names["native_lora"]
         elif ct == "BasicScheduler":
             inp["steps"] = 2
-        elif ct == "FantasyPortraitEncodeExpression":
-            inp["max_frames"] = length  # only the frames that are generated (as the reference reads them)
         out[nid] = {"class_type": ct, "inputs": inp}
     if any(n["class_type"] == "UNETLoader" for n in out.values()):  # ComfyUI's Wan: umT5 / CLIP-H widths
         for n in out.values():
@@ -282,6 +285,116 @@ def probe(path: str) -> dict:
     from fantasyportrait_core.video import probe_video
 
     return probe_video(path)
+
+
+def resolve_python(comfy: str, python: str | None) -> str:
+    """ComfyUI's python: the one given, else COMFYUI_DIR/venv/bin/python, else this one."""
+    venv = os.path.join(comfy, "venv", "bin", "python")
+    return python or (venv if os.path.exists(venv) else sys.executable)
+
+
+@contextlib.contextmanager
+def comfyui_session(comfy: str, py: str, port: int, keep: bool = False):
+    """A real ComfyUI serving this pack with tiny random checkpoints, for the duration of the block.
+
+    Writes the models (:func:`write_models`), links this pack and the check-only stand-in nodes
+    into ``custom_nodes``, starts ``main.py --cpu`` on loopback and waits for ``/object_info``.
+    Yields a namespace with ``base`` (URL), ``info`` (object_info), ``names`` (model names), ``tmp``,
+    ``out_dir``, ``in_dir``, ``log_path``, ``server`` (the Popen) and ``started_s``; on exit stops
+    the server and removes the links and (unless ``keep``) the temporary folder. Used by
+    :func:`main` and ``scripts/soak_comfyui.py``.
+
+    Raises:
+        RuntimeError: ComfyUI did not answer within 3 minutes (names its log).
+    """
+    tmp = tempfile.mkdtemp(prefix="fp_check_")
+    models = os.path.join(tmp, "models")
+    out_dir, in_dir, user_dir = (os.path.join(tmp, d) for d in ("output", "input", "user"))
+    for d in (out_dir, in_dir, user_dir):
+        os.makedirs(d)
+    for f in ("man.jpeg", "two_person.png", "jgz.mp4", "biden.mp4", "trump.mp4"):
+        shutil.copy(os.path.join(DATA, f), in_dir)
+    link = os.path.join(comfy, "custom_nodes", PACK_NAME)
+    check_pack = os.path.join(comfy, "custom_nodes", CHECK_PACK)
+    created_link = False
+    server = None
+    try:
+        names = write_models(models, comfy, py)
+        extra = os.path.join(tmp, "extra_model_paths.yaml")
+        with open(extra, "w") as f:
+            f.write(f"fp_check:\n  base_path: {models}\n  diffusion_models: diffusion_models\n"
+                    f"  vae: vae\n  fantasyportrait: fantasyportrait\n  loras: loras\n")
+        created_link = not os.path.exists(link)
+        if created_link:
+            os.symlink(ROOT, link)
+        os.makedirs(check_pack, exist_ok=True)
+        with open(os.path.join(check_pack, "__init__.py"), "w") as f:
+            f.write(CHECK_NODES)
+        log_path = os.path.join(tmp, "comfyui.log")
+        server = subprocess.Popen(
+            [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--extra-model-paths-config",
+             extra, "--output-directory", out_dir, "--input-directory", in_dir, "--user-directory", user_dir,
+             "--disable-auto-launch"], cwd=comfy, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        t0 = time.time()
+        while True:
+            try:
+                info = get(base + "/object_info", timeout=10)
+                break
+            except Exception:
+                if server.poll() is not None or time.time() - t0 > 180:
+                    raise RuntimeError("ComfyUI did not start; see " + log_path)
+                time.sleep(1)
+        yield types.SimpleNamespace(base=base, info=info, names=names, tmp=tmp, out_dir=out_dir, in_dir=in_dir,
+                                    log_path=log_path, server=server, started_s=time.time() - t0)
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        if created_link:
+            os.unlink(link)
+        shutil.rmtree(check_pack, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_prompt(base: str, prompt: dict, timeout: float = 900, client_id: str = "fp-check") -> dict:
+    """Queue ``prompt`` through ``/prompt`` and wait for its history entry.
+
+    Returns:
+        ``{"rejected": node_errors}`` when validation refused it, else ``{"prompt_id", "status"
+        ("success"/"error"), "error" (exception message or None), "outputs", "seconds"}``.
+    Raises:
+        RuntimeError: no result within ``timeout`` seconds.
+    """
+    t1 = time.time()
+    try:
+        res = get(base + "/prompt", {"prompt": prompt, "client_id": client_id})
+    except urllib.error.HTTPError as e:  # ComfyUI answers 400 with the validation errors
+        res = json.loads(e.read() or b"{}")
+    if res.get("node_errors") or res.get("error"):
+        return {"rejected": res.get("node_errors") or res.get("error")}
+    pid = res["prompt_id"]
+    while True:
+        hist = get(f"{base}/history/{pid}")
+        status = hist.get(pid, {}).get("status", {})
+        if status.get("completed") is not None or status.get("status_str") in ("success", "error"):
+            break
+        if time.time() - t1 > timeout:
+            raise RuntimeError(f"prompt {pid} did not finish in {timeout:.0f} s")
+        time.sleep(0.5)
+    msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+    return {"prompt_id": pid, "status": status.get("status_str"), "outputs": hist[pid].get("outputs", {}),
+            "error": msgs[0][1].get("exception_message", "") if msgs else None, "seconds": time.time() - t1}
+
+
+def output_videos(result: dict) -> list[dict]:
+    """The MP4 outputs (SaveVideo entries) of a finished prompt."""
+    return [v for o in result.get("outputs", {}).values() for v in o.get("images", [])
+            if v.get("filename", "").endswith(".mp4")]
 
 
 def screenshots(args, base: str, tmp: str, checked: dict, summary: list) -> bool:
@@ -329,159 +442,105 @@ def main(argv=None) -> int:
     ap.add_argument("--shot-size", default="1920x1080", help="browser viewport for the screenshots, WxH")
     args = ap.parse_args(argv)
     comfy = os.path.abspath(args.comfyui_dir)
-    py = args.python or (os.path.join(comfy, "venv", "bin", "python")
-                         if os.path.exists(os.path.join(comfy, "venv", "bin", "python")) else sys.executable)
+    py = resolve_python(comfy, args.python)
     if not os.path.isfile(os.path.join(comfy, "main.py")):
         print(f"{comfy} is not a ComfyUI checkout (no main.py)")
         return 2
-    tmp = tempfile.mkdtemp(prefix="fp_check_")
-    models = os.path.join(tmp, "models")
-    out_dir, in_dir, user_dir = (os.path.join(tmp, d) for d in ("output", "input", "user"))
-    for d in (out_dir, in_dir, user_dir):
-        os.makedirs(d)
-    for f in ("man.jpeg", "two_person.png", "jgz.mp4", "biden.mp4", "trump.mp4"):
-        shutil.copy(os.path.join(DATA, f), in_dir)
-    names = write_models(models, comfy, py)
-    extra = os.path.join(tmp, "extra_model_paths.yaml")
-    with open(extra, "w") as f:
-        f.write(f"fp_check:\n  base_path: {models}\n  diffusion_models: diffusion_models\n"
-                f"  vae: vae\n  fantasyportrait: fantasyportrait\n  loras: loras\n")
-    link = os.path.join(comfy, "custom_nodes", PACK_NAME)
-    check_pack = os.path.join(comfy, "custom_nodes", CHECK_PACK)
-    created_link = not os.path.exists(link)
-    if created_link:
-        os.symlink(ROOT, link)
-    os.makedirs(check_pack, exist_ok=True)
-    with open(os.path.join(check_pack, "__init__.py"), "w") as f:
-        f.write(CHECK_NODES)
-
-    log_path = os.path.join(tmp, "comfyui.log")
-    server = subprocess.Popen(
-        [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(args.port), "--extra-model-paths-config", extra,
-         "--output-directory", out_dir, "--input-directory", in_dir, "--user-directory", user_dir,
-         "--disable-auto-launch"], cwd=comfy, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{args.port}"
     summary, ok = [], True
-    checked = {}  # workflow file -> the API prompt that ran
     try:
-        t0 = time.time()
-        while True:
-            try:
-                info = get(base + "/object_info", timeout=10)
-                break
-            except Exception:
-                if server.poll() is not None or time.time() - t0 > 180:
-                    raise RuntimeError("ComfyUI did not start; see " + log_path)
-                time.sleep(1)
-        summary.append(f"ComfyUI answered /object_info after {time.time() - t0:.1f} s ({len(info)} node types)")
-        with open(log_path) as f:
-            log_text = f.read()
-        if "IMPORT FAILED" in log_text and PACK_NAME in log_text.split("IMPORT FAILED")[0][-500:] + log_text:
-            failed = [l for l in log_text.splitlines() if "IMPORT FAILED" in l]
-            if any(PACK_NAME in l for l in failed):
-                ok = False
-                summary.append("IMPORT FAILED: " + "; ".join(failed))
-        sys.path.insert(0, ROOT)
-        import nodes as pack_nodes  # our package: the node list to expect
-
-        expected = set(pack_nodes.NODE_CLASS_MAPPINGS)
-        missing = sorted(expected - set(info))
-        ok &= not missing
-        summary.append(f"nodes listed: {len(expected & set(info))}/{len(expected)}" + (f" MISSING {missing}" if missing else ""))
-
-        runs = (("fantasyportrait_single.json", (64, 64), names["transformer"], False),
-                ("fantasyportrait_multi.json", (112, 64), names["transformer_sharded"], False),
-                ("fantasyportrait_fast.json", (64, 64), names["transformer"], False),
-                # ComfyUI's own Wan MODEL (Load Diffusion Model), as shipped (LoRA bypassed) and with the LoRA on
-                ("fantasyportrait_native.json", (64, 64), names["native_unet"], False),
-                ("fantasyportrait_native.json", (64, 64), names["native_unet"], True))
-        wanted = [w.strip() for w in args.workflows.split(",") if w.strip()]
-        runs = [r for r in runs if not wanted or any(w in r[0] for w in wanted)]
-        for wf_name, size, transformer, lora_on in runs:
-            loader = ("UNETLoader", "unet_name") if "native" in wf_name else ("FantasyPortraitModelLoader", "transformer")
-            if transformer not in json.dumps(info[loader[0]]["input"]["required"][loader[1]]):
-                ok = False
-                summary.append(f"{wf_name}: {transformer} is not offered by {loader[0]}")
-                continue
-            with open(os.path.join(ROOT, "workflows", wf_name)) as f:
-                wf = json.load(f)
-            if lora_on:
-                for n in wf["nodes"]:
-                    if n["type"] == "LoraLoaderModelOnly":
-                        n["mode"] = 0
-                wf_name += " + LoRA"
-            unknown = sorted({n["type"] for n in wf["nodes"]} - set(info) - {"Note"})
-            if unknown:
-                ok = False
-                summary.append(f"{wf_name}: node types unknown to ComfyUI: {unknown}")
-                continue
-            prompt = adapt_for_check(ui_to_api(wf, info), names, args.length, size, transformer)
-            if not lora_on:  # the browser run uses the workflow as shipped
-                checked[wf_name] = prompt
-            t1 = time.time()
-            res = get(base + "/prompt", {"prompt": prompt, "client_id": "fp-check"})
-            if res.get("node_errors"):
-                ok = False
-                summary.append(f"{wf_name}: rejected: {json.dumps(res['node_errors'])[:800]}")
-                continue
-            pid = res["prompt_id"]
-            while True:
-                hist = get(f"{base}/history/{pid}")
-                if pid in hist and hist[pid].get("status", {}).get("completed") is not None or \
-                        pid in hist and hist[pid].get("status", {}).get("status_str") in ("success", "error"):
-                    break
-                if time.time() - t1 > args.timeout:
-                    raise RuntimeError(f"{wf_name} did not finish in {args.timeout:.0f} s")
-                time.sleep(1)
-            status = hist[pid]["status"]
-            if status.get("status_str") != "success":
-                ok = False
-                msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
-                detail = msgs[0][1].get("exception_message", "") if msgs else status
-                summary.append(f"{wf_name}: FAILED: {str(detail)[:800]}")
-                continue
-            videos = [v for o in hist[pid]["outputs"].values() for v in o.get("images", []) if
-                      v.get("filename", "").endswith(".mp4")]
-            if not videos:
-                ok = False
-                summary.append(f"{wf_name}: no video output")
-                continue
-            v = videos[0]
-            path = os.path.join(out_dir, v.get("subfolder", ""), v["filename"])
-            p = probe(path)
-            good = p["frames"] == args.length and (p["width"], p["height"]) == size
-            ok &= good
-            summary.append(f"{wf_name}: {'OK' if good else 'WRONG'} -> {v['filename']}: {p['frames']} frames "
-                           f"{p['width']}x{p['height']} @ {p['fps']:.2f} fps, audio={p['audio']} "
-                           f"({time.time() - t1:.1f} s; transformer {transformer})")
-            if any(n["type"] == "FantasyPortraitLoRA" for n in wf["nodes"]):  # the LoRA must have been applied
-                with open(log_path) as f:
-                    active = [l.strip() for l in f if "LoRAs active" in l and names["lora"] in l]
-                ok &= bool(active)
-                summary.append(f"{wf_name}: " + (active[-1] if active else f"LoRA {names['lora']} was NOT applied"))
-        if args.screenshots:
-            ok &= screenshots(args, base, tmp, checked, summary)
+        with comfyui_session(comfy, py, args.port, args.keep) as session:
+            if args.keep:
+                summary.append(f"keeping {session.tmp}")
+            checked = {}  # workflow file -> the API prompt that ran (for the browser run)
+            ok &= check_session(session, args.length, [w.strip() for w in args.workflows.split(",") if w.strip()],
+                                summary, timeout=args.timeout, checked=checked)
+            if args.screenshots:
+                ok &= screenshots(args, session.base, session.tmp, checked, summary)
     except Exception as e:  # report, then clean up
         ok = False
         summary.append(f"ERROR: {e}")
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        if created_link:
-            os.unlink(link)
-        shutil.rmtree(check_pack, ignore_errors=True)
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            summary.append(f"kept {tmp}")
     print("FantasyPortrait check in ComfyUI", comfy)
     for line in summary:
         print(" -", line)
     print("RESULT:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def check_session(session, length: int, wanted: list[str], summary: list, timeout: float = 900,
+                  checked: dict | None = None) -> bool:
+    """The checks of :func:`main` against a running session; appends lines to ``summary`` and, when
+    given, records in ``checked`` the API prompt each example workflow (as shipped) ran with."""
+    ok = True
+    info, names, base, out_dir, log_path = session.info, session.names, session.base, session.out_dir, session.log_path
+    summary.append(f"ComfyUI answered /object_info after {session.started_s:.1f} s ({len(info)} node types)")
+    with open(log_path) as f:
+        failed = [l for l in f.read().splitlines() if "IMPORT FAILED" in l]
+    if any(PACK_NAME in l for l in failed):
+        ok = False
+        summary.append("IMPORT FAILED: " + "; ".join(failed))
+    sys.path.insert(0, ROOT)
+    import nodes as pack_nodes  # our package: the node list to expect
+
+    expected = set(pack_nodes.NODE_CLASS_MAPPINGS)
+    missing = sorted(expected - set(info))
+    ok &= not missing
+    summary.append(f"nodes listed: {len(expected & set(info))}/{len(expected)}" + (f" MISSING {missing}" if missing else ""))
+
+    runs = (("fantasyportrait_single.json", (64, 64), names["transformer"], False),
+            ("fantasyportrait_multi.json", (112, 64), names["transformer_sharded"], False),  # ~ the graph's 720x416
+            ("fantasyportrait_fast.json", (64, 64), names["transformer"], False),
+            # ComfyUI's own Wan MODEL (Load Diffusion Model), as shipped (LoRA bypassed) and with the LoRA on
+            ("fantasyportrait_native.json", (64, 64), names["native_unet"], False),
+            ("fantasyportrait_native.json", (64, 64), names["native_unet"], True))
+    runs = [r for r in runs if not wanted or any(w in r[0] for w in wanted)]
+    for wf_name, size, transformer, lora_on in runs:
+        loader = ("UNETLoader", "unet_name") if "native" in wf_name else ("FantasyPortraitModelLoader", "transformer")
+        if transformer not in json.dumps(info[loader[0]]["input"]["required"][loader[1]]):
+            ok = False
+            summary.append(f"{wf_name}: {transformer} is not offered by {loader[0]}")
+            continue
+        with open(os.path.join(ROOT, "workflows", wf_name)) as f:
+            wf = json.load(f)
+        if lora_on:
+            for n in wf["nodes"]:
+                if n["type"] == "LoraLoaderModelOnly":
+                    n["mode"] = 0
+            wf_name += " + LoRA"
+        unknown = sorted({n["type"] for n in wf["nodes"]} - set(info) - {"Note"})
+        if unknown:
+            ok = False
+            summary.append(f"{wf_name}: node types unknown to ComfyUI: {unknown}")
+            continue
+        prompt = adapt_for_check(ui_to_api(wf, info), names, length, size, transformer)
+        if checked is not None and not lora_on:
+            checked[wf_name] = prompt
+        res = run_prompt(base, prompt, timeout=timeout)
+        if "rejected" in res:
+            ok = False
+            summary.append(f"{wf_name}: rejected: {json.dumps(res['rejected'])[:800]}")
+            continue
+        if res["status"] != "success":
+            ok = False
+            summary.append(f"{wf_name}: FAILED: {str(res['error'])[:800]}")
+            continue
+        videos = output_videos(res)
+        if not videos:
+            ok = False
+            summary.append(f"{wf_name}: no video output")
+            continue
+        v = videos[0]
+        p = probe(os.path.join(out_dir, v.get("subfolder", ""), v["filename"]))
+        good = p["frames"] == length and (p["width"], p["height"]) == size
+        ok &= good
+        summary.append(f"{wf_name}: {'OK' if good else 'WRONG'} -> {v['filename']}: {p['frames']} frames "
+                       f"{p['width']}x{p['height']} @ {p['fps']:.2f} fps, audio={p['audio']} "
+                       f"({res['seconds']:.1f} s; transformer {transformer})")
+        if any(n["type"] == "FantasyPortraitLoRA" for n in wf["nodes"]):  # the LoRA must have been applied
+            with open(log_path) as f:
+                active = [l.strip() for l in f if "LoRAs active" in l and names["lora"] in l]
+            ok &= bool(active)
+            summary.append(f"{wf_name}: " + (active[-1] if active else f"LoRA {names['lora']} was NOT applied"))
+    return ok
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ WIDGET_INPUTS = {
     "CreateVideo": [("fps", "FLOAT", False)],
     "FantasyPortraitEncodeExpression": [("people", "INT", False), ("smooth", "FLOAT", False),
                                         ("landmark_filter", "COMBO", True), ("source_fps", "FLOAT", True),
-                                        ("fps", "FLOAT", True), ("max_frames", "INT", True)],
+                                        ("fps", "FLOAT", True), ("max_frames", "INT", True),
+                                        ("start_frame", "INT", True)],
 }
 
 # The reference's default negative prompt (infer.py), as in fantasyportrait_core.encoders.
@@ -315,12 +316,14 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
         g.link("model", "model", "sampler", "model")
 
 
-def driving(g: Graph, key: str, video: str, band: int, people: int = 1, size: tuple[int, int] = (512, 512)):
-    """Load Video → Get Video Components → Encode Expression (resampled to 25 fps) → its info shown."""
+def driving(g: Graph, key: str, video: str, band: int, people: int = 1, size: tuple[int, int] = (512, 512),
+            frames: int = 0):
+    """Load Video → Get Video Components → Encode Expression (resampled to 25 fps) → its info shown.
+    ``frames`` (= WanImageToVideo length) caps what is encoded (Encode Expression max_frames)."""
     g.add(f"{key}_video", "LoadVideo", 0, band, [video, "image"], title=f"Driving video {key}", size=(300, 0),
           grow=video_room(*size, 300))
     g.add(f"{key}_parts", "GetVideoComponents", 1, band, size=(240, 0))
-    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", 2, band, [people, 0.0, "one_euro", 25.0, 25.0, 0],
+    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", 2, band, [people, 0.0, "one_euro", 25.0, 25.0, frames, 0],
           size=(320, 0))
     g.add(f"{key}_info", "PreviewAny", 3, band, title=f"Driving video {key}: what was found",
           size=(340, 130))
@@ -335,7 +338,7 @@ def driving(g: Graph, key: str, video: str, band: int, people: int = 1, size: tu
 def single() -> Graph:
     g = Graph(["Models and prompts", "Reference portrait", "Driving video A"])
     common(g, "man.jpeg", 720, 720, 97)  # jgz.mp4: 59 frames at 15 fps = 98 at 25 fps
-    driving(g, "A", "jgz.mp4", 2)
+    driving(g, "A", "jgz.mp4", 2, frames=97)
     g.link("A_expr", "expression", "cond", "expression")
     g.link("A_parts", "audio", "create", "audio")  # the driving video's sound goes to the output
     return g
@@ -345,8 +348,8 @@ def multi() -> Graph:
     g = Graph(["Models and prompts", "Reference portrait", "Driving video A (leftmost face)",
                "Driving video B (next face to the right)"])
     common(g, "two_person.png", 720, 416, 201)  # 1084x610 -> 720x405 -> /16 up
-    driving(g, "A", "biden.mp4", 2, size=(432, 432))  # character 0 = leftmost face
-    driving(g, "B", "trump.mp4", 3, size=(416, 416))  # character 1 = next face to the right
+    driving(g, "A", "biden.mp4", 2, size=(432, 432), frames=201)  # character 0 = face #0 (leftmost)
+    driving(g, "B", "trump.mp4", 3, size=(416, 416), frames=201)  # character 1 = face #1
     g.link("A_expr", "expression", "cond", "expression")
     g.link("B_expr", "expression", "cond", "expression_2")
     g.link("A_parts", "audio", "create", "audio")  # first driver's sound (these two clips have none)
@@ -362,7 +365,7 @@ def fast() -> Graph:
     portrait guidance on the first half of the steps only (2 + 2 + 1 + 1 transformer passes)."""
     g = Graph(["Models and prompts", "Reference portrait", "Driving video A"])
     common(g, "man.jpeg", 720, 720, 97, lora=LIGHTX2V_LORA)
-    driving(g, "A", "jgz.mp4", 2)
+    driving(g, "A", "jgz.mp4", 2, frames=97)
     g.link("A_expr", "expression", "cond", "expression")
     g.link("A_parts", "audio", "create", "audio")
     sampler = g.node("sampler")
@@ -420,7 +423,7 @@ def native() -> Graph:
     g.add("cond", "FantasyPortraitConditioning", 3, 1, [1.0, "left_to_right", ""], size=(340, 0))
     g.add("condpreview", "PreviewImage", 4, 1, title="Which video track drives which face", size=(320, 0),
           grow=IMAGE_ROOM)
-    driving(g, "A", "jgz.mp4", 2)
+    driving(g, "A", "jgz.mp4", 2, frames=97)
     for a, o, b, i in [("unet", "MODEL", "lora", "model"), ("lora", "MODEL", "shift", "model"),
                        ("shift", "MODEL", "patch", "model"), ("adapter", "adapter", "patch", "adapter"),
                        ("cond", "portrait", "patch", "portrait"), ("patch", "model", "guider", "model"),

@@ -30,7 +30,7 @@ def test_cli_single_keeps_driving_audio(tmp_path, capsys):
     p = probe_video(out)
     assert p["frames"] == 5 and p["audio"]  # 6 floored to 4k+1
     report = json.loads((t := capsys.readouterr().out)[t.index("{"):])
-    (driver,) = report["driving"]
+    (driver,) = report["characters"]
     assert (driver["source_fps"], driver["fps"], report["fps"]) == (15.0, 25.0, 25.0)  # resampled as the reference
     assert p["fps"] == 25.0
 

@@ -103,7 +103,7 @@ def test_drivers_at_15_and_30_fps_come_out_frame_aligned_at_25(monkeypatch):
     images, _ = _stamped(2.0, 15.0)
     short, _, info = node.encode(encoder, det, images, source_fps=15.0, fps=25.0, max_frames=9)
     assert short[0].num_frames == 9 and det.seen == ta[:9].tolist()
-    assert "50 frames at 25 fps (resampled from 30 at 15 fps), the first 9 encoded" in info
+    assert "50 frames at 25 fps (resampled from 30 at 15 fps), frames 0..8 encoded" in info
 
 
 def test_labels_name_the_video_and_track_driving_each_face(monkeypatch):

@@ -119,7 +119,7 @@ def test_assignment_errors():
 
 def test_driving_video_without_any_face(detector, tiny):
     frames = np.zeros((5, 64, 64, 3), np.uint8)
-    with pytest.raises(ValueError, match="no face was found in any of the 5 driving frames"):
+    with pytest.raises(ValueError, match="no face was found in any of its 5 frame"):
         P.encode_driving(detector, tiny[3], frames)
 
 
