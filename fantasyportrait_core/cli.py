@@ -24,8 +24,8 @@ from . import pipeline as P
 from .attention import attach_portrait_processors
 from .denoiser import I2VConditioning
 from .models import DTYPES
-from .detectors import BACKENDS, make_detector
-from .preview import draw_faces
+from .detectors import BACKENDS, BackendUnavailable, make_detector
+from .preview import add_caption, detector_label, draw_faces
 from .video import Video, probe_video, read_image, read_video, resample_fps, write_video
 
 log = logging.getLogger("FantasyPortrait")
@@ -48,10 +48,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--shift", type=float, default=5.0)
         p.add_argument("--seed", type=int, default=42)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--detector", choices=BACKENDS, default="mtcnn",
-                       help="face detector: mtcnn (offline), mediapipe, insightface, official (ONNX pair)")
+        p.add_argument("--detector", choices=BACKENDS, default="auto",
+                       help="face detector: auto (official ONNX pair when both files are in --detector-dir and "
+                            "onnxruntime is installed, else mtcnn), mtcnn (offline), mediapipe, insightface, "
+                            "official (ONNX pair); see docs/INSTALL.md")
         p.add_argument("--detector-dir", default=None,
-                       help="insightface root (holding models/buffalo_l) or folder with face_det.onnx + face_landmark.onnx")
+                       help="folder with face_det.onnx + face_landmark.onnx (default models/fantasyportrait), "
+                            "or for insightface its root holding models/buffalo_l")
         p.add_argument("--smooth", type=float, default=0.0, help="landmark smoothing sigma in frames (0 = off)")
         p.add_argument("--context-frames", type=int, default=81,
                        help="longer videos are denoised in overlapping windows of this many frames")
@@ -133,7 +136,7 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
     t0 = time.time()
     device = args.device
     detector = make_detector(args.detector, args.detector_dir)
-    report = {"output": out_path, "random_weights": models.random}
+    report = {"output": out_path, "random_weights": models.random, "detector": detector_label(detector)}
     try:
         # Driving side: one track per video, or `people` tracks from a single video.
         drivers = []
@@ -164,6 +167,7 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
     portrait = P.portrait_condition(models.adapter.to(device), drivers, num_frames, layout, args.portrait_scale)
     preview = draw_faces(ref, layout.faces, layout.regions, layout.latent_person if len(drivers) > 1 else None,
                          [f"#{i} <- {r['video']}" for i, r in enumerate(report["driving"])])
+    preview = add_caption(preview, f"detector: {report['detector']}")
     preview_path = os.path.splitext(out_path)[0] + "_faces.png"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     cv2.imwrite(preview_path, cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
@@ -266,7 +270,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return cmd_demo(args) if args.command == "demo" else cmd_run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

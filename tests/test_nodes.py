@@ -91,7 +91,7 @@ def test_two_character_graph(loaded):
     expr_b, _, _ = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
                        images=as_image(trump), people=1, smooth=0.0)
     assert crops.shape == (9, 224, 224, 3) and 0 <= crops.min() and crops.max() <= 1
-    assert "person 0: 9 frames" in info
+    assert "person 0: 9 frames" in info and info.splitlines()[0] == "detector: mtcnn"  # the backend that ran
 
     faces, masks, preview = run("FantasyPortraitFaceMasks", face_detector=detector, image=as_image(ref))
     assert len(faces.faces) == 2 and masks.shape == (2, ref.shape[0], ref.shape[1])
