@@ -68,7 +68,28 @@ def require_backend(backend: str):
     missing = missing_packages(backend)
     if missing:
         raise BackendUnavailable(f"face detector backend '{backend}' needs {' and '.join(missing)}, which is not "
-                          f"installed: {BACKEND_PACKAGES[backend][1]}")
+                                 f"installed: {BACKEND_PACKAGES[backend][1]}")
+    if "onnxruntime" in BACKEND_PACKAGES[backend][0]:
+        broken = onnxruntime_problem()
+        if broken:
+            raise BackendUnavailable(f"face detector backend '{backend}': {broken}")
+
+
+ORT_REPAIR = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install onnxruntime-gpu (or onnxruntime "
+              "without an NVIDIA GPU); see docs/INSTALL.md")
+
+
+def onnxruntime_problem() -> str | None:
+    """None when onnxruntime imports and has ``InferenceSession``, else one line saying how to repair
+    it. onnxruntime and onnxruntime-gpu install into the same folder; after one of them is installed
+    over or removed from under the other, the folder is left half-written."""
+    try:
+        import onnxruntime as ort
+
+        ort.InferenceSession  # noqa: B018 - missing in a half-removed install
+    except Exception as e:  # noqa: BLE001 - ImportError, AttributeError, OSError from its DLLs
+        return f"onnxruntime is installed but broken ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): {ORT_REPAIR}"
+    return None
 
 # Face Mesh (478 points with iris refinement) indices: pupil centres (the reference's 222-point
 # indices 182/202 are pupil centres too), nose tip, mouth corners.
@@ -455,7 +476,7 @@ def choose_auto_backend(model_dir: str | None) -> tuple[str, str]:
     ``model_dir`` and onnxruntime is installed, else ``("mtcnn", why)``.
 
     ``why`` is one line for logs and previews, e.g. ``"no face_det.onnx in models/fantasyportrait"``.
-    Nothing is imported or loaded here.
+    onnxruntime is imported (not the models) only when both files are there, to catch a broken install.
     """
     d = model_dir or default_model_dir("official")
     absent = [f for f in OFFICIAL_FILES if not os.path.isfile(os.path.join(d, f))]
@@ -464,6 +485,9 @@ def choose_auto_backend(model_dir: str | None) -> tuple[str, str]:
     if missing_packages("official"):
         return "mtcnn", (f"{' + '.join(OFFICIAL_FILES)} found in {d} but onnxruntime is not installed "
                          f"({BACKEND_PACKAGES['official'][1]})")
+    broken = onnxruntime_problem()
+    if broken:
+        return "mtcnn", f"{' + '.join(OFFICIAL_FILES)} found in {d} but {broken}"
     return "official", f"{' + '.join(OFFICIAL_FILES)} found in {d}"
 
 
@@ -489,7 +513,9 @@ def make_detector(backend: str = "auto", model_dir: str | None = None, min_score
     reason = None
     if backend == "auto":
         backend, reason = choose_auto_backend(model_dir)
-        log.info("[FantasyPortrait] face detector auto -> %s (%s)", backend, reason)
+        # The user put the official files there to use them: say loudly when they cannot be.
+        (log.warning if backend == "mtcnn" and " found in " in reason else log.info)(
+            "[FantasyPortrait] face detector auto -> %s (%s)", backend, reason)
         if backend == "mtcnn":
             model_dir = None
     if not min_score:
