@@ -260,8 +260,8 @@ def main(argv=None) -> int:
             shown = image.copy()
             for b in np.round(boxes).astype(int):
                 cv2.rectangle(shown, tuple(b[:2]), tuple(b[2:]), (0, 255, 0), 1)
-            cv2.imwrite(os.path.join(args.save_scenes, name.split(" (")[0].replace(" ", "_").replace("×", "x") + ".png"),
-                        cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
+            file = name.split(" (")[0].replace(" ", "_").replace("×", "x") + ".png"
+            cv2.imwrite(os.path.join(args.save_scenes, file), cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "

@@ -18,7 +18,8 @@ image terms), a score and, where the backend has one, an identity embedding.
 
 mediapipe, insightface and onnxruntime are optional (not in requirements.txt): a backend whose
 package is missing raises a one-line :class:`ImportError` naming the pip command
-(:data:`BACKEND_PACKAGES`, :class:`BackendUnavailable`); see docs/INSTALL.md for the onnxruntime / onnxruntime-gpu trap.
+(:data:`BACKEND_PACKAGES`, :class:`BackendUnavailable`); see docs/INSTALL.md for the onnxruntime /
+onnxruntime-gpu trap.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ BACKEND_PACKAGES = {
 
 
 class BackendUnavailable(ImportError):
-    """A face detector backend's package is not installed; the message names the pip command."""
+    """A face detector backend's package is not installed (or is broken); the one-line message names
+    the pip command that fixes it."""
 
 
 def _importable(module: str) -> bool:
@@ -88,7 +90,8 @@ def onnxruntime_problem() -> str | None:
 
         ort.InferenceSession  # noqa: B018 - missing in a half-removed install
     except Exception as e:  # noqa: BLE001 - ImportError, AttributeError, OSError from its DLLs
-        return f"onnxruntime is installed but broken ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): {ORT_REPAIR}"
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"onnxruntime is installed but broken ({type(e).__name__}: {first}): {ORT_REPAIR}"
     return None
 
 # Face Mesh (478 points with iris refinement) indices: pupil centres (the reference's 222-point
@@ -529,6 +532,7 @@ def make_detector(backend: str = "auto", model_dir: str | None = None, min_score
     else:
         d = model_dir or default_model_dir(backend)
         det = OfficialOnnxDetector(*(os.path.join(d, f) for f in OFFICIAL_FILES), min_score=min_score)
-    label = {"official": "official onnx", "insightface": f"insightface {kw.get('name', 'buffalo_l')}"}.get(backend, backend)
+    labels = {"official": "official onnx", "insightface": f"insightface {kw.get('name', 'buffalo_l')}"}
+    label = labels.get(backend, backend)
     det.info = f"{label} (auto: {reason})" if reason else label
     return det

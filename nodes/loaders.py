@@ -131,7 +131,8 @@ def _installed_note() -> str:
     missing = {kind: missing_packages(kind) for kind in ("mediapipe", "insightface", "official")}
     ok = [k for k, m in missing.items() if not m]
     no = [f"{k} (needs {' + '.join(m)})" for k, m in missing.items() if m]
-    return f" Installed here: mtcnn{''.join(', ' + k for k in ok)}." + (f" Not installed: {', '.join(no)}." if no else "")
+    note = f" Installed here: mtcnn{''.join(', ' + k for k in ok)}."
+    return note + (f" Not installed: {', '.join(no)}." if no else "")
 
 
 class FantasyPortraitFaceDetectorLoader:
