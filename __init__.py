@@ -10,9 +10,9 @@ if _here not in sys.path:
     sys.path.append(_here)
 
 if not __package__:
-    # Imported as a plain module, not as ComfyUI's custom-node package: pytest does this when the
-    # checkout's folder name is not a valid package name (e.g. ComfyUI-FantasyPortrait). Nothing to register.
-    __all__ = []
+    # Imported as a lone module, not as ComfyUI's custom-node package: pytest does this when the
+    # checkout's folder name is no valid package name (e.g. ComfyUI-FantasyPortrait). Nothing to register.
+    __all__: list[str] = []
 else:
     try:  # ComfyUI with the V3 node API: register through the extension entry point
         import comfy_api.latest  # noqa: F401

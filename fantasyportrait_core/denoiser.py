@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import TEXT_CONTEXT_TOKENS, PortraitCondition, PortraitState
-from .sampling import NUM_TRAIN_TIMESTEPS, combine_guidance, guidance_passes
+from .sampling import NUM_TRAIN_TIMESTEPS, GuidanceSchedule, combine_guidance, guidance_passes, step_guidance
 
 
 @dataclass
@@ -69,16 +69,24 @@ class PortraitDenoiser:
         portrait: expression windows (+ masks); ``None`` runs plain Wan I2V.
         cfg: text guidance scale; portrait_cfg: portrait guidance scale.
         portrait_scale: strength of the portrait branch inside the DiT (reference ``ip_scale``).
+        guidance: optional :class:`~fantasyportrait_core.sampling.GuidanceSchedule` (guidance
+            interval, portrait scale per step range); its scales replace ``cfg``/``portrait_cfg``.
     """
 
     def __init__(self, transformer, state: PortraitState, cond: I2VConditioning,
-                 portrait: PortraitCondition | None, cfg: float = 1.0, portrait_cfg: float = 4.0):
+                 portrait: PortraitCondition | None, cfg: float = 1.0, portrait_cfg: float = 4.0,
+                 guidance: GuidanceSchedule | None = None):
         self.transformer, self.state, self.cond, self.portrait = transformer, state, cond, portrait
         self.cfg, self.portrait_cfg = float(cfg), float(portrait_cfg)
         if portrait is None:
             self.portrait_cfg = 1.0
+            if guidance is not None:
+                guidance = GuidanceSchedule(guidance.sigmas, guidance.cfg, 1.0, guidance.cfg_range)
+        self.guidance = guidance
+        self._base_scale = None if portrait is None else portrait.scale
         self.passes = guidance_passes(self.cfg, self.portrait_cfg)
-        if any(p == "negative" for p, _ in self.passes) and cond.text_negative is None:
+        negative = guidance.uses_negative() if guidance is not None else any(p == "negative" for p, _ in self.passes)
+        if negative and cond.text_negative is None:
             raise ValueError("cfg != 1 needs a negative prompt embedding (text_negative)")
         # The input projection's weight gives the compute dtype (the first parameter, a modulation
         # table, is kept in fp32 by diffusers and would mislead).
@@ -104,12 +112,20 @@ class PortraitDenoiser:
             self.state.condition = None
         return out.float()
 
+    def step_guidance(self, sigma: float):
+        """Scales and passes of the step at ``sigma`` (sets the portrait scale of that step)."""
+        g = step_guidance(self.guidance, sigma, self.cfg, self.portrait_cfg)
+        if self.portrait is not None:
+            self.portrait.scale = self._base_scale if g.portrait_scale is None else g.portrait_scale
+        return g
+
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        preds = {key: self.velocity(x, sigma, *key) for key in self.passes}
+        g = self.step_guidance(sigma)
+        preds = {key: self.velocity(x, sigma, *key) for key in g.passes}
         v = combine_guidance(
             preds[("positive", True)],
             preds.get(("positive", False)),
             preds.get(("negative", False), preds.get(("negative", True))),
-            self.cfg, self.portrait_cfg,
+            g.cfg, g.portrait_cfg,
         )
         return x.float() - sigma * v.to(x.device)

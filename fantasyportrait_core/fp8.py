@@ -5,6 +5,10 @@ sits in e4m3's subnormal range, where only 1–3 mantissa bits remain). Scaled f
 ``w / s`` in fp8 with one fp32 scale ``s = max|w| / 448`` per tensor (the "fp8 scaled" checkpoint
 layout: ``scale_weight``), and multiplies the scale back when the weight is upcast for the matmul.
 Weights from fp8-scaled files are kept exactly as stored.
+
+LoRAs on these layers add a low-rank delta at matmul time (:class:`LowRankDelta`) instead of being
+merged and re-quantised: the fp8 weight is never rewritten, so removing the LoRA is exact and the
+LoRA itself keeps its bf16 precision (``benchmarks/bench_lora.py`` compares both).
 """
 
 from __future__ import annotations
@@ -43,10 +47,44 @@ class ScaledFP8Linear(nn.Module):
         self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False) \
             if bias else None
+        self.compute_dtype = bias_dtype
+        self.lora_delta: LowRankDelta | None = None  # LoRAs (fantasyportrait_core.lora), added after the matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) * self.scale.to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        out = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return out if self.lora_delta is None else out + self.lora_delta(x)
+
+    def set_lora(self, factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]]) -> None:
+        """Apply LoRAs as a delta at matmul time; ``[]`` removes them (the fp8 weight is never touched).
+
+        Args:
+            factors: ``(A [r, in], B [out, r], bias [out] or None, strength)`` per LoRA, alpha/rank
+                already folded into the factors.
+        """
+        self.lora_delta = LowRankDelta(factors, self.weight.device, self.compute_dtype) if factors else None
+
+
+class LowRankDelta(nn.Module):
+    """``Σ_i s_i·(B_i·A_i·x + b_i)`` for a linear layer, as one pair of matmuls: the LoRAs are stacked
+    along the rank axis with each strength folded into its ``A`` (LoRA, Hu et al. 2021, eq. 3).
+
+    Shapes: x ``[..., in]`` -> ``[..., out]``. Factors are kept in ``dtype`` (the layer's compute dtype)
+    as non-persistent buffers, so they follow ``.to(device)`` and stay out of ``state_dict``.
+    """
+
+    def __init__(self, factors, device, dtype: torch.dtype):
+        super().__init__()
+        down = torch.cat([s * a.float() for a, _, _, s in factors]).to(device=device, dtype=dtype)
+        up = torch.cat([b.float() for _, b, _, _ in factors], dim=1).to(device=device, dtype=dtype)
+        biases = [s * bias.float() for _, _, bias, s in factors if bias is not None]
+        self.register_buffer("down", down, persistent=False)
+        self.register_buffer("up", up, persistent=False)
+        self.register_buffer("bias", sum(biases).to(device=device, dtype=dtype) if biases else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype), bias)
 
 
 def fp8_linear_names(model: nn.Module) -> list[str]:

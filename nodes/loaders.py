@@ -21,7 +21,9 @@ class PortraitModel:
     """FANTASYPORTRAIT_MODEL: the Wan2.1-I2V transformer with the portrait adapter attached.
 
     ``offload == "block"`` means diffusers group offload streams blocks to the GPU, so the sampler
-    must not move the whole transformer.
+    must not move the whole transformer. ``loras``: ``(LoraWeights, strength)`` pairs added by
+    FantasyPortrait LoRA nodes; the sampler makes exactly these active (the transformer is shared
+    with the loader's output, so the LoRA node itself changes no weights).
     """
 
     transformer: torch.nn.Module
@@ -29,6 +31,7 @@ class PortraitModel:
     state: PortraitState
     dtype: torch.dtype
     offload: str = "none"
+    loras: tuple = ()
 
 
 def pin_weights_upfront(weights_bytes: int, available_bytes: int | None) -> bool:
@@ -61,10 +64,11 @@ class FantasyPortraitModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "transformer": (host.list_models("diffusion_models"), {
+            "transformer": (host.transformer_list(), {
                 "tooltip": "Wan2.1-I2V-14B (480P or 720P) transformer from models/diffusion_models: original Wan "
-                           "keys, the Comfy-Org repack, fp8 / fp8-scaled files, or a sharded release (pick any "
-                           "one shard, e.g. diffusion_pytorch_model-00001-of-00007: all shards are loaded)."}),
+                           "keys, the Comfy-Org repack, fp8 / fp8-scaled files, a sharded release (pick any "
+                           "one shard, e.g. diffusion_pytorch_model-00001-of-00007: all shards are loaded), or a "
+                           "GGUF quantisation (city96 Q4_K_M … Q8_0; keep storage = same)."}),
             "adapter": (host.list_models(host.MODEL_FOLDER), {
                 "tooltip": "fantasyportrait_model.ckpt or Wan2_1_FantasyPortrait_fp16.safetensors from "
                            "models/fantasyportrait."}),
@@ -88,7 +92,7 @@ class FantasyPortraitModelLoader:
     def load(self, transformer, adapter, weight_dtype="bf16", storage="same", offload="none"):
         dtype = DTYPES[weight_dtype]
         storage_dtype = torch.float8_e4m3fn if storage == "fp8_e4m3fn" else None
-        model = load_transformer(host.model_path("diffusion_models", transformer), dtype=dtype,
+        model = load_transformer(host.transformer_path(transformer), dtype=dtype,
                                  device=host.offload_device(), storage_dtype=storage_dtype)
         portrait = load_adapter(host.model_path(host.MODEL_FOLDER, adapter), dtype=dtype, device=host.offload_device())
         return (build_portrait_model(model, portrait, dtype, offload),)
