@@ -33,9 +33,9 @@ from .adapter import floor_to_4k1
 from .attention import attach_portrait_processors
 from .context import ANCHORS, CONTEXT_MODES, free_memory_bytes, plan_context
 from .denoiser import I2VConditioning
-from .detectors import BACKENDS, make_detector
+from .detectors import BACKENDS, BackendUnavailable, make_detector
 from .models import DTYPES
-from .preview import draw_faces
+from .preview import add_caption, detector_label, draw_faces
 from .restore import restored
 from .validate import (InputError, check_face_order, check_float, check_image_size, check_input_dir,
                        check_input_file, check_int, check_output_path, parse_face_order)
@@ -62,10 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--shift", type=float, default=5.0)
         p.add_argument("--seed", type=int, default=42)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--detector", choices=BACKENDS, default="mtcnn",
-                       help="face detector: mtcnn (offline), mediapipe, insightface, official (ONNX pair)")
+        p.add_argument("--detector", choices=BACKENDS, default="auto",
+                       help="face detector: auto (official ONNX pair when both files are in --detector-dir and "
+                            "onnxruntime is installed, else mtcnn), mtcnn (offline), mediapipe, insightface, "
+                            "official (ONNX pair); see docs/INSTALL.md")
         p.add_argument("--detector-dir", default=None,
-                       help="insightface root (holding models/buffalo_l) or folder with face_det.onnx + face_landmark.onnx")
+                       help="folder with face_det.onnx + face_landmark.onnx (default models/fantasyportrait), "
+                            "or for insightface its root holding models/buffalo_l")
         p.add_argument("--landmark-filter", choices=P.LANDMARK_FILTERS, default="one_euro",
                        help="landmark filter before alignment: one_euro (the reference's) or none")
         p.add_argument("--smooth", type=float, default=0.0,
@@ -474,6 +477,7 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str 
     report = {"output": plan.out, "random_weights": models.random, "sampler": args.preset or args.sampler}
     detector = make_detector(args.detector, args.detector_dir)
     mode = getattr(args, "assign", "left_to_right")
+    report["detector"] = detector_label(detector)
     try:
         # Reference side (one image): face count and order are checked before any driving frame.
         width, height = P.generation_size(image.shape[1], image.shape[0], args.max_size)
@@ -526,6 +530,7 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str 
     labels += [f"face #{k}: no driver" for k in unused]
     preview = draw_faces(ref, chosen + [faces[k] for k in unused], layout.regions,
                          layout.latent_person if len(drivers) > 1 else None, labels)
+    preview = add_caption(preview, f"detector: {report['detector']}")
     preview_path = os.path.splitext(plan.out)[0] + "_faces.png"
     _write_png(preview_path, cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
 
@@ -748,7 +753,7 @@ def main(argv=None) -> int:
     commands = {"demo": cmd_demo, "run": cmd_run, "encode": cmd_encode, "evaluate": cmd_evaluate}
     try:
         return commands[args.command](args)
-    except (InputError, FileNotFoundError) as e:  # a user mistake: one line, no traceback
+    except (InputError, FileNotFoundError, BackendUnavailable) as e:  # a user mistake: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:

@@ -2,8 +2,11 @@
 each face with a box, 5 landmarks (left eye, right eye, nose tip, left/right mouth corner, in
 image terms), a score and, where the backend has one, an identity embedding.
 
-* ``mtcnn`` (default, offline): MTCNN (P/R/O-Net cascade: boxes + 5 landmarks) from
-  ``facenet-pytorch``, whose wheel ships the weights; runs on numpy 2 and Python 3.10–3.13.
+* ``auto`` (default): ``official`` when ``face_det.onnx`` + ``face_landmark.onnx`` are in the model
+  folder and onnxruntime imports (the landmarks FantasyPortrait was trained with), else ``mtcnn``
+  (:func:`choose_auto_backend`).
+* ``mtcnn`` (offline): MTCNN (P/R/O-Net cascade: boxes + 5 landmarks) from ``facenet-pytorch``,
+  whose wheel ships the weights; runs on numpy 2 and Python 3.10–3.13.
 * ``mediapipe`` (optional, offline): BlazeFace short- and full-range + Face Mesh, models inside the
   mediapipe 0.10.21 wheel (numpy < 2, Python <= 3.12 only).
 * ``insightface``: ``buffalo_l`` / ``antelopev2`` from ``ComfyUI/models/insightface`` (SCRFD
@@ -12,10 +15,16 @@ image terms), a score and, where the backend has one, an identity embedding.
   ``face_landmark.onnx`` (222 points), run with onnxruntime; pre/post-processing follows the
   reference ``diffsynth/models/face_det.py`` / ``face_align.py`` (letterbox 160×272, GFL decoding,
   3-pass landmark refinement, points 182/202/36/149/133 for alignment).
+
+mediapipe, insightface and onnxruntime are optional (not in requirements.txt): a backend whose
+package is missing raises a one-line :class:`ImportError` naming the pip command
+(:data:`BACKEND_PACKAGES`, :class:`BackendUnavailable`); see docs/INSTALL.md for the onnxruntime /
+onnxruntime-gpu trap.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -25,6 +34,65 @@ import numpy as np
 from .faces import Face, check_image, nms, order_points
 
 log = logging.getLogger("FantasyPortrait")
+
+# What each backend imports and how to get it. Only mtcnn's package is in requirements.txt; the
+# others would pin numpy < 2 (mediapipe) or replace onnxruntime-gpu with the CPU build (insightface).
+BACKEND_PACKAGES = {
+    "mtcnn": (("facenet_pytorch", "torchvision"), "pip install facenet-pytorch==2.5.3"),
+    "mediapipe": (("mediapipe",), "pip install mediapipe==0.10.21 (Python <= 3.12 with numpy < 2 only; "
+                                  "see docs/INSTALL.md)"),
+    "insightface": (("insightface", "onnxruntime"), "pip install insightface, then reinstall onnxruntime-gpu if "
+                                                    "you had it (see docs/INSTALL.md)"),
+    "official": (("onnxruntime",), "pip install onnxruntime-gpu (NVIDIA GPU) or pip install onnxruntime (CPU)"),
+}
+
+
+class BackendUnavailable(ImportError):
+    """A face detector backend's package is not installed (or is broken); the one-line message names
+    the pip command that fixes it."""
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken parent package, or a module with no spec
+        return False
+
+
+def missing_packages(backend: str) -> list[str]:
+    """The import names ``backend`` needs that are not installed (empty when it can run)."""
+    return [m for m in BACKEND_PACKAGES[backend][0] if not _importable(m)]
+
+
+def require_backend(backend: str):
+    """Raise a one-line :class:`BackendUnavailable` (an ImportError) naming the pip command when
+    ``backend``'s packages are missing (checked without importing them)."""
+    missing = missing_packages(backend)
+    if missing:
+        raise BackendUnavailable(f"face detector backend '{backend}' needs {' and '.join(missing)}, which is not "
+                                 f"installed: {BACKEND_PACKAGES[backend][1]}")
+    if "onnxruntime" in BACKEND_PACKAGES[backend][0]:
+        broken = onnxruntime_problem()
+        if broken:
+            raise BackendUnavailable(f"face detector backend '{backend}': {broken}")
+
+
+ORT_REPAIR = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install onnxruntime-gpu (or onnxruntime "
+              "without an NVIDIA GPU); see docs/INSTALL.md")
+
+
+def onnxruntime_problem() -> str | None:
+    """None when onnxruntime imports and has ``InferenceSession``, else one line saying how to repair
+    it. onnxruntime and onnxruntime-gpu install into the same folder; after one of them is installed
+    over or removed from under the other, the folder is left half-written."""
+    try:
+        import onnxruntime as ort
+
+        ort.InferenceSession  # noqa: B018 - missing in a half-removed install
+    except Exception as e:  # noqa: BLE001 - ImportError, AttributeError, OSError from its DLLs
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"onnxruntime is installed but broken ({type(e).__name__}: {first}): {ORT_REPAIR}"
+    return None
 
 # Face Mesh (478 points with iris refinement) indices: pupil centres (the reference's 222-point
 # indices 182/202 are pupil centres too), nose tip, mouth corners.
@@ -48,18 +116,16 @@ class MtcnnDetector:
         min_face_size: smallest face side searched for, in pixels (smaller = slower).
         device: torch device (default: CUDA when available).
     Raises:
-        ImportError: naming the package to install when facenet-pytorch (or torchvision) is missing.
+        BackendUnavailable: naming the pip command when facenet-pytorch (or torchvision) is missing.
     """
 
     name = "mtcnn"
 
     def __init__(self, min_score: float = 0.9, min_face_size: int = 20, device=None):
-        try:
-            import torch
-            from facenet_pytorch import MTCNN
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("the offline face detector needs facenet-pytorch 2.5.3 and torchvision: "
-                              "pip install 'facenet-pytorch==2.5.3'") from e
+        require_backend("mtcnn")
+        import torch
+        from facenet_pytorch import MTCNN
+
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.min_score = float(min_score)
@@ -109,7 +175,7 @@ class MediaPipeDetector:
         min_score: detection confidence threshold.
         crop_scale: side of the square crop given to Face Mesh, in face-box sizes.
     Raises:
-        ImportError: naming the package to install when mediapipe is missing.
+        BackendUnavailable: naming the pip command when mediapipe is missing.
     """
 
     name = "mediapipe"
@@ -118,13 +184,9 @@ class MediaPipeDetector:
         # mediapipe's C++ side logs feedback-tensor warnings for every graph; keep errors only.
         os.environ.setdefault("GLOG_minloglevel", "2")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        try:
-            import mediapipe as mp
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "The offline face detector needs mediapipe 0.10.21 (its wheel ships the face models): "
-                "pip install 'mediapipe==0.10.21'"
-            ) from e
+        require_backend("mediapipe")
+        import mediapipe as mp
+
         self.min_score, self.crop_scale = min_score, crop_scale
         self._dets = [mp.solutions.face_detection.FaceDetection(model_selection=sel, min_detection_confidence=min_score)
                       for sel in (0, 1)]
@@ -219,21 +281,20 @@ class InsightFaceDetector:
         name: ``buffalo_l`` or ``antelopev2``.
     Raises:
         FileNotFoundError: naming the folder to put the model pack in.
-        ImportError: when insightface is not installed.
+        BackendUnavailable: naming the pip command when insightface or onnxruntime is missing.
     """
 
     name = "insightface"
 
     def __init__(self, root: str, name: str = "buffalo_l", min_score: float = 0.5, det_size: int = 640):
+        require_backend("insightface")
         model_dir = os.path.join(root, "models", name)
         if not os.path.isdir(model_dir) or not any(f.endswith(".onnx") for f in os.listdir(model_dir)):
             raise FileNotFoundError(
                 f"insightface model pack '{name}' not found: put its .onnx files in {model_dir} "
                 f"(unzip {name}.zip from the insightface releases there); nothing is downloaded automatically")
-        try:
-            from insightface.app import FaceAnalysis
-        except ImportError as e:
-            raise ImportError("the insightface backend needs `pip install insightface` (with numpy<2 beside mediapipe)") from e
+        from insightface.app import FaceAnalysis
+
         providers = _onnx_providers()
         self.app = FaceAnalysis(name=name, root=root, allowed_modules=["detection", "recognition"], providers=providers)
         self.app.prepare(ctx_id=0 if "CUDAExecutionProvider" in providers else -1, det_thresh=min_score,
@@ -296,12 +357,15 @@ class OfficialOnnxDetector:
     Args:
         det_path, landmark_path: ``face_det.onnx`` and ``face_landmark.onnx``.
     Raises:
+        BackendUnavailable: naming the pip command when onnxruntime is missing.
         FileNotFoundError: naming the missing file and where it goes.
+        ValueError: a file onnxruntime cannot load (names it).
     """
 
     name = "official"
 
     def __init__(self, det_path: str, landmark_path: str, min_score: float = _DET_SCORE):
+        require_backend("official")
         for p in (det_path, landmark_path):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"{p} not found: put face_det.onnx and face_landmark.onnx from the "
@@ -310,8 +374,15 @@ class OfficialOnnxDetector:
         import onnxruntime as ort
 
         providers = _onnx_providers()
-        self.det = ort.InferenceSession(det_path, providers=providers)
-        self.lm = ort.InferenceSession(landmark_path, providers=providers)
+        sessions = []
+        for p in (det_path, landmark_path):
+            try:
+                sessions.append(ort.InferenceSession(p, providers=providers))
+            except Exception as e:  # onnxruntime raises its own (Fail, InvalidProtobuf, ...) types
+                raise ValueError(f"{p} could not be loaded by onnxruntime ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); download it again from the "
+                                 f"FantasyPortrait release") from e
+        self.det, self.lm = sessions
         self.min_score = min_score
 
     def close(self):
@@ -390,35 +461,78 @@ class OfficialOnnxDetector:
         return sorted(faces, key=lambda f: f.center[0])
 
 
-BACKENDS = ("mtcnn", "mediapipe", "insightface", "official")
-
+BACKENDS = ("auto", "mtcnn", "mediapipe", "insightface", "official")
 
 # Each backend's own confidence threshold (used when none is given).
 DEFAULT_MIN_SCORE = {"mtcnn": 0.9, "mediapipe": 0.5, "insightface": 0.5, "official": _DET_SCORE}
 
+OFFICIAL_FILES = ("face_det.onnx", "face_landmark.onnx")
 
-def make_detector(backend: str = "mtcnn", model_dir: str | None = None, min_score: float | None = None, **kw):
+
+def default_model_dir(backend: str) -> str:
+    """Where a backend's files are looked for when no folder is given (relative to the working directory)."""
+    return os.path.join("models", "insightface" if backend == "insightface" else "fantasyportrait")
+
+
+def choose_auto_backend(model_dir: str | None) -> tuple[str, str]:
+    """What ``auto`` runs: ``("official", why)`` when both files of :data:`OFFICIAL_FILES` are in
+    ``model_dir`` and onnxruntime is installed, else ``("mtcnn", why)``.
+
+    ``why`` is one line for logs and previews, e.g. ``"no face_det.onnx in models/fantasyportrait"``.
+    onnxruntime is imported (not the models) only when both files are there, to catch a broken install.
+    """
+    d = model_dir or default_model_dir("official")
+    absent = [f for f in OFFICIAL_FILES if not os.path.isfile(os.path.join(d, f))]
+    if absent:
+        return "mtcnn", f"no {' / '.join(absent)} in {d}"
+    if missing_packages("official"):
+        return "mtcnn", (f"{' + '.join(OFFICIAL_FILES)} found in {d} but onnxruntime is not installed "
+                         f"({BACKEND_PACKAGES['official'][1]})")
+    broken = onnxruntime_problem()
+    if broken:
+        return "mtcnn", f"{' + '.join(OFFICIAL_FILES)} found in {d} but {broken}"
+    return "official", f"{' + '.join(OFFICIAL_FILES)} found in {d}"
+
+
+def make_detector(backend: str = "auto", model_dir: str | None = None, min_score: float | None = None, **kw):
     """Build a detector by name.
 
+    The returned detector has ``name`` (the backend that runs: never ``auto``) and ``info`` (one line
+    for previews and reports: the backend, and for ``auto`` why it was chosen).
+
     Args:
-        backend: ``mtcnn`` | ``mediapipe`` | ``insightface`` | ``official``.
-        model_dir: insightface root (``models/insightface``) or the folder with the official ONNX pair.
+        backend: ``auto`` | ``mtcnn`` | ``mediapipe`` | ``insightface`` | ``official``.
+        model_dir: insightface root (``models/insightface``) or the folder with the official ONNX pair
+            (``models/fantasyportrait``; also where ``auto`` looks).
         min_score: confidence threshold; ``None`` or 0 takes the backend's own (``DEFAULT_MIN_SCORE``).
+        kw: backend options (``mtcnn``: ``min_face_size``, ``device``; ``insightface``: ``name``).
     Raises:
-        ValueError: unknown backend; FileNotFoundError: missing model files (names the folder).
+        ValueError: unknown backend, or an official ONNX file onnxruntime cannot load;
+        FileNotFoundError: missing model files (names the folder);
+        BackendUnavailable (an ImportError): the backend's package is not installed (names the pip command).
     """
-    if backend not in DEFAULT_MIN_SCORE:
+    if backend not in BACKENDS:
         raise ValueError(f"unknown face detector backend {backend!r}; choose one of {BACKENDS}")
+    reason = None
+    if backend == "auto":
+        backend, reason = choose_auto_backend(model_dir)
+        # The user put the official files there to use them: say loudly when they cannot be.
+        (log.warning if backend == "mtcnn" and " found in " in reason else log.info)(
+            "[FantasyPortrait] face detector auto -> %s (%s)", backend, reason)
+        if backend == "mtcnn":
+            model_dir = None
     if not min_score:
         min_score = DEFAULT_MIN_SCORE[backend]
     if backend == "mtcnn":
-        return MtcnnDetector(min_score=min_score, **kw)
-    if backend == "mediapipe":
-        return MediaPipeDetector(min_score=min_score, **kw)
-    if backend == "insightface":
-        return InsightFaceDetector(model_dir or os.path.join("models", "insightface"), min_score=min_score, **kw)
-    if backend == "official":
-        d = model_dir or os.path.join("models", "fantasyportrait")
-        return OfficialOnnxDetector(os.path.join(d, "face_det.onnx"), os.path.join(d, "face_landmark.onnx"),
-                                    min_score=min_score)
-    raise ValueError(f"unknown face detector backend {backend!r}; choose one of {BACKENDS}")
+        det = MtcnnDetector(min_score=min_score, **kw)
+    elif backend == "mediapipe":
+        det = MediaPipeDetector(min_score=min_score, **kw)
+    elif backend == "insightface":
+        det = InsightFaceDetector(model_dir or default_model_dir(backend), min_score=min_score, **kw)
+    else:
+        d = model_dir or default_model_dir(backend)
+        det = OfficialOnnxDetector(*(os.path.join(d, f) for f in OFFICIAL_FILES), min_score=min_score)
+    labels = {"official": "official onnx", "insightface": f"insightface {kw.get('name', 'buffalo_l')}"}
+    label = labels.get(backend, backend)
+    det.info = f"{label} (auto: {reason})" if reason else label
+    return det

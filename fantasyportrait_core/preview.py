@@ -57,3 +57,26 @@ def draw_faces(image: np.ndarray, faces: list[Face], regions: np.ndarray | None 
         ty = int(y1 - 6 if y1 - 6 > th else min(y2 + th + 6, h - 2))
         cv2.putText(out, label, (tx, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
     return out
+
+
+def detector_label(detector) -> str:
+    """What a preview or report says about the face detector: its ``info`` line (the backend that
+    ran and, for ``auto``, why), else its ``name``."""
+    return getattr(detector, "info", None) or getattr(detector, "name", type(detector).__name__)
+
+
+def add_caption(image: np.ndarray, text: str) -> np.ndarray:
+    """``image`` (``[H, W, 3]`` uint8 RGB) with ``text`` written on a dark band along its bottom edge
+    (same size; the text is shrunk to fit the width)."""
+    out = image.copy()
+    h, w = out.shape[:2]
+    scale = max(0.4, min(h, w) / 1400)
+    thick = max(1, round(scale * 1.5))
+    tw = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0]
+    if tw > w - 8:
+        scale *= (w - 8) / tw
+    (_, th), base = cv2.getTextSize("Ag(|)", cv2.FONT_HERSHEY_SIMPLEX, scale, thick)  # same band for any text
+    band = th + base + 8
+    out[h - band:] = (0.35 * out[h - band:]).astype(np.uint8)
+    cv2.putText(out, text, (4, h - base - 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return out

@@ -8,7 +8,7 @@ import torch
 
 from fantasyportrait_core.attention import PortraitState, attach_portrait_processors
 from fantasyportrait_core.checkpoints import load_adapter, load_expression_encoder, load_transformer
-from fantasyportrait_core.detectors import make_detector
+from fantasyportrait_core.detectors import make_detector, missing_packages
 from fantasyportrait_core.models import DTYPES
 
 from . import host
@@ -121,13 +121,24 @@ class FantasyPortraitExpressionEncoderLoader:
         return (load_expression_encoder(host.model_path(host.MODEL_FOLDER, encoder)),)
 
 
+# Option strings are stored in workflows: never rename one.
 DETECTORS = {
+    "auto": ("auto", None),
     "mtcnn (offline)": ("mtcnn", None),
     "mediapipe (offline)": ("mediapipe", None),
     "insightface buffalo_l": ("insightface", "buffalo_l"),
     "insightface antelopev2": ("insightface", "antelopev2"),
     "official onnx": ("official", None),
 }
+
+
+def _installed_note() -> str:
+    """Which optional backends this ComfyUI can run, for the tooltip (checked without importing)."""
+    missing = {kind: missing_packages(kind) for kind in ("mediapipe", "insightface", "official")}
+    ok = [k for k, m in missing.items() if not m]
+    no = [f"{k} (needs {' + '.join(m)})" for k, m in missing.items() if m]
+    note = f" Installed here: mtcnn{''.join(', ' + k for k in ok)}."
+    return note + (f" Not installed: {', '.join(no)}." if no else "")
 
 
 class FantasyPortraitFaceDetectorLoader:
@@ -137,12 +148,16 @@ class FantasyPortraitFaceDetectorLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "backend": (list(DETECTORS), {
-                "tooltip": "mtcnn: weights shipped inside the facenet-pytorch wheel, nothing to download. "
+                "default": "auto",
+                "tooltip": "auto: the official face_det.onnx + face_landmark.onnx when both are in "
+                           "models/fantasyportrait and onnxruntime is installed, else mtcnn. "
+                           "mtcnn: weights shipped inside the facenet-pytorch wheel, nothing to download. "
                            "mediapipe: needs mediapipe==0.10.21 (numpy<2, Python<=3.12). "
                            "insightface: models/insightface/models/<name>/*.onnx; gives identity embeddings "
-                           "(needed for identity assignment). official onnx: face_det.onnx + face_landmark.onnx "
-                           "of the FantasyPortrait release in models/fantasyportrait (the landmarks the model "
-                           "was trained with)."}),
+                           "(needed for identity assignment). official onnx: the FantasyPortrait release's "
+                           "face models (the landmarks the model was trained with). The backend that ran is "
+                           "written on the Face Masks preview and in Encode Expression's info."
+                           + _installed_note()}),
             "min_score": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.05,
                                     "tooltip": "Detection confidence threshold; 0 = the backend's own default "
                                                "(mtcnn 0.9, mediapipe 0.5, insightface 0.5, official onnx 0.4)."}),
@@ -154,12 +169,15 @@ class FantasyPortraitFaceDetectorLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads a face detector giving boxes and 5 landmarks (eyes, nose, mouth corners) per face, "
-                   "used on the reference portrait and on every driving frame.")
+                   "used on the reference portrait and on every driving frame. A backend whose package is missing fails "
+                   "with the pip command to run; see docs/INSTALL.md.")
 
-    def load(self, backend, min_score=0.0):
+    def load(self, backend="auto", min_score=0.0):
+        if backend not in DETECTORS:
+            raise ValueError(f"backend: unknown face detector {backend!r}; choose one of {list(DETECTORS)}")
         kind, name = DETECTORS[backend]
         if kind == "insightface":
             return (make_detector(kind, host.models_subdir("insightface"), min_score=min_score, name=name),)
-        if kind == "official":
+        if kind in ("official", "auto"):
             return (make_detector(kind, host.models_subdir(host.MODEL_FOLDER), min_score=min_score),)
         return (make_detector(kind, min_score=min_score),)

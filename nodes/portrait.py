@@ -15,7 +15,7 @@ import torch
 from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.faces import Face
 from fantasyportrait_core.masks import box_masks
-from fantasyportrait_core.preview import draw_faces
+from fantasyportrait_core.preview import add_caption, detector_label, draw_faces
 from fantasyportrait_core.video import resample_indices
 from fantasyportrait_core.validate import InputError, parse_face_order
 
@@ -166,7 +166,7 @@ class FantasyPortraitEncodeExpression:
                 _EXPRESSION_CACHE.popitem(last=False)
         else:
             _EXPRESSION_CACHE.move_to_end(key)
-        info = []
+        info = [f"detector: {detector_label(face_detector)}"]
         if drivers[0].people_seen > len(drivers):
             info.append(f"the video shows {drivers[0].people_seen} people; {len(drivers)} used (raise people to use more)")
         for d in drivers:
@@ -206,7 +206,8 @@ class FantasyPortraitFaceMasks:
         h, w = ref.shape[:2]
         boxes = np.stack([np.round(f.box).astype(int) for f in faces])
         masks = box_masks(boxes, h, w).float()
-        return (ReferenceFaces(faces, w, h, ref), masks, host.uint8_to_image(draw_faces(ref, faces)))
+        preview = add_caption(draw_faces(ref, faces), f"detector: {detector_label(face_detector)}")
+        return (ReferenceFaces(faces, w, h, ref), masks, host.uint8_to_image(preview))
 
 
 class FantasyPortraitConditioning:
