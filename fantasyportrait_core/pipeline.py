@@ -324,23 +324,26 @@ def decode_latent(vae, latent: torch.Tensor) -> np.ndarray:
 def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, portrait: PortraitCondition | None,
                     num_frames: int, width: int, height: int, steps: int = 30, seed: int = 42, cfg: float = 1.0,
                     portrait_cfg: float = 4.0, shift: float = 5.0, callback=None, context_frames: int = 81,
-                    context_overlap: int = 16) -> torch.Tensor:
+                    context_overlap: int = 16, batch_passes: int | None = None) -> torch.Tensor:
     """Sample a normalised Wan latent ``[1, 16, F_lat, H/8, W/8]`` (float32, CPU).
 
     Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42).
     Videos longer than ``context_frames`` pixel frames are denoised in overlapping context windows
     (:mod:`fantasyportrait_core.context`; overlap ``context_overlap`` pixel frames).
-    ``callback(StepInfo)`` runs after each step and may raise to interrupt.
+    ``callback(StepInfo)`` runs after each step and may raise to interrupt. ``batch_passes``: guidance
+    passes per transformer forward (``None`` = all; see :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`).
     """
     f_lat = latent_frames(num_frames)
     window = latent_frames(floor_to_4k1(context_frames))
     if f_lat > window:
         overlap = min(max(1, context_overlap // 4), window - 1)
-        denoiser = ContextWindowDenoiser(transformer, state, cond, portrait, cfg, portrait_cfg, window, overlap)
+        denoiser = ContextWindowDenoiser(transformer, state, cond, portrait, cfg, portrait_cfg, window, overlap,
+                                         batch_passes=batch_passes)
         log.info("[FantasyPortrait] %d frames: %d context windows of %d latent frames", num_frames,
                  len(denoiser.windows), window)
     else:
-        denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg)
+        denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg,
+                                    batch_passes=batch_passes)
     noise = initial_noise((1, 16, f_lat, height // 8, width // 8), seed)
     sigmas = flow_sigmas(steps, shift)
     x = noise.to(denoiser.device) * sigmas[0]
