@@ -145,3 +145,27 @@ def set_fp8_compute(model: nn.Module, mode: str, device=None) -> str:
     for m in layers:
         m.compute = mode
     return mode
+
+
+@torch.no_grad()
+def quantize_model_fp8(model: nn.Module) -> int:
+    """Turn the blocks' ``nn.Linear`` layers of a loaded model into :class:`ScaledFP8Linear` in place
+    (per-tensor scaled fp8, :func:`quantize_fp8`, on each weight's own device; biases keep their
+    dtype). Layers already in fp8 are left as they are.
+
+    Returns:
+        The number of layers converted.
+    """
+    names = fp8_linear_names(model)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        q, scale = quantize_fp8(old.weight.data)
+        new = ScaledFP8Linear(old.in_features, old.out_features, old.bias is not None, device="meta")
+        new.weight = nn.Parameter(q, requires_grad=False)
+        new.scale = scale.to(q.device)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+        setattr(parent, child, new)
+    return len(names)

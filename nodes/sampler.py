@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 import numpy as np
 import torch
@@ -11,11 +12,13 @@ import torch
 from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
 from fantasyportrait_core.denoiser import I2VConditioning
+from fantasyportrait_core.adapter import floor_to_4k1
 from fantasyportrait_core.faces import Face
+from fantasyportrait_core.memory import GIB, activation_bytes, measured_size, plan_memory, tokens_per_forward
 from fantasyportrait_core.models import denormalize_latent, normalize_latent
-from fantasyportrait_core.sampling import DEFAULT_SHIFT, DEFAULT_STEPS
+from fantasyportrait_core.sampling import DEFAULT_SHIFT, DEFAULT_STEPS, guidance_passes
 
-from . import host
+from . import host, residency
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -120,8 +123,11 @@ class FantasyPortraitSampler:
                                         "Frames shared by neighbouring windows, blended linearly."}),
         }}
 
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("latent", "info")
+    OUTPUT_TOOLTIPS = ("The sampled Wan2.1 video latent (decode with VAE Decode).",
+                       "What ran: the model options and the memory plan (storage, offload, guidance passes per "
+                       "forward, predicted peak vs free VRAM), and the sampling time.")
     FUNCTION = "sample"
     CATEGORY = "FantasyPortrait"
     DESCRIPTION = ("Samples a Wan2.1 image-to-video latent animated by the portrait's expressions. "
@@ -152,39 +158,73 @@ class FantasyPortraitSampler:
 
         device = host.torch_device()
         tr = model.transformer
-        move = model.offload != "block"
-        if move:
-            host.free_vram_for(tr, device)
+        passes = guidance_passes(cfg, portrait_cfg)
+        plan = self.plan(model, device, width, height, num_frames, context_frames, passes, len(portrait.drivers))
+        log.info("[FantasyPortrait] %s", plan.describe())
+        self.place(model, plan, device)
         pbar = host.Progress(steps)
 
         def callback(info):
             host.check_interrupt()
             pbar.update(info.i + 1, info.denoised)
 
-        home = next(tr.parameters()).device
+        start = time.perf_counter()
         try:
-            if move:
-                tr.to(device)
-            model.adapter.to(device)
-            cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
-            i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
-            out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, steps=steps, seed=seed,
-                                    cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback,
-                                    context_frames=context_frames, context_overlap=context_overlap)
+            with model.home.guard():  # an exception puts every weight back where it was (offload too)
+                if model.offload_active:  # block offload keeps the adapter's K/V on the GPU
+                    model.adapter.to(device)
+                cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
+                i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
+                out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, steps=steps, seed=seed,
+                                        cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback,
+                                        context_frames=context_frames, context_overlap=context_overlap,
+                                        batch_passes=plan.batch_passes)
         except torch.cuda.OutOfMemoryError as e:
+            model.resident.detach()
             weights_gib = host.weight_bytes(tr) / 2**30
             raise RuntimeError(
                 f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
-                f"{num_frames} frames). In FantasyPortrait Model Loader set storage = fp8_e4m3fn (halves the weights) "
-                f"and/or offload = block (weights stay in CPU RAM), or lower the size, length or context_frames."
+                f"{num_frames} frames; {plan.describe()}). In FantasyPortrait Model Loader set storage = fp8_e4m3fn "
+                f"(halves the weights) and/or offload = block (weights stay in CPU RAM), or lower the size, length or "
+                f"context_frames."
             ) from e
         finally:
             model.state.condition = None
-            if move:
-                tr.to(home)
-                model.adapter.to(home)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        # The model stays on the GPU for the next prompt; ComfyUI unloads it when it needs the memory.
+        info = f"{model.info}\n{plan.describe()}\nsampling {time.perf_counter() - start:.1f} s ({steps} steps)"
         result = copy.copy(latent)
         result["samples"] = denormalize_latent(out).to(samples.dtype)
-        return (result,)
+        return (result, info)
+
+    @staticmethod
+    def plan(model, device, width, height, num_frames, context_frames, passes, people):
+        """The memory plan for this prompt (:func:`fantasyportrait_core.memory.plan_memory`): the
+        model's storage is fixed; offload follows the loader's setting (``auto``: decided here)."""
+        tokens = tokens_per_forward(width, height, num_frames, floor_to_4k1(context_frames))
+        free = residency.vram_available(device, model.resident)
+        offload = "block" if model.offload_active else model.offload
+        return plan_memory(measured_size(model.transformer, model.adapter), tokens, free, passes=len(passes),
+                           people=people, portrait_passes=sum(w for _, w in passes), storage=model.storage,
+                           offload=offload)
+
+    @staticmethod
+    def place(model, plan, device):
+        """Make room and put the weights where the plan says: resident (loaded through ComfyUI's
+        model management, which unloads its own models first; no move when already resident) or
+        block offload (switched on once; ComfyUI frees what the streamed blocks + activations need)."""
+        if device.type != "cuda":
+            return
+        act = activation_bytes(measured_size(model.transformer, model.adapter), plan.tokens, plan.batch_passes,
+                               min(plan.batch_passes, 1), plan.people)
+        if plan.offload == "block":
+            if not model.offload_active:
+                from .loaders import enable_block_offload
+
+                log.info("[FantasyPortrait] switching to block offload for this model (%.1f GiB predicted)",
+                         plan.peak_bytes / GIB)
+                enable_block_offload(model)
+            residency.free_for_offload(device, plan.peak_bytes)
+        else:
+            residency.load_resident(model.resident, device, act)

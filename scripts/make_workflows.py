@@ -45,7 +45,7 @@ SOCKETS = {
                                     [("portrait", "FP_PORTRAIT"), ("preview", "IMAGE")]),
     "FantasyPortraitSampler": ([("model", "FANTASYPORTRAIT_MODEL", False), ("portrait", "FP_PORTRAIT", False),
                                 ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
-                                ("latent", "LATENT", False)], [("latent", "LATENT")]),
+                                ("latent", "LATENT", False)], [("latent", "LATENT"), ("info", "STRING")]),
 }
 # Widgets turned into sockets (name, type) when something is linked to them.
 WIDGET_SOCKETS = {"CreateVideo": [("fps", "FLOAT")]}
@@ -114,7 +114,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     """Models, text, CLIP vision, WanImageToVideo, sampler, decode and save."""
     g.add("model", "FantasyPortraitModelLoader", (0, 0), ["wan2.1_i2v_720p_14B_bf16.safetensors",
                                                           "Wan2_1_FantasyPortrait_fp16.safetensors",
-                                                          "bf16", "fp8_e4m3fn", "none"], size=(360, 180))
+                                                          "bf16", "auto", "auto", "off", "sdpa"], size=(360, 230))
     g.add("clip", "CLIPLoader", (0, 220), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"])
     g.add("pos", "CLIPTextEncode", (380, 200), [prompt], title="Positive prompt", size=(360, 140))
     g.add("neg", "CLIPTextEncode", (380, 380), [NEGATIVE], title="Negative prompt (used when cfg > 1)",
