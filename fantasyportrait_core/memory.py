@@ -220,10 +220,11 @@ def measured_size(transformer, adapter=None) -> ModelSize:
     p = transformer.patch_embedding.weight
     elem = p.element_size()
     blocks = nbytes(transformer.blocks)
-    linear = [m.weight for m in transformer.blocks.modules() if isinstance(m, (torch.nn.Linear, ScaledFP8Linear))]
-    stored = sum(w.numel() * w.element_size() for w in linear)
-    as_fp8 = blocks - stored + sum(w.numel() for w in linear)
-    as_bf16 = blocks - stored + sum(w.numel() * elem for w in linear)
+    layers = [m for m in transformer.blocks.modules() if isinstance(m, (torch.nn.Linear, ScaledFP8Linear))]
+    stored = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    n_fp8 = sum(isinstance(m, ScaledFP8Linear) for m in layers)  # each has a 4-byte scale
+    as_fp8 = blocks - stored + sum(m.weight.numel() for m in layers) + 4 * (len(layers) - n_fp8)
+    as_bf16 = blocks - stored + sum(m.weight.numel() * elem for m in layers) - 4 * n_fp8
     kv = 0
     if adapter is not None:
         kv = sum(t.numel() * t.element_size() for i in range(adapter.num_layers) for m in adapter.kv_projections(i)
