@@ -122,8 +122,8 @@ def randomize(module, device, dtype):
 class Table:
     """Markdown rows printed as they come (flushed), kept for the summary."""
 
-    HEAD = ("| run | size | s | tokens/s | TFLOP | MFU | peak GiB | model GiB | vs bare |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    HEAD = ("| run | size | s | tokens/s | TFLOP | MFU | peak GiB | model GiB | vs bare | rel. err vs bf16 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
 
     def __init__(self, peak_tflops: float):
         self.peak = peak_tflops
@@ -131,7 +131,7 @@ class Table:
         self.bare = {}
         print(self.HEAD, flush=True)
 
-    def add(self, label, size, dt, peak_gib, tokens, flops, predicted=None, ratio_to=None):
+    def add(self, label, size, dt, peak_gib, tokens, flops, predicted=None, ratio_to=None, err=None):
         mfu = flops / dt / (self.peak * 1e12)
         if label.startswith("bare"):
             self.bare[size] = dt
@@ -139,7 +139,7 @@ class Table:
         ratio = f"{dt / ref:.2f}×" if ref else "–"
         pred = "–" if predicted is None else f"{predicted / GIB:.1f}"
         row = (f"| {label} | {size} | {dt:.3f} | {tokens / dt:,.0f} | {flops / 1e12:.3g} | {100 * mfu:.0f} % | "
-               f"{peak_gib:.1f} | {pred} | {ratio} |")
+               f"{peak_gib:.1f} | {pred} | {ratio} | {'–' if err is None else f'{100 * err:.2f} %'} |")
         self.rows.append(row)
         print(row, flush=True)
 
@@ -156,11 +156,15 @@ def main(argv=None):
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; "
                                                               "aot_eager on the CPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny config (checks the script, numbers mean nothing)")
+    ap.add_argument("--medium", action="store_true", help="dim 1536 (12 heads), ffn 8960, 2 blocks: CPU ratios")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = dict(TINY_TRANSFORMER, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, added_kv_proj_dim=32) \
         if args.tiny else WAN21_I2V_14B
+    if args.medium:
+        cfg = dict(WAN21_I2V_14B, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=2,
+                   added_kv_proj_dim=1536)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     people = [int(v) for v in args.people.split(",")]
     skip = set(filter(None, args.skip.split(",")))
@@ -171,7 +175,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     peak_tflops = matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
     wdt = "bf16" if dtype == torch.bfloat16 else "fp32"
-    print(f"\nDevice: {name}; torch {torch.__version__}; {'tiny' if args.tiny else 'Wan2.1-I2V-14B'} config, random "
+    config_name = "tiny" if args.tiny else "medium (dim 1536, 2 blocks)" if args.medium else "Wan2.1-I2V-14B"
+    print(f"\nDevice: {name}; torch {torch.__version__}; {config_name} config, random "
           f"weights, {args.frames} frames, batch 1 unless stated; {str(dtype).split('.')[-1]} matmul measured now: "
           f"{peak_tflops:.1f} TFLOP/s (MFU is against this)\n", flush=True)
 
@@ -182,14 +187,21 @@ def main(argv=None):
     f_lat = latent_frames(args.frames)
     g = torch.Generator(device).manual_seed(1)
 
-    def inputs(w, h, rows=1):
-        x = torch.randn(rows, 36, f_lat, h // 8, w // 8, device=device, dtype=dtype, generator=g)
-        text = torch.randn(rows, 512, cfg["text_dim"], device=device, dtype=dtype, generator=g)
-        img = torch.randn(rows, 257, cfg["image_dim"], device=device, dtype=dtype, generator=g)
-        return x, text, img
+    cache = {}
+
+    def inputs(w, h):
+        """The same latent, text and image tokens for a size in every phase (errors compare them)."""
+        if (w, h) not in cache:
+            cache[(w, h)] = (torch.randn(1, 36, f_lat, h // 8, w // 8, device=device, dtype=dtype, generator=g),
+                             torch.randn(1, 512, cfg["text_dim"], device=device, dtype=dtype, generator=g),
+                             torch.randn(1, 257, cfg["image_dim"], device=device, dtype=dtype, generator=g))
+        return cache[(w, h)]
 
     def condition(n, w, h):
-        windows = torch.randn(1, f_lat, n * window_length(), proj, device=device, dtype=dtype, generator=g)
+        key = ("cond", n, w, h)
+        if key not in cache:
+            cache[key] = torch.randn(1, f_lat, n * window_length(), proj, device=device, dtype=dtype, generator=g)
+        windows = cache[key]
         if n == 1:
             return PortraitCondition(windows)
         ids = torch.zeros(f_lat, h // 16, w // 16, dtype=torch.long, device=device)  # n vertical face stripes
@@ -203,12 +215,17 @@ def main(argv=None):
 
     def step_fn(state, w, h, n):
         x, text, img = inputs(w, h)
-        i2v = I2VConditioning(text[:, :20].cpu(), text[:, 20:40].cpu(), img.cpu(), torch.randn(1, 20, f_lat, h // 8, w // 8))
+        g_cpu = torch.Generator().manual_seed(2)
+        i2v = I2VConditioning(text[:, :20].cpu(), text[:, 20:40].cpu(), img.cpu(), torch.randn(1, 20, f_lat, h // 8, w // 8, generator=g_cpu))
         den = PortraitDenoiser(model, state, i2v, condition(n, w, h), cfg=5.0, portrait_cfg=4.0)
         return lambda: den(x[:, :16].float(), 0.7)
 
     n_max = max(people)
-    resident_2p = {}
+    resident_2p, reference = {}, {}
+
+    def rel_err(out, w, h):
+        ref = reference.get((w, h))
+        return None if ref is None else ((out.float().cpu() - ref).norm() / ref.norm()).item()
 
     with torch.no_grad():
         # ---- A: bf16 resident
@@ -228,6 +245,8 @@ def main(argv=None):
             for n in people:
                 state.condition = condition(n, w, h).prepared(device, dtype, rows=1)
                 dt, pk = timed(forward_fn(x, text, img), device, args.repeat)
+                if n == n_max:
+                    reference[(w, h)] = forward_fn(x, text, img)().float().cpu()
                 state.condition = None
                 table.add(f"ours, portrait, {n} character(s), {wdt}", label, dt, pk, tokens,
                           forward_flops(cfg, tokens, 1, n, proj, f_lat), peak_bytes(base, "bf16", "none", tokens, 1, 1, n))
@@ -258,14 +277,14 @@ def main(argv=None):
                 state.condition = condition(n_max, w, h).prepared(device, dtype, rows=1)
                 t0 = time.perf_counter()
                 fn = forward_fn(x, text, img)
-                fn()  # compile happens here; timed() warms up again
+                err = rel_err(fn(), w, h)  # compile happens here; timed() warms up again
                 sync(device)
                 compile_s = time.perf_counter() - t0
                 dt, pk = timed(fn, device, args.repeat)
                 state.condition = None
                 table.add(f"ours, portrait, {n_max} char., {fast}; first call {compile_s:.0f} s", label, dt, pk,
                           tokens, forward_flops(cfg, tokens, 1, n_max, proj, f_lat),
-                          peak_bytes(fp8size, "fp8", "none", tokens, 1, 1, n_max))
+                          peak_bytes(fp8size, "fp8", "none", tokens, 1, 1, n_max), err=err)
                 if "step" not in skip:
                     dt, pk = timed(step_fn(state, w, h, n_max), device, 1)
                     table.add(f"one guidance step, 3 passes batched, {n_max} char., {fast}", label, dt, pk,
@@ -293,11 +312,14 @@ def main(argv=None):
                 tokens = tokens_per_forward(w, h, args.frames)
                 x, text, img = inputs(w, h)
                 state.condition = condition(n_max, w, h).prepared(device, dtype, rows=1)
-                dt, pk = timed(forward_fn(x, text, img), device, args.repeat)
+                fn = forward_fn(x, text, img)
+                err = rel_err(fn(), w, h)
+                dt, pk = timed(fn, device, args.repeat)
                 state.condition = None
                 table.add(f"low-VRAM plan: fp8 + block offload + FFN chunks, {n_max} char. (vs resident)", label,
                           dt, pk, tokens, forward_flops(cfg, tokens, 1, n_max, proj, f_lat),
-                          peak_bytes(lowsize, "fp8", "block", tokens, 1, 1, n_max), ratio_to=resident_2p.get((w, h)))
+                          peak_bytes(lowsize, "fp8", "block", tokens, 1, 1, n_max, ffn_chunk=8192),
+                          ratio_to=resident_2p.get((w, h)), err=err)
             print(f"<!-- phase C done at {time.perf_counter() - t_start:.0f} s -->", flush=True)
 
     print(f"\nTotal {time.perf_counter() - t_start:.0f} s. 'model GiB': the memory model's prediction with its "

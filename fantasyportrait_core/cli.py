@@ -11,6 +11,7 @@ model: the pipeline runs end to end, but the pixels are not a real animation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from . import pipeline as P
-from .attention import attach_portrait_processors
+from .attention import ATTENTION_BACKENDS, attach_portrait_processors, set_attention_backend
 from .denoiser import I2VConditioning
 from .models import DTYPES
 from .detectors import BACKENDS, make_detector
@@ -56,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--context-frames", type=int, default=81,
                        help="longer videos are denoised in overlapping windows of this many frames")
         p.add_argument("--context-overlap", type=int, default=16, help="frames shared by neighbouring windows")
+        p.add_argument("--fast", action="store_true",
+                       help="fast mode: fp8 weights multiplied in fp8 (torch._scaled_mm) on GPUs of compute capability "
+                            "8.9+ (others: bf16 matmul); implies --fp8")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the transformer blocks (needs Triton on CUDA; the first step compiles)")
+        p.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa",
+                       help="attention kernels: sdpa (PyTorch picks cuDNN/flash), sdpa_cudnn, sdpa_flash, sageattention")
+        p.add_argument("--offload", choices=["auto", "none", "block"], default="auto",
+                       help="block: stream transformer blocks from RAM to the GPU; auto: from the memory plan")
 
     demo = sub.add_parser("demo", help="tiny random model on the shared inputs (one and two characters)")
     demo.add_argument("--data", default=os.path.join("..", "shared", "data"))
@@ -114,7 +124,7 @@ def real_models(args) -> Models:
         raise SystemExit("real-model mode needs --wan-dir and --adapter (or use --tiny-random)")
     dtype = DTYPES[args.dtype]
     transformer = load_transformer(args.transformer or os.path.join(args.wan_dir, "transformer"), dtype=dtype,
-                                   device="cpu", storage_dtype=torch.float8_e4m3fn if args.fp8 else None)
+                                   device="cpu", storage_dtype=torch.float8_e4m3fn if args.fp8 or args.fast else None)
     adapter = load_adapter(args.adapter, dtype=dtype)
     encoder = load_expression_encoder(args.pd_fpg or args.adapter)
     vae = AutoencoderKLWan.from_pretrained(os.path.join(args.wan_dir, "vae"), torch_dtype=torch.float32).eval()
@@ -187,11 +197,14 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
     cond = I2VConditioning(text_pos, text_neg, image_ctx, y)
 
     t1 = time.time()
-    with P.on_device(models.transformer, device):
+    plan = speed_and_memory(models, args, width, height, num_frames, len(drivers))
+    report["memory_plan"] = plan.describe()
+    placed = contextlib.nullcontext() if plan.offload == "block" else P.on_device(models.transformer, device)
+    with placed:
         latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
                                    steps=args.steps, seed=args.seed, cfg=args.cfg, portrait_cfg=args.portrait_cfg,
                                    shift=args.shift, context_frames=args.context_frames,
-                                   context_overlap=args.context_overlap)
+                                   context_overlap=args.context_overlap, batch_passes=plan.batch_passes)
     t2 = time.time()
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)
@@ -204,6 +217,41 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
                   fps=round(fps, 3), faces_png=preview_path, sampling_s=round(t2 - t1, 2),
                   total_s=round(time.time() - t0, 2))
     return report
+
+
+def speed_and_memory(models: Models, args, width: int, height: int, num_frames: int, people: int):
+    """Apply --fast / --compile / --attention once, then plan memory for this job
+    (:func:`~fantasyportrait_core.memory.plan_memory`): guidance passes per forward, and block
+    offload (diffusers group offload, next block on a side CUDA stream) when the plan needs it."""
+    from .adapter import floor_to_4k1
+    from .fp8 import ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
+    from .memory import measured_size, plan_memory, tokens_per_forward
+    from .residency import available_ram_bytes, enable_block_offload, free_vram_bytes
+    from .sampling import guidance_passes
+
+    tr, device = models.transformer, torch.device(args.device)
+    if not getattr(models, "_speed_set", False):
+        set_attention_backend(tr, getattr(args, "attention", "sdpa"))
+        if getattr(args, "fast", False):
+            if not any(isinstance(m, ScaledFP8Linear) for m in tr.modules()):
+                quantize_model_fp8(tr)
+            log.info("[FantasyPortrait] fast mode: %s", set_fp8_compute(tr, "scaled_mm", device))
+        if getattr(args, "compile", False):
+            tr.compile_repeated_blocks()
+        models._speed_set = True
+    storage = "fp8" if any(isinstance(m, ScaledFP8Linear) for m in tr.modules()) else "bf16"
+    passes = guidance_passes(args.cfg, args.portrait_cfg)
+    offload = "block" if getattr(models, "_offloaded", False) else getattr(args, "offload", "auto")
+    plan = plan_memory(measured_size(tr, models.adapter),
+                       tokens_per_forward(width, height, num_frames, floor_to_4k1(args.context_frames)),
+                       free_vram_bytes(device), passes=len(passes), people=people,
+                       portrait_passes=sum(w for _, w in passes), storage=storage, offload=offload)
+    log.info("[FantasyPortrait] %s", plan.describe())
+    if plan.offload == "block" and device.type == "cuda" and not getattr(models, "_offloaded", False):
+        enable_block_offload(tr, device, available_ram_bytes())
+        models.adapter.to(device)
+        models._offloaded = True
+    return plan
 
 
 def _trim(video: Video, frames: int | None) -> Video:

@@ -113,12 +113,15 @@ def tokens_per_forward(width: int, height: int, frames: int, context_frames: int
     return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
 
 
-def activation_bytes(size: ModelSize, tokens: int, rows: int = 1, portrait_rows: int = 1, people: int = 1) -> int:
+def activation_bytes(size: ModelSize, tokens: int, rows: int = 1, portrait_rows: int = 1, people: int = 1,
+                     ffn_chunk: int | None = None) -> int:
     """Activation + attention-workspace bytes of one forward (the non-weight terms of the model in
-    the module docstring, without the reserve)."""
+    the module docstring, without the reserve). ``ffn_chunk``: tokens per FFN chunk
+    (:func:`set_ffn_chunking`): the FFN's wide intermediates then cost one chunk's worth per row."""
     e = size.elem
-    per_token = e * (ACT_DIM * size.dim + 2 * size.ffn_dim)
-    total = rows * (tokens * per_token + CONTEXT_TOKENS * size.dim * e * 4)
+    ffn_tokens = tokens if ffn_chunk is None else min(tokens, ffn_chunk)
+    total = rows * (tokens * e * ACT_DIM * size.dim + ffn_tokens * e * 2 * size.ffn_dim
+                    + CONTEXT_TOKENS * size.dim * e * 4)
     total += rows * tokens * size.heads * 4
     if people > 1:
         total += portrait_rows * tokens * people * WINDOW_TOKENS * (1 + e)
@@ -126,9 +129,9 @@ def activation_bytes(size: ModelSize, tokens: int, rows: int = 1, portrait_rows:
 
 
 def peak_bytes(size: ModelSize, storage: str, offload: str, tokens: int, rows: int = 1, portrait_rows: int = 1,
-               people: int = 1) -> int:
+               people: int = 1, ffn_chunk: int | None = None) -> int:
     """Predicted GPU peak of sampling (module docstring), reserve included."""
-    act = activation_bytes(size, tokens, rows, portrait_rows, people)
+    act = activation_bytes(size, tokens, rows, portrait_rows, people, ffn_chunk)
     return int(size.weights(storage, offload) + act * (1 + RESERVE_ACT_FRACTION) + RESERVE_BYTES)
 
 

@@ -34,15 +34,18 @@ log = logging.getLogger("FantasyPortrait")
 
 @contextlib.contextmanager
 def on_device(module: torch.nn.Module, device):
-    """Move ``module`` to ``device`` for a stage and back to where it was afterwards (frees VRAM
-    between stages on small cards)."""
-    p = next(module.parameters(), None)
-    home = p.device if p is not None else torch.device("cpu")
-    module.to(device)
+    """Put ``module`` on ``device`` for a stage and back where it was afterwards (frees VRAM between
+    stages on small cards). Going back re-points each weight at the tensor it had before
+    (:class:`~fantasyportrait_core.residency.WeightHome`): memory-mapped weights are not copied
+    into RAM, as ``module.to("cpu")`` would."""
+    from .residency import WeightHome
+
+    home = WeightHome(module)
+    home.to(device)
     try:
         yield module
     finally:
-        module.to(home)
+        home.go_home()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
 

@@ -14,7 +14,8 @@ from fantasyportrait_core.detectors import make_detector
 from fantasyportrait_core.fp8 import FP8, ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
 from fantasyportrait_core.memory import choose_storage, measured_size
 from fantasyportrait_core.models import DTYPES
-from fantasyportrait_core.residency import WeightHome
+from fantasyportrait_core import residency
+from fantasyportrait_core.residency import WeightHome, pin_weights_upfront  # noqa: F401 (re-exported)
 
 from . import host
 from .residency import ComfyResident, vram_available
@@ -55,18 +56,6 @@ class PortraitModel:
     info: str = ""
 
 
-def pin_weights_upfront(weights_bytes: int, available_bytes: int | None) -> bool:
-    """Whether block offload may keep a pinned (page-locked) host copy of all weights.
-
-    Pinned copies make the block-by-block uploads overlap with compute, but they are a second copy
-    of the weights (15.5 GiB for the 14B in fp8, 30.5 GiB in bf16) that cannot be swapped out; the
-    cards that need offload often sit in machines with 32 GB of RAM. So pin up front only when the
-    weights take under half of the RAM available now, else pin each block on the fly (diffusers
-    ``low_cpu_mem_usage``).
-    """
-    return available_bytes is not None and 2 * weights_bytes < available_bytes
-
-
 def enable_block_offload(model: PortraitModel) -> None:
     """Stream the transformer's blocks to the GPU one at a time (diffusers group offload, next block
     copied on a side CUDA stream while the current one computes); the adapter's K/V stay on the GPU.
@@ -76,9 +65,7 @@ def enable_block_offload(model: PortraitModel) -> None:
         return
     if model.resident is not None:
         model.resident.detach()
-    upfront = pin_weights_upfront(host.weight_bytes(model.transformer), host.available_ram_bytes())
-    model.transformer.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type="block_level",
-                                           num_blocks_per_group=1, use_stream=True, low_cpu_mem_usage=not upfront)
+    residency.enable_block_offload(model.transformer, device, host.available_ram_bytes())
     model.adapter.to(device)
     model.offload_active = True
 
