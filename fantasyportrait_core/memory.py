@@ -28,7 +28,9 @@ The memory model (bytes on the GPU while the transformer runs)::
 
 Plan order (first that fits wins): the stored weights resident with all passes batched, fewer
 passes per forward, fp8 storage resident (when storage is ``auto``), then block offload (fp8 before
-bf16). Each option keeps the largest pass batch that fits.
+bf16). Each option keeps the largest pass batch that fits, and chunks the feed-forward
+(:func:`set_ffn_chunking`, :data:`FFN_CHUNK` tokens at a time: same output, only one chunk's wide
+intermediates alive) only when that is what makes it fit.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ RESERVE_ACT_FRACTION = 0.10
 CONTEXT_TOKENS = 512 + 257  # umT5 text + CLIP image tokens of Wan2.1 I2V
 WINDOW_TOKENS = 97  # expression tokens per character per latent frame
 
+FFN_CHUNK = 8192  # tokens per FFN chunk when the plan chunks the feed-forward (set_ffn_chunking)
 STORAGES = ("bf16", "fp8")
 OFFLOADS = ("none", "block")
 
@@ -146,6 +149,7 @@ class MemoryPlan:
         peak_bytes: predicted GPU peak; free_bytes: the free memory planned against (None: no GPU).
         fits: False when even the smallest option is predicted not to fit (it is still returned).
         tokens, people, passes: the job planned for.
+        ffn_chunk: tokens per feed-forward chunk (:func:`set_ffn_chunking`), or ``None`` (whole).
     """
 
     storage: str
@@ -157,13 +161,15 @@ class MemoryPlan:
     tokens: int
     people: int
     passes: int
+    ffn_chunk: int | None = None
 
     def describe(self) -> str:
         """One line for the log and the node's info output."""
         free = "no GPU" if self.free_bytes is None else f"{self.free_bytes / GIB:.1f} GiB free"
         warn = "" if self.fits else " — predicted NOT to fit: lower the size or length"
+        chunks = f", FFN in chunks of {self.ffn_chunk} tokens" if self.ffn_chunk else ""
         return (f"memory plan: {self.storage} weights, offload {self.offload}, {self.batch_passes} of {self.passes} "
-                f"guidance pass(es) per forward; predicted peak {self.peak_bytes / GIB:.1f} GiB of {free} "
+                f"guidance pass(es) per forward{chunks}; predicted peak {self.peak_bytes / GIB:.1f} GiB of {free} "
                 f"({self.tokens} tokens, {self.people} character(s)){warn}")
 
 
@@ -199,13 +205,14 @@ def plan_memory(size: ModelSize, tokens: int, free_bytes: int | None, passes: in
     smallest = None
     for st, off in options:
         for rows in range(passes, 0, -1):
-            prows = min(portrait_passes, rows)
-            peak = peak_bytes(size, st, off, tokens, rows, prows, people)
-            plan = MemoryPlan(st, off, rows, peak, free_bytes, peak <= free_bytes, tokens, people, passes)
-            if plan.fits:
-                return plan
-            if smallest is None or peak < smallest.peak_bytes:
-                smallest = plan
+            for chunk in ((None, FFN_CHUNK) if tokens > FFN_CHUNK else (None,)):
+                prows = min(portrait_passes, rows)
+                peak = peak_bytes(size, st, off, tokens, rows, prows, people, chunk)
+                plan = MemoryPlan(st, off, rows, peak, free_bytes, peak <= free_bytes, tokens, people, passes, chunk)
+                if plan.fits:
+                    return plan
+                if smallest is None or peak < smallest.peak_bytes:
+                    smallest = plan
     return smallest
 
 

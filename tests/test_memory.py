@@ -52,18 +52,19 @@ def test_14b_sizes(size14b):
 
 
 @pytest.mark.parametrize("free_gib,size,passes,expected", [
-    (80, (512, 512), 3, ("bf16", "none", 3)),  # H100/H200: everything fits, all passes in one forward
-    (40, (512, 512), 3, ("bf16", "none", 2)),  # bf16 fits with two passes per forward, not three (40.8 GiB)
-    (32, (1280, 720), 2, ("fp8", "none", 1)),  # 32 GB card at 720p: fp8 resident
-    (24, (512, 512), 2, ("fp8", "none", 2)),   # 24 GB card at 512²: fp8 resident, batched
-    (24, (1280, 720), 2, ("fp8", "block", 2)),  # 24 GB at 720p: weights streamed, passes still batched
-    (16, (1280, 720), 2, ("fp8", "block", 1)),  # 16 GB at 720p: streamed, one pass per forward
-    (8, (512, 512), 2, ("fp8", "block", 1)),
+    (80, (512, 512), 3, ("bf16", "none", 3, None)),     # H100/H200: everything fits, all passes in one forward
+    (40, (512, 512), 3, ("bf16", "none", 3, 8192)),     # 3 rows fit only with the FFN in chunks (40.8 GiB whole)
+    (32, (1280, 720), 2, ("fp8", "none", 2, 8192)),     # 32 GB card at 720p: fp8 resident
+    (24, (512, 512), 2, ("fp8", "none", 2, None)),      # 24 GB card at 512²: fp8 resident, batched
+    (24, (1280, 720), 2, ("fp8", "none", 1, 8192)),     # 24 GB at 720p: resident thanks to FFN chunks, 1 pass
+    (16, (1280, 720), 2, ("fp8", "block", 2, 8192)),    # 16 GB at 720p: blocks streamed, passes batched
+    (12, (1280, 720), 2, ("fp8", "block", 1, 8192)),    # the low-VRAM plan at 720p (target <= 12 GB)
+    (6, (512, 512), 2, ("fp8", "block", 1, 8192)),      # the low-VRAM plan at 512² (target <= 6 GB)
 ])
 def test_plan_picks_expected_mode(size14b, free_gib, size, passes, expected):
     tokens = tokens_per_forward(*size, 81)
     plan = plan_memory(size14b, tokens, free_gib * GIB, passes=passes, people=2)
-    assert (plan.storage, plan.offload, plan.batch_passes) == expected, plan.describe()
+    assert (plan.storage, plan.offload, plan.batch_passes, plan.ffn_chunk) == expected, plan.describe()
     assert plan.fits and plan.peak_bytes <= free_gib * GIB
 
 
@@ -74,7 +75,7 @@ def test_plan_fixed_options_no_gpu_and_nothing_fits(size14b):
     cpu = plan_memory(size14b, tokens, None, passes=3, storage="fp8")
     assert (cpu.storage, cpu.offload, cpu.batch_passes, cpu.free_bytes) == ("fp8", "none", 3, None)
     tiny = plan_memory(size14b, tokens, 4 * GIB, passes=3)
-    assert not tiny.fits and (tiny.storage, tiny.offload, tiny.batch_passes) == ("fp8", "block", 1)
+    assert not tiny.fits and (tiny.storage, tiny.offload, tiny.batch_passes, tiny.ffn_chunk) == ("fp8", "block", 1, 8192)
     assert "NOT to fit" in tiny.describe()
     # frames beyond the context window do not grow a forward
     assert tokens_per_forward(1280, 720, 161, context_frames=81) == tokens
