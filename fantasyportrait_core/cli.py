@@ -225,7 +225,7 @@ def speed_and_memory(models: Models, args, width: int, height: int, num_frames: 
     offload (diffusers group offload, next block on a side CUDA stream) when the plan needs it."""
     from .adapter import floor_to_4k1
     from .fp8 import ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
-    from .memory import measured_size, plan_memory, set_ffn_chunking, tokens_per_forward
+    from .memory import measured_size, plan_memory, tokens_per_forward
     from .residency import available_ram_bytes, enable_block_offload, free_vram_bytes
     from .sampling import guidance_passes
 
@@ -247,10 +247,8 @@ def speed_and_memory(models: Models, args, width: int, height: int, num_frames: 
                        free_vram_bytes(device), passes=len(passes), people=people,
                        portrait_passes=sum(w for _, w in passes), storage=storage, offload=offload)
     log.info("[FantasyPortrait] %s", plan.describe())
-    set_ffn_chunking(tr, plan.ffn_chunk)
     if plan.offload == "block" and device.type == "cuda" and not getattr(models, "_offloaded", False):
-        enable_block_offload(tr, device, available_ram_bytes())
-        models.adapter.to(device)
+        enable_block_offload(tr, device, available_ram_bytes(), adapter=models.adapter)
         models._offloaded = True
     return plan
 

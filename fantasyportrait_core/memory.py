@@ -3,34 +3,37 @@ block offload, and how many guidance passes share a forward.
 
 The memory model (bytes on the GPU while the transformer runs)::
 
-    peak = weights_on_gpu + adapter_kv
-         + rows · (tokens · act_per_token + context_tokens · dim · e · 4)
+    peak = weights_on_gpu
+         + rows · (act_bytes(tokens) + context_tokens · dim · e · 4)
          + portrait_rows · tokens · Lk · (1 + e)      # boolean mask + SDPA's additive bias (N ≥ 2)
          + rows · tokens · heads · 4                  # fused attention's log-sum-exp
          + reserve
 
-    act_per_token = e · (ACT_DIM · dim + 2 · ffn_dim)
+    act_bytes(tokens) = e · tokens · max(ACT_ATTN · dim,                   # attention-phase peak
+                                         ACT_FFN · dim + 2 · ffn_dim)       # FFN-phase peak
 
-* ``weights_on_gpu``: every transformer weight (no offload), or the weights outside the blocks plus
-  two blocks (block offload: the block computing and the next one streaming in).
-* ``adapter_kv``: the portrait adapter's per-block K/V projections (839 M parameters at 14B), which
-  stay on the GPU for the whole sampling.
+* ``weights_on_gpu``: every transformer weight plus the portrait adapter's per-block K/V
+  projections (839 M parameters at 14B) when resident; with block offload the weights outside the
+  blocks plus two blocks with their K/V projections (the block computing and the next one
+  streaming in: :func:`~fantasyportrait_core.residency.enable_block_offload` streams the adapter's
+  K/V with their block).
 * ``rows``: guidance passes in one forward (batch rows); ``tokens = F_lat · H/16 · W/16`` per row
   (a context window's frames at most); ``e``: bytes per element of the compute dtype (2 for bf16).
-* ``act_per_token``: the live activations at a block's peak. The FFN holds its input and both
-  ``ffn_dim``-wide intermediates (``2 · ffn_dim`` elements); the rest (residual stream, normalised
-  copy, q/k/v, RoPE and LayerNorm fp32 temporaries) is ``ACT_DIM · dim``. ``ACT_DIM = 6.1`` is fitted
-  to the H100 bf16 peaks of the bare 14B forward in ``../shared/reference/README.md`` (32.9 / 34.1 /
-  38.7 GiB at 21,504 / 32,760 / 75,600 tokens: 115 KB per token above the 30.5 GiB of weights at
-  all three sizes). The CPU peaks of a dim-1536 model measured by ``benchmarks/bench_memory.py``
-  come out below the model (it over-predicts them by ~12 %): the model is an upper bound there.
+* ``act_bytes``: the live activations at a block's peak, the larger of two phases. Around
+  self-attention (residual stream, fp32 LayerNorm/modulation temporaries, q/k/v, RMSNorm and RoPE
+  temporaries) ``ACT_ATTN = 11.1`` tensors of width ``dim`` per token are alive; around the FFN
+  ``ACT_FFN = 4.33`` of width ``dim`` plus both ``ffn_dim``-wide intermediates. Both coefficients
+  are measured with PyTorch's CPU allocator (``benchmarks/bench_memory.py``): at the 14B widths
+  the peak is in the attention phase (113.7 KB per token; running the FFN in token chunks left it
+  unchanged), in a dim-1536 / ffn-8960 model it is in the FFN (49.2 KB per token).
+  They predict the H100 bf16 peaks of the bare 14B forward in ``../shared/reference/README.md``
+  (32.9 / 34.1 / 38.7 GiB at 21,504 / 32,760 / 75,600 tokens: 115 KB per token above the weights)
+  within 1 %, and its fp8 and fp8 + block-offload peaks within 3 %.
 * ``reserve``: allocator slack and cuBLAS/cuDNN workspaces: 0.75 GiB + 10 % of the activations.
 
 Plan order (first that fits wins): the stored weights resident with all passes batched, fewer
 passes per forward, fp8 storage resident (when storage is ``auto``), then block offload (fp8 before
-bf16). Each option keeps the largest pass batch that fits, and chunks the feed-forward
-(:func:`set_ffn_chunking`, :data:`FFN_CHUNK` tokens at a time: same output, only one chunk's wide
-intermediates alive) only when that is what makes it fit.
+bf16). Each option keeps the largest pass batch that fits.
 """
 
 from __future__ import annotations
@@ -38,13 +41,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
-ACT_DIM = 6.1  # elements of width `dim` live per token at a block's peak, besides the FFN (fitted, see above)
+ACT_ATTN = 11.1  # width-`dim` tensors alive per token at the attention-phase peak (measured, see above)
+ACT_FFN = 4.33  # width-`dim` tensors alive per token around the FFN, besides its 2 wide intermediates
 RESERVE_BYTES = int(0.75 * GIB)
 RESERVE_ACT_FRACTION = 0.10
 CONTEXT_TOKENS = 512 + 257  # umT5 text + CLIP image tokens of Wan2.1 I2V
 WINDOW_TOKENS = 97  # expression tokens per character per latent frame
 
-FFN_CHUNK = 8192  # tokens per FFN chunk when the plan chunks the feed-forward (set_ffn_chunking)
 STORAGES = ("bf16", "fp8")
 OFFLOADS = ("none", "block")
 
@@ -71,10 +74,10 @@ class ModelSize:
     elem: int = 2
 
     def weights(self, storage: str, offload: str) -> int:
-        """Transformer + adapter K/V bytes on the GPU for this storage and offload."""
-        blocks = self.block_bytes[storage]
-        on_gpu = blocks if offload == "none" else 2 * blocks // self.layers
-        return self.other_bytes + on_gpu + self.adapter_kv_bytes
+        """Transformer + adapter K/V bytes on the GPU for this storage and offload (block offload
+        streams each block with its adapter K/V: two of them on the GPU at a time)."""
+        blocks = self.block_bytes[storage] + self.adapter_kv_bytes
+        return self.other_bytes + (blocks if offload == "none" else 2 * blocks // self.layers)
 
 
 def model_size(config: dict, proj_dim: int = 2048, elem: int = 2) -> ModelSize:
@@ -116,15 +119,12 @@ def tokens_per_forward(width: int, height: int, frames: int, context_frames: int
     return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
 
 
-def activation_bytes(size: ModelSize, tokens: int, rows: int = 1, portrait_rows: int = 1, people: int = 1,
-                     ffn_chunk: int | None = None) -> int:
+def activation_bytes(size: ModelSize, tokens: int, rows: int = 1, portrait_rows: int = 1, people: int = 1) -> int:
     """Activation + attention-workspace bytes of one forward (the non-weight terms of the model in
-    the module docstring, without the reserve). ``ffn_chunk``: tokens per FFN chunk
-    (:func:`set_ffn_chunking`): the FFN's wide intermediates then cost one chunk's worth per row."""
+    the module docstring, without the reserve)."""
     e = size.elem
-    ffn_tokens = tokens if ffn_chunk is None else min(tokens, ffn_chunk)
-    total = rows * (tokens * e * ACT_DIM * size.dim + ffn_tokens * e * 2 * size.ffn_dim
-                    + CONTEXT_TOKENS * size.dim * e * 4)
+    act = e * tokens * max(ACT_ATTN * size.dim, ACT_FFN * size.dim + 2 * size.ffn_dim)
+    total = rows * (act + CONTEXT_TOKENS * size.dim * e * 4)
     total += rows * tokens * size.heads * 4
     if people > 1:
         total += portrait_rows * tokens * people * WINDOW_TOKENS * (1 + e)
@@ -132,9 +132,9 @@ def activation_bytes(size: ModelSize, tokens: int, rows: int = 1, portrait_rows:
 
 
 def peak_bytes(size: ModelSize, storage: str, offload: str, tokens: int, rows: int = 1, portrait_rows: int = 1,
-               people: int = 1, ffn_chunk: int | None = None) -> int:
+               people: int = 1) -> int:
     """Predicted GPU peak of sampling (module docstring), reserve included."""
-    act = activation_bytes(size, tokens, rows, portrait_rows, people, ffn_chunk)
+    act = activation_bytes(size, tokens, rows, portrait_rows, people)
     return int(size.weights(storage, offload) + act * (1 + RESERVE_ACT_FRACTION) + RESERVE_BYTES)
 
 
@@ -149,7 +149,6 @@ class MemoryPlan:
         peak_bytes: predicted GPU peak; free_bytes: the free memory planned against (None: no GPU).
         fits: False when even the smallest option is predicted not to fit (it is still returned).
         tokens, people, passes: the job planned for.
-        ffn_chunk: tokens per feed-forward chunk (:func:`set_ffn_chunking`), or ``None`` (whole).
     """
 
     storage: str
@@ -161,15 +160,13 @@ class MemoryPlan:
     tokens: int
     people: int
     passes: int
-    ffn_chunk: int | None = None
 
     def describe(self) -> str:
         """One line for the log and the node's info output."""
         free = "no GPU" if self.free_bytes is None else f"{self.free_bytes / GIB:.1f} GiB free"
         warn = "" if self.fits else " — predicted NOT to fit: lower the size or length"
-        chunks = f", FFN in chunks of {self.ffn_chunk} tokens" if self.ffn_chunk else ""
         return (f"memory plan: {self.storage} weights, offload {self.offload}, {self.batch_passes} of {self.passes} "
-                f"guidance pass(es) per forward{chunks}; predicted peak {self.peak_bytes / GIB:.1f} GiB of {free} "
+                f"guidance pass(es) per forward; predicted peak {self.peak_bytes / GIB:.1f} GiB of {free} "
                 f"({self.tokens} tokens, {self.people} character(s)){warn}")
 
 
@@ -205,14 +202,12 @@ def plan_memory(size: ModelSize, tokens: int, free_bytes: int | None, passes: in
     smallest = None
     for st, off in options:
         for rows in range(passes, 0, -1):
-            for chunk in ((None, FFN_CHUNK) if tokens > FFN_CHUNK else (None,)):
-                prows = min(portrait_passes, rows)
-                peak = peak_bytes(size, st, off, tokens, rows, prows, people, chunk)
-                plan = MemoryPlan(st, off, rows, peak, free_bytes, peak <= free_bytes, tokens, people, passes, chunk)
-                if plan.fits:
-                    return plan
-                if smallest is None or peak < smallest.peak_bytes:
-                    smallest = plan
+            peak = peak_bytes(size, st, off, tokens, rows, min(portrait_passes, rows), people)
+            plan = MemoryPlan(st, off, rows, peak, free_bytes, peak <= free_bytes, tokens, people, passes)
+            if plan.fits:
+                return plan
+            if smallest is None or peak < smallest.peak_bytes:
+                smallest = plan
     return smallest
 
 
@@ -229,8 +224,11 @@ def measured_size(transformer, adapter=None) -> ModelSize:
     cfg = transformer.config
     p = transformer.patch_embedding.weight
     elem = p.element_size()
-    blocks = nbytes(transformer.blocks)
-    layers = [m for m in transformer.blocks.modules() if isinstance(m, (torch.nn.Linear, ScaledFP8Linear))]
+    streamed = {id(t) for b in transformer.blocks if hasattr(b, "portrait_kv") for t in b.portrait_kv.parameters()}
+    blocks = nbytes(transformer.blocks) - sum(t.numel() * t.element_size() for b in transformer.blocks
+                                              if hasattr(b, "portrait_kv") for t in b.portrait_kv.parameters())
+    layers = [m for m in transformer.blocks.modules() if isinstance(m, (torch.nn.Linear, ScaledFP8Linear))
+              and id(m.weight) not in streamed]
     stored = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     n_fp8 = sum(isinstance(m, ScaledFP8Linear) for m in layers)  # each has a 4-byte scale
     as_fp8 = blocks - stored + sum(m.weight.numel() for m in layers) + 4 * (len(layers) - n_fp8)
@@ -241,7 +239,7 @@ def measured_size(transformer, adapter=None) -> ModelSize:
                  for t in m.parameters())
     return ModelSize(dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn_dim=cfg.ffn_dim,
                      heads=cfg.num_attention_heads, layers=cfg.num_layers, block_bytes={"bf16": as_bf16, "fp8": as_fp8},
-                     other_bytes=nbytes(transformer) - blocks, adapter_kv_bytes=kv, elem=elem)
+                     other_bytes=nbytes(transformer) - nbytes(transformer.blocks), adapter_kv_bytes=kv, elem=elem)
 
 
 # The job `storage = auto` is decided for at load time (the size is not known yet): Wan2.1's native
@@ -262,39 +260,3 @@ def choose_storage(size: ModelSize, free_bytes: int | None) -> MemoryPlan:
         return bf16
     return plan_memory(size, tokens, free_bytes, 1, job["people"], 1, storage="fp8", offload="auto")
 
-
-def _chunked_ffn_forward(ffn, chunk: int, hidden_states, *args, **kwargs):
-    """``ffn`` applied to token chunks of ``hidden_states [B, L, dim]``, written into one output: the
-    FFN is per token, so this is the same result with only one chunk's ``ffn_dim``-wide
-    intermediates alive at a time."""
-    tokens = hidden_states.shape[1]
-    if tokens <= chunk:
-        return type(ffn).forward(ffn, hidden_states, *args, **kwargs)
-    out = None
-    for start in range(0, tokens, chunk):
-        part = type(ffn).forward(ffn, hidden_states[:, start:start + chunk], *args, **kwargs)
-        if out is None:
-            out = part.new_empty(hidden_states.shape[0], tokens, part.shape[-1])
-        out[:, start:start + chunk] = part
-    return out
-
-
-def set_ffn_chunking(transformer, chunk_tokens: int | None) -> None:
-    """Run every block's feed-forward on at most ``chunk_tokens`` tokens at a time (``None``: off).
-
-    Cuts the ``2 · ffn_dim`` term of the activation model (the FFN's two wide intermediates) to one
-    chunk's worth; the output is identical (the FFN acts on each token alone). The state dict and the
-    module tree are unchanged (the blocks' ``ffn.forward`` is overridden on the instance).
-
-    Raises:
-        ValueError: for ``chunk_tokens < 1``.
-    """
-    import functools
-
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1 or None, got {chunk_tokens}")
-    for block in transformer.blocks:
-        if chunk_tokens is None:
-            block.ffn.__dict__.pop("forward", None)
-        else:
-            block.ffn.forward = functools.partial(_chunked_ffn_forward, block.ffn, int(chunk_tokens))

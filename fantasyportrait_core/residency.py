@@ -162,15 +162,22 @@ def available_ram_bytes() -> int | None:
         return None
 
 
-def enable_block_offload(transformer, device, available_ram: int | None) -> bool:
+def enable_block_offload(transformer, device, available_ram: int | None, adapter=None) -> bool:
     """Stream the transformer's blocks to ``device`` one at a time: diffusers group offload, one
     block per group, the next block copied on a side CUDA stream while the current one computes.
 
     Args:
         available_ram: host RAM available now (:func:`available_ram_bytes`; ``None`` = unknown).
+        adapter: the portrait adapter; its K/V projections of block i are attached to block i
+            (``blocks.i.portrait_kv``, the same modules its processor calls) so that they stream
+            with their block instead of staying on the GPU (1.6 GiB at 14B). The transformer's
+            state dict then lists them too; nothing reads it after loading.
     Returns:
         Whether a pinned host copy of all weights was made (:func:`pin_weights_upfront`).
     """
+    if adapter is not None:
+        for i, block in enumerate(transformer.blocks):
+            block.portrait_kv = torch.nn.ModuleList(adapter.kv_projections(i))
     weights = sum(t.numel() * t.element_size() for t in (*transformer.parameters(), *transformer.buffers()))
     upfront = pin_weights_upfront(weights, available_ram)
     transformer.enable_group_offload(torch.device(device), offload_device=torch.device("cpu"),

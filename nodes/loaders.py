@@ -55,18 +55,24 @@ class PortraitModel:
     offload_active: bool = False
     info: str = ""
 
+    def __post_init__(self):
+        if self.home is None:
+            self.home = WeightHome(self.transformer, self.adapter)
+        if self.resident is None:
+            self.resident = ComfyResident(self.transformer, self.adapter, self.home, host.torch_device(),
+                                          host.offload_device(), self.dtype)
+
 
 def enable_block_offload(model: PortraitModel) -> None:
     """Stream the transformer's blocks to the GPU one at a time (diffusers group offload, next block
-    copied on a side CUDA stream while the current one computes); the adapter's K/V stay on the GPU.
+    copied on a side CUDA stream while the current one computes), each with its adapter K/V.
     No-op off CUDA."""
     device = host.torch_device()
     if device.type != "cuda" or model.offload_active:
         return
     if model.resident is not None:
         model.resident.detach()
-    residency.enable_block_offload(model.transformer, device, host.available_ram_bytes())
-    model.adapter.to(device)
+    residency.enable_block_offload(model.transformer, device, host.available_ram_bytes(), adapter=model.adapter)
     model.offload_active = True
 
 
@@ -102,9 +108,7 @@ def build_portrait_model(transformer, adapter, dtype, offload: str = "none", fas
     set_attention_backend(transformer, attention)
     storage = "fp8" if any(isinstance(m, ScaledFP8Linear) for m in transformer.modules()) else "bf16"
     device = host.torch_device()
-    home = WeightHome(transformer, adapter)
-    resident = ComfyResident(transformer, adapter, home, device, host.offload_device(), dtype)
-    model = PortraitModel(transformer, adapter, state, dtype, offload, storage, home=home, resident=resident)
+    model = PortraitModel(transformer, adapter, state, dtype, offload, storage)
     notes = [f"{storage} weights", f"attention {attention}"]
     if fast_mode != "off":
         model.fp8_compute = set_fp8_compute(transformer, "scaled_mm", device)

@@ -14,8 +14,7 @@ from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
 from fantasyportrait_core.denoiser import I2VConditioning
 from fantasyportrait_core.adapter import floor_to_4k1
 from fantasyportrait_core.faces import Face
-from fantasyportrait_core.memory import (GIB, activation_bytes, measured_size, plan_memory, set_ffn_chunking,
-                                         tokens_per_forward)
+from fantasyportrait_core.memory import GIB, activation_bytes, measured_size, plan_memory, tokens_per_forward
 from fantasyportrait_core.models import denormalize_latent, normalize_latent
 from fantasyportrait_core.sampling import DEFAULT_SHIFT, DEFAULT_STEPS, guidance_passes
 
@@ -172,8 +171,6 @@ class FantasyPortraitSampler:
         start = time.perf_counter()
         try:
             with model.home.guard():  # an exception puts every weight back where it was (offload too)
-                if model.offload_active:  # block offload keeps the adapter's K/V on the GPU
-                    model.adapter.to(device)
                 cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
                 i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
                 out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, steps=steps, seed=seed,
@@ -215,11 +212,10 @@ class FantasyPortraitSampler:
         """Make room and put the weights where the plan says: resident (loaded through ComfyUI's
         model management, which unloads its own models first; no move when already resident) or
         block offload (switched on once; ComfyUI frees what the streamed blocks + activations need)."""
-        set_ffn_chunking(model.transformer, plan.ffn_chunk)
         if device.type != "cuda":
             return
         act = activation_bytes(measured_size(model.transformer, model.adapter), plan.tokens, plan.batch_passes,
-                               min(plan.batch_passes, 1), plan.people, plan.ffn_chunk)
+                               min(plan.batch_passes, 1), plan.people)
         if plan.offload == "block":
             if not model.offload_active:
                 from .loaders import enable_block_offload
