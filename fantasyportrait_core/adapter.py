@@ -151,7 +151,9 @@ class Resampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[B, N, embedding_dim]`` -> ``[B, num_queries, output_dim]``."""
-        latents = self.latents.expand(x.shape[0], -1, -1)
+        # .to(x): a no-op here; under ComfyUI's partial loading the learned latents may stay on the
+        # offload device while the layers run on the GPU (nodes/native.py).
+        latents = self.latents.to(x).expand(x.shape[0], -1, -1)
         x = self.proj_in(x)
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents

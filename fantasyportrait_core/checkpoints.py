@@ -7,6 +7,10 @@ Supported (key names: ``../shared/reference/*_keys.json``):
   fp32/bf16/fp16/fp8_e4m3fn, and "fp8 scaled" files (``scaled_fp8`` marker + per-tensor
   ``*.scale_weight``), dequantised on load.
 * Wan2.1-I2V transformer, diffusers layout (``diffusion_pytorch_model-*.safetensors`` + index).
+* Wan2.1-I2V transformer as GGUF (``.gguf``, Q2_K … Q8_0 / F16 / BF16, original Wan keys without prefix as
+  city96 publishes them: ``blocks.N.self_attn.q.weight``, ``patch_embedding.weight`` kept 5-D in F32),
+  through diffusers' GGUF support (``GGUFQuantizationConfig``; quantised linears stay quantised and
+  are dequantised per matmul, ``gguf`` package).
 * FantasyPortrait adapter: official ``fantasyportrait_model.ckpt`` (pickled dict of
   ``proj_model``/``mouth_proj_model``/``emo_proj_model``/``ip_adapter`` state dicts, loaded with
   ``weights_only=True``) and the flat repacked safetensors (``proj_model.*``… ``ip_adapter.blocks.N.
@@ -34,6 +38,7 @@ log = logging.getLogger("FantasyPortrait")
 
 COMFY_PREFIX = "model.diffusion_model."
 SAFETENSORS_EXT = (".safetensors", ".sft")
+GGUF_EXT = (".gguf",)
 PICKLE_EXT = (".ckpt", ".pth", ".pt", ".bin")
 
 
@@ -364,7 +369,8 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     """Load a Wan2.1-I2V transformer from any supported format into diffusers ``WanTransformer3DModel``.
 
     Args:
-        paths: file, shard list, any one shard of a set, index json or folder.
+        paths: file, shard list, any one shard of a set, index json or folder; a ``.gguf`` file goes
+            to :func:`load_transformer_gguf`.
         dtype: compute dtype of the weights (bf16 / fp16 / fp32). Modules diffusers keeps in fp32
             (time embedder, modulation tables, norms) stay fp32.
         storage_dtype: ``torch.float8_e4m3fn`` stores the linear layers of the blocks as scaled fp8
@@ -383,6 +389,11 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
 
     if storage_dtype not in (None, FP8):
         raise ValueError(f"storage_dtype must be None or torch.float8_e4m3fn, got {storage_dtype}")
+    if isinstance(paths, (str, os.PathLike)) and os.fspath(paths).lower().endswith(GGUF_EXT):
+        if storage_dtype is not None:
+            raise ValueError(f"{os.path.basename(os.fspath(paths))} is a GGUF file, already quantised: set storage to "
+                             f"'same' (CLI: drop --fp8); fp8 storage is for bf16/fp16/fp32 checkpoints")
+        return load_transformer_gguf(os.fspath(paths), dtype=dtype, device=device, num_heads=num_heads)
     source = TensorSource(paths)
     fmt, prefix, scaled = detect_transformer_format(source.keys())
     key_map = {}
@@ -434,6 +445,80 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     log.info("[FantasyPortrait] loaded transformer %s [%s] (%d layers, dim %d%s)", where, fmt, config["num_layers"],
              config["num_attention_heads"] * config["attention_head_dim"], ", fp8 scaled" if fp8_weights else "")
     return model.eval().requires_grad_(False)
+
+
+def gguf_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Logical (torch-order) shapes of the tensors in a GGUF file, read from its header only.
+
+    Raises:
+        CheckpointError: unreadable file, or tensors stored reshaped (``comfy.gguf.orig_shape.*``
+            metadata, used by city96's converter for SD-style UNets, not for Wan), which diffusers'
+            GGUF loader does not restore.
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or "
+                              f"corrupt, download it again") from e
+    reshaped = [f.name for f in reader.fields.values() if f.name.startswith("comfy.gguf.orig_shape.")]
+    if reshaped:
+        raise CheckpointError(f"{path}: {len(reshaped)} tensors are stored reshaped ({reshaped[0]}); this loader "
+                              f"takes Wan GGUF files as city96 publishes them (no reshaped tensors)")
+    out = {}
+    for t in reader.tensors:  # element counts, fastest-varying dimension first
+        out[t.name] = tuple(int(v) for v in reversed(t.shape.tolist()))
+    return out
+
+
+def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", num_heads: int | None = None):
+    """Load a GGUF Wan2.1-I2V transformer (city96 layout) through diffusers' GGUF support.
+
+    The key names and shapes are checked strictly against the model first (same messages as the
+    other formats); then ``WanTransformer3DModel.from_single_file`` with
+    ``GGUFQuantizationConfig(compute_dtype=dtype)`` and the config inferred from the shapes (nothing
+    is fetched from the Hub). Quantised linears become diffusers ``GGUFLinear`` layers holding the
+    quantised bytes (dequantised per matmul; CUDA kernels when the ``kernels`` package provides
+    them), everything else is ``dtype`` (time embedder, modulation tables and norms in fp32).
+
+    Returns:
+        The model in eval mode on ``device``.
+    Raises:
+        CheckpointError: unreadable file, not a Wan2.1 transformer, or keys/shapes that do not fit.
+    """
+    import tempfile
+
+    from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
+
+    from .models import build_transformer
+
+    file_shapes = gguf_tensor_shapes(path)
+    fmt, prefix, _ = detect_transformer_format(file_shapes)
+    shapes = {}
+    for k, shape in file_shapes.items():
+        if k.startswith(prefix):
+            body = k[len(prefix):]
+            shapes[wan_original_to_diffusers(body) if fmt == "wan_original" else body] = shape
+    try:
+        config = infer_transformer_config(shapes, num_heads)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} [gguf {fmt}]: incomplete Wan transformer, cannot infer its config (missing {e})") from e
+    empty = build_transformer(config, empty=True)
+    _check_keys(path, f"gguf {fmt}", {k: tuple(v.shape) for k, v in empty.state_dict().items()}, shapes)
+    del empty
+    with tempfile.TemporaryDirectory(prefix="fp_gguf_config_") as folder:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({"_class_name": "WanTransformer3DModel", **config}, f)
+        try:
+            model = WanTransformer3DModel.from_single_file(
+                path, config=folder, quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), torch_dtype=dtype,
+                local_files_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path} [gguf]: diffusers could not load it ({type(e).__name__}: {e})") from e
+    log.info("[FantasyPortrait] loaded GGUF transformer %s (%d layers, dim %d)", path, config["num_layers"],
+             config["num_attention_heads"] * config["attention_head_dim"])
+    return model.to(device).eval().requires_grad_(False)
 
 
 def transformer_state_dict_original(model) -> dict[str, torch.Tensor]:

@@ -4,6 +4,12 @@
     python -m fantasyportrait_core.cli run --image ref.png --driving a.mp4 [b.mp4 ...] --out out.mp4 \\
         --wan-dir Wan2.1-I2V-14B-720P-Diffusers --adapter fantasyportrait_model.ckpt --pd-fpg pd_fpg.pth
 
+Few-step and styled sampling (any run):
+
+    ... --lora lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors --preset lightx2v
+    ... --lora style.safetensors:0.7 --sampler unipc --steps 20 --portrait-cfg-end 0.5
+    ... --transformer wan2.1-i2v-14b-480p-Q4_K_M.gguf
+
 ``run`` without checkpoint paths (or with ``--tiny-random``) builds a tiny randomly initialised
 model: the pipeline runs end to end, but the pixels are not a real animation.
 """
@@ -57,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--context-frames", type=int, default=81,
                        help="longer videos are denoised in overlapping windows of this many frames")
         p.add_argument("--context-overlap", type=int, default=16, help="frames shared by neighbouring windows")
+        _sampling_options(p)
         p.add_argument("--fast", action="store_true",
                        help="fast mode: fp8 weights multiplied in fp8 (torch._scaled_mm) on GPUs of compute capability "
                             "8.9+ (others: bf16 matmul); implies --fp8")
@@ -88,15 +95,112 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--face-order", default="", help="explicit face index per character, e.g. 1,0 (overrides --assign)")
     run.add_argument("--fps", type=float, default=None,
                      help="frame rate of the output; driving videos are resampled to it (default: the first video's)")
-    run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards or folder (any supported format)")
+    run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards, folder or .gguf (any supported format)")
     run.add_argument("--wan-dir", help="diffusers Wan2.1-I2V folder (VAE, umT5, CLIP; transformer if not given)")
     run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors")
     run.add_argument("--pd-fpg", help="pd_fpg.pth (default: the pd_fpg.* keys of a repacked adapter)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     run.add_argument("--fp8", action="store_true", help="store transformer weights in fp8 (bf16 compute)")
     run.add_argument("--tiny-random", action="store_true", help="use a tiny random model (no checkpoints)")
+    run.add_argument("--init-video", default=None,
+                     help="video to start from when --denoise < 1 (video-to-video; resized to the output size)")
     common(run)
     return ap
+
+
+def _sampling_options(p):
+    """LoRAs, sampler, schedule, denoise and guidance interval (fantasyportrait_core.sampling / .lora)."""
+    from .sampling import PRESETS, SAMPLERS
+
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="Wan2.1 LoRA (any published layout), strength 1 by default; repeat for several")
+    p.add_argument("--sampler", choices=SAMPLERS, default="euler",
+                   help="euler (reference), unipc (Wan's default solver), dpmpp_2m, dpmpp_2m_sde, lcm")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="lightx2v: 4 steps at timesteps 1000/750/500/250, shift 5, lcm, cfg 1 (for lightx2v's "
+                        "step-distill LoRA); overrides --steps/--shift/--sampler/--cfg")
+    p.add_argument("--sigmas", default=None, help="explicit comma-separated sigmas from 1 to 0 (overrides steps/shift)")
+    p.add_argument("--denoise", type=float, default=1.0, help="start below full noise (needs --init-video)")
+    p.add_argument("--cfg-start", type=float, default=0.0, help="text cfg from this fraction of the steps on")
+    p.add_argument("--cfg-end", type=float, default=1.0, help="text cfg up to this fraction of the steps")
+    p.add_argument("--portrait-cfg-start", type=float, default=0.0, help="portrait cfg from this fraction of the steps")
+    p.add_argument("--portrait-cfg-end", type=float, default=1.0, help="portrait cfg up to this fraction of the steps")
+    p.add_argument("--portrait-scale-steps", default="",
+                   help="portrait scale per step range, e.g. '0-0.5:1.2,0.5-1:0.8' (fractions of the steps)")
+
+
+def sampling_kwargs(args) -> dict:
+    """The sampling options of ``args`` as :func:`~fantasyportrait_core.pipeline.generate_latent` keywords.
+
+    Raises:
+        ValueError: naming the option, for unparsable sigmas or step ranges.
+    """
+    from .sampling import parse_step_ranges
+
+    sigmas = None
+    if getattr(args, "sigmas", None):
+        try:
+            sigmas = [float(v) for v in args.sigmas.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ValueError(f"--sigmas '{args.sigmas}' must be comma-separated numbers like 1,0.9375,0.8333,0.625,0") from None
+    return dict(sampler=args.sampler, preset=args.preset, sigmas=sigmas, denoise=args.denoise,
+                cfg_range=(args.cfg_start, args.cfg_end), portrait_cfg_range=(args.portrait_cfg_start, args.portrait_cfg_end),
+                portrait_scales=parse_step_ranges(args.portrait_scale_steps, "--portrait-scale-steps"))
+
+
+def check_sampling_args(args) -> None:
+    """Early, one-line errors for the sampling options (before any model is loaded or video read).
+
+    Raises:
+        ValueError: bad sigmas, step ranges or guidance ranges, an unreadable --lora spec, or a
+            schedule starting below full noise without --init-video.
+    """
+    from .lora import parse_lora_arg
+    from .sampling import GuidanceSchedule, schedule_sigmas
+
+    kw = sampling_kwargs(args)
+    schedule = schedule_sigmas(args.steps, args.shift, kw["denoise"], kw["sigmas"], kw["preset"])
+    GuidanceSchedule(schedule, args.cfg, args.portrait_cfg, kw["cfg_range"], kw["portrait_cfg_range"],
+                     kw["portrait_scales"])
+    if float(schedule[0]) < 1.0 and not getattr(args, "init_video", None):
+        raise ValueError(f"the schedule starts at sigma {float(schedule[0]):.4f} < 1 (--denoise {args.denoise} or "
+                         f"--sigmas): give --init-video to start from, or use --denoise 1")
+    for spec in args.lora:
+        path, _ = parse_lora_arg(spec)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--lora {spec}: file not found: {path}")
+
+
+def apply_cli_loras(transformer, specs: list[str]) -> list:
+    """Read and apply ``--lora FILE[:STRENGTH]`` arguments; returns the summaries for the report."""
+    from .lora import apply_loras, parse_lora_arg, read_lora
+
+    loras = []
+    for spec in specs:
+        path, strength = parse_lora_arg(spec)
+        loras.append((read_lora(path, transformer), strength))
+    apply_loras(transformer, loras)
+    return [{"lora": w.name, "strength": s, "summary": w.summary(), "unmatched_keys": len(w.unmatched)}
+            for w, s in loras]
+
+
+@torch.no_grad()
+def init_latent_from_video(vae, path: str, num_frames: int, width: int, height: int) -> torch.Tensor:
+    """Normalised VAE latent ``[1, 16, F_lat, H/8, W/8]`` of the first ``num_frames`` frames of a video,
+    resized to the output size: what ``--denoise < 1`` starts from.
+
+    Raises:
+        ValueError: the video has fewer frames than will be generated.
+    """
+    from .models import normalize_latent
+
+    video = read_video(path, max_frames=num_frames)
+    if len(video.frames) < num_frames:
+        raise ValueError(f"--init-video {path} has {len(video.frames)} frames; {num_frames} are generated")
+    frames = np.stack([P.resize_image(f, width, height) for f in video.frames])
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    p = next(vae.parameters())
+    return normalize_latent(vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float()).cpu()
 
 
 class Models:
@@ -143,7 +247,7 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
     t0 = time.time()
     device = args.device
     detector = make_detector(args.detector, args.detector_dir)
-    report = {"output": out_path, "random_weights": models.random}
+    report = {"output": out_path, "random_weights": models.random, "sampler": args.preset or args.sampler}
     try:
         # Driving side: one track per video, or `people` tracks from a single video.
         drivers = []
@@ -196,6 +300,11 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
         image_ctx = torch.randn(1, 257, cfg_t.image_dim, generator=g)
     cond = I2VConditioning(text_pos, text_neg, image_ctx, y)
 
+    sampling = sampling_kwargs(args)
+    init = None
+    if getattr(args, "init_video", None):
+        with P.on_device(models.vae, device):
+            init = init_latent_from_video(models.vae, args.init_video, num_frames, width, height)
     t1 = time.time()
     plan = speed_and_memory(models, args, width, height, num_frames, len(drivers))
     report["memory_plan"] = plan.describe()
@@ -204,7 +313,8 @@ def animate(models: Models, image: np.ndarray, videos: list, out_path: str, args
         latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
                                    steps=args.steps, seed=args.seed, cfg=args.cfg, portrait_cfg=args.portrait_cfg,
                                    shift=args.shift, context_frames=args.context_frames,
-                                   context_overlap=args.context_overlap, batch_passes=plan.batch_passes)
+                                   context_overlap=args.context_overlap, init_latent=init, **sampling,
+                                   batch_passes=plan.batch_passes)
     t2 = time.time()
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)
@@ -263,6 +373,7 @@ def _print_report(report: dict):
 
 
 def cmd_demo(args) -> int:
+    check_sampling_args(args)
     data = args.data
     need = ["man.jpeg", "jgz.mp4", "two_person.png", "biden.mp4", "trump.mp4"]
     missing = [f for f in need if not os.path.isfile(os.path.join(data, f))]
@@ -273,6 +384,7 @@ def cmd_demo(args) -> int:
           "initialised Wan/adapter/VAE is built from config. Face detection, alignment, expression encoding,\n"
           "masks, windows, guidance and video IO are real; the output pixels are not a meaningful animation.\n")
     models = tiny_random_models(args.seed)
+    loras = apply_cli_loras(models.transformer, args.lora)
     reports = []
     jobs = [("single_man_jgz.mp4", "man.jpeg", ["jgz.mp4"]),
             ("multi_two_person_biden_trump.mp4", "two_person.png", ["biden.mp4", "trump.mp4"])]
@@ -282,6 +394,8 @@ def cmd_demo(args) -> int:
         videos = [_trim(resample_fps(v, videos[0].fps), args.frames) for v in videos]
         report = animate(models, image, videos, os.path.join(args.out, out_name), args)
         report["reference"] = image_name
+        if loras:
+            report["loras"] = loras
         print(f"== {image_name} + {', '.join(video_names)}: {len(report['reference_faces'])} face(s) in the "
               f"reference; wrote {report['frames']} frames {report['width']}x{report['height']} (checked by decoding "
               f"the MP4), faces/masks preview {report['faces_png']}")
@@ -293,10 +407,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
+    check_sampling_args(args)
     use_random = args.tiny_random or not (args.wan_dir or args.adapter or args.transformer)
     if use_random:
         print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real animation).")
     models = tiny_random_models(args.seed) if use_random else real_models(args)
+    loras = apply_cli_loras(models.transformer, args.lora)
     image = read_image(args.image)
     videos = [read_video(v) for v in args.driving]
     fps = args.fps or videos[0].fps
@@ -304,6 +420,8 @@ def cmd_run(args) -> int:
     people = args.people or (len(videos) if len(videos) > 1 else 1)
     report = animate(models, image, videos, args.out, args, people=people, prompt=args.prompt,
                      negative_prompt=args.negative_prompt)
+    if loras:
+        report["loras"] = loras
     _print_report(report)
     return 0
 

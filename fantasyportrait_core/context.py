@@ -68,18 +68,20 @@ class ContextWindowDenoiser:
 
     Args:
         window, overlap: in latent frames (21 and 4 ≈ 81 and 16 pixel frames).
+        guidance: optional per-step :class:`~fantasyportrait_core.sampling.GuidanceSchedule`, shared by the windows.
         batch_passes: guidance passes per forward (see ``PortraitDenoiser``).
         Other arguments as :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`.
     """
 
     def __init__(self, transformer, state, cond: I2VConditioning, portrait: PortraitCondition | None, cfg: float,
-                 portrait_cfg: float, window: int = 21, overlap: int = 4, batch_passes: int | None = None):
+                 portrait_cfg: float, window: int = 21, overlap: int = 4, guidance=None,
+                 batch_passes: int | None = None):
         num_latent = cond.image_latent.shape[2]
         self.windows = context_windows(num_latent, window, overlap)
         self.weights = window_weights(self.windows, num_latent)
         self.parts = [PortraitDenoiser(transformer, state, slice_conditioning(cond, s, e), slice_portrait(portrait, s, e),
-                                       cfg=cfg, portrait_cfg=portrait_cfg, batch_passes=batch_passes)
-                      for s, e in self.windows]
+                                       cfg=cfg, portrait_cfg=portrait_cfg, guidance=guidance,
+                                       batch_passes=batch_passes) for s, e in self.windows]
         self.device = self.parts[0].device
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import TEXT_CONTEXT_TOKENS, PortraitCondition, PortraitState, projection_dtype
-from .sampling import NUM_TRAIN_TIMESTEPS, combine_guidance, guidance_passes
+from .sampling import NUM_TRAIN_TIMESTEPS, GuidanceSchedule, combine_guidance, guidance_passes, step_guidance
 
 
 @dataclass
@@ -76,6 +76,9 @@ class PortraitDenoiser:
         cond: :class:`I2VConditioning`.
         portrait: expression windows (+ masks); ``None`` runs plain Wan I2V.
         cfg: text guidance scale; portrait_cfg: portrait guidance scale.
+        portrait_scale: strength of the portrait branch inside the DiT (reference ``ip_scale``).
+        guidance: optional :class:`~fantasyportrait_core.sampling.GuidanceSchedule` (guidance
+            interval, portrait scale per step range); its scales replace ``cfg``/``portrait_cfg``.
         batch_passes: most guidance passes run as one forward (rows of one batch); ``None`` = all
             of a step's 1–3 passes at once. 1 runs them one after another (least memory: the
             activations of one forward scale with its batch; see :mod:`fantasyportrait_core.memory`).
@@ -83,13 +86,18 @@ class PortraitDenoiser:
 
     def __init__(self, transformer, state: PortraitState, cond: I2VConditioning,
                  portrait: PortraitCondition | None, cfg: float = 1.0, portrait_cfg: float = 4.0,
-                 batch_passes: int | None = None):
+                 guidance: GuidanceSchedule | None = None, batch_passes: int | None = None):
         self.transformer, self.state, self.cond, self.portrait = transformer, state, cond, portrait
         self.cfg, self.portrait_cfg = float(cfg), float(portrait_cfg)
         if portrait is None:
             self.portrait_cfg = 1.0
+            if guidance is not None:
+                guidance = GuidanceSchedule(guidance.sigmas, guidance.cfg, 1.0, guidance.cfg_range)
+        self.guidance = guidance
+        self._base_scale = None if portrait is None else portrait.scale
         self.passes = guidance_passes(self.cfg, self.portrait_cfg)
-        if any(p == "negative" for p, _ in self.passes) and cond.text_negative is None:
+        negative = guidance.uses_negative() if guidance is not None else any(p == "negative" for p, _ in self.passes)
+        if negative and cond.text_negative is None:
             raise ValueError("cfg != 1 needs a negative prompt embedding (text_negative)")
         if batch_passes is not None and batch_passes < 1:
             raise ValueError(f"batch_passes must be >= 1 or None, got {batch_passes}")
@@ -161,12 +169,20 @@ class PortraitDenoiser:
         """One DiT pass on its own: ``x [1, 16, F_lat, h, w]`` -> flow velocity (float32, same shape)."""
         return self._forward(x, sigma, [prompt], int(with_portrait)).float()
 
+    def step_guidance(self, sigma: float):
+        """Scales and passes of the step at ``sigma`` (sets the portrait scale of that step)."""
+        g = step_guidance(self.guidance, sigma, self.cfg, self.portrait_cfg)
+        if self.portrait is not None:
+            self.portrait.scale = self._base_scale if g.portrait_scale is None else g.portrait_scale
+        return g
+
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        preds = self.run_passes(x, sigma, self.passes)
+        g = self.step_guidance(sigma)
+        preds = self.run_passes(x, sigma, g.passes)
         v = combine_guidance(
             preds[("positive", True)],
             preds.get(("positive", False)),
             preds.get(("negative", False), preds.get(("negative", True))),
-            self.cfg, self.portrait_cfg,
+            g.cfg, g.portrait_cfg,
         )
         return x.float() - sigma * v.to(x.device)

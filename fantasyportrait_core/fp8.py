@@ -13,6 +13,10 @@ accumulation (FP8 formats for deep learning, Micikevicius et al. 2022, §4: per-
 That needs a GPU with fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); elsewhere
 the weight is upcast as above. ``compute="emulate"`` runs the same quantisation and the same scaled
 product in fp32 on any device, so the CPU tests measure fast mode's error.
+
+LoRAs on these layers add a low-rank delta at matmul time (:class:`LowRankDelta`) instead of being
+merged and re-quantised: the fp8 weight is never rewritten, so removing the LoRA is exact and the
+LoRA itself keeps its bf16 precision (``benchmarks/bench_lora.py`` compares both).
 """
 
 from __future__ import annotations
@@ -102,9 +106,43 @@ class ScaledFP8Linear(nn.Module):
         self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False) \
             if bias else None
+        self.compute_dtype = bias_dtype
+        self.lora_delta: LowRankDelta | None = None  # LoRAs (fantasyportrait_core.lora), added after the matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.scale, self.bias, self.compute)
+        out = fp8_linear(x, self.weight, self.scale, self.bias, self.compute)
+        return out if self.lora_delta is None else out + self.lora_delta(x)
+
+    def set_lora(self, factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]]) -> None:
+        """Apply LoRAs as a delta at matmul time; ``[]`` removes them (the fp8 weight is never touched).
+
+        Args:
+            factors: ``(A [r, in], B [out, r], bias [out] or None, strength)`` per LoRA, alpha/rank
+                already folded into the factors.
+        """
+        self.lora_delta = LowRankDelta(factors, self.weight.device, self.compute_dtype) if factors else None
+
+
+class LowRankDelta(nn.Module):
+    """``Σ_i s_i·(B_i·A_i·x + b_i)`` for a linear layer, as one pair of matmuls: the LoRAs are stacked
+    along the rank axis with each strength folded into its ``A`` (LoRA, Hu et al. 2021, eq. 3).
+
+    Shapes: x ``[..., in]`` -> ``[..., out]``. Factors are kept in ``dtype`` (the layer's compute dtype)
+    as non-persistent buffers, so they follow ``.to(device)`` and stay out of ``state_dict``.
+    """
+
+    def __init__(self, factors, device, dtype: torch.dtype):
+        super().__init__()
+        down = torch.cat([s * a.float() for a, _, _, s in factors]).to(device=device, dtype=dtype)
+        up = torch.cat([b.float() for _, b, _, _ in factors], dim=1).to(device=device, dtype=dtype)
+        biases = [s * bias.float() for _, _, bias, s in factors if bias is not None]
+        self.register_buffer("down", down, persistent=False)
+        self.register_buffer("up", up, persistent=False)
+        self.register_buffer("bias", sum(biases).to(device=device, dtype=dtype) if biases else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype), bias)
 
 
 def fp8_linear_names(model: nn.Module) -> list[str]:
@@ -162,7 +200,8 @@ def quantize_model_fp8(model: nn.Module) -> int:
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
         q, scale = quantize_fp8(old.weight.data)
-        new = ScaledFP8Linear(old.in_features, old.out_features, old.bias is not None, device="meta")
+        new = ScaledFP8Linear(old.in_features, old.out_features, old.bias is not None, device="meta",
+                              bias_dtype=old.weight.dtype)
         new.weight = nn.Parameter(q, requires_grad=False)
         new.scale = scale.to(q.device)
         if old.bias is not None:

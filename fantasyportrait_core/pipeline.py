@@ -27,7 +27,7 @@ from .faces import Face, FaceTrack, detect_video, track_faces
 from .masks import (TOKEN_STRIDE, box_masks, expand_box, latent_person_map, motion_range, pool_to_tokens,
                     token_person_ids)
 from .models import denormalize_latent, normalize_latent
-from .sampling import StepInfo, flow_sigmas, initial_noise, sample_euler
+from .sampling import GuidanceSchedule, StepInfo, initial_noise, sample, schedule_sigmas, start_latent
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -327,30 +327,46 @@ def decode_latent(vae, latent: torch.Tensor) -> np.ndarray:
 def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, portrait: PortraitCondition | None,
                     num_frames: int, width: int, height: int, steps: int = 30, seed: int = 42, cfg: float = 1.0,
                     portrait_cfg: float = 4.0, shift: float = 5.0, callback=None, context_frames: int = 81,
-                    context_overlap: int = 16, batch_passes: int | None = None) -> torch.Tensor:
+                    context_overlap: int = 16, sampler: str = "euler", sigmas=None, preset: str | None = None,
+                    denoise: float = 1.0, init_latent: torch.Tensor | None = None, cfg_range=(0.0, 1.0),
+                    portrait_cfg_range=(0.0, 1.0), portrait_scales=(), batch_passes: int | None = None) -> torch.Tensor:
     """Sample a normalised Wan latent ``[1, 16, F_lat, H/8, W/8]`` (float32, CPU).
 
-    Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42).
-    Videos longer than ``context_frames`` pixel frames are denoised in overlapping context windows
-    (:mod:`fantasyportrait_core.context`; overlap ``context_overlap`` pixel frames).
-    ``callback(StepInfo)`` runs after each step and may raise to interrupt. ``batch_passes``: guidance
-    passes per transformer forward (``None`` = all; see :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`).
+    Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42,
+    Euler). Videos longer than ``context_frames`` pixel frames are denoised in overlapping context
+    windows (:mod:`fantasyportrait_core.context`; overlap ``context_overlap`` pixel frames).
+    ``callback(StepInfo)`` runs after each step and may raise to interrupt.
+
+    Sampling options (:mod:`fantasyportrait_core.sampling`): ``sampler`` (:data:`~.sampling.SAMPLERS`);
+    the schedule from ``sigmas`` (explicit), else ``preset`` (e.g. ``"lightx2v"``, which also sets
+    its sampler and cfg 1), else ``steps``/``shift``/``denoise``; ``init_latent`` (normalised, same
+    shape) is what a schedule starting below sigma 1 adds noise to; ``cfg_range`` /
+    ``portrait_cfg_range`` are the guidance intervals and ``portrait_scales`` the per-range portrait
+    scales of :class:`~.sampling.GuidanceSchedule`. ``batch_passes``: guidance passes per transformer
+    forward (``None`` = all; see :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`).
     """
+    from .sampling import PRESETS
+
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        sampler, cfg = PRESETS[preset].sampler, PRESETS[preset].cfg
+    schedule = schedule_sigmas(steps, shift, denoise, sigmas, preset)
+    guidance = GuidanceSchedule(schedule, cfg, portrait_cfg, cfg_range, portrait_cfg_range, portrait_scales)
     f_lat = latent_frames(num_frames)
     window = latent_frames(floor_to_4k1(context_frames))
     if f_lat > window:
         overlap = min(max(1, context_overlap // 4), window - 1)
         denoiser = ContextWindowDenoiser(transformer, state, cond, portrait, cfg, portrait_cfg, window, overlap,
-                                         batch_passes=batch_passes)
+                                         guidance=guidance, batch_passes=batch_passes)
         log.info("[FantasyPortrait] %d frames: %d context windows of %d latent frames", num_frames,
                  len(denoiser.windows), window)
     else:
         denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg,
-                                    batch_passes=batch_passes)
+                                    guidance=guidance, batch_passes=batch_passes)
     noise = initial_noise((1, 16, f_lat, height // 8, width // 8), seed)
-    sigmas = flow_sigmas(steps, shift)
-    x = noise.to(denoiser.device) * sigmas[0]
-    return sample_euler(denoiser, x, sigmas, callback=callback).float().cpu()
+    x = start_latent(noise, float(schedule[0]), init_latent).to(denoiser.device)
+    return sample(denoiser, x, schedule, sampler, seed=seed + 1, callback=callback).float().cpu()
 
 
 def frames_for(drivers: list[DrivingExpression], max_frames: int | None = None) -> int:

@@ -84,6 +84,10 @@ class WeightHome:
         released = 0
         for t in self._scan():
             home = self._home.get(t)
+            if home is None and t.device.type not in ("cpu", "meta"):
+                # made on the device while the model was there (e.g. a LoRA applied to a resident
+                # model): it has no host tensor yet, so it gets one (small) and that is its home
+                home = self._home[t] = t.data.to("cpu")
             if home is not None and t.data.data_ptr() != home.data_ptr():
                 if t.device != home.device:
                     released += t.numel() * t.element_size()

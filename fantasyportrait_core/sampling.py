@@ -138,3 +138,331 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     ``generate_noise`` with ``rand_device='cpu'``) so a seed gives the same video on any device."""
     generator = torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# More samplers, explicit schedules, presets, denoise, guidance interval
+
+SAMPLERS = ("euler", "unipc", "dpmpp_2m", "dpmpp_2m_sde", "lcm")
+SAMPLER_HELP = {
+    "euler": "Euler, the reference sampler (first order, deterministic)",
+    "unipc": "UniPC bh2 multistep, Wan2.1's default solver (diffusers UniPCMultistepScheduler)",
+    "dpmpp_2m": "DPM-Solver++(2M) multistep (diffusers DPMSolverMultistepScheduler)",
+    "dpmpp_2m_sde": "DPM-Solver++(2M) SDE, stochastic (diffusers DPMSolverMultistepScheduler)",
+    "lcm": "x0 then fresh noise at the next sigma: the sampler of the lightx2v step-distilled models",
+}
+
+
+def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
+    """Validate an explicit flow-matching schedule (a native ComfyUI ``SIGMAS``, a preset, a list).
+
+    Flow-matching sigmas are noise fractions: ``x_σ = (1 − σ)·x0 + σ·noise``, so they lie in
+    ``[0, 1]`` (Wan timestep = σ·1000). A schedule that does not end at 0 stops at a partly noisy
+    latent (what ``SplitSigmas`` hands to a second sampler).
+
+    Returns:
+        float32 ``[steps + 1]``.
+    Raises:
+        ValueError: naming ``name``, for fewer than 2 values, non-finite values, values outside
+            [0, 1], or a schedule that is not strictly decreasing.
+    """
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+    if s.numel() < 2:
+        raise ValueError(f"{name} needs at least 2 values (start and end sigma), got {s.tolist()}")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"{name} has non-finite values: {s.tolist()}")
+    if s.min() < 0 or s.max() > 1:
+        raise ValueError(f"{name} must lie in [0, 1] for a flow-matching model (Wan timestep = sigma·1000), got "
+                         f"{[round(v, 4) for v in s.tolist()]}; a schedule made for another model type does not fit")
+    if not (s[1:] < s[:-1]).all():
+        raise ValueError(f"{name} must be strictly decreasing, got {[round(v, 4) for v in s.tolist()]}")
+    return s.float()
+
+
+def timestep_sigmas(denoising_step_list, shift: float = DEFAULT_SHIFT, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+                    ) -> torch.Tensor:
+    """Sigmas of a step-distilled schedule given as training timesteps (lightx2v ``denoising_step_list``).
+
+    lightx2v ``WanStepDistillScheduler.set_denoising_timesteps``
+    (``lightx2v/models/schedulers/wan/step_distill/scheduler.py``): the 1000 training sigmas
+    ``s_k = 1 − k/1000`` are shifted, ``σ_k = shift·s_k / (1 + (shift − 1)·s_k)``, and timestep ``t`` picks
+    index ``k = 1000 − t``; the last step goes to σ = 0. For ``[1000, 750, 500, 250]`` and shift 5:
+    ``[1, 0.9375, 0.8333, 0.625, 0]``.
+
+    Returns:
+        float32 ``[len(denoising_step_list) + 1]``.
+    Raises:
+        ValueError: timesteps outside ``1..num_train_timesteps`` or not strictly decreasing; shift <= 0.
+    """
+    steps = [int(t) for t in denoising_step_list]
+    if not steps or any(not 1 <= t <= num_train_timesteps for t in steps) or any(b >= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"denoising steps must be strictly decreasing timesteps in 1..{num_train_timesteps}, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    s = torch.tensor([t / num_train_timesteps for t in steps] + [0.0], dtype=torch.float64)
+    return (shift * s / (1 + (shift - 1) * s)).float()
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A published few-step recipe: sampler, explicit sigmas and the guidance it was distilled for."""
+
+    name: str
+    sampler: str
+    sigmas: tuple[float, ...]
+    cfg: float
+    description: str
+
+
+# lightx2v's own config for its Wan2.1 I2V step-distill LoRA
+# (configs/distill/wan21/wan_i2v_distill_lora_4step_cfg.json: infer_steps 4, sample_shift 5,
+# enable_cfg false, denoising_step_list [1000, 750, 500, 250]) and its scheduler's step rule (lcm).
+PRESETS = {
+    "lightx2v": Preset("lightx2v", "lcm", tuple(timestep_sigmas([1000, 750, 500, 250], 5.0).tolist()), 1.0,
+                       "lightx2v step distill: 4 steps, timesteps 1000/750/500/250 at shift 5, lcm sampler, cfg 1"),
+}
+
+
+def schedule_sigmas(steps: int = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT, denoise: float = 1.0,
+                    sigmas=None, preset: str | None = None) -> torch.Tensor:
+    """The sigmas one sampling run uses: explicit ``sigmas`` (e.g. a ComfyUI SIGMAS input) win,
+    then a preset's, else :func:`flow_sigmas` from ``steps``/``shift``/``denoise``.
+
+    Raises:
+        ValueError: an unknown preset, invalid sigmas (:func:`check_sigmas`), or ``denoise < 1``
+            together with explicit or preset sigmas (cut those with SplitSigmas instead).
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or none")
+    explicit = sigmas if sigmas is not None else (PRESETS[preset].sigmas if preset else None)
+    if explicit is None:
+        return flow_sigmas(steps, shift, denoise)
+    if denoise != 1.0:
+        raise ValueError(f"denoise {denoise} applies to the steps/shift schedule; with explicit sigmas or a preset "
+                         f"set denoise to 1 and start the schedule lower (e.g. SplitSigmas) instead")
+    return check_sigmas(explicit, "sigmas" if sigmas is not None else f"preset {preset} sigmas")
+
+
+def start_latent(noise: torch.Tensor, sigma_start: float, init: torch.Tensor | None = None) -> torch.Tensor:
+    """The latent at the first sigma: ``(1 − σ)·init + σ·noise`` (flow matching; reference
+    ``FlowMatchScheduler.add_noise``). ``init`` may be omitted only when ``σ == 1``.
+
+    Raises:
+        ValueError: ``σ < 1`` (denoise below 1) without a starting latent, or a shape mismatch.
+    """
+    if init is None:
+        if sigma_start < 1.0:
+            raise ValueError(f"the schedule starts at sigma {sigma_start:.4f} < 1 (denoise below 1), which needs a "
+                             f"starting latent to add noise to (a LATENT with content, or --init-video)")
+        return noise * sigma_start
+    if tuple(init.shape) != tuple(noise.shape):
+        raise ValueError(f"starting latent {tuple(init.shape)} and noise {tuple(noise.shape)} differ in shape")
+    return (1.0 - sigma_start) * init.to(noise) + sigma_start * noise
+
+
+class _NoiseSource:
+    """Seeded per-step noise drawn on the CPU (same video on any device), moved to ``like``."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator("cpu").manual_seed(int(seed))
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device, x.dtype)
+
+
+@torch.no_grad()
+def sample_lcm(model, x: torch.Tensor, sigmas: torch.Tensor, seed: int = 0,
+               callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+    """x0 prediction, then fresh noise at the next sigma: ``x ← (1 − σ_next)·x0 + σ_next·ε``.
+
+    The step rule of lightx2v's step-distilled Wan models (``WanStepDistillScheduler.step_post``)
+    and of ComfyUI's ``lcm`` sampler; the last step (σ_next = 0) returns x0. Arguments as
+    :func:`sample_euler`; ``seed`` seeds the per-step noise (CPU generator).
+    """
+    noise = _NoiseSource(seed)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma)
+        x = denoised.to(x.dtype) if sigma_next == 0 else (1 - sigma_next) * denoised.to(x.dtype) + sigma_next * noise.like(x)
+        if callback is not None:
+            callback(StepInfo(i, len(sigmas) - 1, x, sigma, sigma_next, denoised))
+    return x
+
+
+def _diffusers_scheduler(sampler: str, sigmas: torch.Tensor):
+    """A diffusers flow-matching multistep scheduler set to our exact sigmas.
+
+    ``use_flow_sigmas=True, prediction_type="flow_prediction"`` as in diffusers' Wan pipelines
+    (``UniPCMultistepScheduler``, ``DPMSolverMultistepScheduler`` with ``algorithm_type``
+    ``"dpmsolver++"`` / ``"sde-dpmsolver++"``, ``solver_order=2``). ``flow_shift`` is irrelevant
+    here because the (already shifted) sigmas are set directly; as diffusers does for UniPC, a first
+    sigma of exactly 1 is moved to ``1 − 1e-6`` inside the scheduler (log SNR is −∞ there); the model
+    is still evaluated at the schedule's own sigma.
+    """
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    common = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+    if sampler == "unipc":
+        sched = UniPCMultistepScheduler(solver_order=2, **common)
+    else:
+        sched = DPMSolverMultistepScheduler(solver_order=2, **common, algorithm_type="dpmsolver++" if sampler == "dpmpp_2m"
+                                            else "sde-dpmsolver++")
+    steps = len(sigmas) - 1
+    sched.set_timesteps(steps)
+    internal = sigmas.clone().float()
+    internal[0] = min(float(internal[0]), 1.0 - 1e-6)
+    sched.sigmas = internal
+    sched.timesteps = internal[:-1] * NUM_TRAIN_TIMESTEPS
+    sched.num_inference_steps = steps
+    sched.set_begin_index(0)
+    return sched
+
+
+@torch.no_grad()
+def sample_multistep(model, x: torch.Tensor, sigmas: torch.Tensor, sampler: str = "unipc", seed: int = 0,
+                     callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+    """UniPC / DPM++ 2M / DPM++ 2M SDE steps of diffusers' schedulers on our denoiser.
+
+    ``model(x, σ)`` returns x0; the scheduler takes the flow velocity ``v = (x − x0)/σ`` (computed
+    with the scheduler's own σ, so it reconstructs exactly that x0). Runs in float32; the SDE
+    variant draws its noise from a seeded CPU generator. Arguments as :func:`sample_euler`.
+
+    Raises:
+        ValueError: for a sampler this function does not run.
+    """
+    if sampler not in ("unipc", "dpmpp_2m", "dpmpp_2m_sde"):
+        raise ValueError(f"sample_multistep runs unipc, dpmpp_2m or dpmpp_2m_sde, not {sampler!r}")
+    sched = _diffusers_scheduler(sampler, sigmas)
+    noise = _NoiseSource(seed) if sampler == "dpmpp_2m_sde" else None
+    dtype = x.dtype
+    x = x.float()
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma).float()
+        velocity = (x - denoised) / float(sched.sigmas[i])
+        extra = {"variance_noise": noise.like(x)} if noise is not None else {}
+        x = sched.step(velocity, sched.timesteps[i], x, **extra).prev_sample
+        if callback is not None:
+            callback(StepInfo(i, len(sigmas) - 1, x, sigma, sigma_next, denoised))
+    return x.to(dtype)
+
+
+def sample(model, x: torch.Tensor, sigmas: torch.Tensor, sampler: str = "euler", seed: int = 0,
+           callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+    """Run ``sampler`` (one of :data:`SAMPLERS`) over ``sigmas``; ``seed`` seeds stochastic samplers.
+
+    Raises:
+        ValueError: an unknown sampler name (lists the known ones).
+    """
+    if sampler == "euler":
+        return sample_euler(model, x, sigmas, callback=callback)
+    if sampler == "lcm":
+        return sample_lcm(model, x, sigmas, seed=seed, callback=callback)
+    if sampler in SAMPLERS:
+        return sample_multistep(model, x, sigmas, sampler=sampler, seed=seed, callback=callback)
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Guidance interval and portrait scale per step range
+
+
+def parse_step_ranges(text: str | None, name: str = "portrait_scale_steps") -> tuple[tuple[float, float, float], ...]:
+    """``"0-0.5:1.2, 0.5-1:0.8"`` -> ``((0, 0.5, 1.2), (0.5, 1, 0.8))``: a value per range of sampling
+    progress (fractions of the steps, start inclusive, end exclusive; an end of 1 includes the last step).
+
+    Raises:
+        ValueError: naming ``name``, for anything but ``start-end:value`` items with
+            ``0 <= start < end <= 1``.
+    """
+    out = []
+    for item in (text or "").replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            span, value = item.split(":")
+            start, end = (float(v) for v in span.split("-"))
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name}: '{item}' must look like 'start-end:value', e.g. '0-0.5:1.2, 0.5-1:0.8' "
+                             f"(start/end are fractions of the steps)") from None
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"{name}: range {start}-{end} must satisfy 0 <= start < end <= 1")
+        out.append((start, end, value))
+    return tuple(out)
+
+
+def _check_range(rng, name: str) -> tuple[float, float]:
+    start, end = (float(v) for v in rng)
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"{name} start/end {start}/{end} must satisfy 0 <= start < end <= 1 (fractions of the steps)")
+    return start, end
+
+
+@dataclass(frozen=True)
+class StepGuidance:
+    """Guidance of one step: scales and the DiT passes they need (:func:`guidance_passes`)."""
+
+    cfg: float
+    portrait_cfg: float
+    portrait_scale: float | None  # None: the condition's own scale
+    passes: tuple[tuple[str, bool], ...]
+
+
+class GuidanceSchedule:
+    """Per-step guidance: text cfg and portrait cfg only on a range of the steps, portrait scale per
+    step range (what users tune with few-step LoRAs: guidance on the first steps only).
+
+    Step ``i`` of ``n`` sits at progress ``i / n``; a range ``[start, end)`` holds it when
+    ``start <= i/n < end`` (``end == 1`` includes the last step). Outside its range a scale is 1,
+    i.e. off (:func:`combine_guidance`), and the pass it needs is skipped.
+
+    Args:
+        sigmas: the schedule (``[n + 1]``); the denoiser is called with these sigmas.
+        cfg, portrait_cfg: the scales inside their ranges.
+        cfg_range, portrait_cfg_range: ``(start, end)`` fractions, default the whole run.
+        portrait_scales: ``(start, end, scale)`` ranges (:func:`parse_step_ranges`); steps in none
+            keep the portrait condition's scale.
+    Raises:
+        ValueError: a range outside ``0 <= start < end <= 1``.
+    """
+
+    def __init__(self, sigmas: torch.Tensor, cfg: float = 1.0, portrait_cfg: float = 1.0, cfg_range=(0.0, 1.0),
+                 portrait_cfg_range=(0.0, 1.0), portrait_scales=()):
+        self.sigmas = [float(s) for s in torch.as_tensor(sigmas).flatten()]
+        self.cfg, self.portrait_cfg = float(cfg), float(portrait_cfg)
+        self.cfg_range = _check_range(cfg_range, "cfg range")
+        self.portrait_cfg_range = _check_range(portrait_cfg_range, "portrait cfg range")
+        self.portrait_scales = tuple((*_check_range(r[:2], "portrait scale range"), float(r[2])) for r in portrait_scales)
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def step_index(self, sigma: float) -> int:
+        """Index of the schedule sigma nearest ``sigma`` (the sampler passes the schedule's values)."""
+        return min(range(self.steps), key=lambda i: abs(self.sigmas[i] - sigma))
+
+    def _inside(self, i: int, rng) -> bool:
+        return rng[0] <= i / self.steps < rng[1]  # i / n < 1, so an end of 1 includes the last step
+
+    def at_step(self, i: int) -> StepGuidance:
+        cfg = self.cfg if self._inside(i, self.cfg_range) else 1.0
+        pcfg = self.portrait_cfg if self._inside(i, self.portrait_cfg_range) else 1.0
+        scale = next((s for a, b, s in self.portrait_scales if self._inside(i, (a, b))), None)
+        return StepGuidance(cfg, pcfg, scale, tuple(guidance_passes(cfg, pcfg)))
+
+    def at(self, sigma: float) -> StepGuidance:
+        return self.at_step(self.step_index(sigma))
+
+    def uses_negative(self) -> bool:
+        """Whether any step runs a negative-prompt pass."""
+        return any(p == "negative" for i in range(self.steps) for p, _ in self.at_step(i).passes)
+
+
+def step_guidance(schedule: GuidanceSchedule | None, sigma: float, cfg: float, portrait_cfg: float) -> StepGuidance:
+    """The guidance of the step at ``sigma``: from ``schedule`` when given, else the fixed scales."""
+    if schedule is None:
+        return StepGuidance(cfg, portrait_cfg, None, tuple(guidance_passes(cfg, portrait_cfg)))
+    return schedule.at(sigma)

@@ -4,10 +4,13 @@
 from . import host
 from .loaders import (FantasyPortraitExpressionEncoderLoader, FantasyPortraitFaceDetectorLoader,
                       FantasyPortraitModelLoader)
+from .native import FantasyPortraitAdapterLoader, FantasyPortraitGuider, FantasyPortraitPatchModel
 from .portrait import FantasyPortraitConditioning, FantasyPortraitEncodeExpression, FantasyPortraitFaceMasks
+from .lora import FantasyPortraitLoRA
 from .sampler import FantasyPortraitSampler
 
 host.register_model_folder()
+host.register_gguf_folder()
 
 NODE_CLASS_MAPPINGS = {
     "FantasyPortraitModelLoader": FantasyPortraitModelLoader,
@@ -17,6 +20,10 @@ NODE_CLASS_MAPPINGS = {
     "FantasyPortraitFaceMasks": FantasyPortraitFaceMasks,
     "FantasyPortraitConditioning": FantasyPortraitConditioning,
     "FantasyPortraitSampler": FantasyPortraitSampler,
+    "FantasyPortraitAdapterLoader": FantasyPortraitAdapterLoader,
+    "FantasyPortraitPatchModel": FantasyPortraitPatchModel,
+    "FantasyPortraitGuider": FantasyPortraitGuider,
+    "FantasyPortraitLoRA": FantasyPortraitLoRA,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,4 +34,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FantasyPortraitFaceMasks": "FantasyPortrait Face Masks",
     "FantasyPortraitConditioning": "FantasyPortrait Conditioning",
     "FantasyPortraitSampler": "FantasyPortrait Sampler",
+    "FantasyPortraitAdapterLoader": "FantasyPortrait Adapter Loader",
+    "FantasyPortraitPatchModel": "FantasyPortrait Patch Model (native)",
+    "FantasyPortraitGuider": "FantasyPortrait Guider",
+    "FantasyPortraitLoRA": "FantasyPortrait LoRA",
 }

@@ -36,6 +36,32 @@ def register_model_folder():
         folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([path], set(folder_paths.supported_pt_extensions) | {".onnx"})
 
 
+GGUF_FOLDER = "diffusion_models_gguf"  # .gguf files in models/diffusion_models (+ unet), listed apart
+
+
+def register_gguf_folder():
+    """List ``.gguf`` transformers from the diffusion_models (and legacy unet) folders.
+
+    ComfyUI's ``diffusion_models`` entry shares its extension set with every other folder, so .gguf
+    gets its own entry over the same path list (the same list object: paths added later by
+    extra_model_paths show up here too), as ComfyUI-GGUF does with ``unet_gguf``.
+    """
+    if folder_paths is None or GGUF_FOLDER in folder_paths.folder_names_and_paths:
+        return
+    paths = folder_paths.folder_names_and_paths.get("diffusion_models", ([], set()))[0]
+    folder_paths.folder_names_and_paths[GGUF_FOLDER] = (paths, {".gguf"})
+
+
+def transformer_list() -> list[str]:
+    """Transformer files the model loader offers: safetensors/pickles and .gguf from diffusion_models."""
+    return sorted(set(list_models("diffusion_models")) | set(list_models(GGUF_FOLDER)))
+
+
+def transformer_path(name: str) -> str:
+    """Full path of a transformer picked in the model loader (``.gguf`` included)."""
+    return model_path(GGUF_FOLDER if name.lower().endswith(".gguf") else "diffusion_models", name)
+
+
 def models_subdir(name: str) -> str:
     """``ComfyUI/models/<name>`` (first registered path for known folders), or ``models/<name>``
     outside ComfyUI."""

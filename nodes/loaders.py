@@ -40,6 +40,9 @@ class PortraitModel:
         home: where the weights live between prompts (no RAM copies when moving them).
         resident: the model as ComfyUI's memory management sees it (kept on the GPU between prompts).
         info: what the loader chose and why (shown by the sampler's info output).
+        loras: ``(LoraWeights, strength)`` pairs added by FantasyPortrait LoRA nodes; the sampler
+            makes exactly these active (the transformer is shared with the loader's output, so the
+            LoRA node itself changes no weights).
     """
 
     transformer: torch.nn.Module
@@ -47,12 +50,12 @@ class PortraitModel:
     state: PortraitState
     dtype: torch.dtype
     offload: str = "none"
+    loras: tuple = ()
     storage: str = "bf16"
     fp8_compute: str = "upcast"
     compiled: bool = False
     home: WeightHome | None = field(default=None, repr=False)
     resident: ComfyResident | None = field(default=None, repr=False)
-    offload_active: bool = False
     info: str = ""
 
     def __post_init__(self):
@@ -61,6 +64,12 @@ class PortraitModel:
         if self.resident is None:
             self.resident = ComfyResident(self.transformer, self.adapter, self.home, host.torch_device(),
                                           host.offload_device(), self.dtype)
+
+    @property
+    def offload_active(self) -> bool:
+        """Block offload hooks are on the transformer (state shared by every copy of this model,
+        e.g. the ones LoRA nodes make with ``dataclasses.replace``)."""
+        return self.resident.offload_active
 
 
 def enable_block_offload(model: PortraitModel) -> None:
@@ -73,7 +82,7 @@ def enable_block_offload(model: PortraitModel) -> None:
     if model.resident is not None:
         model.resident.detach()
     residency.enable_block_offload(model.transformer, device, host.available_ram_bytes(), adapter=model.adapter)
-    model.offload_active = True
+    model.resident.offload_active = True
 
 
 def compile_available(device) -> str | None:
@@ -108,7 +117,7 @@ def build_portrait_model(transformer, adapter, dtype, offload: str = "none", fas
     set_attention_backend(transformer, attention)
     storage = "fp8" if any(isinstance(m, ScaledFP8Linear) for m in transformer.modules()) else "bf16"
     device = host.torch_device()
-    model = PortraitModel(transformer, adapter, state, dtype, offload, storage)
+    model = PortraitModel(transformer, adapter, state, dtype, offload=offload, storage=storage)
     notes = [f"{storage} weights", f"attention {attention}"]
     if fast_mode != "off":
         model.fp8_compute = set_fp8_compute(transformer, "scaled_mm", device)
@@ -151,10 +160,11 @@ class FantasyPortraitModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "transformer": (host.list_models("diffusion_models"), {
+            "transformer": (host.transformer_list(), {
                 "tooltip": "Wan2.1-I2V-14B (480P or 720P) transformer from models/diffusion_models: original Wan "
-                           "keys, the Comfy-Org repack, fp8 / fp8-scaled files, or a sharded release (pick any "
-                           "one shard, e.g. diffusion_pytorch_model-00001-of-00007: all shards are loaded)."}),
+                           "keys, the Comfy-Org repack, fp8 / fp8-scaled files, a sharded release (pick any "
+                           "one shard, e.g. diffusion_pytorch_model-00001-of-00007: all shards are loaded), or a "
+                           "GGUF quantisation (city96 Q4_K_M … Q8_0; keep storage = same)."}),
             "adapter": (host.list_models(host.MODEL_FOLDER), {
                 "tooltip": "fantasyportrait_model.ckpt or Wan2_1_FantasyPortrait_fp16.safetensors from "
                            "models/fantasyportrait."}),
@@ -191,7 +201,7 @@ class FantasyPortraitModelLoader:
     def load(self, transformer, adapter, weight_dtype="bf16", storage="auto", offload="auto", fast_mode="off",
              attention="sdpa"):
         dtype = DTYPES[weight_dtype]
-        path = host.model_path("diffusion_models", transformer)
+        path = host.transformer_path(transformer)
         if fast_mode != "off" and storage == "same" and not stored_as_fp8(path):
             raise ValueError("fast_mode multiplies in fp8 and needs fp8 weights: set storage to auto or fp8_e4m3fn")
         fp8 = storage == "fp8_e4m3fn" or (storage == "auto" and (fast_mode != "off" or stored_as_fp8(path)))

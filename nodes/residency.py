@@ -39,6 +39,7 @@ class ComfyResident:
         self.adapter, self.home = adapter, home
         self.load_device, self.offload_device, self.dtype = load_device, offload_device, dtype
         self.memory_required = 0  # bytes the next forward needs besides the weights (set per prompt)
+        self.offload_active = False  # block offload hooks installed (then ComfyUI never loads it whole)
 
     # --- what LoadedModel / free_memory / load_models_gpu call
     def model_size(self) -> int:

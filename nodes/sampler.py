@@ -14,9 +14,11 @@ from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
 from fantasyportrait_core.denoiser import I2VConditioning
 from fantasyportrait_core.adapter import floor_to_4k1
 from fantasyportrait_core.faces import Face
+from fantasyportrait_core.lora import apply_loras
 from fantasyportrait_core.memory import GIB, activation_bytes, measured_size, plan_memory, tokens_per_forward
 from fantasyportrait_core.models import denormalize_latent, normalize_latent
-from fantasyportrait_core.sampling import DEFAULT_SHIFT, DEFAULT_STEPS, guidance_passes
+from fantasyportrait_core.sampling import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
+                                           GuidanceSchedule, guidance_passes, parse_step_ranges, schedule_sigmas)
 
 from . import host, residency
 
@@ -49,6 +51,17 @@ def map_mask(mask: torch.Tensor, scale: float, off_x: float, off_y: float, dst_w
     w, h = int(round(dst_w / scale)), int(round(dst_h / scale))
     m = m[:, y0:y0 + h, x0:x0 + w].float()
     return torch.nn.functional.interpolate(m[:, None], size=(dst_h, dst_w), mode="nearest")[:, 0]
+
+
+def portrait_layout(portrait, width: int, height: int, num_frames: int) -> P.ReferenceLayout:
+    """Per-character regions and latent person map of FP_PORTRAIT at the generated size: faces and
+    user masks are taken from reference pixels through WanImageToVideo's centre crop
+    (:func:`center_crop_map`), then :func:`fantasyportrait_core.pipeline.reference_layout`. Used by this
+    sampler and by the patch on ComfyUI's own Wan MODEL (``nodes/native.py``)."""
+    scale, ox, oy = center_crop_map(portrait.ref_width, portrait.ref_height, width, height)
+    faces = [map_face(f, scale, ox, oy) for f in portrait.faces]
+    masks = [None if m is None else map_mask(m, scale, ox, oy, width, height) for m in portrait.user_masks]
+    return P.reference_layout(faces, portrait.drivers, width, height, num_frames, masks or None)
 
 
 def conditioning_parts(positive, negative, cfg: float):
@@ -121,6 +134,31 @@ class FantasyPortraitSampler:
                                        "(Wan2.1 is trained on 81)."}),
             "context_overlap": ("INT", {"default": 16, "min": 4, "max": 80, "step": 4, "tooltip":
                                         "Frames shared by neighbouring windows, blended linearly."}),
+        }, "optional": {
+            "sampler": (list(SAMPLERS), {"default": "euler", "tooltip": "; ".join(
+                f"{k}: {v}" for k, v in SAMPLER_HELP.items()) + ". UniPC or DPM++ 2M reach Euler's quality in fewer "
+                "steps."}),
+            "preset": (["none", *PRESETS], {"default": "none", "tooltip": "lightx2v: the schedule lightx2v's step-"
+                       "distill LoRA was made for (4 steps at timesteps 1000/750/500/250, shift 5, lcm sampler, "
+                       "cfg 1); it overrides steps, shift, sampler and cfg. Use with that LoRA."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
+                                  "Below 1 the latent input is kept partly: sampling starts from it at a lower noise "
+                                  "level (video-to-video). 1 = start from pure noise."}),
+            "cfg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                    "Text cfg applies from this fraction of the steps on (0 = first step)."}),
+            "cfg_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                  "...up to this fraction (1 = last step); outside, cfg is 1 and its pass is skipped."}),
+            "portrait_cfg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                             "Portrait cfg applies from this fraction of the steps on."}),
+            "portrait_cfg_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                           "...up to this fraction; outside, portrait guidance is off (one pass "
+                                           "less per step)."}),
+            "portrait_scale_steps": ("STRING", {"default": "", "tooltip":
+                                                "Portrait scale per range of steps, e.g. '0-0.5:1.2, 0.5-1:0.8' "
+                                                "(fractions of the steps: value). Steps in no range keep the "
+                                                "Conditioning node's portrait scale."}),
+            "sigmas": ("SIGMAS", {"tooltip": "Explicit schedule from any native sigma node (flow sigmas, 1 → 0); "
+                                  "overrides steps, shift and the preset's schedule."}),
         }}
 
     RETURN_TYPES = ("LATENT", "STRING")
@@ -134,7 +172,22 @@ class FantasyPortraitSampler:
                    "Decode with the native VAE Decode.")
 
     def sample(self, model, portrait, positive, negative, latent, seed, steps=DEFAULT_STEPS, cfg=1.0,
-               portrait_cfg=4.0, shift=DEFAULT_SHIFT, context_frames=81, context_overlap=16):
+               portrait_cfg=4.0, shift=DEFAULT_SHIFT, context_frames=81, context_overlap=16, sampler="euler",
+               preset="none", denoise=1.0, cfg_start=0.0, cfg_end=1.0, portrait_cfg_start=0.0, portrait_cfg_end=1.0,
+               portrait_scale_steps="", sigmas=None):
+        preset = None if preset in (None, "none") else preset
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"preset '{preset}' is unknown; choose one of none, {', '.join(PRESETS)}")
+            if cfg != PRESETS[preset].cfg:
+                log.info("[FantasyPortrait] preset %s: cfg %s -> %s", preset, cfg, PRESETS[preset].cfg)
+            sampler, cfg = PRESETS[preset].sampler, PRESETS[preset].cfg
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler '{sampler}' is unknown; choose one of {', '.join(SAMPLERS)}")
+        schedule = schedule_sigmas(steps, shift, denoise, sigmas, preset)
+        scale_ranges = parse_step_ranges(portrait_scale_steps, "portrait_scale_steps")
+        GuidanceSchedule(schedule, cfg, portrait_cfg, (cfg_start, cfg_end), (portrait_cfg_start, portrait_cfg_end),
+                         scale_ranges)  # checks the ranges before any heavy work
         samples = latent["samples"]
         if samples.ndim != 5 or samples.shape[1] != 16:
             raise ValueError(f"latent must be a Wan2.1 video latent [B, 16, T, H/8, W/8], got {tuple(samples.shape)}")
@@ -151,18 +204,22 @@ class FantasyPortraitSampler:
             raise ValueError(f"reference latent {tuple(y.shape[2:])} and latent {tuple(samples.shape[2:])} differ: "
                              "take both from the same WanImageToVideo")
 
-        scale, ox, oy = center_crop_map(portrait.ref_width, portrait.ref_height, width, height)
-        faces = [map_face(f, scale, ox, oy) for f in portrait.faces]
-        masks = [None if m is None else map_mask(m, scale, ox, oy, width, height) for m in portrait.user_masks]
-        layout = P.reference_layout(faces, portrait.drivers, width, height, num_frames, masks or None)
+        layout = portrait_layout(portrait, width, height, num_frames)
 
         device = host.torch_device()
         tr = model.transformer
-        passes = guidance_passes(cfg, portrait_cfg)
+        passes = guidance_passes(cfg, portrait_cfg)  # the most passes a step runs (guidance intervals skip some)
+        apply_loras(tr, model.loras)  # exactly this model's LoRAs (none: any earlier ones are removed)
         plan = self.plan(model, device, width, height, num_frames, context_frames, passes, len(portrait.drivers))
         log.info("[FantasyPortrait] %s", plan.describe())
         self.place(model, plan, device)
-        pbar = host.Progress(steps)
+        pbar = host.Progress(len(schedule) - 1)
+        init = None
+        if float(schedule[0]) < 1.0:
+            init = normalize_latent(samples[:1].float())
+            if not samples.any():
+                log.warning("[FantasyPortrait] denoise < 1 on an empty latent (WanImageToVideo's is all zeros): the "
+                            "result starts from a grey video; connect a latent with content (e.g. VAE Encode)")
 
         def callback(info):
             host.check_interrupt()
@@ -173,10 +230,13 @@ class FantasyPortraitSampler:
             with model.home.guard():  # an exception puts every weight back where it was (offload too)
                 cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
                 i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
-                out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, steps=steps, seed=seed,
-                                        cfg=cfg, portrait_cfg=portrait_cfg, shift=shift, callback=callback,
+                out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
+                                        cfg=cfg, portrait_cfg=portrait_cfg, callback=callback,
                                         context_frames=context_frames, context_overlap=context_overlap,
-                                        batch_passes=plan.batch_passes)
+                                        sampler=sampler, sigmas=schedule, init_latent=init,
+                                        cfg_range=(cfg_start, cfg_end),
+                                        portrait_cfg_range=(portrait_cfg_start, portrait_cfg_end),
+                                        portrait_scales=scale_ranges, batch_passes=plan.batch_passes)
         except torch.cuda.OutOfMemoryError as e:
             model.resident.detach()
             weights_gib = host.weight_bytes(tr) / 2**30
@@ -191,7 +251,8 @@ class FantasyPortraitSampler:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         # The model stays on the GPU for the next prompt; ComfyUI unloads it when it needs the memory.
-        info = f"{model.info}\n{plan.describe()}\nsampling {time.perf_counter() - start:.1f} s ({steps} steps)"
+        info = (f"{model.info}\n{plan.describe()}\nsampling {time.perf_counter() - start:.1f} s "
+                f"({len(schedule) - 1} steps)")
         result = copy.copy(latent)
         result["samples"] = denormalize_latent(out).to(samples.dtype)
         return (result, info)

@@ -15,7 +15,8 @@ from . import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 _WIDGETS = {"INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean}
 _NATIVE = {"IMAGE": io.Image, "MASK": io.Mask, "CONDITIONING": io.Conditioning, "LATENT": io.Latent,
-           "VAE": io.Vae, "CLIP_VISION_OUTPUT": io.ClipVisionOutput, "AUDIO": io.Audio, "VIDEO": io.Video}
+           "VAE": io.Vae, "CLIP_VISION_OUTPUT": io.ClipVisionOutput, "AUDIO": io.Audio, "VIDEO": io.Video,
+           "MODEL": io.Model, "GUIDER": io.Guider, "SIGMAS": io.Sigmas}
 _CUSTOM: dict[str, type] = {}
 
 

@@ -7,8 +7,9 @@ What it does, against the ComfyUI checkout at the given path (nothing is downloa
 1. writes tiny random checkpoints (a 2-block Wan2.1-I2V transformer in the original key layout, as
    one file for the single workflow and as 3 numbered shards in a subfolder for the multi workflow,
    which picks shard 2 as a user would from the dropdown; the repacked adapter with pd_fpg; a random
-   full-size Wan2.1 VAE built by ComfyUI itself) into a temporary models folder registered with
-   ``--extra-model-paths-config``;
+   full-size Wan2.1 VAE built by ComfyUI itself; for the native workflow the smallest Wan2.1-I2V
+   checkpoint ComfyUI's own model detection takes as WAN21_I2V, its adapter and a tiny LoRA) into a
+   temporary models folder registered with ``--extra-model-paths-config``;
 2. links this pack into ``custom_nodes/`` plus a small check-only pack providing two nodes that
    stand in for umT5-XXL text encoding and CLIP-ViT-H image encoding (11 GB and 2.5 GB models
    that a CPU test machine cannot run), emitting CONDITIONING / CLIP_VISION_OUTPUT of the shapes the
@@ -16,7 +17,8 @@ What it does, against the ComfyUI checkout at the given path (nothing is downloa
 3. starts ``main.py --cpu`` on loopback, checks ``/object_info`` lists every node of this pack;
 4. converts each example workflow (UI format) to an API prompt exactly by the node definitions,
    swaps the text/CLIP-vision nodes for the stand-ins, shrinks size/length/steps, queues it through
-   ``/prompt`` and waits for the SaveVideo output; decodes it and checks frame count and size;
+   ``/prompt`` and waits for the SaveVideo output; decodes it and checks frame count and size (the
+   native workflow twice: as shipped, with its LoraLoaderModelOnly bypassed, and with it enabled);
 5. removes the links and temporary files and prints a summary (non-zero exit on failure).
 """
 
@@ -125,10 +127,44 @@ def write_models(models_dir: str, comfy_dir: str, comfy_python: str) -> dict:
     names["transformer_sharded"] = "tiny_wan_sharded/tiny_wan_i2v-00002-of-00003.safetensors"
     W.write_adapter_repacked(adapter, os.path.join(models_dir, "fantasyportrait", names["adapter"]), encoder)
     W.write_pd_fpg(encoder, os.path.join(models_dir, "fantasyportrait", names["pd_fpg"]))
+    # a tiny LoRA in lightx2v's published layout (diffusion_model.*.lora_down/up + diff_b, norm diff, diff_m)
+    os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
+    names["lora"] = "tiny_lightx2v_step_distill.safetensors"
+    W.write_wan_lora(transformer, os.path.join(models_dir, "loras", names["lora"]), lightx2v=True)
     subprocess.run([comfy_python, "-c", MAKE_VAE, comfy_dir, os.path.join(models_dir, "vae", names["vae"])], check=True)
     names["text_dim"] = transformer.config.text_dim
     names["image_dim"] = transformer.config.image_dim
+    names.update(write_native_models(models_dir))
     del torch
+    return names
+
+
+def write_native_models(models_dir: str) -> dict:
+    """For the native workflow: the smallest Wan2.1-I2V checkpoint ComfyUI's model detection takes as
+    WAN21_I2V (original key layout, 2 blocks, head size 128, umT5 / CLIP-H widths), its adapter, and
+    a rank-4 LoRA on the blocks' cross-attention q / o in ComfyUI's key style."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tests import checkpoint_writers as W
+
+    transformer, adapter = W.tiny_native_models(seed=0)
+    os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
+    names = {"native_unet": "tiny_wan21_i2v_native.safetensors", "native_adapter": "tiny_fantasyportrait_native.safetensors",
+             "native_lora": "tiny_wan_lora.safetensors", "native_text_dim": transformer.config.text_dim,
+             "native_image_dim": transformer.config.image_dim}
+    W.write_wan_original(transformer, os.path.join(models_dir, "diffusion_models", names["native_unet"]))
+    W.write_adapter_repacked(adapter, os.path.join(models_dir, "fantasyportrait", names["native_adapter"]))
+    g = torch.Generator().manual_seed(0)
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    lora = {}
+    for i in range(transformer.config.num_layers):
+        for name in ("q", "o"):
+            key = f"diffusion_model.blocks.{i}.cross_attn.{name}"
+            lora[key + ".lora_down.weight"] = torch.randn(4, dim, generator=g) * 0.1
+            lora[key + ".lora_up.weight"] = torch.randn(dim, 4, generator=g) * 0.1
+            lora[key + ".alpha"] = torch.tensor(4.0)
+    save_file(lora, os.path.join(models_dir, "loras", names["native_lora"]))
     return names
 
 
@@ -142,6 +178,22 @@ def get(url: str, data: dict | None = None, timeout: float = 30):
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """UI-format workflow -> API prompt, mapping widgets_values onto widget inputs in definition order."""
     links = {l[0]: l for l in workflow["links"]}
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+
+    def source(link_id):
+        """(node id, slot) feeding a link; a bypassed node (mode 4) passes its input of the output's type
+        through, as the UI does."""
+        l = links[link_id]
+        node = by_id[l[1]]
+        while node.get("mode", 0) == 4:
+            typ = node["outputs"][l[2]]["type"]
+            through = next((i for i in node.get("inputs", []) if i["type"] == typ and i.get("link") is not None), None)
+            if through is None:
+                return None
+            l = links[through["link"]]
+            node = by_id[l[1]]
+        return [str(l[1]), l[2]]
+
     prompt = {}
     for node in workflow["nodes"]:
         if node.get("mode", 0) in (2, 4) or node["type"] == "Note":
@@ -150,8 +202,9 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         linked = {}
         for sock in node.get("inputs", []):
             if sock.get("link") is not None:
-                l = links[sock["link"]]
-                linked[sock["name"]] = [str(l[1]), l[2]]
+                src = source(sock["link"])
+                if src is not None:
+                    linked[sock["name"]] = src
         inputs = dict(linked)
         values = list(node.get("widgets_values", []))
         order = list(info["input"].get("required", {}).items()) + list(info["input"].get("optional", {}).items())
@@ -195,9 +248,25 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             inp["vae_name"] = names["vae"]
         elif ct == "WanImageToVideo":
             inp.update(width=size[0], height=size[1], length=length)
+        elif ct == "FantasyPortraitLoRA":
+            inp["lora_name"] = names["lora"]
         elif ct == "FantasyPortraitSampler":
             inp["steps"] = 2
+        elif ct == "UNETLoader":  # native workflow
+            inp["unet_name"] = names["native_unet"]
+        elif ct == "FantasyPortraitAdapterLoader":
+            inp["adapter"] = names["native_adapter"]
+        elif ct == "LoraLoaderModelOnly":
+            inp["lora_name"] = names["native_lora"]
+        elif ct == "BasicScheduler":
+            inp["steps"] = 2
         out[nid] = {"class_type": ct, "inputs": inp}
+    if any(n["class_type"] == "UNETLoader" for n in out.values()):  # ComfyUI's Wan: umT5 / CLIP-H widths
+        for n in out.values():
+            if n["class_type"] == "FPCheckTextEncode":
+                n["inputs"]["dim"] = names["native_text_dim"]
+            elif n["class_type"] == "FPCheckClipVisionEncode":
+                n["inputs"]["dim"] = names["native_image_dim"]
     return out
 
 
@@ -216,6 +285,8 @@ def main(argv=None) -> int:
                     help="ComfyUI's python (default: COMFYUI_DIR/venv/bin/python or this python)")
     ap.add_argument("--length", type=int, default=9)
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--workflows", default="", help="comma-separated workflow names to run (e.g. 'native'); "
+                                                     "default: all")
     args = ap.parse_args(argv)
     comfy = os.path.abspath(args.comfyui_dir)
     py = args.python or (os.path.join(comfy, "venv", "bin", "python")
@@ -234,7 +305,7 @@ def main(argv=None) -> int:
     extra = os.path.join(tmp, "extra_model_paths.yaml")
     with open(extra, "w") as f:
         f.write(f"fp_check:\n  base_path: {models}\n  diffusion_models: diffusion_models\n"
-                f"  vae: vae\n  fantasyportrait: fantasyportrait\n")
+                f"  vae: vae\n  fantasyportrait: fantasyportrait\n  loras: loras\n")
     link = os.path.join(comfy, "custom_nodes", PACK_NAME)
     check_pack = os.path.join(comfy, "custom_nodes", CHECK_PACK)
     created_link = not os.path.exists(link)
@@ -277,16 +348,27 @@ def main(argv=None) -> int:
         ok &= not missing
         summary.append(f"nodes listed: {len(expected & set(info))}/{len(expected)}" + (f" MISSING {missing}" if missing else ""))
 
-        runs = (("fantasyportrait_single.json", (64, 64), names["transformer"]),
-                ("fantasyportrait_multi.json", (96, 64), names["transformer_sharded"]))
-        listed = json.dumps(info["FantasyPortraitModelLoader"]["input"]["required"]["transformer"])
-        for wf_name, size, transformer in runs:
-            if transformer not in listed:
+        runs = (("fantasyportrait_single.json", (64, 64), names["transformer"], False),
+                ("fantasyportrait_multi.json", (96, 64), names["transformer_sharded"], False),
+                ("fantasyportrait_fast.json", (64, 64), names["transformer"], False),
+                # ComfyUI's own Wan MODEL (Load Diffusion Model), as shipped (LoRA bypassed) and with the LoRA on
+                ("fantasyportrait_native.json", (64, 64), names["native_unet"], False),
+                ("fantasyportrait_native.json", (64, 64), names["native_unet"], True))
+        wanted = [w.strip() for w in args.workflows.split(",") if w.strip()]
+        runs = [r for r in runs if not wanted or any(w in r[0] for w in wanted)]
+        for wf_name, size, transformer, lora_on in runs:
+            loader = ("UNETLoader", "unet_name") if "native" in wf_name else ("FantasyPortraitModelLoader", "transformer")
+            if transformer not in json.dumps(info[loader[0]]["input"]["required"][loader[1]]):
                 ok = False
-                summary.append(f"{wf_name}: {transformer} is not offered by the model loader")
+                summary.append(f"{wf_name}: {transformer} is not offered by {loader[0]}")
                 continue
             with open(os.path.join(ROOT, "workflows", wf_name)) as f:
                 wf = json.load(f)
+            if lora_on:
+                for n in wf["nodes"]:
+                    if n["type"] == "LoraLoaderModelOnly":
+                        n["mode"] = 0
+                wf_name += " + LoRA"
             unknown = sorted({n["type"] for n in wf["nodes"]} - set(info) - {"Note"})
             if unknown:
                 ok = False
@@ -329,6 +411,11 @@ def main(argv=None) -> int:
             summary.append(f"{wf_name}: {'OK' if good else 'WRONG'} -> {v['filename']}: {p['frames']} frames "
                            f"{p['width']}x{p['height']} @ {p['fps']:.2f} fps, audio={p['audio']} "
                            f"({time.time() - t1:.1f} s; transformer {transformer})")
+            if any(n["type"] == "FantasyPortraitLoRA" for n in wf["nodes"]):  # the LoRA must have been applied
+                with open(log_path) as f:
+                    active = [l.strip() for l in f if "LoRAs active" in l and names["lora"] in l]
+                ok &= bool(active)
+                summary.append(f"{wf_name}: " + (active[-1] if active else f"LoRA {names['lora']} was NOT applied"))
     except Exception as e:  # report, then clean up
         ok = False
         summary.append(f"ERROR: {e}")

@@ -45,8 +45,28 @@ SOCKETS = {
                                     [("portrait", "FP_PORTRAIT"), ("preview", "IMAGE")]),
     "FantasyPortraitSampler": ([("model", "FANTASYPORTRAIT_MODEL", False), ("portrait", "FP_PORTRAIT", False),
                                 ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
-                                ("latent", "LATENT", False)], [("latent", "LATENT"), ("info", "STRING")]),
+                                ("latent", "LATENT", False), ("sigmas", "SIGMAS", True)],
+                               [("latent", "LATENT"), ("info", "STRING")]),
+    "FantasyPortraitLoRA": ([("model", "FANTASYPORTRAIT_MODEL", False)], [("model", "FANTASYPORTRAIT_MODEL")]),
+    # native-MODEL graph (fantasyportrait_native.json)
+    "UNETLoader": ([], [("MODEL", "MODEL")]),
+    "LoraLoaderModelOnly": ([("model", "MODEL", False)], [("MODEL", "MODEL")]),
+    "ModelSamplingSD3": ([("model", "MODEL", False)], [("MODEL", "MODEL")]),
+    "KSamplerSelect": ([], [("SAMPLER", "SAMPLER")]),
+    "BasicScheduler": ([("model", "MODEL", False)], [("SIGMAS", "SIGMAS")]),
+    "RandomNoise": ([], [("NOISE", "NOISE")]),
+    "SamplerCustomAdvanced": ([("noise", "NOISE", False), ("guider", "GUIDER", False), ("sampler", "SAMPLER", False),
+                               ("sigmas", "SIGMAS", False), ("latent_image", "LATENT", False)],
+                              [("output", "LATENT"), ("denoised_output", "LATENT")]),
+    "FantasyPortraitAdapterLoader": ([], [("adapter", "FANTASYPORTRAIT_ADAPTER")]),
+    "FantasyPortraitPatchModel": ([("model", "MODEL", False), ("adapter", "FANTASYPORTRAIT_ADAPTER", False),
+                                   ("portrait", "FP_PORTRAIT", False)], [("model", "MODEL")]),
+    "FantasyPortraitGuider": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
+                               ("negative", "CONDITIONING", False)], [("guider", "GUIDER")]),
 }
+# Sampler widgets after the reference ones: sampler, preset, denoise, cfg start/end, portrait cfg start/end,
+# portrait scale per step range (defaults = the reference behaviour).
+SAMPLER_DEFAULTS = ["euler", "none", 1.0, 0.0, 1.0, 0.0, 1.0, ""]
 # Widgets turned into sockets (name, type) when something is linked to them.
 WIDGET_SOCKETS = {"CreateVideo": [("fps", "FLOAT")]}
 
@@ -130,7 +150,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     g.add("facepreview", "PreviewImage", (380, 860), title="Faces found (#0 = leftmost)", size=(320, 260))
     g.add("cond", "FantasyPortraitConditioning", (1140, 720), [1.0, "left_to_right", ""], size=(340, 220))
     g.add("condpreview", "PreviewImage", (1500, 720), title="Which face each character drives", size=(320, 260))
-    g.add("sampler", "FantasyPortraitSampler", (1140, 300), [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16],
+    g.add("sampler", "FantasyPortraitSampler", (1140, 300), [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16, *SAMPLER_DEFAULTS],
           size=(340, 300))
     g.add("decode", "VAEDecode", (1500, 300))
     g.add("create", "CreateVideo", (1500, 420), [25])
@@ -184,9 +204,97 @@ def multi() -> dict:
     return g.to_json()
 
 
+def native() -> dict:
+    """One character on ComfyUI's own Wan2.1 I2V MODEL: Load Diffusion Model (bf16 / fp8; a GGUF loader
+    fits the same socket), an optional LoraLoaderModelOnly (bypassed; e.g. the lightx2v step-distill
+    LoRA, then steps 4-8, cfg 1), FantasyPortrait Patch Model + Guider, SamplerCustomAdvanced."""
+    g = Graph()
+    g.add("unet", "UNETLoader", (0, 0), ["wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors", "default"], size=(360, 90))
+    lora = g.add("lora", "LoraLoaderModelOnly", (0, 120),
+                 ["lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors", 1.0],
+                 title="LoRA (optional: Ctrl+B to enable)", size=(360, 90))
+    lora["mode"] = 4  # bypassed: the MODEL passes through unchanged
+    g.add("shift", "ModelSamplingSD3", (0, 240), [5.0], title="Shift 5 (reference)", size=(360, 60))
+    g.add("adapter", "FantasyPortraitAdapterLoader", (0, 330), ["Wan2_1_FantasyPortrait_fp16.safetensors", "auto"],
+          size=(360, 90))
+    g.add("clip", "CLIPLoader", (0, 450), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"])
+    g.add("pos", "CLIPTextEncode", (380, 430), ["A man talks to the camera with lively facial expressions."],
+          title="Positive prompt", size=(360, 140))
+    g.add("neg", "CLIPTextEncode", (380, 600), [NEGATIVE], title="Negative prompt (used when cfg > 1)", size=(360, 140))
+    g.add("clipvision", "CLIPVisionLoader", (0, 600), ["clip_vision_h.safetensors"])
+    g.add("vae", "VAELoader", (0, 740), ["wan_2.1_vae.safetensors"])
+    g.add("image", "LoadImage", (0, 880), ["man.jpeg", "image"], title="Reference portrait", size=(320, 320))
+    g.add("clipenc", "CLIPVisionEncode", (380, 780), ["none"])
+    g.add("i2v", "WanImageToVideo", (780, 520), [720, 720, 57, 1], size=(320, 220))
+    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", (0, 1240), ["pd_fpg.pth"])
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", (0, 1360), ["mtcnn (offline)", 0.0])
+    g.add("facemasks", "FantasyPortraitFaceMasks", (380, 940))
+    g.add("facepreview", "PreviewImage", (380, 1080), title="Faces found (#0 = leftmost)", size=(320, 260))
+    g.add("cond", "FantasyPortraitConditioning", (780, 940), [1.0, "left_to_right", ""], size=(340, 220))
+    g.add("patch", "FantasyPortraitPatchModel", (780, 120), size=(320, 90))
+    g.add("guider", "FantasyPortraitGuider", (1140, 120), [1.0, 4.0], size=(320, 130))
+    g.add("noise", "RandomNoise", (1140, 280), [42, "fixed"], size=(320, 90))
+    g.add("sampler", "KSamplerSelect", (1140, 400), ["euler"], size=(320, 60))
+    g.add("sigmas", "BasicScheduler", (1140, 490), ["simple", 30, 1.0], size=(320, 110))
+    g.add("sample", "SamplerCustomAdvanced", (1500, 120), size=(320, 300))
+    g.add("decode", "VAEDecode", (1500, 460))
+    g.add("create", "CreateVideo", (1500, 560), [25])
+    g.add("save", "SaveVideo", (1840, 120), ["video/FantasyPortrait_native", "auto", "auto"], size=(360, 420))
+    driving(g, "A", "jgz.mp4", (380, 1400))
+    for a, o, b, i in [("unet", "MODEL", "lora", "model"), ("lora", "MODEL", "shift", "model"),
+                       ("shift", "MODEL", "patch", "model"), ("adapter", "adapter", "patch", "adapter"),
+                       ("cond", "portrait", "patch", "portrait"), ("patch", "model", "guider", "model"),
+                       ("patch", "model", "sigmas", "model"),
+                       ("clip", "CLIP", "pos", "clip"), ("clip", "CLIP", "neg", "clip"),
+                       ("clipvision", "CLIP_VISION", "clipenc", "clip_vision"), ("image", "IMAGE", "clipenc", "image"),
+                       ("pos", "CONDITIONING", "i2v", "positive"), ("neg", "CONDITIONING", "i2v", "negative"),
+                       ("vae", "VAE", "i2v", "vae"), ("clipenc", "CLIP_VISION_OUTPUT", "i2v", "clip_vision_output"),
+                       ("image", "IMAGE", "i2v", "start_image"),
+                       ("detector", "face_detector", "facemasks", "face_detector"), ("image", "IMAGE", "facemasks", "image"),
+                       ("facemasks", "preview", "facepreview", "images"), ("facemasks", "faces", "cond", "faces"),
+                       ("A_expr", "expression", "cond", "expression"),
+                       ("i2v", "positive", "guider", "positive"), ("i2v", "negative", "guider", "negative"),
+                       ("noise", "NOISE", "sample", "noise"), ("guider", "guider", "sample", "guider"),
+                       ("sampler", "SAMPLER", "sample", "sampler"), ("sigmas", "SIGMAS", "sample", "sigmas"),
+                       ("i2v", "latent", "sample", "latent_image"), ("sample", "output", "decode", "samples"),
+                       ("vae", "VAE", "decode", "vae"), ("decode", "IMAGE", "create", "images"),
+                       ("A_parts", "audio", "create", "audio"), ("A_parts", "fps", "create", "fps"),
+                       ("create", "VIDEO", "save", "video")]:
+        g.link(a, o, b, i)
+    return g.to_json()
+
+
+LIGHTX2V_LORA = "Wan21_I2V_14B_lightx2v_cfg_step_distill_lora_rank64_bf16.safetensors"
+
+
+def fast() -> dict:
+    """The single-character graph in few-step mode: lightx2v step-distill LoRA (FantasyPortrait LoRA
+    node between the model loader and the sampler), the sampler's lightx2v preset (4 steps, cfg 1),
+    portrait guidance on the first half of the steps only (2 + 2 + 1 + 1 transformer passes)."""
+    g = Graph()
+    common(g, "man.jpeg", 720, 720, 57, "A man talks to the camera with lively facial expressions.")
+    driving(g, "A", "jgz.mp4", (380, 1180))
+    g.link("A_expr", "expression", "cond", "expression")
+    g.link("A_parts", "audio", "create", "audio")
+    g.link("A_parts", "fps", "create", "fps")
+    model, sampler = g._node("model"), g._node("sampler")
+    lora = g.add("lora", "FantasyPortraitLoRA", (model["pos"][0], model["pos"][1] - 130), [LIGHTX2V_LORA, 1.0],
+                 title="LoRA: lightx2v step distill (chain more LoRA nodes for styles)", size=(360, 100))
+    # model -> sampler becomes model -> LoRA -> sampler (the link keeps its id, its source moves to the LoRA)
+    link = next(l for l in g.links if l[3] == sampler["id"] and sampler["inputs"][l[4]]["name"] == "model")
+    model["outputs"][link[2]]["links"].remove(link[0])
+    link[1], link[2] = lora["id"], 0
+    lora["outputs"][0]["links"].append(link[0])
+    g.link("model", "model", "lora", "model")
+    sampler["title"] = "FantasyPortrait Sampler (lightx2v preset: 4 steps, cfg 1)"
+    sampler["widgets_values"] = [42, "fixed", 4, 1.0, 4.0, 5.0, 81, 16, "lcm", "lightx2v", 1.0, 0.0, 1.0, 0.0, 0.5, ""]
+    return g.to_json()
+
+
 def main():
     os.makedirs(os.path.join(ROOT, "workflows"), exist_ok=True)
-    for name, wf in (("fantasyportrait_single.json", single()), ("fantasyportrait_multi.json", multi())):
+    for name, wf in (("fantasyportrait_single.json", single()), ("fantasyportrait_multi.json", multi()),
+                     ("fantasyportrait_native.json", native()), ("fantasyportrait_fast.json", fast())):
         with open(os.path.join(ROOT, "workflows", name), "w") as f:
             json.dump(wf, f, indent=1, ensure_ascii=False)
             f.write("\n")

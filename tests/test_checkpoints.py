@@ -198,10 +198,14 @@ def test_unknown_formats(tmp_path):
         load_adapter(p)
     with pytest.raises(CheckpointError, match="pd_fpg"):
         load_expression_encoder(p)
-    q = str(tmp_path / "model.gguf")
+    q = str(tmp_path / "model.gguf")  # GGUF is a format now (tests/test_gguf.py); a broken one is named
     open(q, "wb").write(b"GGUF")
-    with pytest.raises(CheckpointError, match="extension"):
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         load_transformer(q)
+    r = str(tmp_path / "model.onnx")
+    open(r, "wb").write(b"\0")
+    with pytest.raises(CheckpointError, match="extension"):
+        load_transformer(r)
     with pytest.raises(CheckpointError, match="not found"):
         load_transformer(str(tmp_path / "nope.safetensors"))
 

@@ -1,0 +1,244 @@
+"""The native-MODEL patch's pieces that need no ComfyUI: which batch rows get the portrait, the per-grid
+condition (same layout and windows as our sampler), frame selection for context windows, the
+per-forward swap of the cross-attention, the I2V image-latent windowing, and the nodes' errors
+outside ComfyUI. The patch inside a real ComfyUI: tests/test_native_comfyui.py."""
+
+import functools
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import nodes
+from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.attention import apply_portrait
+from fantasyportrait_core.faces import Face, FaceTrack
+from nodes import native
+from nodes.portrait import PortraitInputs
+from nodes.sampler import portrait_layout
+
+from . import checkpoint_writers as W
+
+
+def _portrait(n: int, frames: int = 13, ref=(192, 128)) -> PortraitInputs:
+    g = torch.Generator().manual_seed(n)
+    boxes = [np.array([10.0, 20, 60, 80]), np.array([120.0, 30, 170, 90])][:n]
+    drivers = [P.DrivingExpression(torch.randn(frames, 554, generator=g),
+                                   FaceTrack(np.tile(b, (frames, 1)), np.zeros((frames, 5, 2)), np.ones(frames, bool)))
+               for b in boxes]
+    return PortraitInputs([Face(b, np.zeros((5, 2)), 0.9) for b in boxes], drivers, ref[0], ref[1], 1.0, [None] * n)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny):
+    return tiny[1]
+
+
+def test_portrait_rows_follow_the_guider_passes():
+    assert native.portrait_rows(2, {}) is None  # KSampler & co: portrait in every pass
+    opts = {native.PASSES_KEY: [True, False, False], "cond_or_uncond": [0, 1, 2]}
+    assert native.portrait_rows(3, opts).tolist() == [0]
+    # ComfyUI split the passes (memory): this forward holds passes 2 and 1, batch 2 each
+    assert native.portrait_rows(4, {**opts, "cond_or_uncond": [2, 1]}) is False
+    assert native.portrait_rows(4, {**opts, "cond_or_uncond": [1, 0]}).tolist() == [2, 3]
+    # portrait_cfg <= 1: both passes carry the portrait
+    assert native.portrait_rows(2, {native.PASSES_KEY: [True, True], "cond_or_uncond": [0, 1]}) is None
+
+
+def test_condition_is_the_samplers_for_the_grid(adapter):
+    portrait = _portrait(2)
+    run = native.NativePortrait(portrait, adapter, adapter.ip_adapter)
+    f_lat, h, w = 3, 4, 6  # 9 frames, 96x64 pixels
+    cond = run.condition((f_lat, h, w), None, torch.device("cpu"))
+    layout = portrait_layout(portrait, 96, 64, 9)
+    ref = P.portrait_condition(adapter, portrait.drivers, 9, layout, 1.0)
+    assert torch.equal(cond.windows, ref.windows) and torch.equal(cond.latent_person, ref.latent_person)
+    assert torch.equal(cond.token_person, ref.token_person)
+    assert set(cond.latent_person.unique().tolist()) == {0, 1, 2}
+
+    # a context window (any frames, any order) gets exactly those frames of the whole clip
+    frames = [2, 1]
+    win = run.condition((2, h, w), frames, torch.device("cpu"))
+    full = P.portrait_condition(adapter, portrait.drivers, 13, portrait_layout(portrait, 96, 64, 13), 1.0)
+    assert torch.equal(win.windows, full.windows[:, frames]) and torch.equal(win.latent_person, full.latent_person[frames])
+    assert torch.equal(full.windows[:, :f_lat], ref.windows)  # a frame's window does not depend on the length
+    with pytest.raises(ValueError, match="at most 13"):
+        run.condition((5, h, w), None, torch.device("cpu"))  # 13 driving frames cover 4 latent frames
+    run.clear()
+
+
+def test_add_portrait_only_on_its_rows(adapter):
+    portrait = _portrait(1)
+    run = native.NativePortrait(portrait, adapter, adapter.ip_adapter)
+    cond = run.condition((2, 2, 2), None, torch.device("cpu"))
+    k, v = run.kv_projections(1)
+    g = torch.Generator().manual_seed(0)
+    q, out = torch.randn(3, 8, adapter.dim, generator=g), torch.randn(3, 8, adapter.dim, generator=g)
+    heads = 2
+    got = native.add_portrait(out, q, (cond, torch.tensor([1])), heads, k, v)
+    term = apply_portrait(q[1:2].view(1, 8, heads, -1), cond, k, v)
+    assert torch.equal(got[0], out[0]) and torch.equal(got[2], out[2])
+    torch.testing.assert_close(got[1], out[1] + term[0], rtol=0, atol=1e-6)
+    everywhere = native.add_portrait(out, q, (cond, None), heads, k, v)
+    torch.testing.assert_close(everywhere, out + apply_portrait(q.view(3, 8, heads, -1), cond, k, v))
+
+
+class _Executor:
+    def __init__(self, class_obj, fn):
+        self.class_obj, self.fn = class_obj, fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def test_cross_attention_is_swapped_only_during_the_forward(adapter):
+    run = native.NativePortrait(_portrait(1), adapter, adapter.ip_adapter)
+    blocks = torch.nn.ModuleList(torch.nn.Module() for _ in range(adapter.num_layers))
+    for b in blocks:
+        b.cross_attn = torch.nn.Linear(2, 2)
+    other = functools.partial(print)  # another pack's patch already on block 1
+    blocks[1].cross_attn.forward = other
+    model = SimpleNamespace(blocks=blocks)
+    seen = {}
+
+    def forward(x, t, context, clip_fea, time_dim_concat, transformer_options):
+        seen["funcs"] = [b.cross_attn.forward.func for b in blocks]
+        seen["state"] = transformer_options[native.STATE_KEY]
+        return "out"
+
+    x = torch.zeros(1, 36, 2, 4, 4)
+    assert run(_Executor(model, forward), x, None, None, None, None, {}) == "out"
+    assert seen["funcs"] == [native.portrait_cross_attention] * 2
+    assert seen["state"][0].windows.shape[1] == 2 and seen["state"][1] is None
+    assert "forward" not in blocks[0].cross_attn.__dict__ and blocks[1].cross_attn.forward is other
+
+    def boom(*args):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        run(_Executor(model, boom), x, None, None, None, None, {})
+    assert "forward" not in blocks[0].cross_attn.__dict__ and blocks[1].cross_attn.forward is other
+    # a forward without portrait rows (the guider's plain passes) runs the model untouched
+    plain = {native.PASSES_KEY: [True, False], "cond_or_uncond": [1]}
+    run(_Executor(model, lambda *a: seen.update(funcs=[blocks[0].cross_attn.forward])), x, None, None, None, None, plain)
+    assert seen["funcs"][0].__func__ is torch.nn.Linear.forward
+    with pytest.raises(ValueError, match="multiples of 16"):
+        run(_Executor(model, forward), torch.zeros(1, 36, 2, 5, 4), None, None, None, None, {})
+
+
+class _Window:
+    def __init__(self, index_list):
+        self.index_list = index_list
+
+    def get_tensor(self, full, device=None, dim=None):
+        return full[(slice(None),) * dim + (self.index_list,)]
+
+
+def test_i2v_image_latent_follows_the_context_window():
+    c_concat = torch.arange(5.0).view(1, 1, 5, 1, 1).expand(1, 20, 5, 2, 2)
+    x = torch.zeros(1, 16, 2, 2, 2)
+    got = {}
+
+    def apply_model(x, t, c_concat, *args, **kwargs):
+        got["c"] = c_concat
+
+    native.window_image_condition(apply_model, x, None, c_concat, transformer_options={"context_window": _Window([3, 4])})
+    assert got["c"][0, 0, :, 0, 0].tolist() == [3.0, 4.0]
+    native.window_image_condition(apply_model, torch.zeros(1, 16, 5, 2, 2), None, c_concat, transformer_options={})
+    assert got["c"] is c_concat
+
+
+def test_nodes_outside_comfyui(tmp_path, tiny):
+    path = W.write_adapter_repacked(tiny[1], str(tmp_path / "fp.safetensors"))
+    (loaded,) = native.FantasyPortraitAdapterLoader().load(path, "fp32")
+    assert isinstance(loaded, native.NativeAdapter) and loaded.adapter.num_layers == 2
+    with pytest.raises(RuntimeError, match="only inside ComfyUI"):
+        native.FantasyPortraitPatchModel().patch(object(), loaded, _portrait(1))
+    with pytest.raises(ValueError, match="weight_dtype"):
+        native.FantasyPortraitAdapterLoader().load(path, "int8")
+    for name in ("FantasyPortraitAdapterLoader", "FantasyPortraitPatchModel", "FantasyPortraitGuider"):
+        assert nodes.NODE_CLASS_MAPPINGS[name] is getattr(native, name)
+
+
+def test_native_workflow_uses_only_core_nodes_and_ours():
+    import json
+    import os
+
+    from .conftest import ROOT
+
+    with open(os.path.join(ROOT, "workflows", "fantasyportrait_native.json")) as f:
+        wf = json.load(f)
+    types = {n["type"] for n in wf["nodes"]}
+    core = {"UNETLoader", "LoraLoaderModelOnly", "ModelSamplingSD3", "CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader",
+            "CLIPVisionEncode", "LoadImage", "VAELoader", "WanImageToVideo", "KSamplerSelect", "BasicScheduler",
+            "RandomNoise", "SamplerCustomAdvanced", "VAEDecode", "LoadVideo", "GetVideoComponents", "CreateVideo",
+            "SaveVideo", "PreviewImage"}
+    ours = {t for t in types if t.startswith("FantasyPortrait")}
+    assert types - ours <= core, types - ours - core
+    assert {"FantasyPortraitAdapterLoader", "FantasyPortraitPatchModel", "FantasyPortraitGuider"} <= ours
+    assert "FantasyPortraitModelLoader" not in ours and "FantasyPortraitSampler" not in ours
+    lora = next(n for n in wf["nodes"] if n["type"] == "LoraLoaderModelOnly")
+    assert lora["mode"] == 4, "the LoRA ships bypassed"
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    for link_id, src, slot, dst, dst_slot, typ in wf["links"]:
+        assert by_id[src]["outputs"][slot]["type"] == by_id[dst]["inputs"][dst_slot]["type"] == typ
+    for name in ours:
+        node = next(n for n in wf["nodes"] if n["type"] == name)
+        spec = nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
+        spec = {**spec["required"], **spec.get("optional", {})}
+        widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+        assert len(node.get("widgets_values", [])) == len(widgets) + (1 if "seed" in widgets else 0), name
+        assert {i["name"] for i in node["inputs"]} == set(spec) - set(widgets), name
+
+
+def test_resampler_latents_follow_the_input(tiny):
+    """Under ComfyUI's partial loading the resamplers' learned latents (a bare parameter, which ComfyUI's
+    loader does not move on its own) can sit elsewhere than the layers; they are taken to the input's
+    device and dtype, so the tokens come out the same."""
+    import copy
+
+    adapter = copy.deepcopy(tiny[1])
+    feats = torch.randn(1, 5, 554, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = adapter.expression_tokens(feats)
+        for r in (adapter.mouth_proj_model, adapter.emo_proj_model):
+            r.latents.data = r.latents.data.double()  # stands in for "left on another device"
+        got = adapter.expression_tokens(feats)
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
+
+
+class _CrossAttention(torch.nn.Module):
+    k_img = None
+
+    def forward(self, x, context, context_img_len, transformer_options={}):
+        return x
+
+
+class _OldCrossAttention(_CrossAttention):
+    def forward(self, x, context, context_img_len):
+        return x
+
+
+def _wan(dim, layers, attention=_CrossAttention, model_type="i2v"):
+    class WanModel(torch.nn.Module):  # the class name ComfyUI's Wan has
+        pass
+
+    m = WanModel()
+    m.dim, m.model_type = dim, model_type
+    m.blocks = torch.nn.ModuleList(torch.nn.Module() for _ in range(layers))
+    for b in m.blocks:
+        b.cross_attn = attention()
+    return m
+
+
+def test_patch_refuses_what_it_cannot_patch(adapter):
+    native.check_wan_i2v(_wan(adapter.dim, adapter.num_layers), adapter)  # fits
+    with pytest.raises(ValueError, match="Wan2.1 image-to-video"):
+        native.check_wan_i2v(_wan(adapter.dim, adapter.num_layers, model_type="t2v"), adapter)
+    with pytest.raises(ValueError, match="Wan2.1 image-to-video"):
+        native.check_wan_i2v(torch.nn.Linear(2, 2), adapter)
+    with pytest.raises(ValueError, match="fits a 2-block, 24-wide Wan"):
+        native.check_wan_i2v(_wan(5120, 40), adapter)
+    with pytest.raises(ValueError, match="update ComfyUI"):
+        native.check_wan_i2v(_wan(adapter.dim, adapter.num_layers, _OldCrossAttention), adapter)
