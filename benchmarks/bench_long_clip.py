@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("FANTASYPORTRAIT_DATA", os.path.join(ROOT, "..", "shared", "data"))

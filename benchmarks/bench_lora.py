@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fantasyportrait_core.fp8 import LowRankDelta, ScaledFP8Linear, quantize_fp8  # noqa: E402
+from fantasyportrait_core.fp8 import ScaledFP8Linear, quantize_fp8  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

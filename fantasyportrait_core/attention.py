@@ -15,11 +15,12 @@ plain Wan one and the adapter's is the published one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
 # Wan's umT5 context is always padded to this many tokens; image tokens come first.
 TEXT_CONTEXT_TOKENS = 512
@@ -37,12 +38,16 @@ class PortraitCondition:
         latent_person: long ``[F_lat, S]`` person id of each latent token (0 = background, no
             portrait tokens), ``S`` = tokens per latent frame; ``None`` iff ``token_person`` is.
         scale: portrait scale multiplying the branch (reference ``ip_scale``); 0 skips it.
+
+    The device-ready form (:meth:`prepared`) is built once per device, dtype and batch layout and
+    cached on the condition, so masks and casts are not rebuilt in every block of every forward.
     """
 
     windows: torch.Tensor
     token_person: torch.Tensor | None = None
     latent_person: torch.Tensor | None = None
     scale: float = 1.0
+    _prepared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if (self.token_person is None) != (self.latent_person is None):
@@ -50,12 +55,79 @@ class PortraitCondition:
         if self.token_person is not None and self.token_person.shape[0] != self.windows.shape[2]:
             raise ValueError(f"token_person has {self.token_person.shape[0]} ids for {self.windows.shape[2]} window tokens")
 
+    def prepared(self, device, dtype: torch.dtype, proj_dtype: torch.dtype | None = None, rows: int = 1,
+                 scale: float | None = None) -> "PreparedPortrait":
+        """The condition on ``device`` for a forward whose leading ``rows`` batch rows get the branch.
+
+        Args:
+            device: the transformer's compute device.
+            dtype: compute dtype of the query (bf16/fp16/fp32): the background mask is kept in it.
+            proj_dtype: dtype of the adapter's K/V projection weights (default ``dtype``); the
+                windows are cast to it once here.
+            rows: leading batch rows that get the portrait branch (the others get none).
+            scale: overrides :attr:`scale` (e.g. 0 for a guidance pass without the portrait).
+        Returns:
+            :class:`PreparedPortrait`, cached per (device, dtypes, rows); the scale tensor is made
+            per call (cheap) so the cache holds no per-pass state.
+        Raises:
+            ValueError: if windows carry a batch other than 1 or ``rows``.
+        """
+        device = torch.device(device)
+        proj_dtype = proj_dtype or dtype
+        if self.windows.shape[0] not in (1, rows):
+            raise ValueError(f"portrait windows have batch {self.windows.shape[0]} for {rows} batch row(s)")
+        key = (device, dtype, proj_dtype, rows)
+        base = self._prepared.get(key)
+        if base is None:
+            windows = self.windows.to(device=device, dtype=proj_dtype)
+            mask = foreground = None
+            if self.token_person is not None:
+                latent_person = self.latent_person.to(device)
+                mask = portrait_attention_mask(latent_person, self.token_person.to(device))
+                mask = mask.repeat(rows, 1, 1, 1) if rows > 1 else mask.contiguous()
+                foreground = (latent_person.reshape(1, -1, 1) > 0).to(dtype)
+                # Window length (N·97) varies with the character count: keep it symbolic under
+                # torch.compile so a new count does not recompile (see PERFORMANCE.md).
+                torch._dynamo.maybe_mark_dynamic(mask, 3)
+            torch._dynamo.maybe_mark_dynamic(windows, 2)
+            base = PreparedPortrait(windows, mask, foreground, torch.ones((), device=device), rows)
+            if len(self._prepared) >= 4:  # a few layouts (e.g. batched and single passes), not a leak
+                self._prepared.clear()
+            self._prepared[key] = base
+        value = self.scale if scale is None else scale
+        return PreparedPortrait(base.windows, base.mask, base.foreground,
+                                torch.full((), float(value), device=device, dtype=torch.float32), rows)
+
+
+@dataclass(frozen=True)
+class PreparedPortrait:
+    """Device-ready :class:`PortraitCondition` (built by :meth:`PortraitCondition.prepared`).
+
+    Everything a block needs is already on the compute device in the right dtype; nothing here is
+    a Python number that changes between calls, so ``torch.compile`` builds one graph for any
+    scale (a 0-d tensor) and any character count (dynamic window length).
+
+    Attributes:
+        windows: ``[1 or rows, F_lat, Lk, proj_dim]`` in the projections' dtype.
+        mask: bool ``[rows·F_lat, 1, S, Lk]`` (:func:`portrait_attention_mask`), or ``None`` (one person).
+        foreground: ``[1, F_lat·S, 1]`` 1 for face tokens, 0 for background (compute dtype), or ``None``.
+        scale: float32 0-d tensor.
+        rows: leading batch rows of the forward that get the branch.
+    """
+
+    windows: torch.Tensor
+    mask: torch.Tensor | None
+    foreground: torch.Tensor | None
+    scale: torch.Tensor
+    rows: int
+
 
 class PortraitState:
-    """Mutable slot shared by all blocks' processors; the sampler sets ``condition`` per forward."""
+    """Mutable slot shared by all blocks' processors; the sampler sets ``condition`` per forward
+    (a :class:`PortraitCondition`, or its :class:`PreparedPortrait` form)."""
 
     def __init__(self):
-        self.condition: PortraitCondition | None = None
+        self.condition: PortraitCondition | PreparedPortrait | None = None
 
 
 def portrait_attention_mask(latent_person: torch.Tensor, token_person: torch.Tensor) -> torch.Tensor:
@@ -67,6 +139,37 @@ def portrait_attention_mask(latent_person: torch.Tensor, token_person: torch.Ten
     same = latent_person[:, :, None] == token_person[None, None, :]
     background = (latent_person == 0)[:, :, None]
     return (same | background)[:, None]
+
+
+def projection_dtype(proj: torch.nn.Module, fallback: torch.dtype) -> torch.dtype:
+    """dtype of a projection's weight (what its input must be cast to), or ``fallback`` for fp8 or
+    weightless modules."""
+    w = getattr(proj, "weight", None)
+    return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() and w.element_size() > 1 else fallback
+
+
+def _branch(query: torch.Tensor, cond: PreparedPortrait, k_proj: torch.nn.Module, v_proj: torch.nn.Module) -> torch.Tensor:
+    """Unscaled portrait branch for ``query [rows, F_lat·S, H, D]`` (see :func:`portrait_branch`)."""
+    b, seq, heads, head_dim = query.shape
+    windows = cond.windows
+    f_lat, lk = windows.shape[1], windows.shape[2]
+    if seq % f_lat:
+        raise ValueError(f"{seq} latent tokens cannot be split into {f_lat} latent frames")
+    s = seq // f_lat
+    # K/V of a batch-1 condition are projected once and shared by every row.
+    kb = windows.shape[0]
+    key = k_proj(windows).to(query.dtype).view(kb, f_lat, lk, heads, head_dim)
+    value = v_proj(windows).to(query.dtype).view(kb, f_lat, lk, heads, head_dim)
+    if kb != b:
+        key, value = key.expand(b, -1, -1, -1, -1), value.expand(b, -1, -1, -1, -1)
+    key = key.reshape(b * f_lat, lk, heads, head_dim).transpose(1, 2)
+    value = value.reshape(b * f_lat, lk, heads, head_dim).transpose(1, 2)
+    q = query.reshape(b * f_lat, s, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=cond.mask)
+    out = out.transpose(1, 2).reshape(b, seq, heads * head_dim)
+    if cond.foreground is not None:
+        out = out * cond.foreground
+    return out
 
 
 def portrait_branch(
@@ -93,48 +196,74 @@ def portrait_branch(
     Raises:
         ValueError: if the query length is not a multiple of the window count.
     """
-    b, seq, heads, head_dim = query.shape
-    f_lat, lk = windows.shape[1], windows.shape[2]
-    if seq % f_lat:
-        raise ValueError(f"{seq} latent tokens cannot be split into {f_lat} latent frames")
-    s = seq // f_lat
-    windows = windows.to(device=query.device, dtype=k_proj.weight.dtype).expand(b, -1, -1, -1)
-    key = k_proj(windows).to(query.dtype).view(b * f_lat, lk, heads, head_dim).transpose(1, 2)
-    value = v_proj(windows).to(query.dtype).view(b * f_lat, lk, heads, head_dim).transpose(1, 2)
-    q = query.reshape(b * f_lat, s, heads, head_dim).transpose(1, 2)
-
-    mask = None
-    if token_person is not None:
-        latent_person = latent_person.to(query.device)
-        mask = portrait_attention_mask(latent_person, token_person.to(query.device))
-        mask = mask.repeat(b, 1, 1, 1) if b > 1 else mask
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask)
-    out = out.transpose(1, 2).reshape(b, seq, heads * head_dim)
-    if latent_person is not None:
-        foreground = (latent_person.reshape(1, seq, 1) > 0).to(out.dtype)
-        out = out * foreground
-    return out
+    cond = PortraitCondition(windows, token_person, latent_person)
+    prep = cond.prepared(query.device, query.dtype, projection_dtype(k_proj, query.dtype), rows=query.shape[0])
+    return _branch(query, prep, k_proj, v_proj)
 
 
-def apply_portrait(query: torch.Tensor, cond: PortraitCondition | None, k_proj: torch.nn.Module,
+def apply_portrait(query: torch.Tensor, cond: PortraitCondition | PreparedPortrait | None, k_proj: torch.nn.Module,
                    v_proj: torch.nn.Module) -> torch.Tensor | None:
     """The portrait term one block adds to its cross-attention output before the output projection:
-    ``scale · portrait_branch(query, ...)``, or ``None`` when there is no condition or the scale is 0.
+    ``scale · portrait_branch(query, ...)``, or ``None`` when there is no condition.
 
     The one entry point for every host of the branch (the diffusers processor below and the patch on
     ComfyUI's own Wan model), so the math lives in one place.
 
     Args:
         query: ``[B, L, H, D]`` normalised cross-attention query of the block.
-        cond: the :class:`PortraitCondition` of this forward, or ``None``.
+        cond: the :class:`PortraitCondition` of this forward (every row gets the branch; prepared
+            on first use and cached; scale 0 returns ``None``), its :class:`PreparedPortrait` form
+            (the leading ``cond.rows`` rows get the branch; no Python-level branching, so it
+            compiles to one graph), or ``None``.
         k_proj, v_proj: that block's adapter projections.
     Returns:
-        ``[B, L, H·D]`` in ``query``'s dtype, or ``None``.
+        ``[rows, L, H·D]`` in ``query``'s dtype for the leading ``rows`` batch rows (all ``B`` rows
+        for a plain :class:`PortraitCondition`), or ``None``.
     """
-    if cond is None or cond.scale == 0.0:
+    if cond is None:
         return None
-    out = portrait_branch(query, cond.windows, k_proj, v_proj, cond.latent_person, cond.token_person)
-    return out * cond.scale
+    if isinstance(cond, PortraitCondition):
+        if cond.scale == 0.0:
+            return None
+        cond = cond.prepared(query.device, query.dtype, projection_dtype(k_proj, query.dtype), rows=query.shape[0])
+    if cond.rows != query.shape[0]:
+        query = query[:cond.rows]
+    return _branch(query, cond, k_proj, v_proj) * cond.scale
+
+
+# Attention backends offered to users -> diffusers ``AttentionBackendName`` values. "sdpa" lets
+# PyTorch pick its fastest fused kernel (cuDNN on Hopper, flash elsewhere); the others force one.
+ATTENTION_BACKENDS = {
+    "sdpa": "native",
+    "sdpa_cudnn": "_native_cudnn",
+    "sdpa_flash": "_native_flash",
+    "sageattention": "sage",
+}
+
+
+def set_attention_backend(transformer, name: str) -> None:
+    """Use attention backend ``name`` (a key of :data:`ATTENTION_BACKENDS`) for the text/image
+    attention of every block (self-attention and cross-attention; the portrait branch is a small
+    masked SDPA and stays on PyTorch's default choice).
+
+    Sets the backend on each processor only (no process-wide default, unlike diffusers'
+    ``ModelMixin.set_attention_backend``), so other diffusers models in the process are unaffected.
+
+    Raises:
+        ValueError: unknown name, a backend this diffusers lacks, or sageattention not installed.
+    """
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is unknown; choose one of {list(ATTENTION_BACKENDS)}")
+    value = ATTENTION_BACKENDS[name]
+    if value not in {b.value for b in AttentionBackendName}:
+        raise ValueError(f"attention backend {name!r} needs a newer diffusers (this one has no {value!r}); use 'sdpa'")
+    if name == "sageattention" and importlib.util.find_spec("sageattention") is None:
+        raise ValueError("attention backend 'sageattention' needs the sageattention package "
+                         "(pip install sageattention); use 'sdpa' otherwise")
+    backend = None if value == "native" else AttentionBackendName(value)
+    for block in transformer.blocks:
+        for attn in (block.attn1, block.attn2):
+            attn.processor._attention_backend = backend
 
 
 class PortraitAttnProcessor:
@@ -176,7 +305,8 @@ class PortraitAttnProcessor:
 
         portrait = apply_portrait(query, self.state.condition, self.k_proj, self.v_proj)
         if portrait is not None:
-            out = out + portrait
+            rows = portrait.shape[0]
+            out = out + portrait if rows == out.shape[0] else torch.cat([out[:rows] + portrait, out[rows:]])
 
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

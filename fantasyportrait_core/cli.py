@@ -30,8 +30,8 @@ import torch
 
 from . import pipeline as P
 from .adapter import floor_to_4k1
-from .attention import attach_portrait_processors
-from .context import ANCHORS, CONTEXT_MODES, free_memory_bytes, plan_context
+from .attention import ATTENTION_BACKENDS, attach_portrait_processors, set_attention_backend
+from .context import ANCHORS, CONTEXT_MODES
 from .denoiser import I2VConditioning
 from .detectors import BACKENDS, BackendUnavailable, make_detector
 from .models import DTYPES
@@ -83,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--window-anchor", choices=ANCHORS, default="reference",
                        help="reference: later windows also see the first frame with the reference condition")
         _sampling_options(p)
+        p.add_argument("--fast", action="store_true",
+                       help="fast mode: fp8 weights multiplied in fp8 (torch._scaled_mm) on GPUs of compute capability "
+                            "8.9+ (others: bf16 matmul); implies --fp8")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the transformer blocks (needs Triton on CUDA; the first step compiles)")
+        p.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa",
+                       help="attention kernels: sdpa (PyTorch picks cuDNN/flash), sdpa_cudnn, sdpa_flash, sageattention")
+        p.add_argument("--offload", choices=["auto", "none", "block"], default="auto",
+                       help="block: stream transformer blocks from RAM to the GPU; auto: from the memory plan")
 
     demo = sub.add_parser("demo", help="tiny random model on the shared inputs (one and two characters)")
     demo.add_argument("--data", default=os.path.join("..", "shared", "data"))
@@ -276,7 +285,7 @@ def real_models(args) -> Models:
 
     dtype = DTYPES[args.dtype]
     transformer = load_transformer(args.transformer or os.path.join(args.wan_dir, "transformer"), dtype=dtype,
-                                   device="cpu", storage_dtype=torch.float8_e4m3fn if args.fp8 else None)
+                                   device="cpu", storage_dtype=torch.float8_e4m3fn if args.fp8 or args.fast else None)
     adapter = load_adapter(args.adapter, dtype=dtype)
     encoder = load_expression_encoder(args.pd_fpg or args.adapter)
     vae = AutoencoderKLWan.from_pretrained(os.path.join(args.wan_dir, "vae"), torch_dtype=torch.float32).eval()
@@ -561,19 +570,19 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str 
 
     steps = len(schedule_sigmas(args.steps, args.shift, sampling["denoise"], sampling["sigmas"], sampling["preset"])) - 1
     t1 = time.time()
-    with tqdm_progress("sampling", steps, unit="step") as update, \
-            restored(models.transformer, models.state, (models.transformer, models.adapter), device):
-        c = models.transformer.config
-        window = plan_context(num_frames, width, height, c.num_attention_heads * c.attention_head_dim,
-                              free_memory_bytes(device), getattr(args, "long_video", "auto"),
-                              args.context_frames, models.transformer.patch_embedding.weight.element_size())
-        report["context"] = "one pass" if window is None else f"windows of {window} frames"
+    window, memory_plan = speed_and_memory(models, args, width, height, num_frames, len(drivers))
+    report["memory_plan"] = memory_plan.describe()
+    report["context"] = "one pass" if window is None else f"windows of {window} frames"
+    placed = contextlib.nullcontext() if memory_plan.offload == "block" else P.on_device(models.transformer, device)
+    # Whatever happens inside (Ctrl-C, out of memory, an error), the model leaves as it came.
+    with tqdm_progress("sampling", steps, unit="step") as update, placed, \
+            restored(models.transformer, models.state):
         latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
                                    steps=args.steps, seed=args.seed, cfg=args.cfg, portrait_cfg=args.portrait_cfg,
                                    shift=args.shift, callback=lambda info: update(1),
                                    context_frames=window, context_overlap=args.context_overlap,
                                    window_anchor=getattr(args, "window_anchor", "reference"),
-                                   init_latent=init, **sampling)
+                                   init_latent=init, **sampling, batch_passes=memory_plan.batch_passes)
     t2 = time.time()
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)
@@ -607,6 +616,39 @@ def _write_png(path: str, bgr: np.ndarray):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def speed_and_memory(models: Models, args, width: int, height: int, num_frames: int, people: int):
+    """Apply --fast / --compile / --attention once, then plan this job
+    (:func:`~fantasyportrait_core.memory.plan_sampling`): one pass or windows (--long-video), guidance
+    passes per forward, and block offload (diffusers group offload, next block on a side CUDA stream)
+    when the plan needs it. Returns ``(window, plan)``: window in pixel frames (``None``: one pass)."""
+    from .fp8 import ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
+    from .memory import measured_size, plan_sampling
+    from .residency import available_ram_bytes, enable_block_offload, free_vram_bytes
+    from .sampling import guidance_passes
+
+    tr, device = models.transformer, torch.device(args.device)
+    if not getattr(models, "_speed_set", False):
+        set_attention_backend(tr, getattr(args, "attention", "sdpa"))
+        if getattr(args, "fast", False):
+            if not any(isinstance(m, ScaledFP8Linear) for m in tr.modules()):
+                quantize_model_fp8(tr)
+            log.info("[FantasyPortrait] fast mode: %s", set_fp8_compute(tr, "scaled_mm", device))
+        if getattr(args, "compile", False):
+            tr.compile_repeated_blocks()
+        models._speed_set = True
+    storage = "fp8" if any(isinstance(m, ScaledFP8Linear) for m in tr.modules()) else "bf16"
+    offload = "block" if getattr(models, "_offloaded", False) else getattr(args, "offload", "auto")
+    window, plan = plan_sampling(measured_size(tr, models.adapter), width, height, num_frames,
+                                 free_vram_bytes(device), guidance_passes(args.cfg, args.portrait_cfg), people,
+                                 storage, offload, getattr(args, "long_video", "auto"), args.context_frames,
+                                 getattr(args, "window_anchor", "reference") == "reference")
+    log.info("[FantasyPortrait] %s", plan.describe())
+    if plan.offload == "block" and device.type == "cuda" and not getattr(models, "_offloaded", False):
+        enable_block_offload(tr, device, available_ram_bytes(), adapter=models.adapter)
+        models._offloaded = True
+    return window, plan
 
 
 def _print_report(report: dict):

@@ -17,9 +17,10 @@ latent frame 0 (which the first window pins to the reference), its expression to
 frame 0; the prediction for that extra frame is dropped. The idea of keeping the start frame in
 every context is FramePack's anti-drifting anchor (Zhang & Agrawala 2025).
 
-What each choice costs (14B, 720×416, 1170 tokens per latent frame; from the H100 bf16
-measurements in the project's reference notes, ≈ 23 bytes of activations per token and model
-channel, attention ≈ 40 × 0.2 s at 75,600 tokens growing with tokens²):
+What each choice costs (14B, 720×416, 1170 tokens per latent frame; activations from the memory
+model of :mod:`fantasyportrait_core.memory`, ≈ 22 bytes per token and model channel in bf16, fitted
+to the H100 peaks of the project's reference notes; attention ≈ 40 × 0.2 s at 75,600 tokens growing
+with tokens²):
 
 * one pass, 201 frames = 51 latent frames = 59,670 tokens: ≈ 6.5 GiB of activations on top of the
   weights (15.5 GiB fp8 / 30.5 GiB bf16), ≈ 8.8 s per forward on an H100;
@@ -38,50 +39,23 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import floor_to_4k1, latent_frames
+from .adapter import floor_to_4k1
 from .attention import PortraitCondition
 from .denoiser import I2VConditioning, PortraitDenoiser
-from .masks import TOKEN_STRIDE
 
 ANCHORS = ("reference", "none")
 CONTEXT_MODES = ("auto", "one_pass", "windows")
-# Peak activation memory of one bare Wan2.1-14B forward, per token and model channel (dim): peak
-# minus weights on an H100, bf16, SDPA: 2.4 / 3.6 / 8.2 GiB at 21,504 / 32,760 / 75,600 tokens,
-# dim 5120 -> 22.7-23.4 bytes. fp32 compute doubles it.
-ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 23.0
-MEMORY_MARGIN = 0.8  # use at most this share of the free memory for one pass
 
 
-def video_tokens(num_frames: int, width: int, height: int) -> int:
-    """Transformer tokens of a ``num_frames`` (4k+1) video at ``width × height`` pixels."""
-    return latent_frames(num_frames) * (height // TOKEN_STRIDE) * (width // TOKEN_STRIDE)
-
-
-def activation_bytes(num_tokens: int, dim: int, dtype_bytes: int = 2, batch: int = 1) -> int:
-    """Estimated peak activation memory (bytes) of one transformer forward over ``num_tokens``
-    tokens (:data:`ACTIVATION_BYTES_PER_TOKEN_CHANNEL`, scaled to the compute dtype and batch)."""
-    return int(num_tokens * dim * ACTIVATION_BYTES_PER_TOKEN_CHANNEL * dtype_bytes / 2 * batch)
-
-
-def free_memory_bytes(device, ram_bytes: int | None = None) -> int | None:
-    """Memory a transformer pass can still use on ``device``: free CUDA memory plus what PyTorch's
-    allocator holds unused; on the CPU ``ram_bytes`` (available RAM, when the caller knows it);
-    ``None`` if unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    return ram_bytes if device.type == "cpu" else None
-
-
-def plan_context(num_frames: int, width: int, height: int, dim: int, free_bytes: int | None,
-                 mode: str = "auto", context_frames: int = 81, dtype_bytes: int = 2) -> int | None:
+def plan_context(num_frames: int, mode: str = "auto", context_frames: int = 81, fits=None) -> int | None:
     """Window length (pixel frames) to denoise ``num_frames`` with, or ``None`` for one pass.
 
     ``mode``: ``"one_pass"`` always one pass (as the reference); ``"windows"`` windows of
-    ``context_frames`` whenever the video is longer; ``"auto"`` one pass when its activations
-    (:func:`activation_bytes`) fit in ``MEMORY_MARGIN`` of ``free_bytes`` (``None`` = unknown:
-    one pass), else windows.
+    ``context_frames`` whenever the video is longer; ``"auto"`` one pass when ``fits(num_frames)``
+    says a forward over the whole video fits in memory, else windows. ``fits(frames) -> bool`` is
+    the memory plan's verdict (:func:`fantasyportrait_core.memory.plan_memory` ``.fits`` for
+    ``tokens_per_forward(..., frames)``: weights, activations per token and attention workspace,
+    one model for every decision); ``None`` (memory unknown, e.g. no GPU): one pass.
 
     Raises:
         ValueError: for an unknown mode or a window shorter than 5 frames.
@@ -95,8 +69,7 @@ def plan_context(num_frames: int, width: int, height: int, dim: int, free_bytes:
         return None
     if mode == "windows":
         return window
-    need = activation_bytes(video_tokens(num_frames, width, height), dim, dtype_bytes)
-    return None if free_bytes is None or need <= MEMORY_MARGIN * free_bytes else window
+    return None if fits is None or fits(num_frames) else window
 
 
 def context_windows(num_latent: int, window: int, overlap: int) -> list[tuple[int, int]]:
@@ -161,13 +134,15 @@ class ContextWindowDenoiser:
         guidance: optional per-step :class:`~fantasyportrait_core.sampling.GuidanceSchedule`, shared by the windows.
         anchor: ``"reference"`` (default): windows after the first also see latent frame 0 with the
             reference condition; ``"none"``: plain slices (later windows get no reference).
+        batch_passes: guidance passes per forward (see ``PortraitDenoiser``).
         Other arguments as :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`.
     Raises:
         ValueError: for an unknown anchor.
     """
 
     def __init__(self, transformer, state, cond: I2VConditioning, portrait: PortraitCondition | None, cfg: float,
-                 portrait_cfg: float, window: int = 21, overlap: int = 4, anchor: str = "reference", guidance=None):
+                 portrait_cfg: float, window: int = 21, overlap: int = 4, anchor: str = "reference", guidance=None,
+                 batch_passes: int | None = None):
         if anchor not in ANCHORS:
             raise ValueError(f"window anchor {anchor!r}: choose one of {ANCHORS}")
         num_latent = cond.image_latent.shape[2]
@@ -176,7 +151,7 @@ class ContextWindowDenoiser:
         self.anchored = [anchor == "reference" and s > 0 for s, _ in self.windows]
         self.parts = [PortraitDenoiser(transformer, state, slice_conditioning(cond, s, e, a),
                                        slice_portrait(portrait, s, e, a), cfg=cfg, portrait_cfg=portrait_cfg,
-                                       guidance=guidance)
+                                       guidance=guidance, batch_passes=batch_passes)
                       for (s, e), a in zip(self.windows, self.anchored)]
         self.device = self.parts[0].device
 

@@ -10,7 +10,6 @@ filled from the nearest detected frames and listed in ``FaceTrack.missing``.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import numpy as np

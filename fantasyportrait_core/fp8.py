@@ -6,6 +6,14 @@ sits in e4m3's subnormal range, where only 1–3 mantissa bits remain). Scaled f
 layout: ``scale_weight``), and multiplies the scale back when the weight is upcast for the matmul.
 Weights from fp8-scaled files are kept exactly as stored.
 
+Fast mode (``compute="scaled_mm"``) multiplies in fp8 as well: the activation ``x`` gets one
+dynamic per-tensor scale ``s_x = max|x| / 448`` per call (one reduction over ``x``), is quantised to
+``x / s_x`` in e4m3, and ``torch._scaled_mm`` computes ``(x_q @ w_q^T) · s_x · s_w + bias`` with fp32
+accumulation (FP8 formats for deep learning, Micikevicius et al. 2022, §4: per-tensor scaling).
+That needs a GPU with fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); elsewhere
+the weight is upcast as above. ``compute="emulate"`` runs the same quantisation and the same scaled
+product in fp32 on any device, so the CPU tests measure fast mode's error.
+
 LoRAs on these layers add a low-rank delta at matmul time (:class:`LowRankDelta`) instead of being
 merged and re-quantised: the fp8 weight is never rewritten, so removing the LoRA is exact and the
 LoRA itself keeps its bf16 precision (``benchmarks/bench_lora.py`` compares both).
@@ -32,12 +40,63 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale.to(w.dtype)).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+FP8_COMPUTE = ("upcast", "scaled_mm", "emulate")
+
+
+def scaled_mm_supported(device) -> bool:
+    """Whether ``torch._scaled_mm`` runs on ``device``: a CUDA GPU of compute capability 8.9 or newer
+    (fp8 tensor cores) and a torch that has the op."""
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-tensor fp8 quantisation of an activation: ``(x_q e4m3, s_x fp32 [])`` with
+    ``x_q · s_x ≈ x`` and ``s_x = max|x| / 448`` (rounded to ``x``'s dtype, so quantising and
+    dequantising use the same value). Computed on ``x``'s device, in ``x``'s dtype."""
+    scale = (x.abs().amax().float() / FP8_MAX).clamp(min=1e-12).to(x.dtype)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.float()
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               compute: str = "upcast") -> torch.Tensor:
+    """``x @ (weight · scale)^T + bias`` for an fp8 e4m3 ``weight [out, in]`` with fp32 per-tensor
+    ``scale``; ``x [..., in]`` (bf16/fp16/fp32) -> ``[..., out]`` in ``x``'s dtype.
+
+    Args:
+        compute: ``"upcast"`` — weight upcast to ``x``'s dtype, ordinary matmul (exact for the stored
+            weight); ``"scaled_mm"`` — fp8 × fp8 ``torch._scaled_mm`` with a dynamic activation
+            scale (:func:`quantize_activation`), for fp8 GPUs (:func:`set_fp8_compute` checks the
+            device; recent torch also runs it on the CPU, slowly); feature sizes that are not
+            multiples of 16 (the op's constraint) fall back to ``"upcast"``; ``"emulate"`` — the same
+            quantisation and scaled product computed in fp32 (any device; for tests).
+    """
+    if compute == "scaled_mm" and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0:
+        xq, sx = quantize_activation(x)
+        out = torch._scaled_mm(xq.reshape(-1, xq.shape[-1]), weight.t(), scale_a=sx, scale_b=scale.float(),
+                               bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    if compute == "emulate":
+        xq, sx = quantize_activation(x)
+        out = (xq.float() @ weight.float().t()) * (sx * scale.float())
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
+    w = weight.to(x.dtype) * scale.to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 class ScaledFP8Linear(nn.Module):
     """``nn.Linear`` whose weight is fp8 e4m3 with a per-tensor fp32 ``scale``; computes in the
-    input's dtype (bf16/fp16/fp32) by upcasting the weight for each call.
+    input's dtype (bf16/fp16/fp32), by upcasting the weight (default) or, in fast mode, as an fp8
+    matmul (:func:`fp8_linear`; ``compute`` is set by :func:`set_fp8_compute`).
 
     Shapes: x ``[..., in_features]`` -> ``[..., out_features]``.
     """
+
+    compute = "upcast"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  bias_dtype: torch.dtype = torch.bfloat16):
@@ -51,8 +110,7 @@ class ScaledFP8Linear(nn.Module):
         self.lora_delta: LowRankDelta | None = None  # LoRAs (fantasyportrait_core.lora), added after the matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype) * self.scale.to(x.dtype)
-        out = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        out = fp8_linear(x, self.weight, self.scale, self.bias, self.compute)
         return out if self.lora_delta is None else out + self.lora_delta(x)
 
     def set_lora(self, factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]]) -> None:
@@ -101,3 +159,52 @@ def swap_in_fp8_linears(model: nn.Module, names: list[str], bias_dtype: torch.dt
         old = getattr(parent, child)
         setattr(parent, child, ScaledFP8Linear(old.in_features, old.out_features, old.bias is not None,
                                                device="meta", bias_dtype=bias_dtype))
+
+
+def set_fp8_compute(model: nn.Module, mode: str, device=None) -> str:
+    """Set how every :class:`ScaledFP8Linear` of ``model`` multiplies.
+
+    Args:
+        mode: ``"upcast"``, ``"scaled_mm"`` (fast mode) or ``"emulate"`` (:func:`fp8_linear`).
+        device: the device the model will run on; ``"scaled_mm"`` becomes ``"upcast"`` when
+            :func:`scaled_mm_supported` says that device cannot run it.
+    Returns:
+        The mode actually set (``"upcast"`` when fast mode is not available there).
+    Raises:
+        ValueError: unknown mode, or ``model`` has no fp8 linears (fast mode needs fp8 storage).
+    """
+    if mode not in FP8_COMPUTE:
+        raise ValueError(f"fp8 compute {mode!r} is unknown; choose one of {FP8_COMPUTE}")
+    layers = [m for m in model.modules() if isinstance(m, ScaledFP8Linear)]
+    if not layers and mode != "upcast":
+        raise ValueError("fast mode needs fp8 weights: load the transformer with storage fp8_e4m3fn")
+    if mode == "scaled_mm" and device is not None and not scaled_mm_supported(device):
+        mode = "upcast"
+    for m in layers:
+        m.compute = mode
+    return mode
+
+
+@torch.no_grad()
+def quantize_model_fp8(model: nn.Module) -> int:
+    """Turn the blocks' ``nn.Linear`` layers of a loaded model into :class:`ScaledFP8Linear` in place
+    (per-tensor scaled fp8, :func:`quantize_fp8`, on each weight's own device; biases keep their
+    dtype). Layers already in fp8 are left as they are.
+
+    Returns:
+        The number of layers converted.
+    """
+    names = fp8_linear_names(model)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        q, scale = quantize_fp8(old.weight.data)
+        new = ScaledFP8Linear(old.in_features, old.out_features, old.bias is not None, device="meta",
+                              bias_dtype=old.weight.dtype)
+        new.weight = nn.Parameter(q, requires_grad=False)
+        new.scale = scale.to(q.device)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+        setattr(parent, child, new)
+    return len(names)

@@ -36,15 +36,18 @@ log = logging.getLogger("FantasyPortrait")
 
 @contextlib.contextmanager
 def on_device(module: torch.nn.Module, device):
-    """Move ``module`` to ``device`` for a stage and back to where it was afterwards (frees VRAM
-    between stages on small cards)."""
-    p = next(module.parameters(), None)
-    home = p.device if p is not None else torch.device("cpu")
-    module.to(device)
+    """Put ``module`` on ``device`` for a stage and back where it was afterwards (frees VRAM between
+    stages on small cards). Going back re-points each weight at the tensor it had before
+    (:class:`~fantasyportrait_core.residency.WeightHome`): memory-mapped weights are not copied
+    into RAM, as ``module.to("cpu")`` would."""
+    from .residency import WeightHome
+
+    home = WeightHome(module)
+    home.to(device)
     try:
         yield module
     finally:
-        module.to(home)
+        home.go_home()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
 
@@ -514,7 +517,8 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
                     portrait_cfg: float = 4.0, shift: float = 5.0, callback=None, context_frames: int | None = None,
                     context_overlap: int = 16, window_anchor: str = "reference", sampler: str = "euler", sigmas=None,
                     preset: str | None = None, denoise: float = 1.0, init_latent: torch.Tensor | None = None,
-                    cfg_range=(0.0, 1.0), portrait_cfg_range=(0.0, 1.0), portrait_scales=()) -> torch.Tensor:
+                    cfg_range=(0.0, 1.0), portrait_cfg_range=(0.0, 1.0), portrait_scales=(),
+                    batch_passes: int | None = None) -> torch.Tensor:
     """Sample a normalised Wan latent ``[1, 16, F_lat, H/8, W/8]`` (float32, CPU).
 
     Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42,
@@ -529,7 +533,8 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     its sampler and cfg 1), else ``steps``/``shift``/``denoise``; ``init_latent`` (normalised, same
     shape) is what a schedule starting below sigma 1 adds noise to; ``cfg_range`` /
     ``portrait_cfg_range`` are the guidance intervals and ``portrait_scales`` the per-range portrait
-    scales of :class:`~.sampling.GuidanceSchedule`.
+    scales of :class:`~.sampling.GuidanceSchedule`. ``batch_passes``: guidance passes per transformer
+    forward (``None`` = all; see :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`).
 
     Raises:
         FloatingPointError: if the result holds NaN/Inf (never returned silently).
@@ -547,12 +552,12 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     if f_lat > window:
         overlap = min(max(1, context_overlap // 4), window - 1)
         denoiser = ContextWindowDenoiser(transformer, state, cond, portrait, cfg, portrait_cfg, window, overlap,
-                                         anchor=window_anchor, guidance=guidance)
+                                         anchor=window_anchor, guidance=guidance, batch_passes=batch_passes)
         log.info("[FantasyPortrait] %d frames: %d context windows of %d latent frames (anchor: %s)", num_frames,
                  len(denoiser.windows), window, window_anchor)
     else:
         denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg,
-                                    guidance=guidance)
+                                    guidance=guidance, batch_passes=batch_passes)
     noise = initial_noise((1, 16, f_lat, height // 8, width // 8), seed)
     x = start_latent(noise, float(schedule[0]), init_latent).to(denoiser.device)
     out = sample(denoiser, x, schedule, sampler, seed=seed + 1, callback=callback).float().cpu()

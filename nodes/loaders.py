@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
-from fantasyportrait_core.attention import PortraitState, attach_portrait_processors
+from fantasyportrait_core.attention import ATTENTION_BACKENDS, PortraitState, attach_portrait_processors, set_attention_backend
 from fantasyportrait_core.checkpoints import load_adapter, load_expression_encoder, load_transformer
 from fantasyportrait_core.detectors import make_detector, missing_packages
+from fantasyportrait_core.fp8 import FP8, ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
+from fantasyportrait_core.memory import choose_storage, measured_size
 from fantasyportrait_core.models import DTYPES
+from fantasyportrait_core import residency
+from fantasyportrait_core.residency import WeightHome, pin_weights_upfront  # noqa: F401 (re-exported)
 
 from . import host
+from .residency import ComfyResident, vram_available
+
+log = logging.getLogger("FantasyPortrait")
 
 CATEGORY = "FantasyPortrait/loaders"
 
@@ -20,10 +29,20 @@ CATEGORY = "FantasyPortrait/loaders"
 class PortraitModel:
     """FANTASYPORTRAIT_MODEL: the Wan2.1-I2V transformer with the portrait adapter attached.
 
-    ``offload == "block"`` means diffusers group offload streams blocks to the GPU, so the sampler
-    must not move the whole transformer. ``loras``: ``(LoraWeights, strength)`` pairs added by
-    FantasyPortrait LoRA nodes; the sampler makes exactly these active (the transformer is shared
-    with the loader's output, so the LoRA node itself changes no weights).
+    Attributes:
+        offload: ``"none"`` (resident on the GPU while sampling), ``"block"`` (diffusers group
+            offload streams blocks to the GPU; the sampler must not move the whole transformer) or
+            ``"auto"`` (the sampler's memory plan decides per prompt; once block offload is switched
+            on it stays on for this model).
+        storage: ``"bf16"`` (weights in the compute dtype) or ``"fp8"`` (scaled fp8 block linears).
+        fp8_compute: how the fp8 linears multiply (``"upcast"`` or ``"scaled_mm"``: fast mode).
+        compiled: the blocks were compiled with ``torch.compile``.
+        home: where the weights live between prompts (no RAM copies when moving them).
+        resident: the model as ComfyUI's memory management sees it (kept on the GPU between prompts).
+        info: what the loader chose and why (shown by the sampler's info output).
+        loras: ``(LoraWeights, strength)`` pairs added by FantasyPortrait LoRA nodes; the sampler
+            makes exactly these active (the transformer is shared with the loader's output, so the
+            LoRA node itself changes no weights).
     """
 
     transformer: torch.nn.Module
@@ -32,30 +51,107 @@ class PortraitModel:
     dtype: torch.dtype
     offload: str = "none"
     loras: tuple = ()
+    storage: str = "bf16"
+    fp8_compute: str = "upcast"
+    compiled: bool = False
+    home: WeightHome | None = field(default=None, repr=False)
+    resident: ComfyResident | None = field(default=None, repr=False)
+    info: str = ""
+
+    def __post_init__(self):
+        if self.home is None:
+            self.home = WeightHome(self.transformer, self.adapter)
+        if self.resident is None:
+            self.resident = ComfyResident(self.transformer, self.adapter, self.home, host.torch_device(),
+                                          host.offload_device(), self.dtype)
+
+    @property
+    def offload_active(self) -> bool:
+        """Block offload hooks are on the transformer (state shared by every copy of this model,
+        e.g. the ones LoRA nodes make with ``dataclasses.replace``)."""
+        return self.resident.offload_active
 
 
-def pin_weights_upfront(weights_bytes: int, available_bytes: int | None) -> bool:
-    """Whether block offload may keep a pinned (page-locked) host copy of all weights.
+def enable_block_offload(model: PortraitModel) -> None:
+    """Stream the transformer's blocks to the GPU one at a time (diffusers group offload, next block
+    copied on a side CUDA stream while the current one computes), each with its adapter K/V.
+    No-op off CUDA."""
+    device = host.torch_device()
+    if device.type != "cuda" or model.offload_active:
+        return
+    if model.resident is not None:
+        model.resident.detach()
+    residency.enable_block_offload(model.transformer, device, host.available_ram_bytes(), adapter=model.adapter)
+    model.resident.offload_active = True
 
-    Pinned copies make the block-by-block uploads overlap with compute, but they are a second copy
-    of the weights (15.5 GiB for the 14B in fp8, 30.5 GiB in bf16) that cannot be swapped out; the
-    cards that need offload often sit in machines with 32 GB of RAM. So pin up front only when the
-    weights take under half of the RAM available now, else pin each block on the fly (diffusers
-    ``low_cpu_mem_usage``).
+
+def compile_available(device) -> str | None:
+    """Why ``torch.compile`` cannot run on ``device`` (a one-line reason), or ``None`` when it can:
+    on CUDA inductor needs Triton (``triton``, or ``triton-windows`` on Windows)."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on CUDA needs Triton (pip install triton; on Windows: pip install triton-windows)"
+    return None
+
+
+FAST_MODES = ("off", "fp8 matmul", "fp8 matmul + compile")
+
+
+def build_portrait_model(transformer, adapter, dtype, offload: str = "none", fast_mode: str = "off",
+                         attention: str = "sdpa") -> PortraitModel:
+    """Attach the adapter and set up speed and memory options.
+
+    Args:
+        offload: ``"none"``, ``"block"`` or ``"auto"`` (see :class:`PortraitModel`).
+        fast_mode: one of :data:`FAST_MODES`: fp8 matmuls (``torch._scaled_mm``) on GPUs with fp8
+            tensor cores (compute capability 8.9+; others keep fp8 storage with bf16 matmuls), and
+            optionally ``torch.compile`` of the transformer blocks (diffusers regional compilation).
+        attention: a key of :data:`~fantasyportrait_core.attention.ATTENTION_BACKENDS`.
+    Raises:
+        ValueError: unknown options, or fast mode on weights that are not fp8.
     """
-    return available_bytes is not None and 2 * weights_bytes < available_bytes
-
-
-def build_portrait_model(transformer, adapter, dtype, offload: str = "none") -> PortraitModel:
+    if offload not in ("none", "block", "auto"):
+        raise ValueError(f"offload {offload!r} is unknown; choose none, block or auto")
+    if fast_mode not in FAST_MODES:
+        raise ValueError(f"fast_mode {fast_mode!r} is unknown; choose one of {FAST_MODES}")
     state = attach_portrait_processors(transformer, adapter)
+    set_attention_backend(transformer, attention)
+    storage = "fp8" if any(isinstance(m, ScaledFP8Linear) for m in transformer.modules()) else "bf16"
+    device = host.torch_device()
+    model = PortraitModel(transformer, adapter, state, dtype, offload=offload, storage=storage)
+    notes = [f"{storage} weights", f"attention {attention}"]
+    if fast_mode != "off":
+        model.fp8_compute = set_fp8_compute(transformer, "scaled_mm", device)
+        notes.append("fp8 matmul" if model.fp8_compute == "scaled_mm" else
+                     f"fp8 matmul unavailable on {device} (needs a CUDA GPU of compute capability 8.9+): bf16 matmul")
+    if fast_mode.endswith("compile"):
+        why_not = compile_available(device)
+        if why_not:
+            log.warning("[FantasyPortrait] %s; running without it", why_not)
+            notes.append("not compiled (no Triton)")
+        else:
+            transformer.compile_repeated_blocks()
+            model.compiled = True
+            notes.append("blocks compiled (the first prompt compiles: slower)")
     if offload == "block":
-        device = host.torch_device()
-        if device.type == "cuda":
-            upfront = pin_weights_upfront(host.weight_bytes(transformer), host.available_ram_bytes())
-            transformer.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type="block_level",
-                                             num_blocks_per_group=1, use_stream=True, low_cpu_mem_usage=not upfront)
-            adapter.to(device)
-    return PortraitModel(transformer, adapter, state, dtype, offload)
+        enable_block_offload(model)
+    model.info = "model: " + ", ".join(notes)
+    log.info("[FantasyPortrait] %s", model.info)
+    return model
+
+
+def stored_as_fp8(path: str) -> bool:
+    """Whether a transformer file keeps its block weights in fp8 (fp8 or fp8-scaled releases)."""
+    from fantasyportrait_core.checkpoints import TensorSource, detect_transformer_format
+
+    try:
+        source = TensorSource(path)
+        _, prefix, scaled = detect_transformer_format(source.keys())
+    except Exception:
+        return False
+    if scaled:
+        return True
+    probe = next((k for k in source.keys() if k.endswith(("ffn.0.weight", "ffn.net.0.proj.weight"))), None)
+    return probe is not None and source.get(probe).dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class FantasyPortraitModelLoader:
@@ -73,14 +169,27 @@ class FantasyPortraitModelLoader:
                 "tooltip": "fantasyportrait_model.ckpt or Wan2_1_FantasyPortrait_fp16.safetensors from "
                            "models/fantasyportrait."}),
             "weight_dtype": (list(DTYPES), {"default": "bf16", "tooltip": "Compute dtype of the weights."}),
-            "storage": (["same", "fp8_e4m3fn"], {
-                "default": "same",
+            "storage": (["same", "fp8_e4m3fn", "auto"], {
+                "default": "auto",
                 "tooltip": "fp8_e4m3fn stores the transformer blocks' linear weights as scaled fp8 (about 16 GB "
-                           "for 14B; fp8-scaled files keep their own scales) and computes in weight_dtype."}),
-            "offload": (["none", "block"], {
-                "default": "none",
+                           "for 14B; fp8-scaled files keep their own scales) and computes in weight_dtype. auto: "
+                           "bf16 when it fits the free VRAM with 720p x 81 frames, else fp8 (fp8 files stay fp8)."}),
+            "offload": (["none", "block", "auto"], {
+                "default": "auto",
                 "tooltip": "block: keep weights in CPU RAM and stream one block at a time to the GPU "
-                           "(for 24 GB cards; slower)."}),
+                           "(for 24 GB cards; slower). auto: the sampler decides per prompt from the free VRAM, "
+                           "the size and length (its info output shows the plan)."}),
+        }, "optional": {
+            "fast_mode": (list(FAST_MODES), {
+                "default": "off",
+                "tooltip": "fp8 matmul: the blocks multiply in fp8 (torch._scaled_mm) on GPUs with fp8 tensor cores "
+                           "(RTX 40xx/50xx, Ada, Hopper: compute capability 8.9+); needs fp8 storage (auto or "
+                           "fp8_e4m3fn); ~2-3 % relative error per layer. + compile: also torch.compile the blocks "
+                           "(needs Triton; the first prompt compiles for a minute or more)."}),
+            "attention": (list(ATTENTION_BACKENDS), {
+                "default": "sdpa",
+                "tooltip": "sdpa: PyTorch picks its fastest kernel (cuDNN on H100/H200, flash elsewhere). "
+                           "sdpa_cudnn / sdpa_flash force one. sageattention needs the sageattention package."}),
         }}
 
     RETURN_TYPES = ("FANTASYPORTRAIT_MODEL",)
@@ -90,13 +199,24 @@ class FantasyPortraitModelLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads the Wan2.1 image-to-video transformer and attaches the FantasyPortrait adapter."
 
-    def load(self, transformer, adapter, weight_dtype="bf16", storage="same", offload="none"):
+    def load(self, transformer, adapter, weight_dtype="bf16", storage="auto", offload="auto", fast_mode="off",
+             attention="sdpa"):
         dtype = DTYPES[weight_dtype]
-        storage_dtype = torch.float8_e4m3fn if storage == "fp8_e4m3fn" else None
-        model = load_transformer(host.transformer_path(transformer), dtype=dtype,
-                                 device=host.offload_device(), storage_dtype=storage_dtype)
+        path = host.transformer_path(transformer)
+        if fast_mode != "off" and storage == "same" and not stored_as_fp8(path):
+            raise ValueError("fast_mode multiplies in fp8 and needs fp8 weights: set storage to auto or fp8_e4m3fn")
+        fp8 = storage == "fp8_e4m3fn" or (storage == "auto" and (fast_mode != "off" or stored_as_fp8(path)))
+        model = load_transformer(path, dtype=dtype, device=host.offload_device(), storage_dtype=FP8 if fp8 else None)
         portrait = load_adapter(host.model_path(host.MODEL_FOLDER, adapter), dtype=dtype, device=host.offload_device())
-        return (build_portrait_model(model, portrait, dtype, offload),)
+        why = ""
+        if storage == "auto" and not fp8:
+            plan = choose_storage(measured_size(model, portrait), vram_available(host.torch_device()))
+            why = f" (auto: {plan.describe()})"
+            if plan.storage == "fp8":
+                quantize_model_fp8(model)
+        built = build_portrait_model(model, portrait, dtype, offload, fast_mode, attention)
+        built.info += why
+        return (built,)
 
 
 class FantasyPortraitExpressionEncoderLoader:

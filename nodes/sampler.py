@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 import numpy as np
 import torch
 
 from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
-from fantasyportrait_core.context import ANCHORS, CONTEXT_MODES, free_memory_bytes, plan_context
+from fantasyportrait_core.context import ANCHORS, CONTEXT_MODES
 from fantasyportrait_core.denoiser import I2VConditioning
 from fantasyportrait_core.faces import Face
 from fantasyportrait_core.lora import apply_loras
+from fantasyportrait_core.memory import GIB, activation_bytes, measured_size, plan_sampling
 from fantasyportrait_core.models import denormalize_latent, normalize_latent
 from fantasyportrait_core.restore import restored
 from fantasyportrait_core.sampling import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
-                                           GuidanceSchedule, parse_step_ranges, schedule_sigmas)
+                                           GuidanceSchedule, guidance_passes, parse_step_ranges, schedule_sigmas)
 from fantasyportrait_core.validate import InputError
 
-from . import host
+from . import host, residency
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -175,9 +177,11 @@ class FantasyPortraitSampler:
                               "work per window). none: later windows see no reference."}),
         }}
 
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The sampled video latent: decode it with the native VAE Decode.",)
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("latent", "info")
+    OUTPUT_TOOLTIPS = ("The sampled Wan2.1 video latent (decode with VAE Decode).",
+                       "What ran: the model options and the memory plan (storage, offload, guidance passes per "
+                       "forward, predicted peak vs free VRAM), and the sampling time.")
     FUNCTION = "sample"
     CATEGORY = "FantasyPortrait"
     DESCRIPTION = ("Samples a Wan2.1 image-to-video latent animated by the portrait's expressions, with text and "
@@ -246,9 +250,12 @@ class FantasyPortraitSampler:
 
         device = host.torch_device()
         tr = model.transformer
-        move = model.offload != "block"
-        if move:
-            host.free_vram_for(tr, device)
+        passes = guidance_passes(cfg, portrait_cfg)  # the most passes a step runs (guidance intervals skip some)
+        apply_loras(tr, model.loras)  # exactly this model's LoRAs (none: any earlier ones are removed)
+        window, plan = self.plan(model, device, width, height, num_frames, passes, len(portrait.drivers),
+                                 long_video, context_frames, window_anchor == "reference")
+        log.info("[FantasyPortrait] %s", plan.describe())
+        self.place(model, plan, device)
         pbar = host.Progress(len(schedule) - 1)
         init = None
         if float(schedule[0]) < 1.0:
@@ -261,35 +268,70 @@ class FantasyPortraitSampler:
             host.check_interrupt()
             pbar.update(info.i + 1, info.denoised)
 
+        start = time.perf_counter()
         try:
-            apply_loras(tr, model.loras)  # exactly this model's LoRAs (none: any earlier ones are removed)
-            # Whatever happens inside (Cancel, out of memory, an error), the model leaves as it came:
-            # no condition attached, processors and hooks as loaded, weights back on their device.
-            with restored(tr, model.state, (tr, model.adapter), device, move=move):
+            # Whatever happens inside (Cancel, out of memory, an error), the model leaves as it came: no
+            # condition attached, processors and hooks as loaded, every weight where it was (offload too).
+            with restored(tr, model.state), model.home.guard():
                 cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
                 i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
-                window = plan_context(num_frames, width, height,
-                                      tr.config.num_attention_heads * tr.config.attention_head_dim,
-                                      free_memory_bytes(device, host.available_ram_bytes()), long_video,
-                                      context_frames, torch.empty((), dtype=model.dtype).element_size())
                 out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
                                         cfg=cfg, portrait_cfg=portrait_cfg, callback=callback,
                                         context_frames=window, context_overlap=context_overlap,
                                         window_anchor=window_anchor, sampler=sampler, sigmas=schedule,
                                         init_latent=init, cfg_range=(cfg_start, cfg_end),
                                         portrait_cfg_range=(portrait_cfg_start, portrait_cfg_end),
-                                        portrait_scales=scale_ranges)
+                                        portrait_scales=scale_ranges, batch_passes=plan.batch_passes)
         except torch.cuda.OutOfMemoryError as e:
-            raise RuntimeError(oom_message(tr, width, height, num_frames, context_frames, model.offload)) from e
+            model.resident.detach()
+            raise RuntimeError(oom_message(tr, width, height, num_frames, context_frames, model.offload,
+                                           plan.describe())) from e
+        # The model stays on the GPU for the next prompt; ComfyUI unloads it when it needs the memory.
+        context = "one pass" if window is None else f"windows of {window} frames (anchor: {window_anchor})"
+        info = (f"{model.info}\n{plan.describe()}\n{num_frames} frames: {context}\n"
+                f"sampling {time.perf_counter() - start:.1f} s ({len(schedule) - 1} steps)")
         result = copy.copy(latent)
         result["samples"] = denormalize_latent(out).to(samples.dtype)
-        return (result,)
+        return (result, info)
+
+    @staticmethod
+    def plan(model, device, width, height, num_frames, passes, people, long_video="auto", context_frames=81,
+             anchored=True):
+        """One pass or windows, and the memory plan for it
+        (:func:`fantasyportrait_core.memory.plan_sampling`): the model's storage is fixed; offload
+        follows the loader's setting (``auto``: decided here). Returns ``(window, plan)``."""
+        offload = "block" if model.offload_active else model.offload
+        return plan_sampling(measured_size(model.transformer, model.adapter), width, height, num_frames,
+                             residency.vram_available(device, model.resident), passes, people, model.storage,
+                             offload, long_video, context_frames, anchored)
+
+    @staticmethod
+    def place(model, plan, device):
+        """Make room and put the weights where the plan says: resident (loaded through ComfyUI's
+        model management, which unloads its own models first; no move when already resident) or
+        block offload (switched on once; ComfyUI frees what the streamed blocks + activations need)."""
+        if device.type != "cuda":
+            return
+        act = activation_bytes(measured_size(model.transformer, model.adapter), plan.tokens, plan.batch_passes,
+                               min(plan.batch_passes, 1), plan.people)
+        if plan.offload == "block":
+            if not model.offload_active:
+                from .loaders import enable_block_offload
+
+                log.info("[FantasyPortrait] switching to block offload for this model (%.1f GiB predicted)",
+                         plan.peak_bytes / GIB)
+                enable_block_offload(model)
+            residency.free_for_offload(device, plan.peak_bytes)
+        else:
+            residency.load_resident(model.resident, device, act)
 
 
-def oom_message(transformer, width: int, height: int, num_frames: int, context_frames: int, offload: str) -> str:
+def oom_message(transformer, width: int, height: int, num_frames: int, context_frames: int, offload: str,
+                plan: str = "") -> str:
     """What to change when sampling ran out of GPU memory, with the numbers that were tried."""
     weights_gib = host.weight_bytes(transformer) / 2**30
+    tried = f"; {plan}" if plan else ""
     return (f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
-            f"{num_frames} frames, context_frames {context_frames}, offload {offload}). In FantasyPortrait Model "
-            f"Loader set storage = fp8_e4m3fn (halves the weights) and/or offload = block (weights stay in CPU RAM), "
-            f"or lower the size, length or context_frames.")
+            f"{num_frames} frames, context_frames {context_frames}, offload {offload}{tried}). In FantasyPortrait "
+            f"Model Loader set storage = fp8_e4m3fn (halves the weights) and/or offload = block (weights stay in CPU "
+            f"RAM), or lower the size, length or context_frames (long_video = windows).")

@@ -60,7 +60,8 @@ SOCKETS = {
                                     [("portrait", "FP_PORTRAIT"), ("preview", "IMAGE"), ("fps", "FLOAT")]),
     "FantasyPortraitSampler": ([("model", "FANTASYPORTRAIT_MODEL", False), ("portrait", "FP_PORTRAIT", False),
                                 ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
-                                ("latent", "LATENT", False), ("sigmas", "SIGMAS", True)], [("latent", "LATENT")]),
+                                ("latent", "LATENT", False), ("sigmas", "SIGMAS", True)],
+                               [("latent", "LATENT"), ("info", "STRING")]),
     "FantasyPortraitLoRA": ([("model", "FANTASYPORTRAIT_MODEL", False)], [("model", "FANTASYPORTRAIT_MODEL")]),
     # native-MODEL graph (fantasyportrait_native.json)
     "UNETLoader": ([], [("MODEL", "MODEL")]),
@@ -261,12 +262,12 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     """
     g.add("model", "FantasyPortraitModelLoader", 0, 0, ["wan2.1_i2v_720p_14B_bf16.safetensors",
                                                        "Wan2_1_FantasyPortrait_fp16.safetensors",
-                                                       "bf16", "fp8_e4m3fn", "none"], size=(360, 0))
+                                                       "bf16", "auto", "auto", "off", "sdpa"], size=(360, 0))
     g.add("clip", "CLIPLoader", 0, 0, ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], size=(360, 0))
     g.add("clipvision", "CLIPVisionLoader", 0, 0, ["clip_vision_h.safetensors"], size=(360, 0))
     g.add("vae", "VAELoader", 0, 0, ["wan_2.1_vae.safetensors"], size=(360, 0))
     g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0, ["pd_fpg.pth"], size=(360, 0))
-    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["mtcnn (offline)", 0.0], size=(360, 0))
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["auto", 0.0], size=(360, 0))
     g.add("pos", "CLIPTextEncode", 1, 0, [prompt], title="Positive prompt (the reference leaves it empty)",
           size=(340, 140))
     g.add("neg", "CLIPTextEncode", 1, 0, [NEGATIVE], title="Negative prompt (used when cfg > 1)", size=(340, 140))
@@ -393,7 +394,7 @@ def native() -> Graph:
     g.add("adapter", "FantasyPortraitAdapterLoader", 0, 0, ["Wan2_1_FantasyPortrait_fp16.safetensors", "auto"],
           size=(360, 0))
     g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0, ["pd_fpg.pth"], size=(360, 0))
-    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["mtcnn (offline)", 0.0], size=(360, 0))
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["auto", 0.0], size=(360, 0))
     lora = g.add("lora", "LoraLoaderModelOnly", 1, 0,
                  ["lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors", 1.0],
                  title="LoRA (optional: Ctrl+B to enable)", size=(340, 0))

@@ -111,8 +111,8 @@ def test_windows_after_the_first_are_anchored_on_the_reference(tiny):
     ref_latent = cond.image_latent[:, 4:, 0]
     assert ref_latent.abs().sum() > 0
     P.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1, context_frames=81,
-                      context_overlap=16, window_anchor="reference")
-    # one step, cfg 1 + portrait cfg 4: 2 passes per window; windows start at latent 0, 10, 20
+                      context_overlap=16, window_anchor="reference", batch_passes=1)
+    # one step, cfg 1 + portrait cfg 4: 2 passes per window (one per forward here); windows start at latent 0, 10, 20
     assert [c[0].shape[2] for c in calls] == [21, 21, 22, 22, 22, 22]
     x0 = calls[0][0][:, :16, 0]  # latent frame 0 as the first window sees it
     for hidden, condition in calls[2:]:
@@ -127,7 +127,7 @@ def test_windows_after_the_first_are_anchored_on_the_reference(tiny):
 
     calls.clear()
     P.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1, context_frames=81,
-                      context_overlap=16, window_anchor="none")
+                      context_overlap=16, window_anchor="none", batch_passes=1)
     assert [c[0].shape[2] for c in calls] == [21] * 6
     assert all((hidden[:, 16:20] == 0).all() for hidden, _ in calls[2:]), "the old input: no reference"
 
@@ -135,23 +135,37 @@ def test_windows_after_the_first_are_anchored_on_the_reference(tiny):
 def test_one_pass_is_the_default(tiny):
     model, state, portrait, cond, calls = _long_setup(tiny)
     latent = P.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1)
-    assert latent.shape[2] == 41 and [c[0].shape[2] for c in calls] == [41, 41]
+    assert latent.shape[2] == 41 and [tuple(c[0].shape[:3:2]) for c in calls] == [(2, 41)]  # both passes, one forward
 
 
 def test_plan_one_pass_when_it_fits():
-    """201 frames at 720x416 on the 14B (dim 5120): 51 latent frames x 45 x 26 tokens, ~6.5 GiB of
-    activations; one pass when that fits in the free memory, else windows of context_frames."""
-    from fantasyportrait_core.context import activation_bytes, plan_context, video_tokens
+    """201 frames at 720x416 on the 14B in fp8 (15.5 GiB of weights + 1.6 GiB of adapter K/V):
+    51 latent frames x 45 x 26 = 59,670 tokens, ~6.5 GiB of activations per guidance pass (the H100
+    bare-forward peaks: ~115 KB per token above the weights). One pass when the memory plan fits the
+    whole video, else windows of context_frames (anchored windows: one latent frame more)."""
+    from fantasyportrait_core.context import plan_context
+    from fantasyportrait_core.memory import model_size, plan_sampling
+    from fantasyportrait_core.models import WAN21_I2V_14B
+    from fantasyportrait_core.sampling import guidance_passes
 
-    tokens = video_tokens(201, 720, 416)
-    assert tokens == 51 * 45 * 26 == 59670
-    assert 6.3 < activation_bytes(tokens, 5120) / 2**30 < 6.8
-    gib = 2**30
-    assert plan_context(201, 720, 416, 5120, 24 * gib - int(15.5 * gib)) is None  # 24 GB card, fp8 weights
-    assert plan_context(201, 720, 416, 5120, 4 * gib) == 81
-    assert plan_context(201, 720, 416, 5120, None) is None  # unknown memory: as the reference
-    assert plan_context(201, 720, 416, 5120, 4 * gib, mode="one_pass") is None
-    assert plan_context(201, 720, 416, 5120, 80 * gib, mode="windows", context_frames=61) == 61
-    assert plan_context(81, 720, 416, 5120, 1, mode="windows") is None  # not longer than a window
+    size, gib = model_size(WAN21_I2V_14B), 2**30
+    passes = guidance_passes(1.0, 4.0)  # the reference guidance: 2 passes per step
+
+    def plan(free_gib, **kw):
+        free = None if free_gib is None else int(free_gib * gib)
+        return plan_sampling(size, 720, 416, 201, free, passes, storage="fp8", offload="none", **kw)
+
+    window, p = plan(40)  # 17.1 GiB weights + 2 x ~7 GiB: both passes in one forward over the whole video
+    assert window is None and p.fits and p.tokens == 51 * 45 * 26 == 59670 and p.batch_passes == 2
+    window, p = plan(23)  # one pass needs ~25 GiB: windows of 81 frames (21 + 1 anchor latent frames)
+    assert window == 81 and p.fits and p.tokens == 22 * 45 * 26
+    assert plan(23, anchored=False)[1].tokens == 21 * 45 * 26
+    assert plan(None)[0] is None  # no GPU / unknown memory: one pass, as the reference
+    assert plan(4, long_video="one_pass")[0] is None
+    assert plan(80, long_video="windows", context_frames=61)[0] == 61
+    assert plan_context(81, "windows", 81, lambda f: False) is None  # not longer than a window
+    assert plan_context(201, "auto", 81, lambda f: f <= 100) == 81 and plan_context(201, "auto", 81, lambda f: True) is None
     with pytest.raises(ValueError, match="context mode"):
-        plan_context(201, 720, 416, 5120, None, mode="sometimes")
+        plan_context(201, "sometimes")
+    with pytest.raises(ValueError, match="at least 5 frames"):
+        plan_context(201, "windows", 3)

@@ -131,7 +131,8 @@ def test_labels_name_the_video_and_track_driving_each_face(monkeypatch):
     enc = nodes.NODE_CLASS_MAPPINGS["FantasyPortraitEncodeExpression"]()
     expr, _, info = enc.encode(torch.nn.Linear(1, 1), TwoFaces(), images, people=2, prompt=prompt, unique_id="3")
     assert [d.label for d in expr] == ["drive3.mp4 #0", "drive3.mp4 #1"]
-    assert info.splitlines()[1].startswith("drive3.mp4 #1: 5 frames at 25 fps")
+    assert info.splitlines()[0].startswith("detector: ")  # which backend ran
+    assert info.splitlines()[2].startswith("drive3.mp4 #1: 5 frames at 25 fps")
 
     labels = []
     monkeypatch.setattr(nodes.portrait, "draw_faces", lambda img, faces, **kw: labels.extend(kw["labels"]) or img)

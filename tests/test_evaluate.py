@@ -236,7 +236,7 @@ def test_two_characters_are_matched_by_the_generation_assignment(det):
     crossed = E.evaluate(det, [frames], frames.copy(), people=2, face_order=[1, 0])
     assert [c["generated_face_box"] for c in crossed.report["characters"]] == boxes[::-1]
     assert all(c["overall"] < 0.9 for c in crossed.report["characters"])
-    with pytest.raises(ValueError, match="face order"):
+    with pytest.raises(ValueError, match="face_order"):
         E.evaluate(det, [frames], frames, people=2, face_order=[0, 1, 2])
 
 

@@ -1,7 +1,6 @@
 """GGUF transformers (city96's Wan2.1 layout) load through diffusers' GGUF support and match their
 dequantised weights; LoRAs work on them."""
 
-import copy
 
 import pytest
 import torch

@@ -156,7 +156,7 @@ def _our_latent(model, setup, portrait: str, cfg: float, portrait_cfg: float, co
              "clip_vision_output": SimpleNamespace(penultimate_hidden_states=c["clip"])}
     p = portraits[portrait]
     inputs = PortraitInputs(p["faces"], p["drivers"], p["ref_width"], p["ref_height"], 1.0, [None] * len(p["drivers"]))
-    (out,) = FantasyPortraitSampler().sample(
+    out, _ = FantasyPortraitSampler().sample(
         model, inputs, [[c["text_positive"], dict(extra)]], [[c["text_negative"], dict(extra)]],
         {"samples": torch.zeros(1, 16, F_LAT, LAT, LAT)}, SEED, steps=STEPS, cfg=cfg, portrait_cfg=portrait_cfg,
         shift=SHIFT, context_frames=context_frames, context_overlap=4)

@@ -92,7 +92,7 @@ def test_encode_expression_encodes_only_the_frames_asked(detector, tiny):
         node("FantasyPortraitEncodeExpression")(tiny[3], counting, frames, 1, 0.0, start_frame=12)
     with pytest.raises(InputError, match="empty batch"):
         node("FantasyPortraitEncodeExpression")(tiny[3], counting, frames[:0], 1, 0.0)
-    with pytest.raises(InputError, match="driving images shows 1 face\\(s\\) but 2 character"):
+    with pytest.raises(InputError, match="driver shows 1 face\\(s\\) but 2 character"):
         node("FantasyPortraitEncodeExpression")(tiny[3], counting, frames[9:11], 2, 0.0)
 
 
@@ -114,8 +114,9 @@ def two_faces():
 
 def _condition(two_faces, masks, n=2, face_order=""):
     ref, drivers = two_faces
-    return node("FantasyPortraitConditioning")(ref, drivers[:1], 1.0, "left_to_right", face_order, masks,
-                                               **({"expression_2": drivers[1:]} if n == 2 else {}))
+    portrait, preview, _fps = node("FantasyPortraitConditioning")(
+        ref, drivers[:1], 1.0, "left_to_right", face_order, masks, **({"expression_2": drivers[1:]} if n == 2 else {}))
+    return portrait, preview
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 128), (2, 1, 64, 128), (2, 32, 64)])
@@ -289,7 +290,7 @@ def test_queue_validator_checks_dropdowns_and_node_rules(monkeypatch):
                                                              "fantasyportrait": ["fp.safetensors"]}.get(folder, []))
     loader = host.queue_validator(M["FantasyPortraitModelLoader"])
     assert inspect.getfullargspec(classmethod(loader).__get__(None, object)).args == \
-        ["cls", "transformer", "adapter", "weight_dtype", "storage", "offload"]
+        ["cls", "transformer", "adapter", "weight_dtype", "storage", "offload", "fast_mode", "attention"]
     assert loader(None, transformer="wan_i2v.safetensors", adapter="fp.safetensors", weight_dtype="bf16") is True
     msg = loader(None, transformer="wan_i2v.safetensors", adapter="missing.safetensors")
     assert msg.startswith("adapter: 'missing.safetensors' is not one of the 1 choices (fp.safetensors)")
@@ -304,4 +305,4 @@ def test_encode_expression_says_how_many_people_it_used(detector, tiny):
     frames = torch.from_numpy(read_video(data_path("two_person.mp4"), max_frames=2).frames).float() / 255
     expr, _, info = node("FantasyPortraitEncodeExpression")(tiny[3], detector, frames, 1, 0.0)
     assert len(expr) == 1 and expr[0].people_seen == 2
-    assert info.splitlines()[0] == "the video shows 2 people; 1 used (raise people to use more)"
+    assert info.splitlines()[:2] == ["detector: mtcnn", "the video shows 2 people; 1 used (raise people to use more)"]

@@ -111,16 +111,17 @@ def test_two_character_graph(loaded):
     latent = {"samples": torch.zeros(1, 16, f_lat, h, w)}
     kw = dict(model=model, portrait=portrait, positive=pos, negative=neg, latent=latent, seed=7, steps=2,
               cfg=2.0, portrait_cfg=3.0, shift=5.0, context_frames=81, context_overlap=16)
-    (out,) = run("FantasyPortraitSampler", **kw)
+    out, info = run("FantasyPortraitSampler", **kw)
     assert out["samples"].shape == latent["samples"].shape and torch.isfinite(out["samples"]).all()
-    (again,) = run("FantasyPortraitSampler", **kw)
+    assert "memory plan: fp8 weights, offload none, 3 of 3 guidance pass(es) per forward" in info, info
+    again, _ = run("FantasyPortraitSampler", **kw)
     assert torch.equal(out["samples"], again["samples"]), "same seed, same result"
     assert model.state.condition is None
 
     # swapping which face each expression drives changes the result
     swapped, _, _ = run("FantasyPortraitConditioning", faces=faces, expression=expr_a, expression_2=expr_b,
                      portrait_scale=1.0, assignment="left_to_right", face_order="1,0")
-    (other,) = run("FantasyPortraitSampler", **{**kw, "portrait": swapped})
+    other, _ = run("FantasyPortraitSampler", **{**kw, "portrait": swapped})
     assert not torch.equal(out["samples"], other["samples"])
 
 
@@ -198,7 +199,7 @@ def test_interrupt_mid_sampling_then_next_run_succeeds(loaded, monkeypatch):
     pos, neg = _conditioning(model, 2, 8, 8)
     kw = dict(model=model, portrait=portrait, positive=pos, negative=neg, latent={"samples": torch.zeros(1, 16, 2, 8, 8)},
               seed=3, steps=4, cfg=1.0, portrait_cfg=4.0, shift=5.0, context_frames=81, context_overlap=16)
-    (reference,) = run("FantasyPortraitSampler", **kw)
+    reference, _ = run("FantasyPortraitSampler", **kw)
 
     class Interrupted(Exception):
         pass
@@ -216,7 +217,7 @@ def test_interrupt_mid_sampling_then_next_run_succeeds(loaded, monkeypatch):
     assert model.state.condition is None
     assert next(model.transformer.parameters()).device.type == "cpu"
     monkeypatch.setattr(host, "check_interrupt", lambda: None)
-    (after,) = run("FantasyPortraitSampler", **kw)
+    after, _ = run("FantasyPortraitSampler", **kw)
     assert torch.equal(after["samples"], reference["samples"]), "a cancelled run must not change later results"
 
 

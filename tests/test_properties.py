@@ -3,7 +3,6 @@ checkpoints and odd face/mask inputs end in the project's own error types, never
 another kind and never in a silently wrong result."""
 
 import io
-import os
 
 import numpy as np
 import pytest
@@ -218,7 +217,7 @@ def test_conditioning_masks_property(layout, n, size, fill, seed):
              and abs(w / h - 2.0) <= 0.02)
     cls = nodes.NODE_CLASS_MAPPINGS["FantasyPortraitConditioning"]
     try:
-        portrait, _ = cls().condition(REF, DRIVERS[:1], 1.0, "left_to_right", "", m, expression_2=DRIVERS[1:])
+        portrait, _, _ = cls().condition(REF, DRIVERS[:1], 1.0, "left_to_right", "", m, expression_2=DRIVERS[1:])
     except InputError:
         assert not valid, "a valid mask was refused"
         return

@@ -207,7 +207,7 @@ def test_unwritable_result_is_kept_and_can_be_encoded(tmp_path, capsys, fast_mod
     assert f"could not write {tmp_path / 'gen.mp4'}" in err and str(kept) in err and "cli encode" in err
     assert sorted(os.listdir(tmp_path)) == ["gen.frames.npz", "gen_faces.png"]
     frames, fps = load_frames(str(kept))
-    assert frames.shape == (1, 128, 128, 3) and frames.dtype == np.uint8 and fps == pytest.approx(15.0)
+    assert frames.shape == (1, 128, 128, 3) and frames.dtype == np.uint8 and fps == pytest.approx(25.0)  # drivers resampled to 25 fps
     monkeypatch.setattr(V, "write_video", real_write)
     assert cli.main(["encode", str(kept), "--out", str(tmp_path / "again.mkv")]) == 0
     assert probe_video(str(tmp_path / "again.mkv"))["frames"] == 1
@@ -295,7 +295,7 @@ def test_stream_decodes_only_the_frames_it_yields(monkeypatch):
     stream = VideoStream(data_path("biden.mp4"), fps=12.5, max_frames=5)  # 25 fps source: every other frame
     frames = list(stream)
     assert len(frames) == 5 and counting.decoded == 9  # source frames 0, 2, 4, 6, 8
-    full = read_video(data_path("biden.mp4"), max_frames=9)
+    full = read_video(data_path("biden.mp4"), max_frames=10)
     np.testing.assert_array_equal(np.stack(frames), resample_fps(full, 12.5).frames[:5])
     assert list(VideoStream(data_path("biden.mp4"), max_frames=0)) == []
 
@@ -303,7 +303,7 @@ def test_stream_decodes_only_the_frames_it_yields(monkeypatch):
 def test_encode_driving_streams_a_video(detector, tiny):
     """A VideoStream gives the same expressions as the frames in memory (two passes, same frames)."""
     stream = VideoStream(data_path("jgz.mp4"), max_frames=3)
-    from_stream = P.encode_driving(detector, tiny[3], stream, name="jgz")
+    from_stream = P.encode_driving(detector, tiny[3], stream, source="jgz")
     in_memory = P.encode_driving(detector, tiny[3], stream.read().frames)
     assert from_stream[0].num_frames == 3 and from_stream[0].source == "jgz"
     torch.testing.assert_close(from_stream[0].features, in_memory[0].features)

@@ -98,6 +98,7 @@ def test_reference_sizes_prompts_and_shown_info(build, image, drivers):
         info = n["outputs"][2]
         assert info["name"] == "info" and info["links"]
         assert all(by_id[l[3]]["type"] == "PreviewAny" for l in g.links if l[0] in info["links"])
-        assert n["widgets_values"][2:] == ["one_euro", 25.0, 25.0, 0]
+        # only the generated length is encoded (max_frames = length, from start_frame 0)
+        assert n["widgets_values"][2:] == ["one_euro", 25.0, 25.0, length, 0]
     fps_link = next(l for l in g.links if by_id[l[3]]["type"] == "CreateVideo" and l[5] == "FLOAT")
     assert by_id[fps_link[1]]["type"] == "FantasyPortraitConditioning"

@@ -1,0 +1,190 @@
+"""Where the weights live between and during generations, without copying them in RAM.
+
+The loader assigns memory-mapped checkpoint tensors to the model (page cache, not private RAM).
+``module.to("cuda")`` then ``module.to("cpu")`` would turn them into 30 GB of private RAM copies;
+instead :class:`WeightHome` remembers each parameter's and buffer's tensor as loaded (its *home*)
+and moves a model to the GPU by pointing each one at a device copy, and back by pointing it at its
+home tensor again: no host copy is ever made, and the memory-mapped pages stay reclaimable.
+
+:meth:`WeightHome.guard` puts every tensor back where it was when a step began if the step raises
+(out of memory, a cancelled prompt) — also the blocks that diffusers' group offload had streamed
+to the GPU when the exception hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _tensors(modules):
+    for module in modules:
+        for sub in module.modules():
+            for p in sub._parameters.values():
+                if p is not None:
+                    yield p
+            for b in sub._buffers.values():
+                if b is not None:
+                    yield b
+
+
+class WeightHome:
+    """Home (as-loaded) tensors of ``modules``' parameters and buffers.
+
+    Args:
+        modules: e.g. the transformer and the adapter.
+    """
+
+    def __init__(self, *modules: torch.nn.Module):
+        self.modules = modules
+        self._home: dict[torch.Tensor, torch.Tensor] = {}
+        self.device: torch.device | None = None  # where the weights are now (None: at home)
+        self._scan()
+
+    def _scan(self) -> list[torch.Tensor]:
+        """Track tensors added since the last scan (LoRA layers, fp8 swaps): their current data is
+        their home when they are not on the device the model was moved to; drop vanished ones."""
+        live = list(dict.fromkeys(_tensors(self.modules)))
+        alive = set(live)
+        for t in [t for t in self._home if t not in alive]:
+            del self._home[t]
+        for t in live:
+            if t not in self._home and (self.device is None or t.device != self.device):
+                self._home[t] = t.data
+        return live
+
+    def bytes_on(self, device) -> int:
+        """Bytes of tracked tensors currently on ``device``."""
+        device = torch.device(device)
+        return sum(t.numel() * t.element_size() for t in self._scan() if _same_device(t.device, device))
+
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._scan())
+
+    @torch.no_grad()
+    def to(self, device, non_blocking: bool = True) -> int:
+        """Point every tensor at a copy on ``device`` made from its home tensor (home tensors
+        already on ``device`` are used as they are). Returns the bytes copied."""
+        device = torch.device(device)
+        moved = 0
+        for t in self._scan():
+            if _same_device(t.device, device):
+                continue
+            home = self._home.get(t, t.data)
+            t.data = home.to(device, non_blocking=non_blocking)
+            moved += t.numel() * t.element_size()
+        self.device = device
+        return moved
+
+    @torch.no_grad()
+    def go_home(self) -> int:
+        """Point every tensor at its home tensor again (drops the device copies; no host copy).
+        Returns the bytes released from other devices."""
+        released = 0
+        for t in self._scan():
+            home = self._home.get(t)
+            if home is None and t.device.type not in ("cpu", "meta"):
+                # made on the device while the model was there (e.g. a LoRA applied to a resident
+                # model): it has no host tensor yet, so it gets one (small) and that is its home
+                home = self._home[t] = t.data.to("cpu")
+            if home is not None and t.data.data_ptr() != home.data_ptr():
+                if t.device != home.device:
+                    released += t.numel() * t.element_size()
+                t.data = home
+        self.device = None
+        return released
+
+    def snapshot(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Current data of every tracked tensor (for :meth:`guard`)."""
+        return {t: t.data for t in self._scan()}
+
+    @contextlib.contextmanager
+    def guard(self):
+        """On an exception inside the block, point every tensor back at the data it had on entry
+        (e.g. the host copies group offload streams from), then re-raise."""
+        before = self.snapshot()
+        device = self.device
+        try:
+            yield self
+        except BaseException:
+            with torch.no_grad():
+                for t, data in before.items():
+                    if t.data.data_ptr() != data.data_ptr() or t.device != data.device:
+                        t.data = data
+            self.device = device
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        ia = a.index if a.index is not None else torch.cuda.current_device()
+        ib = b.index if b.index is not None else torch.cuda.current_device()
+        return ia == ib
+    return True
+
+
+def free_vram_bytes(device) -> int | None:
+    """Free memory on a CUDA ``device`` (driver free + what torch's allocator holds unused), or
+    ``None`` for other devices."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def pin_weights_upfront(weights_bytes: int, available_bytes: int | None) -> bool:
+    """Whether block offload may keep a pinned (page-locked) host copy of all weights.
+
+    Pinned copies make the block-by-block uploads overlap with compute, but they are a second copy
+    of the weights (15.5 GiB for the 14B in fp8, 30.5 GiB in bf16) that cannot be swapped out; the
+    cards that need offload often sit in machines with 32 GB of RAM. So pin up front only when the
+    weights take under half of the RAM available now, else pin each block on the fly (diffusers
+    ``low_cpu_mem_usage``).
+    """
+    return available_bytes is not None and 2 * weights_bytes < available_bytes
+
+
+def available_ram_bytes() -> int | None:
+    """Host RAM available now (psutil when installed, else sysconf), or None if unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def enable_block_offload(transformer, device, available_ram: int | None, adapter=None) -> bool:
+    """Stream the transformer's blocks to ``device`` one at a time: diffusers group offload, one
+    block per group, the next block copied on a side CUDA stream while the current one computes.
+
+    Args:
+        available_ram: host RAM available now (:func:`available_ram_bytes`; ``None`` = unknown).
+        adapter: the portrait adapter; its K/V projections of block i are attached to block i
+            (``blocks.i.portrait_kv``, the same modules its processor calls) so that they stream
+            with their block instead of staying on the GPU (1.6 GiB at 14B). The transformer's
+            state dict then lists them too; nothing reads it after loading.
+    Returns:
+        Whether a pinned host copy of all weights was made (:func:`pin_weights_upfront`).
+    """
+    if adapter is not None:
+        for i, block in enumerate(transformer.blocks):
+            block.portrait_kv = torch.nn.ModuleList(adapter.kv_projections(i))
+    weights = sum(t.numel() * t.element_size() for t in (*transformer.parameters(), *transformer.buffers()))
+    upfront = pin_weights_upfront(weights, available_ram)
+    transformer.enable_group_offload(torch.device(device), offload_device=torch.device("cpu"),
+                                     offload_type="block_level", num_blocks_per_group=1,
+                                     use_stream=torch.device(device).type == "cuda", low_cpu_mem_usage=not upfront)
+    return upfront
