@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fantasyportrait_core.validate import MIN_IMAGE_SIDE, InputError
+from fantasyportrait_core.residency import available_ram_bytes  # noqa: F401  (one implementation; patched in tests)
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -150,20 +151,6 @@ def offload_device() -> torch.device:
         return mm.unet_offload_device()
     except ImportError:
         return torch.device("cpu")
-
-
-def available_ram_bytes() -> int | None:
-    """Host RAM available now (psutil, which ComfyUI ships; else sysconf), or None if unknown."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

@@ -310,7 +310,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
         g.link(a, o, b, i)
     if lora:
         g.add("lora", "FantasyPortraitLoRA", 1, 0, [lora, 1.0],
-              title="LoRA: lightx2v step distill (chain more LoRA nodes for styles)", size=(340, 0))
+              title="LoRA: lightx2v step distill", size=(340, 0))
         g.link("model", "model", "lora", "model")
         g.link("lora", "model", "sampler", "model")
     else:
@@ -370,7 +370,7 @@ def fast() -> Graph:
     g.link("A_expr", "expression", "cond", "expression")
     g.link("A_parts", "audio", "create", "audio")
     sampler = g.node("sampler")
-    sampler["title"] = "FantasyPortrait Sampler (lightx2v preset: 4 steps, cfg 1)"
+    sampler["title"] = "Sampler: lightx2v, 4 steps, cfg 1"
     widgets = list(SAMPLER_WIDGETS)
     widgets[2], widgets[8], widgets[9], widgets[14] = 4, "lcm", "lightx2v", 0.5  # steps, sampler, preset, portrait cfg end
     sampler["widgets_values"] = widgets
