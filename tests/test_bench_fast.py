@@ -23,3 +23,13 @@ def test_sampling_benchmark_runs_tiny():
     text = _run(os.path.join("benchmarks", "bench_sampling.py"), "--full-size", "--tiny", "--layers", "2",
                 "--device", "cpu", "--frames", "5", "--size", "32x32", "--steps", "2", "--storage", "fp8")
     assert "| unipc 2 steps |" in text and "| lightx2v LoRA, 4 steps |" in text and "ratio" in text
+
+
+def test_sampling_benchmark_runs_the_cli_pipeline():
+    """The default mode drives the CLI's own validate_run_args + animate (a changed signature there
+    must show here, not in the next benchmark run)."""
+    from .conftest import DATA
+
+    text = _run(os.path.join("benchmarks", "bench_sampling.py"), "--frames", "5", "--max-size", "64",
+                "--data", DATA)
+    assert "| unipc 30 steps | 60 |" in text and "| lightx2v LoRA, 4 steps | 8 |" in text and "ratio" in text

@@ -159,7 +159,9 @@ def _our_latent(model, setup, portrait: str, cfg: float, portrait_cfg: float, co
     out, _ = FantasyPortraitSampler().sample(
         model, inputs, [[c["text_positive"], dict(extra)]], [[c["text_negative"], dict(extra)]],
         {"samples": torch.zeros(1, 16, F_LAT, LAT, LAT)}, SEED, steps=STEPS, cfg=cfg, portrait_cfg=portrait_cfg,
-        shift=SHIFT, context_frames=context_frames, context_overlap=4)
+        shift=SHIFT, context_frames=context_frames, context_overlap=4,
+        # ComfyUI's context windows are plain windows: ours the same (no reference anchor), always
+        long_video="windows", window_anchor="none")
     return out["samples"]
 
 
