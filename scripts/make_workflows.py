@@ -282,6 +282,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
         f"does that when it fits in memory (long_video = auto), else overlapping windows."], size=(320, 230))
     g.add("sampler", "FantasyPortraitSampler", 4, 0, SAMPLER_WIDGETS, size=(340, 0), grow=IMAGE_ROOM)
     g.add("decode", "VAEDecode", 5, 0, size=(200, 0))
+    g.add("samplerinfo", "PreviewAny", 5, 0, title="What the sampler ran (memory plan, passes)", size=(300, 150))
     g.add("create", "CreateVideo", 6, 0, [25], size=(230, 0))
     g.add("save", "SaveVideo", 7, 0, ["video/FantasyPortrait", "auto", "auto"], size=(380, 0),
           grow=video_room(width, height, 380))
@@ -305,6 +306,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
                        ("cond", "portrait", "sampler", "portrait"),
                        ("i2v", "positive", "sampler", "positive"), ("i2v", "negative", "sampler", "negative"),
                        ("i2v", "latent", "sampler", "latent"), ("sampler", "latent", "decode", "samples"),
+                       ("sampler", "info", "samplerinfo", "source"),
                        ("vae", "VAE", "decode", "vae"), ("decode", "IMAGE", "create", "images"),
                        ("cond", "fps", "create", "fps"), ("create", "VIDEO", "save", "video")]:
         g.link(a, o, b, i)
