@@ -294,6 +294,7 @@ def plan_sampling(size: ModelSize, width: int, height: int, num_frames: int, fre
                            people=people, portrait_passes=sum(bool(w) for _, w in passes), storage=storage,
                            offload=offload)
 
-    fits = None if free_bytes is None else (lambda _frames: plan_for(None).fits)  # plan_context asks for the whole video
-    window = plan_context(num_frames, long_video, context_frames, fits)
-    return window, plan_for(window)
+    whole = plan_for(None)  # one pass over the whole video: what plan_context asks about
+    window = plan_context(num_frames, long_video, context_frames,
+                          None if free_bytes is None else (lambda _frames: whole.fits))
+    return window, (whole if window is None else plan_for(window))

@@ -252,10 +252,11 @@ class FantasyPortraitSampler:
         tr = model.transformer
         passes = guidance_passes(cfg, portrait_cfg)  # the most passes a step runs (guidance intervals skip some)
         apply_loras(tr, model.loras)  # exactly this model's LoRAs (none: any earlier ones are removed)
-        window, plan = self.plan(model, device, width, height, num_frames, passes, len(portrait.drivers),
+        size = measured_size(tr, model.adapter)
+        window, plan = self.plan(model, size, device, width, height, num_frames, passes, len(portrait.drivers),
                                  long_video, context_frames, window_anchor == "reference")
         log.info("[FantasyPortrait] %s", plan.describe())
-        self.place(model, plan, device)
+        self.place(model, size, plan, device)
         pbar = host.Progress(len(schedule) - 1)
         init = None
         if float(schedule[0]) < 1.0:
@@ -295,24 +296,25 @@ class FantasyPortraitSampler:
         return (result, info)
 
     @staticmethod
-    def plan(model, device, width, height, num_frames, passes, people, long_video="auto", context_frames=81,
+    def plan(model, size, device, width, height, num_frames, passes, people, long_video="auto", context_frames=81,
              anchored=True):
         """One pass or windows, and the memory plan for it
-        (:func:`fantasyportrait_core.memory.plan_sampling`): the model's storage is fixed; offload
-        follows the loader's setting (``auto``: decided here). Returns ``(window, plan)``."""
+        (:func:`fantasyportrait_core.memory.plan_sampling`) for ``size`` (:func:`measured_size` of
+        the model): its storage is fixed; offload follows the loader's setting (``auto``: decided
+        here). Returns ``(window, plan)``."""
         offload = "block" if model.offload_active else model.offload
-        return plan_sampling(measured_size(model.transformer, model.adapter), width, height, num_frames,
+        return plan_sampling(size, width, height, num_frames,
                              residency.vram_available(device, model.resident), passes, people, model.storage,
                              offload, long_video, context_frames, anchored)
 
     @staticmethod
-    def place(model, plan, device):
+    def place(model, size, plan, device):
         """Make room and put the weights where the plan says: resident (loaded through ComfyUI's
         model management, which unloads its own models first; no move when already resident) or
         block offload (switched on once; ComfyUI frees what the streamed blocks + activations need)."""
         if device.type != "cuda":
             return
-        act = activation_bytes(measured_size(model.transformer, model.adapter), plan.tokens, plan.batch_passes,
+        act = activation_bytes(size, plan.tokens, plan.batch_passes,
                                min(plan.batch_passes, 1), plan.people)
         if plan.offload == "block":
             if not model.offload_active:

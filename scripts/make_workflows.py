@@ -251,6 +251,32 @@ def video_room(width: int, height: int, node_w: int) -> int:
     return round(node_w * height / width) + VIDEO_PAD
 
 
+def reference_band(g: Graph, image_name: str, preview_w: int = 340):
+    """Band 1 of every graph: the reference portrait, its faces (Face Masks + preview) and Portrait
+    Conditioning with its preview of which track drives which face."""
+    g.add("image", "LoadImage", 0, 1, [image_name, "image"], title="Reference portrait", size=(360, 0),
+          grow=IMAGE_ROOM)
+    g.add("facemasks", "FantasyPortraitFaceMasks", 1, 1, size=(340, 0))
+    g.add("facepreview", "PreviewImage", 2, 1, title="Faces found (#0 = leftmost)", size=(320, 0), grow=IMAGE_ROOM)
+    g.add("cond", "FantasyPortraitConditioning", 3, 1, [1.0, "left_to_right", ""], size=(340, 0))
+    g.add("condpreview", "PreviewImage", 4, 1, title="Which video track drives which face", size=(preview_w, 0),
+          grow=IMAGE_ROOM)
+
+
+def link_conditioning(g: Graph):
+    """The links every graph shares: prompts and CLIP vision into WanImageToVideo, the reference
+    image into CLIP Vision Encode, WanImageToVideo and Face Masks, faces into Conditioning, previews."""
+    for a, o, b, i in [("clip", "CLIP", "pos", "clip"), ("clip", "CLIP", "neg", "clip"),
+                       ("clipvision", "CLIP_VISION", "clipenc", "clip_vision"), ("image", "IMAGE", "clipenc", "image"),
+                       ("pos", "CONDITIONING", "i2v", "positive"), ("neg", "CONDITIONING", "i2v", "negative"),
+                       ("vae", "VAE", "i2v", "vae"), ("clipenc", "CLIP_VISION_OUTPUT", "i2v", "clip_vision_output"),
+                       ("image", "IMAGE", "i2v", "start_image"),
+                       ("detector", "face_detector", "facemasks", "face_detector"), ("image", "IMAGE", "facemasks", "image"),
+                       ("facemasks", "preview", "facepreview", "images"), ("facemasks", "faces", "cond", "faces"),
+                       ("cond", "preview", "condpreview", "images")]:
+        g.link(a, o, b, i)
+
+
 def common(g: Graph, image_name: str, width: int, height: int, length: int, prompt: str = PROMPT,
            lora: str | None = None):
     """Models, text, CLIP vision, WanImageToVideo, reference faces, sampler, decode and save.
@@ -287,23 +313,10 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     g.add("save", "SaveVideo", 7, 0, ["video/FantasyPortrait", "auto", "auto"], size=(380, 0),
           grow=video_room(width, height, 380))
 
-    g.add("image", "LoadImage", 0, 1, [image_name, "image"], title="Reference portrait", size=(360, 0),
-          grow=IMAGE_ROOM)
-    g.add("facemasks", "FantasyPortraitFaceMasks", 1, 1, size=(340, 0))
-    g.add("facepreview", "PreviewImage", 2, 1, title="Faces found (#0 = leftmost)", size=(320, 0), grow=IMAGE_ROOM)
-    g.add("cond", "FantasyPortraitConditioning", 3, 1, [1.0, "left_to_right", ""], size=(340, 0))
-    g.add("condpreview", "PreviewImage", 4, 1, title="Which video track drives which face", size=(340, 0),
-          grow=IMAGE_ROOM)
+    reference_band(g, image_name)
 
-    for a, o, b, i in [("clip", "CLIP", "pos", "clip"), ("clip", "CLIP", "neg", "clip"),
-                       ("clipvision", "CLIP_VISION", "clipenc", "clip_vision"), ("image", "IMAGE", "clipenc", "image"),
-                       ("pos", "CONDITIONING", "i2v", "positive"), ("neg", "CONDITIONING", "i2v", "negative"),
-                       ("vae", "VAE", "i2v", "vae"), ("clipenc", "CLIP_VISION_OUTPUT", "i2v", "clip_vision_output"),
-                       ("image", "IMAGE", "i2v", "start_image"),
-                       ("detector", "face_detector", "facemasks", "face_detector"), ("image", "IMAGE", "facemasks", "image"),
-                       ("facemasks", "preview", "facepreview", "images"), ("facemasks", "faces", "cond", "faces"),
-                       ("cond", "preview", "condpreview", "images"),
-                       ("cond", "portrait", "sampler", "portrait"),
+    link_conditioning(g)
+    for a, o, b, i in [("cond", "portrait", "sampler", "portrait"),
                        ("i2v", "positive", "sampler", "positive"), ("i2v", "negative", "sampler", "negative"),
                        ("i2v", "latent", "sampler", "latent"), ("sampler", "latent", "decode", "samples"),
                        ("sampler", "info", "samplerinfo", "source"),
@@ -419,27 +432,15 @@ def native() -> Graph:
     g.add("save", "SaveVideo", 9, 0, ["video/FantasyPortrait_native", "auto", "auto"], size=(380, 0),
           grow=video_room(720, 720, 380))
 
-    g.add("image", "LoadImage", 0, 1, ["man.jpeg", "image"], title="Reference portrait", size=(360, 0),
-          grow=IMAGE_ROOM)
-    g.add("facemasks", "FantasyPortraitFaceMasks", 1, 1, size=(340, 0))
-    g.add("facepreview", "PreviewImage", 2, 1, title="Faces found (#0 = leftmost)", size=(320, 0), grow=IMAGE_ROOM)
-    g.add("cond", "FantasyPortraitConditioning", 3, 1, [1.0, "left_to_right", ""], size=(340, 0))
-    g.add("condpreview", "PreviewImage", 4, 1, title="Which video track drives which face", size=(320, 0),
-          grow=IMAGE_ROOM)
+    reference_band(g, "man.jpeg", preview_w=320)
     driving(g, "A", "jgz.mp4", 2, frames=97)
     for a, o, b, i in [("unet", "MODEL", "lora", "model"), ("lora", "MODEL", "shift", "model"),
                        ("shift", "MODEL", "patch", "model"), ("adapter", "adapter", "patch", "adapter"),
                        ("cond", "portrait", "patch", "portrait"), ("patch", "model", "guider", "model"),
-                       ("patch", "model", "sigmas", "model"),
-                       ("clip", "CLIP", "pos", "clip"), ("clip", "CLIP", "neg", "clip"),
-                       ("clipvision", "CLIP_VISION", "clipenc", "clip_vision"), ("image", "IMAGE", "clipenc", "image"),
-                       ("pos", "CONDITIONING", "i2v", "positive"), ("neg", "CONDITIONING", "i2v", "negative"),
-                       ("vae", "VAE", "i2v", "vae"), ("clipenc", "CLIP_VISION_OUTPUT", "i2v", "clip_vision_output"),
-                       ("image", "IMAGE", "i2v", "start_image"),
-                       ("detector", "face_detector", "facemasks", "face_detector"), ("image", "IMAGE", "facemasks", "image"),
-                       ("facemasks", "preview", "facepreview", "images"), ("facemasks", "faces", "cond", "faces"),
-                       ("cond", "preview", "condpreview", "images"),
-                       ("A_expr", "expression", "cond", "expression"),
+                       ("patch", "model", "sigmas", "model")]:
+        g.link(a, o, b, i)
+    link_conditioning(g)
+    for a, o, b, i in [("A_expr", "expression", "cond", "expression"),
                        ("i2v", "positive", "guider", "positive"), ("i2v", "negative", "guider", "negative"),
                        ("noise", "NOISE", "sample", "noise"), ("guider", "guider", "sample", "guider"),
                        ("ksampler", "SAMPLER", "sample", "sampler"), ("sigmas", "SIGMAS", "sample", "sigmas"),
