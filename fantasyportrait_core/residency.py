@@ -14,8 +14,11 @@ to the GPU when the exception hit.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
+
+log = logging.getLogger("FantasyPortrait")
 
 
 def _tensors(modules):
@@ -50,7 +53,7 @@ class WeightHome:
         for t in [t for t in self._home if t not in alive]:
             del self._home[t]
         for t in live:
-            if t not in self._home and (self.device is None or t.device != self.device):
+            if t not in self._home and (self.device is None or not _same_device(t.device, self.device)):
                 self._home[t] = t.data
         return live
 
@@ -89,7 +92,7 @@ class WeightHome:
                 # model): it has no host tensor yet, so it gets one (small) and that is its home
                 home = self._home[t] = t.data.to("cpu")
             if home is not None and t.data.data_ptr() != home.data_ptr():
-                if t.device != home.device:
+                if not _same_device(t.device, home.device):
                     released += t.numel() * t.element_size()
                 t.data = home
         self.device = None
@@ -110,7 +113,7 @@ class WeightHome:
         except BaseException:
             with torch.no_grad():
                 for t, data in before.items():
-                    if t.data.data_ptr() != data.data_ptr() or t.device != data.device:
+                    if t.data.data_ptr() != data.data_ptr() or not _same_device(t.device, data.device):
                         t.data = data
             self.device = device
             if torch.cuda.is_available():
@@ -119,13 +122,111 @@ class WeightHome:
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same one, as ``torch.device`` equality is not: ``"cuda"`` (index
+    ``None``: the current device) and ``"cuda:0"`` compare unequal although they name one GPU
+    when GPU 0 is current. Every device comparison of this module goes through here."""
+    a, b = torch.device(a), torch.device(b)
     if a.type != b.type:
         return False
-    if a.type == "cuda":
-        ia = a.index if a.index is not None else torch.cuda.current_device()
-        ib = b.index if b.index is not None else torch.cuda.current_device()
-        return ia == ib
-    return True
+    if a.index == b.index or a.type in ("cpu", "meta"):
+        return True
+
+    def index(d):
+        if d.index is not None:
+            return d.index
+        module = getattr(torch, d.type, None)  # torch.cuda, torch.xpu...
+        try:
+            return module.current_device() if module is not None and module.is_available() else 0
+        except (AttributeError, RuntimeError):
+            return 0
+
+    return index(a) == index(b)
+
+
+def group_offload_hook(module: torch.nn.Module):
+    """diffusers' top-level group-offload hook of ``module`` (its ``config`` holds the onload device,
+    stream and pinning options), or ``None`` when group offload is off (or this diffusers has none)."""
+    try:
+        from diffusers.hooks.group_offloading import _get_top_level_group_offload_hook
+    except ImportError:  # pragma: no cover - diffusers without group offload
+        return None
+    return _get_top_level_group_offload_hook(module)
+
+
+def compute_device(transformer: torch.nn.Module, device=None) -> torch.device:
+    """The device the transformer's forward computes on.
+
+    ``device`` when given (the CLI's ``--device``, the node's ComfyUI torch device: where the sampler
+    runs); else, under diffusers group offload, the hook's onload device; else the device of the
+    input projection's weight. A weight's device is not the answer under block offload: diffusers
+    keeps every module outside the blocks (patch embedding, condition embedders, head) in an
+    "unmatched" group that it moves back to the CPU after each forward
+    (``diffusers/hooks/group_offloading.py``, ``_apply_group_offloading_block_level``), so between
+    forwards those weights read ``cpu`` while the blocks compute on the GPU.
+    """
+    if device is not None:
+        return torch.device(device)
+    hook = group_offload_hook(transformer)
+    if hook is not None:
+        return torch.device(hook.config.onload_device)
+    return transformer.patch_embedding.weight.device
+
+
+def _remove_group_offload(module: torch.nn.Module) -> None:
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks import group_offloading as go
+
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for name in (go._GROUP_OFFLOADING, go._LAYER_EXECUTION_TRACKER, go._LAZY_PREFETCH_GROUP_OFFLOADING):
+        registry.remove_hook(name, recurse=True)
+
+
+def _host_copies(module: torch.nn.Module) -> dict:
+    """``{tensor: host copy}`` of every group of ``module``'s group offload (the pinned copies a
+    streamed group onloads from; empty for groups without a stream)."""
+    copies = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = None if registry is None else registry.get_hook("group_offloading")
+        if hook is not None:
+            copies.update(getattr(hook.group, "cpu_param_dict", None) or {})
+    return copies
+
+
+@contextlib.contextmanager
+def offload_suspended(transformer: torch.nn.Module):
+    """Take diffusers' group offload off ``transformer`` for the block and put it back, with the same
+    options, afterwards (also after an exception): what ``load_lora_weights(..., _pipeline=pipe)``
+    does in diffusers (``_func_optionally_disable_offloading`` then
+    ``_maybe_remove_and_reapply_group_offloading``).
+
+    Needed for any change of the module's tensors (LoRA layers, fp8 low-rank deltas, full-weight
+    diffs): a streamed group records its host copies once (``ModuleGroup.cpu_param_dict``) and
+    looks every current tensor up in it on each onload, so a new tensor raises ``KeyError`` and a
+    replaced one is put back to its old value at the next onload.
+
+    Inside the block every weight is at rest on the host. Weights whose data is still the pinned
+    host copy keep it when the offload is re-applied (``Tensor.pin_memory`` returns an already
+    pinned tensor as it is), so no second pinned copy of the weights is made; only new or changed
+    tensors (LoRA factors, patched norms) are pinned. No-op without group offload.
+    """
+    hook = group_offload_hook(transformer)
+    if hook is None:
+        yield
+        return
+    config = hook.config
+    copies = _host_copies(transformer)
+    with torch.no_grad():
+        for t, host in copies.items():  # every streamed tensor at rest on its (pinned) host copy
+            if not _same_device(t.device, host.device):
+                t.data = host
+    _remove_group_offload(transformer)
+    try:
+        yield
+    finally:
+        from diffusers.hooks.group_offloading import _apply_group_offloading
+
+        _apply_group_offloading(transformer, config)
 
 
 def free_vram_bytes(device) -> int | None:

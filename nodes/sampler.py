@@ -282,7 +282,8 @@ class FantasyPortraitSampler:
                                         window_anchor=window_anchor, sampler=sampler, sigmas=schedule,
                                         init_latent=init, cfg_range=(cfg_start, cfg_end),
                                         portrait_cfg_range=(portrait_cfg_start, portrait_cfg_end),
-                                        portrait_scales=scale_ranges, batch_passes=plan.batch_passes)
+                                        portrait_scales=scale_ranges, batch_passes=plan.batch_passes,
+                                        device=device)
         except torch.cuda.OutOfMemoryError as e:
             model.resident.detach()
             raise RuntimeError(oom_message(tr, width, height, num_frames, context_frames, model.offload,

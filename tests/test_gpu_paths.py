@@ -1,0 +1,186 @@
+"""CUDA-only paths proven on the CPU (issue 21): block offload with a portrait, LoRAs under block
+offload, the attention backend checks, fp8 fast mode in fp32/fp16, pinned-memory accounting, the
+copy/compute overlap of block offload, OOM handling and device comparisons.
+
+No GPU runs here. Two simulations stand in for one, each keeping diffusers' real hook code:
+
+* :func:`fake_cuda_world`: the model's tensors are ``FakeTensorMode`` fakes, so a tensor can say
+  ``cuda:0`` and any op mixing ``cuda:0`` and ``cpu`` raises, as on a GPU. diffusers' group-offload
+  hooks run as they are (which group onloads when, the "unmatched" group of the modules outside the
+  blocks, lazy prefetch); only ``ModuleGroup.onload_`` / ``offload_`` are replaced by moving each
+  fake tensor to the onload / offload device (``.data =`` cannot change a fake tensor's device).
+* :func:`fake_streams`: real CPU tensors with real values; diffusers' streamed ``ModuleGroup`` code
+  runs as it is (pinned host copies looked up per tensor, stream synchronisation, ``record_stream``)
+  with a fake CUDA stream backend that records a trace; the host-to-device copy is a clone (a new
+  tensor, as a device copy is) and ``pin_memory`` a clone marked pinned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+
+import pytest
+import torch
+
+from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors
+from fantasyportrait_core.denoiser import I2VConditioning, PortraitDenoiser
+from fantasyportrait_core.residency import enable_block_offload
+
+CUDA = torch.device("cuda", 0)
+
+
+def _tensors(group):
+    for m in group.modules:
+        yield from m.parameters()
+        yield from m.buffers()
+    yield from group.parameters
+    yield from group.buffers
+
+
+@contextlib.contextmanager
+def fake_cuda_world(monkeypatch, *modules):
+    """FakeTensorMode with ``cuda:0`` tensors and diffusers' group offload moving them (module doc);
+    ``modules``' tensors become CPU fakes first."""
+    from diffusers.hooks import group_offloading as go
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def move(group, device):
+        for t in _tensors(group):
+            t.fake_device = torch.device(device)
+
+    monkeypatch.setattr(go.ModuleGroup, "onload_", lambda g: move(g, CUDA))
+    monkeypatch.setattr(go.ModuleGroup, "offload_", lambda g: move(g, g.offload_device))
+    monkeypatch.setattr(go, "TorchDeviceBackend", FakeBackend)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, device=None: t)
+    mode = FakeTensorMode()
+    _fake_model(mode, *modules)
+    with mode:
+        yield mode
+
+
+def _fake_model(mode, *modules):
+    """Turn every tensor of ``modules`` (copies of the tiny models) into a CPU fake, in place."""
+    for module in (m for root in modules for m in root.modules()):
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(mode.from_tensor(p.data), requires_grad=False)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = mode.from_tensor(b)
+
+
+def _conditioning(ad, frames=2):
+    i2v = I2VConditioning(torch.randn(1, 20, 32), torch.randn(1, 20, 32), torch.randn(1, 257, 16),
+                          torch.randn(1, 20, frames, 4, 4))
+    return i2v, PortraitCondition(torch.randn(1, frames, 97, ad.proj_dim))
+
+
+def test_block_offload_with_a_portrait_computes_on_the_onload_device(tiny, monkeypatch):
+    """Defect 1: under block offload the weights outside the blocks rest on the CPU between forwards
+    (diffusers' unmatched group); the denoiser must still build the portrait condition (windows,
+    masks, scale), latent and text conditions on the device the blocks compute on. Before the fix it
+    took the device from ``patch_embedding.weight`` (cpu) and ``k_proj(windows)`` inside a cuda
+    block raised "Expected all tensors to be on the same device". The one-pass and the
+    context-window denoiser both go through here."""
+    from fantasyportrait_core.context import ContextWindowDenoiser
+    from fantasyportrait_core.residency import compute_device
+
+    tr, ad = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    with fake_cuda_world(monkeypatch, tr, ad):
+        state = attach_portrait_processors(tr, ad)
+        enable_block_offload(tr, CUDA, None, adapter=ad)
+        assert tr.patch_embedding.weight.device.type == "cpu"  # at rest outside a forward: the trap
+        assert tr.blocks[0].attn1.to_q.weight.device.type == "cpu"
+        assert compute_device(tr) == CUDA
+        i2v, portrait = _conditioning(ad)
+        with torch.no_grad():
+            den = PortraitDenoiser(tr, state, i2v, portrait, cfg=2.0, portrait_cfg=4.0)
+            out = den(torch.randn(1, 16, 2, 4, 4), 0.5)  # 3 guidance passes, portrait rows first
+            assert den.device == CUDA
+            assert out.shape == (1, 16, 2, 4, 4)
+            assert tr.patch_embedding.weight.device.type == "cpu"  # offloaded again after the forward
+            i2v3, portrait3 = _conditioning(ad, frames=3)
+            ctx = ContextWindowDenoiser(tr, state, i2v3, portrait3, 1.0, 4.0, window=2, overlap=1)
+            assert ctx.device == CUDA
+            assert ctx(torch.randn(1, 16, 3, 4, 4), 0.5).shape == (1, 16, 3, 4, 4)
+        # where the sampler runs wins over anything read off the model
+        assert PortraitDenoiser(tr, state, i2v, None, device="cpu").device == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake CUDA streams around diffusers' real streamed ModuleGroup
+
+
+TRACE: list = []
+
+
+class FakeStream:
+    def __init__(self, name="side"):
+        self.name = name
+
+    def synchronize(self):
+        TRACE.append(("sync", self.name))
+
+
+COMPUTE_STREAM = FakeStream("compute")
+
+
+class FakeBackend:
+    """Stands for ``torch.cuda`` in diffusers' ``TorchDeviceBackend``."""
+
+    Stream = FakeStream
+
+    def __init__(self, device=None):
+        self.device = device
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        TRACE.append(("enter", s.name))
+        yield
+        TRACE.append(("exit", s.name))
+
+    def current_stream(self):
+        return COMPUTE_STREAM
+
+    def synchronize(self):
+        TRACE.append(("sync", "device"))
+
+    def empty_cache(self):
+        pass
+
+
+@contextlib.contextmanager
+def fake_streams(monkeypatch):
+    """diffusers' streamed group offload on real CPU tensors (module doc). Yields the set of
+    storage pointers that are 'pinned'; :data:`TRACE` records pins, copies, syncs and forwards."""
+    from diffusers.hooks import group_offloading as go
+
+    pinned = set()
+
+    def pin_memory(t, device=None):
+        if t.untyped_storage().data_ptr() in pinned:
+            return t
+        c = t.clone()
+        pinned.add(c.untyped_storage().data_ptr())
+        TRACE.append(("pin", c.numel() * c.element_size()))
+        return c
+
+    def transfer(group, tensor, source, default_stream):
+        tensor.data = source.clone()  # the "device copy": a new tensor
+        TRACE.append(("copy", id(tensor)))
+        if group.record_stream:
+            tensor.data.record_stream(default_stream)
+
+    monkeypatch.setattr(go, "TorchDeviceBackend", FakeBackend)
+    monkeypatch.setattr(go, "send_to_device", lambda x, *a, **k: x)
+    monkeypatch.setattr(go.ModuleGroup, "_transfer_tensor_to_device", transfer)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t, device=None: t.untyped_storage().data_ptr() in pinned)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: TRACE.append(("record", s.name)))
+    TRACE.clear()
+    yield pinned
+    TRACE.clear()
+
+
