@@ -184,3 +184,68 @@ def fake_streams(monkeypatch):
     TRACE.clear()
 
 
+
+
+def _lora_inputs(model):
+    g = torch.Generator().manual_seed(0)
+    c = model.config
+    return dict(hidden_states=torch.randn(1, 36, 2, 4, 4, generator=g), timestep=torch.tensor([700.0]),
+                encoder_hidden_states=torch.randn(1, 512, c.text_dim, generator=g),
+                encoder_hidden_states_image=torch.randn(1, 257, c.image_dim, generator=g), return_dict=False)
+
+
+def _host_copy_ptrs(model):
+    """Storage of the host copy each streamed weight onloads from."""
+    from fantasyportrait_core.residency import _host_copies
+
+    return {id(t): h.untyped_storage().data_ptr() for t, h in _host_copies(model).items()}
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp8"])
+def test_loras_and_block_offload_compose_in_either_order(tiny, tmp_path, monkeypatch, storage):
+    """Defect 2: a LoRA (peft layers on plain linears, low-rank deltas in fp8 linears, lightx2v's
+    full-weight diffs on norms/modulation/head) applied AFTER streamed block offload is on gives
+    the output of the same LoRA applied without offload, on every forward; removing it gives the
+    plain output again; and the base weights keep their one pinned host copy (no second copy).
+    Before the fix the first forward raised KeyError (new tensors missing from the group's host
+    copies) or, for diff-only changes, the next onload put the old weights back."""
+    from fantasyportrait_core.fp8 import quantize_model_fp8
+    from fantasyportrait_core.lora import apply_loras, read_lora, remove_loras
+
+    from . import checkpoint_writers as W
+
+    base = copy.deepcopy(tiny[0]).eval()
+    if storage == "fp8":
+        quantize_model_fp8(base)
+    path = str(tmp_path / "lora.safetensors")
+    W.write_wan_lora(base, path, lightx2v=True)
+    inputs = _lora_inputs(base)
+    ref_model = copy.deepcopy(base)
+    with torch.no_grad():
+        plain = ref_model(**inputs)[0]
+        apply_loras(ref_model, [(read_lora(path, ref_model), 0.8)])
+        with_lora = ref_model(**inputs)[0]
+    assert not torch.allclose(with_lora, plain, atol=1e-4)
+
+    model = copy.deepcopy(base)
+    with fake_streams(monkeypatch), torch.no_grad():
+        enable_block_offload(model, CUDA, available_ram=1 << 50)
+        torch.testing.assert_close(model(**inputs)[0], plain)
+        pinned_before = _host_copy_ptrs(model)
+        apply_loras(model, [(read_lora(path, model), 0.8)])
+        for _ in range(2):  # the second onload must still see the LoRA
+            torch.testing.assert_close(model(**inputs)[0], with_lora, rtol=1e-5, atol=1e-6)
+        remove_loras(model)
+        torch.testing.assert_close(model(**inputs)[0], plain)
+        after = _host_copy_ptrs(model)
+        base_weights = [id(m.weight) for m in model.blocks.modules() if hasattr(m, "weight")
+                        and isinstance(m.weight, torch.Tensor) and m.weight.ndim == 2]
+        assert base_weights and all(after[i] == pinned_before[i] for i in base_weights), \
+            "a base weight got a second pinned host copy"
+
+    # the other order: LoRA first, then offload
+    model2 = copy.deepcopy(base)
+    with fake_streams(monkeypatch), torch.no_grad():
+        apply_loras(model2, [(read_lora(path, model2), 0.8)])
+        enable_block_offload(model2, CUDA, available_ram=1 << 50)
+        torch.testing.assert_close(model2(**inputs)[0], with_lora, rtol=1e-5, atol=1e-6)
