@@ -249,3 +249,28 @@ def test_loras_and_block_offload_compose_in_either_order(tiny, tmp_path, monkeyp
         apply_loras(model2, [(read_lora(path, model2), 0.8)])
         enable_block_offload(model2, CUDA, available_ram=1 << 50)
         torch.testing.assert_close(model2(**inputs)[0], with_lora, rtol=1e-5, atol=1e-6)
+
+
+
+def test_weight_home_takes_cuda_and_cuda0_for_one_device():
+    """Defect 7: ``WeightHome.to("cuda")`` records ``cuda`` (no index) while tensors on it say
+    ``cuda:0``; the residency code compared them with ``!=`` in places, so a tensor made on the GPU
+    while the model was there (a LoRA layer applied to a resident model) was taken for a host tensor
+    and became its own 'home': going home left it on the GPU. Devices are compared as ``to()``
+    compares them (:func:`_same_device`). A FakeTensorMode tensor stands for the GPU tensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fantasyportrait_core.residency import WeightHome, _same_device
+
+    assert _same_device(torch.device("cuda"), torch.device("cuda", 0))  # no GPU here: device 0 is current
+    assert not _same_device(torch.device("cuda", 1), torch.device("cuda"))
+    assert not _same_device(torch.device("cpu"), torch.device("cuda", 0))
+    lin = torch.nn.Linear(2, 2)
+    home = WeightHome(lin)
+    home.device = torch.device("cuda")  # what home.to("cuda") records
+    with FakeTensorMode():
+        lin.lora = torch.nn.Parameter(torch.zeros(3, device="cuda"), requires_grad=False)
+    assert lin.lora.device == torch.device("cuda", 0)
+    home._scan()
+    assert lin.lora not in home._home, "a GPU tensor was recorded as its own home (it would never leave the GPU)"
+    assert lin.weight in home._home
