@@ -274,3 +274,27 @@ def test_weight_home_takes_cuda_and_cuda0_for_one_device():
     home._scan()
     assert lin.lora not in home._home, "a GPU tensor was recorded as its own home (it would never leave the GPU)"
     assert lin.weight in home._home
+
+
+def test_sageattention_below_what_diffusers_takes_is_refused_up_front(tiny, tmp_path, monkeypatch):
+    """Defect 3: with sageattention 1.0.6 (what the registry's ``pip install sageattention`` gives)
+    diffusers keeps ``sageattn = None`` (it takes >= 2.1.1), so a backend chosen because the module
+    merely exists failed in the first forward with "'NoneType' object is not callable". The
+    backend is now checked by diffusers' own requirement check when it is set. An importable
+    ``sageattention`` package is simulated on ``sys.path`` (diffusers here has no usable sage,
+    the state 1.0.6 leaves it in)."""
+    from diffusers.models import attention_dispatch as ad
+
+    from fantasyportrait_core.attention import set_attention_backend
+
+    assert not ad._CAN_USE_SAGE_ATTN and ad.sageattn is None
+    pkg = tmp_path / "sageattention"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("__version__ = '1.0.6'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = copy.deepcopy(tiny[0])
+    attach_portrait_processors(model, copy.deepcopy(tiny[1]))
+    with pytest.raises(ValueError, match=r"'sageattention' cannot run here: .*sageattention>=2\.1\.1.* Use 'sdpa'"):
+        set_attention_backend(model, "sageattention")
+    assert all(b.attn1.processor._attention_backend is None for b in model.blocks)  # unchanged: sdpa
+    set_attention_backend(model, "sdpa_flash")  # no package needed: accepted
