@@ -255,7 +255,9 @@ def backend_unavailable(name: str, backend: AttentionBackendName) -> None:
     try:
         _check_attention_backend_requirements(backend)
     except (RuntimeError, ImportError) as e:
-        raise ValueError(f"attention backend {name!r} cannot run here: {e} Use 'sdpa' otherwise.") from None
+        hint = (" (the registry's 'pip install sageattention' gives 1.0.6, which diffusers does not use: install "
+                "SageAttention 2 from https://github.com/thu-ml/SageAttention)") if name == "sageattention" else ""
+        raise ValueError(f"attention backend {name!r} cannot run here: {e}{hint} Use 'sdpa' otherwise.") from None
 
 
 def set_attention_backend(transformer, name: str) -> None:

@@ -298,3 +298,61 @@ def test_sageattention_below_what_diffusers_takes_is_refused_up_front(tiny, tmp_
         set_attention_backend(model, "sageattention")
     assert all(b.attn1.processor._attention_backend is None for b in model.blocks)  # unchanged: sdpa
     set_attention_backend(model, "sdpa_flash")  # no package needed: accepted
+
+
+def _scaled_mm_as_cuda_checks_it(real):
+    """``torch._scaled_mm`` with the argument checks of its CUDA kernel (ATen ``Blas.cpp``,
+    ``_scaled_mm_out_cuda``; torch's own ``test_float8_bias_relu_edgecase``-style tests assert
+    them), which the CPU kernel and the meta kernel do not make; then the CPU op computes."""
+
+    def checked(mat1, mat2, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None, use_fast_accum=False):
+        out_dtype = out_dtype or mat1.dtype
+        assert mat1.dtype == mat2.dtype == torch.float8_e4m3fn
+        assert mat1.shape[1] % 16 == 0 and mat2.shape[1] % 16 == 0, "dims must be multiples of 16"
+        assert mat1.stride(1) == 1 and mat2.stride(0) == 1, "mat1 row-major, mat2 column-major"
+        assert scale_a.dtype == scale_b.dtype == torch.float32, "scales must be float32"
+        if bias is not None:
+            if out_dtype == torch.float32:
+                raise RuntimeError("Bias is not supported when out_dtype is set to Float32")
+            if bias.dtype not in (torch.bfloat16, torch.float16) or bias.dtype != out_dtype:
+                raise RuntimeError(f"Bias must be BFloat16 or Half and match the output, got {bias.dtype}")
+        return real(mat1, mat2, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
+
+    return checked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_mode_scaled_mm_in_every_compute_dtype(monkeypatch, dtype):
+    """Defect 4: fast mode's fp8 matmul with fp32 compute passed the bias into ``_scaled_mm`` with
+    an fp32 output, which the CUDA kernel refuses (every Wan block linear has a bias); it is now
+    added after the product. The result equals the emulated fp8 product (same quantisation) in
+    every compute dtype."""
+    from fantasyportrait_core.fp8 import fp8_linear, quantize_fp8
+
+    monkeypatch.setattr(torch, "_scaled_mm", _scaled_mm_as_cuda_checks_it(torch._scaled_mm))
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(48, 32, generator=g) * 0.02, torch.randn(48, generator=g) * 0.1
+    q, s = quantize_fp8(w.to(dtype))
+    x = torch.randn(2, 5, 32, generator=g).to(dtype)
+    got = fp8_linear(x, q, s, bias.to(dtype), "scaled_mm")
+    want = fp8_linear(x, q, s, bias.to(dtype), "emulate")
+    assert got.dtype == dtype and got.shape == (2, 5, 48)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("compute", ["emulate", "scaled_mm"])
+def test_fp16_all_zero_activation_and_weight_stay_finite(compute):
+    """Defect 4: in fp16 the scale floor 1e-12 rounds to 0, so an all-zero activation (or weight)
+    was quantised as 0/0 = NaN. The floor is now fp16's smallest normal number."""
+    from fantasyportrait_core.fp8 import fp8_linear, quantize_activation, quantize_fp8
+
+    zeros = torch.zeros(4, 32, dtype=torch.float16)
+    xq, sx = quantize_activation(zeros)
+    assert sx > 0 and torch.equal(xq.float(), torch.zeros(4, 32))
+    q0, s0 = quantize_fp8(torch.zeros(16, 32, dtype=torch.float16))
+    assert s0 > 0 and not q0.float().isnan().any()
+    q, s = quantize_fp8(torch.randn(16, 32).half() * 0.02)
+    bias = torch.full((16,), 0.5, dtype=torch.float16)
+    out = fp8_linear(zeros, q, s, bias, compute)
+    assert torch.equal(out, bias.expand(4, 16))
