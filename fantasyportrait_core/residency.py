@@ -239,16 +239,38 @@ def free_vram_bytes(device) -> int | None:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
-def pin_weights_upfront(weights_bytes: int, available_bytes: int | None) -> bool:
+def pinned_alloc_bytes(nbytes: int) -> int:
+    """Bytes torch's pinned host allocator takes for one ``nbytes`` tensor: it rounds every
+    allocation up to the next power of two (``CachingHostAllocator``: ``PowerOf2Ceil`` of the size,
+    to reuse freed blocks), so a 14B Wan block's 52 MB attention weight takes 64 MiB and its 142 MB
+    FFN weight 256 MiB; over the whole model about 1.5x the tensors' bytes."""
+    return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
+
+
+def streamed_tensors(transformer) -> list[list[torch.Tensor]]:
+    """The tensors of each block (with its ``portrait_kv``): what block offload streams and pins."""
+    return [list(dict.fromkeys((*b.parameters(), *b.buffers()))) for b in transformer.blocks]
+
+
+def pinned_host_bytes(transformer) -> tuple[int, int]:
+    """``(all blocks, largest block)`` in pinned host bytes as the allocator rounds them
+    (:func:`pinned_alloc_bytes`): the page-locked RAM of pinning every block up front, and of one
+    block pinned as it streams."""
+    per_block = [sum(pinned_alloc_bytes(t.numel() * t.element_size()) for t in ts) for ts in streamed_tensors(transformer)]
+    return sum(per_block), max(per_block, default=0)
+
+
+def pin_weights_upfront(pinned_bytes: int, available_bytes: int | None) -> bool:
     """Whether block offload may keep a pinned (page-locked) host copy of all weights.
 
-    Pinned copies make the block-by-block uploads overlap with compute, but they are a second copy
-    of the weights (15.5 GiB for the 14B in fp8, 30.5 GiB in bf16) that cannot be swapped out; the
-    cards that need offload often sit in machines with 32 GB of RAM. So pin up front only when the
-    weights take under half of the RAM available now, else pin each block on the fly (diffusers
-    ``low_cpu_mem_usage``).
+    Pinned copies are a second copy of the weights that cannot be swapped out; the cards that need
+    offload often sit in machines with 32-64 GB of RAM, which also hold the text encoder and the
+    rest of the workflow. So pin up front only when the copy, counted as the pinned allocator
+    rounds it (:func:`pinned_host_bytes`: ~25 GiB for the 14B in fp8 with the adapter's K/V, ~47 GiB
+    in bf16), takes under half of the RAM available now; else each block is pinned as it streams
+    (diffusers ``low_cpu_mem_usage``), still overlapped with the compute.
     """
-    return available_bytes is not None and 2 * weights_bytes < available_bytes
+    return available_bytes is not None and 2 * pinned_bytes < available_bytes
 
 
 def available_ram_bytes() -> int | None:
@@ -271,6 +293,15 @@ def enable_block_offload(transformer, device, available_ram: int | None, adapter
     """Stream the transformer's blocks to ``device`` one at a time: diffusers group offload, one
     block per group, the next block copied on a side CUDA stream while the current one computes.
 
+    The copies overlap the compute: ``use_stream`` with ``record_stream`` (diffusers then never
+    waits for the compute stream when it drops a block: the allocator reuses that memory once the
+    compute stream has passed it; without ``record_stream`` it synchronises the compute stream after
+    every block). The price is that up to three blocks' weights are on the GPU at once (the one
+    computing, the next in flight, the last one until the compute stream passes it), counted by
+    :meth:`~fantasyportrait_core.memory.ModelSize.weights`. Host side: every block pinned up front
+    when it fits (:func:`pin_weights_upfront`), else each block pinned as it streams, announced in
+    one log line.
+
     Args:
         available_ram: host RAM available now (:func:`available_ram_bytes`; ``None`` = unknown).
         adapter: the portrait adapter; its K/V projections of block i are attached to block i
@@ -283,9 +314,16 @@ def enable_block_offload(transformer, device, available_ram: int | None, adapter
     if adapter is not None:
         for i, block in enumerate(transformer.blocks):
             block.portrait_kv = torch.nn.ModuleList(adapter.kv_projections(i))
-    weights = sum(t.numel() * t.element_size() for t in (*transformer.parameters(), *transformer.buffers()))
-    upfront = pin_weights_upfront(weights, available_ram)
-    transformer.enable_group_offload(torch.device(device), offload_device=torch.device("cpu"),
-                                     offload_type="block_level", num_blocks_per_group=1,
-                                     use_stream=torch.device(device).type == "cuda", low_cpu_mem_usage=not upfront)
+    device = torch.device(device)
+    streams = device.type == "cuda"
+    pinned, largest = pinned_host_bytes(transformer)
+    upfront = pin_weights_upfront(pinned, available_ram)
+    if streams and not upfront:
+        ram = "unknown" if available_ram is None else f"{available_ram / 2**30:.1f} GiB"
+        log.info("[FantasyPortrait] block offload pins each block as it streams (%.2f GiB page-locked at a time): "
+                 "pinning all blocks up front would take %.1f GiB of page-locked RAM, more than half of the %s "
+                 "available", largest / 2**30, pinned / 2**30, ram)
+    transformer.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type="block_level",
+                                     num_blocks_per_group=1, use_stream=streams, record_stream=streams,
+                                     low_cpu_mem_usage=not upfront)
     return upfront
