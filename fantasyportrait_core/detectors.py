@@ -496,38 +496,44 @@ class OfficialOnnxDetector:
         outs = self.det.run(None, {self.det.get_inputs()[0].name: x})
         return detections_to_boxes(outs, m, w, h, self.min_score)
 
-    def _landmark_pass(self, bgr: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, float, float]:
+    def _landmark_pass(self, bgr: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, float, float, np.ndarray]:
         """One landmark run on the 128² crop ``m``: (222 points in image pixels float32, eye-corner
-        roll in the crop in degrees, face probability)."""
+        roll in the crop in degrees, face probability, model euler output (pitch, yaw) in radians)."""
         crop = cv2.warpAffine(bgr, m, (_LM_SIZE, _LM_SIZE))
         x = crop.transpose(2, 0, 1).astype(np.float32)[None] / 255.0
-        lm, _euler, prob = self.lm.run(self._lm_outputs, {self.lm.get_inputs()[0].name: x})
+        lm, euler, prob = self.lm.run(self._lm_outputs, {self.lm.get_inputs()[0].name: x})
         pts = lm[0].reshape(2, -1).T * _LM_SIZE
         a, b = pts[_LM_ROLL[0]], pts[_LM_ROLL[1]]
         roll = np.float32(np.arctan2(b[1] - a[1], b[0] - a[0] + 1e-8))  # float32 as the reference's euler array
         pts = cv2.transform(pts[:, None], cv2.invertAffineTransform(m))[:, 0]
-        return pts, float(np.rad2deg(roll)), float(np.asarray(prob).reshape(-1)[0])
+        return pts, float(np.rad2deg(roll)), float(np.asarray(prob).reshape(-1)[0]), np.asarray(euler).reshape(-1)[:2]
 
-    def landmarks222(self, bgr: np.ndarray, box: np.ndarray, passes: int = _LM_PASSES) -> tuple[np.ndarray, float]:
+    def landmarks222(self, bgr: np.ndarray, box: np.ndarray, passes: int = _LM_PASSES,
+                     return_pose: bool = False):
         """222 landmarks (``[222, 2]`` float32 pixels) and face probability of the face in ``box``
         (reference ``FaceAlignment.forward(face_box=box, iterations=3)``). Each refinement crop is
         rotated by the roll measured in the previous crop, not in the image: after the upright second
-        crop that residual is near 0, so the third crop is near unrotated, as in the reference."""
-        pts, roll, prob = self._landmark_pass(bgr, box_crop_matrix(box))
+        crop that residual is near 0, so the third crop is near unrotated, as in the reference.
+        With ``return_pose`` also the head pose (pitch, yaw, roll) in degrees (see :class:`Face`)."""
+        pts, roll, prob, euler = self._landmark_pass(bgr, box_crop_matrix(box))
         for _ in range(passes - 1):
-            pts, roll, prob = self._landmark_pass(bgr, points_crop_matrix(pts, roll))
-        return pts, prob
+            pts, roll, prob, euler = self._landmark_pass(bgr, points_crop_matrix(pts, roll))
+        if not return_pose:
+            return pts, prob
+        a, b = pts[_LM_ROLL[0]], pts[_LM_ROLL[1]]
+        pose = np.r_[np.rad2deg(euler.astype(np.float64)), np.degrees(np.arctan2(b[1] - a[1], b[0] - a[0]))]
+        return pts, prob, pose
 
     def detect(self, image: np.ndarray) -> list[Face]:
-        """Faces in ``image`` (``[H, W, 3]`` uint8 RGB), left to right."""
+        """Faces in ``image`` (``[H, W, 3]`` uint8 RGB), left to right, with :attr:`Face.pose`."""
         bgr = np.ascontiguousarray(check_image(image)[..., ::-1])
         boxes, probs = self.detect_boxes(bgr)
         faces = []
         for box, p in zip(boxes, probs):
-            pts, prob = self.landmarks222(bgr, box)
+            pts, prob, pose = self.landmarks222(bgr, box, return_pose=True)
             if prob < _LM_MIN_PROB:
                 continue
-            faces.append(Face(box=box, landmarks=order_points(pts[_LM_FIVE]), score=float(p)))
+            faces.append(Face(box=box, landmarks=order_points(pts[_LM_FIVE]), score=float(p), pose=pose))
         return sorted(faces, key=lambda f: f.center[0])
 
 
@@ -575,7 +581,8 @@ def make_detector(backend: str = "auto", model_dir: str | None = None, min_score
         model_dir: insightface root (``models/insightface``) or the folder with the official ONNX pair
             (``models/fantasyportrait``; also where ``auto`` looks).
         min_score: confidence threshold; ``None`` or 0 takes the backend's own (``DEFAULT_MIN_SCORE``).
-        kw: backend options (``mtcnn``: ``min_face_size``, ``device``; ``insightface``: ``name``).
+        kw: backend options (``mtcnn``: ``min_face_size``, ``device``; ``insightface``: ``name``;
+            ``official``: ``threads``).
     Raises:
         ValueError: unknown backend, or an official ONNX file onnxruntime cannot load;
         FileNotFoundError: missing model files (names the folder);
@@ -601,7 +608,7 @@ def make_detector(backend: str = "auto", model_dir: str | None = None, min_score
         det = InsightFaceDetector(model_dir or default_model_dir(backend), min_score=min_score, **kw)
     else:
         d = model_dir or default_model_dir(backend)
-        det = OfficialOnnxDetector(*(os.path.join(d, f) for f in OFFICIAL_FILES), min_score=min_score)
+        det = OfficialOnnxDetector(*(os.path.join(d, f) for f in OFFICIAL_FILES), min_score=min_score, **kw)
     labels = {"official": "official onnx", "insightface": f"insightface {kw.get('name', 'buffalo_l')}"}
     label = labels.get(backend, backend)
     det.info = f"{label} (auto: {reason})" if reason else label

@@ -263,4 +263,4 @@ def test_detector_benchmark_runs_tiny():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert any(r.startswith("| jgz.mp4 | 512×512 | 4 × 1 | mtcnn min_face 20 |") for r in rows), out.stdout
     assert any(r.startswith("| crowd 15-300 px (12 faces) | 1280×720 | 1 × 12 | mtcnn") for r in rows), out.stdout
-    assert any("official onnx | not measured: weights not available offline" in r for r in rows), out.stdout
+    assert any("official onnx | not measured: no face_det.onnx / face_landmark.onnx in" in r for r in rows), out.stdout
