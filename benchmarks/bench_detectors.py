@@ -51,7 +51,7 @@ sys.path.insert(0, ROOT)
 
 from fantasyportrait_core import detectors as D  # noqa: E402
 from fantasyportrait_core.expression import ALIGN_TEMPLATE, CROP_SIZE, umeyama  # noqa: E402
-from fantasyportrait_core.faces import detect_video  # noqa: E402
+from fantasyportrait_core.faces import detect_video, order_points  # noqa: E402
 from fantasyportrait_core.video import read_image, read_video  # noqa: E402
 
 # Face boxes (x1, y1, x2, y2) in the shared inputs, for cutting faces out (checked by eye).
@@ -305,6 +305,50 @@ def print_official_landmarks(found, clips, labels):
               f"{cell(rel)} | {px.mean():.1f} | {shift.mean():.1f} / {shift.max():.1f} | {', '.join(names)} |")
 
 
+def print_reference_video_gap(args, det):
+    """Our per-frame official landmarks against the reference's ``det_landmarks`` (which seeds each
+    frame's landmark crop from the previous frame's One-Euro-smoothed points and keeps whichever of
+    the tracked and the freshly detected point sets spans the larger box) on consecutive frames."""
+    from tests import reference_face as R
+
+    files = [os.path.join(args.detector_dir, f) for f in D.OFFICIAL_FILES]
+    ref = R.CameraDemo(R.FaceAlignment(files[1], files[0]))
+    print(f"\nOur per-frame official points against the reference's video path (det_landmarks), first "
+          f"{args.reference_video} frames: frames with identical points, 5-point distance in px and in "
+          f"inter-pupil distances (mean / max), crop shift and mean |crop difference| (224², /255)\n")
+    print("| clip | frames | identical | 5 points, px | 5 points, IPD | crop shift, px | crop |diff| /255 |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("jgz.mp4", "biden.mp4", "trump.mp4"):
+        rgb = read_video(os.path.join(args.data, name), max_frames=args.reference_video).frames
+        bgr = [np.ascontiguousarray(f[..., ::-1]) for f in rgb]
+        _, ref_pts, _ = R.det_landmarks(ref, bgr)
+        px, rel, shift, diff = [], [], [], []
+        for frame, rgb_frame, pts222 in zip(bgr, rgb, ref_pts):
+            face = max(det.detect(rgb_frame), key=lambda f: f.area)
+            five = pts222[R.PT5_IDX]
+            d = np.linalg.norm(face.landmarks - order_points(five), axis=1)
+            px.append(d.mean())
+            rel.append(d.mean() / np.linalg.norm(five[1] - five[0]))
+            shift.append(crop_shift(face.landmarks, order_points(five)))
+            ours = R.warp_face_pd_fgc(frame, face_points(face, five))
+            diff.append(np.abs(ours.astype(int) - R.warp_face_pd_fgc(frame, pts222)).mean())
+        px, rel = np.array(px), np.array(rel)
+        print(f"| {name} | {len(px)} | {(px < 1e-3).sum()} | {px.mean():.2f} / {px.max():.2f} | "
+              f"{rel.mean():.3f} / {rel.max():.3f} | {np.mean(shift):.2f} / {np.max(shift):.2f} | "
+              f"{np.mean(diff):.2f} / {np.max(diff):.2f} |", flush=True)
+
+
+def face_points(face, five_ref):
+    """A 222-point array holding ``face``'s 5 points where the reference reads them (for warp_face_pd_fgc)."""
+    from tests import reference_face as R
+
+    pts = np.zeros((222, 2))
+    # order_points may have swapped left/right: put each of ours where the reference's nearest is
+    for i, p in zip(R.PT5_IDX, five_ref):
+        pts[i] = face.landmarks[np.argmin(np.linalg.norm(face.landmarks - p, axis=1))]
+    return pts
+
+
 def print_pairwise_landmarks(found, clips, measured):
     """Landmark agreement between mtcnn and the next measured backend, on faces both found."""
     pairs = [(a, b) for a in measured for b in measured if a.startswith("mtcnn") and not b.startswith("mtcnn")]
@@ -339,6 +383,10 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=3, help="use every n-th video frame")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and onnxruntime CPU threads (default: their own)")
+    ap.add_argument("--reference-video", type=int, default=0, metavar="N",
+                    help="also compare our per-frame official landmarks with the reference's video path "
+                         "(det_landmarks: tracking + smoothing, literal port in tests/reference_face.py) on the "
+                         "first N frames of each single-face clip")
     ap.add_argument("--dump", default=None, help="save the matched faces of every backend here (.npz)")
     ap.add_argument("--save-scenes", default=None, help="write the composed scenes (with true boxes) here")
     ap.add_argument("--inputs", choices=("all", "shared", "scenes"), default="all",
@@ -417,6 +465,8 @@ def main(argv=None) -> int:
         print_official_landmarks(found, clips, [m for m in measured if m != "official onnx"])
     else:  # no reference points: how far the offline backends are from each other
         print_pairwise_landmarks(found, clips, measured)
+    if args.reference_video and "official onnx" in measured:
+        print_reference_video_gap(args, dict((lbl, d) for lbl, d, _ in dets)["official onnx"])
     if args.dump:
         dump = {}
         for (name, label), rows in found.items():

@@ -31,7 +31,7 @@ import os
 import cv2
 import numpy as np
 
-from .faces import Face, check_image, nms, order_points
+from .faces import Face, box_containment, box_iou, check_image, nms, order_points
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -266,6 +266,17 @@ def _tiles(w: int, h: int, max_aspect: float = 1.34) -> list[tuple[int, int, int
     return tiles
 
 
+def _portrait_tiles(w: int, h: int, max_aspect: float = 1.34) -> list[tuple[int, int]]:
+    """Column ranges ``(x0, x1)`` of overlapping full-height tiles with the official detector's
+    160:272 aspect, half a tile apart, covering a landscape image (``w > max_aspect · h``); none
+    otherwise (the whole-image pass already sees such an image at a usable scale)."""
+    if w <= max_aspect * h:
+        return []
+    side = max(1, int(round(h * _DET_SIZE[0] / _DET_SIZE[1])))
+    n = int(np.ceil((w - side) / (side / 2))) + 1
+    return [(int(x), int(x) + side) for x in np.linspace(0, w - side, n).astype(int)]
+
+
 def _onnx_providers():
     import onnxruntime as ort
 
@@ -438,7 +449,7 @@ class OfficialOnnxDetector:
     """The FantasyPortrait release's face detector (``face_det.onnx``, NanoDet-style GFL, BGR input
     letterboxed to 160×272) + 222-point landmark model (``face_landmark.onnx``, 128² crops).
 
-    Per image: detection with score > ``min_score`` (0.4), hard NMS at IoU 0.3 over the 200 best
+    Per image: detection on the whole image with score > ``min_score`` (0.4), hard NMS at IoU 0.3 over the 200 best
     boxes, boxes mapped back and truncated to whole pixels (reference ``face_det.py``); per face three
     landmark passes, the first on the box, the next two on the previous pass's points, rotated by the
     eye-corner roll measured in the previous crop (reference ``FaceAlignment.forward``); the 5
@@ -446,10 +457,18 @@ class OfficialOnnxDetector:
     ``warp_face_pd_fgc``). Faces whose landmark probability is under 1e-4 are dropped (reference
     tracker ``face_prob_th``).
 
+    Beyond the reference: the network sees a 160×272 letterbox, so in a landscape image faces
+    shrink to a few pixels and are missed (a 1694×610 scene: 1 of 3 faces; a 1280×720 row of
+    75 px faces: 1 of 6). With ``tiles`` (default) overlapping portrait tiles of the image are
+    searched too, and a face found there is added when no whole-image box overlaps it; the faces the
+    whole-image pass finds keep the reference's boxes exactly (docs/DETECTORS.md).
+
     Args:
         det_path, landmark_path: ``face_det.onnx`` and ``face_landmark.onnx``.
         min_score: detection score threshold (reference 0.4).
         threads: onnxruntime intra-op threads (None: onnxruntime's default).
+        tiles: also search overlapping portrait tiles of a landscape image (:meth:`find_boxes`);
+            False runs the reference's single pass only.
     Raises:
         BackendUnavailable: naming the pip command when onnxruntime is missing.
         FileNotFoundError: naming the missing file and where it goes.
@@ -458,7 +477,8 @@ class OfficialOnnxDetector:
 
     name = "official"
 
-    def __init__(self, det_path: str, landmark_path: str, min_score: float = _DET_SCORE, threads: int | None = None):
+    def __init__(self, det_path: str, landmark_path: str, min_score: float = _DET_SCORE, threads: int | None = None,
+                 tiles: bool = True):
         require_backend("official")
         for p in (det_path, landmark_path):
             if not os.path.isfile(p):
@@ -482,6 +502,7 @@ class OfficialOnnxDetector:
         self.det, self.lm = sessions
         self._lm_outputs = [o.name for o in self.lm.get_outputs()]  # landmark, euler, prob
         self.min_score = min_score
+        self.tiles = bool(tiles)
 
     def close(self):
         pass
@@ -495,6 +516,33 @@ class OfficialOnnxDetector:
         x = ((x - _DET_MEAN / 255) / (_DET_STD / 255)).transpose(2, 0, 1)[None]
         outs = self.det.run(None, {self.det.get_inputs()[0].name: x})
         return detections_to_boxes(outs, m, w, h, self.min_score)
+
+    def find_boxes(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`detect_boxes` on the whole image, plus, when ``tiles`` is on and the image is
+        landscape (width > 1.34 × height), on overlapping tiles of the network's 160:272 aspect and
+        the image's full height (:func:`_portrait_tiles`). A tile box touching an inner tile edge is
+        a cut face and dropped; the others are added best first when their IoU with every kept box
+        is <= 0.3 and less than half of them lies inside one. Whole-image boxes come first, unchanged."""
+        boxes, probs = self.detect_boxes(bgr)
+        h, w = bgr.shape[:2]
+        if not self.tiles:
+            return boxes, probs
+        extra = []
+        for x0, x1 in _portrait_tiles(w, h):
+            tb, tp = self.detect_boxes(np.ascontiguousarray(bgr[:, x0:x1]))
+            for b, p in zip(tb, tp):
+                if (b[0] <= 1 and x0 > 0) or (b[2] >= x1 - x0 - 1 and x1 < w):
+                    continue
+                extra.append((b + [x0, 0, x0, 0], p))
+        kept_b, kept_p = list(boxes), list(probs)
+        for b, p in sorted(extra, key=lambda e: -e[1]):
+            if kept_b:
+                others = np.array(kept_b)
+                if box_iou(b[None], others).max() > _DET_NMS_IOU or box_containment(b[None], others).max() > 0.5:
+                    continue
+            kept_b.append(b)
+            kept_p.append(p)
+        return np.array(kept_b, float).reshape(-1, 4), np.array(kept_p, float)
 
     def _landmark_pass(self, bgr: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, float, float, np.ndarray]:
         """One landmark run on the 128² crop ``m``: (222 points in image pixels float32, eye-corner
@@ -527,7 +575,7 @@ class OfficialOnnxDetector:
     def detect(self, image: np.ndarray) -> list[Face]:
         """Faces in ``image`` (``[H, W, 3]`` uint8 RGB), left to right, with :attr:`Face.pose`."""
         bgr = np.ascontiguousarray(check_image(image)[..., ::-1])
-        boxes, probs = self.detect_boxes(bgr)
+        boxes, probs = self.find_boxes(bgr)
         faces = []
         for box, p in zip(boxes, probs):
             pts, prob, pose = self.landmarks222(bgr, box, return_pose=True)

@@ -118,7 +118,7 @@ def _official_files():
 @pytest.fixture(scope="module")
 def pair():
     det_path, lm_path = _official_files()
-    ours = D.OfficialOnnxDetector(det_path, lm_path, threads=1)
+    ours = D.OfficialOnnxDetector(det_path, lm_path, threads=1, tiles=False)  # the reference's single pass
     ref = R.FaceAlignment(lm_path, det_path)
     return ours, ref
 
@@ -193,3 +193,31 @@ def test_four_person_scene_finds_four_faces(pair):
     assert len(faces) == 4
     centres = np.array([f.center for f in faces])
     assert ((centres[:, 0] < 480).sum(), (centres[:, 1] < 480).sum()) == (2, 2)
+
+
+def three_person_scene():
+    """two_person.png with man.jpeg scaled to its height on the right: 1694×610, 3 faces."""
+    two = _image("two_person.png")
+    man = cv2.resize(_image("man.jpeg"), (two.shape[0], two.shape[0]), interpolation=cv2.INTER_AREA)
+    return np.hstack([two, man])
+
+
+def test_tiles_find_the_faces_the_letterbox_misses_and_keep_the_reference_boxes(pair):
+    """A wide 3-person scene: the reference's single 160×272 pass finds 1 face; the tiles add the
+    other 2 (each in its own third of the image) and keep the reference's box, points and crop."""
+    ours, ref = pair
+    tiled = D.OfficialOnnxDetector(*(os.path.join(OFFICIAL_DIR, f) for f in D.OFFICIAL_FILES), threads=1)
+    bgr = three_person_scene()
+    rgb = np.ascontiguousarray(bgr[..., ::-1])
+    ref_boxes, _, _ = ref.face_detector.detect(bgr)
+    single, faces = ours.detect(rgb), tiled.detect(rgb)
+    assert len(ref_boxes) == len(single) == 1
+    assert len(faces) == 3
+    xs = sorted(f.center[0] for f in faces)
+    assert xs[0] < 560 < xs[1] < 1084 < xs[2]
+    same = [f for f in faces if np.abs(f.box - ref_boxes[0]).max() == 0]
+    assert len(same) == 1 and np.abs(same[0].landmarks - single[0].landmarks).max() == 0
+    # a portrait or square image is not tiled: identical to the single pass
+    man = np.ascontiguousarray(_image("man.jpeg")[..., ::-1])
+    a, b = tiled.detect(man), ours.detect(man)
+    assert len(a) == len(b) == 1 and np.array_equal(a[0].landmarks, b[0].landmarks)
