@@ -117,6 +117,8 @@ def test_auto_with_the_onnx_files_runs_the_official_pair(tmp_path):
     assert D.choose_auto_backend(d) == ("official", f"face_det.onnx + face_landmark.onnx found in {d}")
     det = D.make_detector("auto", d)
     assert det.name == "official" and det.info.startswith("official onnx (auto: ")
+    assert det.tiles  # on by default; this tiny detector "finds" its face at the same cell of any input,
+    det.tiles = False  # so each portrait tile of the 1280x720 frame would add one: whole-image pass only
     (face,) = det.detect(np.zeros((720, 1280, 3), np.uint8))
     # Letterbox 1280x720 -> 160x272: scale 1/8, 91 px of padding on top. The cell's box in the
     # input, centre (80, 120) +- 16, is [64, 104, 96, 136] -> [512, 104, 768, 360] in the image.
