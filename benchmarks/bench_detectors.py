@@ -313,40 +313,36 @@ def print_reference_video_gap(args, det):
 
     files = [os.path.join(args.detector_dir, f) for f in D.OFFICIAL_FILES]
     ref = R.CameraDemo(R.FaceAlignment(files[1], files[0]))
-    print(f"\nOur per-frame official points against the reference's video path (det_landmarks), first "
-          f"{args.reference_video} frames: frames with identical points, 5-point distance in px and in "
-          f"inter-pupil distances (mean / max), crop shift and mean |crop difference| (224², /255)\n")
-    print("| clip | frames | identical | 5 points, px | 5 points, IPD | crop shift, px | crop |diff| /255 |")
-    print("|---|---|---|---|---|---|---|")
+    from fantasyportrait_core.pipeline import one_euro_landmarks
+
+    print(f"\nOfficial points against the reference's video path (det_landmarks), first {args.reference_video} "
+          f"frames of each clip: our raw per-frame points (`raw`) and the pipeline's (`one_euro`: after its "
+          f"default One-Euro filter). Frames with identical points; 5-point distance in px and in inter-pupil "
+          f"distances, crop shift in 224² px, mean |crop difference| in /255 (each mean / max over frames)\n")
+    print("| clip | points | frames | identical | 5 points, px | 5 points, IPD | crop shift, px | crop |diff| /255 |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in ("jgz.mp4", "biden.mp4", "trump.mp4"):
         rgb = read_video(os.path.join(args.data, name), max_frames=args.reference_video).frames
         bgr = [np.ascontiguousarray(f[..., ::-1]) for f in rgb]
         _, ref_pts, _ = R.det_landmarks(ref, bgr)
-        px, rel, shift, diff = [], [], [], []
-        for frame, rgb_frame, pts222 in zip(bgr, rgb, ref_pts):
-            face = max(det.detect(rgb_frame), key=lambda f: f.area)
-            five = pts222[R.PT5_IDX]
-            d = np.linalg.norm(face.landmarks - order_points(five), axis=1)
-            px.append(d.mean())
-            rel.append(d.mean() / np.linalg.norm(five[1] - five[0]))
-            shift.append(crop_shift(face.landmarks, order_points(five)))
-            ours = R.warp_face_pd_fgc(frame, face_points(face, five))
-            diff.append(np.abs(ours.astype(int) - R.warp_face_pd_fgc(frame, pts222)).mean())
-        px, rel = np.array(px), np.array(rel)
-        print(f"| {name} | {len(px)} | {(px < 1e-3).sum()} | {px.mean():.2f} / {px.max():.2f} | "
-              f"{rel.mean():.3f} / {rel.max():.3f} | {np.mean(shift):.2f} / {np.max(shift):.2f} | "
-              f"{np.mean(diff):.2f} / {np.max(diff):.2f} |", flush=True)
-
-
-def face_points(face, five_ref):
-    """A 222-point array holding ``face``'s 5 points where the reference reads them (for warp_face_pd_fgc)."""
-    from tests import reference_face as R
-
-    pts = np.zeros((222, 2))
-    # order_points may have swapped left/right: put each of ours where the reference's nearest is
-    for i, p in zip(R.PT5_IDX, five_ref):
-        pts[i] = face.landmarks[np.argmin(np.linalg.norm(face.landmarks - p, axis=1))]
-    return pts
+        faces = [max(det.detect(f), key=lambda f: f.area) for f in rgb]
+        raw = np.stack([f.landmarks for f in faces])
+        filtered = one_euro_landmarks(raw, np.array([f.box[2] - f.box[0] for f in faces]))
+        for label, ours in (("raw", raw), ("one_euro", filtered)):
+            px, rel, shift, diff = [], [], [], []
+            for frame, five_ours, pts222 in zip(bgr, ours, ref_pts):
+                five = order_points(pts222[R.PT5_IDX])
+                d = np.linalg.norm(five_ours - five, axis=1)
+                px.append(d.mean())
+                rel.append(d.mean() / np.linalg.norm(five[1] - five[0]))
+                shift.append(crop_shift(five_ours, five))
+                m = umeyama(five_ours, ALIGN_TEMPLATE * CROP_SIZE)
+                crop = cv2.warpAffine(frame, m, (CROP_SIZE, CROP_SIZE), flags=cv2.INTER_CUBIC)
+                diff.append(np.abs(crop.astype(int) - R.warp_face_pd_fgc(frame, pts222)).mean())
+            px, rel = np.array(px), np.array(rel)
+            print(f"| {name} | {label} | {len(px)} | {(px < 1e-3).sum()} | {px.mean():.2f} / {px.max():.2f} | "
+                  f"{rel.mean():.3f} / {rel.max():.3f} | {np.mean(shift):.2f} / {np.max(shift):.2f} | "
+                  f"{np.mean(diff):.2f} / {np.max(diff):.2f} |", flush=True)
 
 
 def print_pairwise_landmarks(found, clips, measured):
