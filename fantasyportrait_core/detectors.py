@@ -386,11 +386,14 @@ def hard_nms(boxes: np.ndarray, scores: np.ndarray, iou: float = _DET_NMS_IOU,
         if not len(order):
             break
         rest = boxes[order]
-        wh = np.clip(np.minimum(rest[:, 2:], boxes[best, 2:]) - np.maximum(rest[:, :2], boxes[best, :2]), 0, None)
-        inter = wh[:, 0] * wh[:, 1]
-        area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
-        order = order[inter / (area(rest) + area(boxes[best]) - inter + 1e-5) <= iou]
+        inter = _area(np.c_[np.maximum(rest[:, :2], boxes[best, :2]), np.minimum(rest[:, 2:], boxes[best, 2:])])
+        order = order[inter / (_area(rest) + _area(boxes[best]) - inter + 1e-5) <= iou]
     return keep
+
+
+def _area(b: np.ndarray) -> np.ndarray:
+    """Area of ``x1 y1 x2 y2`` boxes, 0 where a box is inverted (the reference's ``area_of``)."""
+    return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
 
 
 def detections_to_boxes(outs: list[np.ndarray], m: np.ndarray, width: int, height: int,
