@@ -13,8 +13,10 @@ image terms), a score and, where the backend has one, an identity embedding.
   detection, 5 keypoints, ArcFace identity embedding).
 * ``official``: the FantasyPortrait release's ``face_det.onnx`` (NanoDet-style GFL detector) +
   ``face_landmark.onnx`` (222 points), run with onnxruntime; pre/post-processing follows the
-  reference ``diffsynth/models/face_det.py`` / ``face_align.py`` (letterbox 160×272, GFL decoding,
-  3-pass landmark refinement, points 182/202/36/149/133 for alignment).
+  reference ``diffsynth/models/face_det.py`` / ``face_align.py`` exactly (letterbox 160×272, GFL
+  decoding, hard NMS, 3-pass landmark refinement, points 182/202/36/149/133 for alignment; checked
+  against a literal port in tests/test_official_parity.py), plus portrait tiles on landscape images
+  where the letterbox makes faces too small (:meth:`OfficialOnnxDetector.find_boxes`).
 
 mediapipe, insightface and onnxruntime are optional (not in requirements.txt): a backend whose
 package is missing raises a one-line :class:`ImportError` naming the pip command

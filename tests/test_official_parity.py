@@ -221,3 +221,15 @@ def test_tiles_find_the_faces_the_letterbox_misses_and_keep_the_reference_boxes(
     man = np.ascontiguousarray(_image("man.jpeg")[..., ::-1])
     a, b = tiled.detect(man), ours.detect(man)
     assert len(a) == len(b) == 1 and np.array_equal(a[0].landmarks, b[0].landmarks)
+
+
+@pytest.mark.parametrize("size", [(1280, 720), (1694, 610), (1084, 610), (3000, 400)])
+def test_portrait_tiles_cover_a_landscape_image_half_a_tile_apart(size):
+    w, h = size
+    tiles = D._portrait_tiles(w, h)
+    side = round(h * 160 / 272)
+    assert tiles[0][0] == 0 and tiles[-1][1] == w
+    assert all(x1 - x0 == side for x0, x1 in tiles)
+    steps = np.diff([x0 for x0, _ in tiles])
+    assert steps.max() <= side / 2 + 1  # any face narrower than half a tile lies wholly inside one tile
+    assert D._portrait_tiles(h, h) == [] and D._portrait_tiles(int(1.3 * h), h) == []  # square-ish: none
