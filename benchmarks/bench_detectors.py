@@ -297,7 +297,8 @@ def print_official_landmarks(found, clips, labels):
     print(f"\nLandmarks against the official pair (faces both found; frontal: official |yaw| < {FRONTAL_YAW:g}°). "
           "Distance of each point in official inter-pupil distances, mean / median / max; mean px; crop shift: "
           "mean distance the 5 points move in the 224² crop, mean / max in crop px\n")
-    print("| backend | view | faces | eyes | nose | mouth corners | all 5 | all 5, px | crop shift (224² px) | inputs |")
+    print("| backend | view | faces | eyes | nose | mouth corners | all 5 | all 5, px | crop shift (224² px) "
+          "| inputs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     cell = lambda g: f"{g.mean():.3f} / {np.median(g):.3f} / {g.max():.2f}"  # noqa: E731
     for (label, view), (rel, px, shift, names) in sorted(rows.items()):

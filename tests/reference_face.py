@@ -413,7 +413,8 @@ class CameraDemo:
         for face_rect in detected_faces:
             self.trackingFaces.append({
                 "face_rect": face_rect, "rotate_angle": 0.0, "pre_kpt_222": None,
-                "face_dis": np.sqrt(np.square((face_rect[2] - face_rect[0])) + np.square((face_rect[3] - face_rect[1]))),
+                "face_dis": np.sqrt(np.square((face_rect[2] - face_rect[0]))
+                                    + np.square((face_rect[3] - face_rect[1]))),
                 "smoother_222": Smoother222(), "prob": 0})
         delete_idx_list = []
         for face_idx, tracking_face in enumerate(self.trackingFaces):
