@@ -181,8 +181,9 @@ ONNX_DIR = os.environ.get("FANTASYPORTRAIT_ONNX_DIR") or next(
                               "fantasyportrait_official")] if os.path.isfile(os.path.join(d, "face_det.onnx"))), None)
 
 
-@pytest.mark.skipif(not ONNX_DIR, reason="no face_det.onnx + face_landmark.onnx in ../shared/models/fantasyportrait_official "
-                                         "(or set FANTASYPORTRAIT_ONNX_DIR to a folder holding them)")
+@pytest.mark.skipif(not ONNX_DIR, reason="no face_det.onnx + face_landmark.onnx in "
+                                         "../shared/models/fantasyportrait_official (or set FANTASYPORTRAIT_ONNX_DIR "
+                                         "to a folder holding them)")
 def test_official_onnx_backend_on_shared_inputs():
     det = make_detector("official", ONNX_DIR)
     (man,) = det.detect(read_image(data_path("man.jpeg")))
