@@ -5,6 +5,8 @@ agreement between backends.
     python benchmarks/bench_detectors.py                         # every installed backend
     python benchmarks/bench_detectors.py --backends mtcnn,mediapipe --every 3 --mtcnn 20,12
     python benchmarks/bench_detectors.py --tiny                  # smoke test (4 frames + the crowd scene)
+    python benchmarks/bench_detectors.py --detector-dir ../shared/models/fantasyportrait_official \
+        --every 6 --threads 1                                    # with the official pair (docs/DETECTORS.md)
 
 Ground truth (counted by looking at the frames; see docs/DETECTORS.md):
 * man.jpeg, jgz.mp4, biden.mp4, trump.mp4: one face; two_person.png / two_person.mp4: two people,
@@ -17,6 +19,17 @@ Ground truth (counted by looking at the frames; see docs/DETECTORS.md):
   faces (150 px wide at ×1) pasted at scale s; ``crowd 15-300 px``: 12 faces whose widths run from
   300 down to 15 px. A detection is a hit when its centre lies in a true face box and its width is
   within 0.5–2× of it (one hit per face); anything else is a false positive.
+* Scenes with 3 and 4 people (:func:`compose_people`): ``3 people``: two_person.png with man.jpeg
+  (scaled to the same height) pasted to its right, 1694×610; ``4 people``: 2×2 tiles of 480² from
+  man.jpeg and frames of jgz / biden / trump, 960×960. Truth: the two_person.png regions plus one
+  region per tile.
+
+Landmarks (when the official pair is measured): the official pair's 5 points are the reference;
+each other backend's 5 points on the faces both found, split by the official head pose into frontal
+(|yaw| < 20°) and turned faces: the distance per point in inter-pupil distances and in pixels, and
+the crop shift: where the official 5 points land in the 224² PD-FGC crop aligned from the other
+backend's points, against where they land in the official crop (the template), mean over the 5
+points, in crop pixels.
 
 Times are wall-clock per frame on this machine's CPU (torch threads as printed), after one warm-up
 call; mtcnn runs each clip in batches of 16 frames (``faces.detect_video``), mediapipe frame by frame.
@@ -37,7 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fantasyportrait_core import detectors as D  # noqa: E402
-from fantasyportrait_core.faces import detect_video  # noqa: E402
+from fantasyportrait_core.expression import ALIGN_TEMPLATE, CROP_SIZE, umeyama  # noqa: E402
+from fantasyportrait_core.faces import detect_video, order_points  # noqa: E402
 from fantasyportrait_core.video import read_image, read_video  # noqa: E402
 
 # Face boxes (x1, y1, x2, y2) in the shared inputs, for cutting faces out (checked by eye).
@@ -136,6 +150,24 @@ def compose_scenes(data) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return scenes
 
 
+def compose_people(data) -> list[tuple[str, np.ndarray, list]]:
+    """(name, RGB image, head regions) of the 3- and 4-person scenes (deterministic; see the module doc)."""
+    two = read_image(os.path.join(data, "two_person.png"))
+    man = read_image(os.path.join(data, "man.jpeg"))
+    h = two.shape[0]
+    man_h = cv2.resize(man, (h, h), interpolation=cv2.INTER_AREA)
+    three = np.hstack([two, man_h])
+    w = two.shape[1]
+    regions3 = REGIONS["two_person.png"] + [(w, 0, w + h, h)]
+    tiles = [man] + [read_video(os.path.join(data, n), max_frames=k + 1).frames[k]
+                     for n, k in (("jgz.mp4", 40), ("biden.mp4", 20), ("trump.mp4", 30))]
+    tiles = [cv2.resize(t, (480, 480), interpolation=cv2.INTER_AREA) for t in tiles]
+    four = np.vstack([np.hstack(tiles[:2]), np.hstack(tiles[2:])])
+    regions4 = [(0, 0, 480, 480), (480, 0, 960, 480), (0, 480, 480, 960), (480, 480, 960, 960)]
+    return [("3 people (two_person.png + man.jpeg)", three, regions3),
+            ("4 people (2×2 tiles)", four, regions4)]
+
+
 # -------------------------------------------------------------------------------- scoring
 
 def match_boxes(faces, truth: np.ndarray) -> tuple[list[int | None], int]:
@@ -189,6 +221,41 @@ def landmark_gap(a, b) -> np.ndarray:
     return np.linalg.norm(a - b, axis=1) / max(iod, 1e-6)
 
 
+def crop_shift(five: np.ndarray, ref_five: np.ndarray, size: int = CROP_SIZE) -> float:
+    """How far the face moves in the aligned ``size``² crop when it is aligned from ``five`` instead
+    of ``ref_five``: mean distance, in crop pixels, between where the 5 points ``ref_five`` land
+    under the two alignments (under ``ref_five``'s own they land near the template)."""
+    m, mr = umeyama(five, ALIGN_TEMPLATE * size), umeyama(ref_five, ALIGN_TEMPLATE * size)
+    a = ref_five @ m[:, :2].T + m[:, 2]
+    b = ref_five @ mr[:, :2].T + mr[:, 2]
+    return float(np.linalg.norm(a - b, axis=1).mean())
+
+
+FRONTAL_YAW = 20.0  # degrees (official head pose); larger |yaw| counts as a turned face
+
+
+def landmark_rows(found, clips, ref_label, labels):
+    """Per (backend, view): (distances [N, 5] in inter-pupil units, distances in px, crop shifts [N], inputs)."""
+    rows = {}
+    for label in labels:
+        for name, *_ in clips:
+            if (name, label) not in found or (name, ref_label) not in found:
+                continue
+            for ra, rb in zip(found[name, label], found[name, ref_label]):
+                for fa, fb in zip(ra, rb):
+                    if fa is None or fb is None:
+                        continue
+                    view = "frontal" if abs(fb.pose[1]) < FRONTAL_YAW else "turned"
+                    px = np.linalg.norm(fa.landmarks - fb.landmarks, axis=1)
+                    iod = max(np.linalg.norm(fb.landmarks[1] - fb.landmarks[0]), 1e-6)
+                    r = rows.setdefault((label, view), ([], [], [], set()))
+                    r[0].append(px / iod)
+                    r[1].append(px)
+                    r[2].append(crop_shift(fa.landmarks, fb.landmarks))
+                    r[3].add(name.split(" (")[0])
+    return {k: (np.array(a), np.array(b), np.array(c), sorted(d)) for k, (a, b, c, d) in rows.items()}
+
+
 # -------------------------------------------------------------------------------- main
 
 def build_detectors(args) -> list[tuple[str, object, str]]:
@@ -207,11 +274,12 @@ def build_detectors(args) -> list[tuple[str, object, str]]:
         elif backend == "official":
             files = [os.path.join(args.detector_dir, f) for f in D.OFFICIAL_FILES]
             if not all(os.path.isfile(f) for f in files):
-                out.append(("official onnx", None, f"not measured: weights not available offline "
-                                                   f"(no {' / '.join(D.OFFICIAL_FILES)} in {args.detector_dir})"))
+                out.append(("official onnx", None, f"not measured: no {' / '.join(D.OFFICIAL_FILES)} in "
+                                                   f"{args.detector_dir}"))
                 continue
             try:
-                out.append(("official onnx", D.make_detector("official", args.detector_dir), ""))
+                out.append(("official onnx", D.make_detector("official", args.detector_dir,
+                                                             threads=args.threads), ""))
             except ImportError as e:
                 out.append(("official onnx", None, f"not measured: {e}"))
         else:
@@ -222,6 +290,86 @@ def build_detectors(args) -> list[tuple[str, object, str]]:
     return out
 
 
+def print_official_landmarks(found, clips, labels):
+    rows = landmark_rows(found, clips, "official onnx", labels)
+    if not rows:
+        return
+    print(f"\nLandmarks against the official pair (faces both found; frontal: official |yaw| < {FRONTAL_YAW:g}°). "
+          "Distance of each point in official inter-pupil distances, mean / median / max; mean px; crop shift: "
+          "mean distance the 5 points move in the 224² crop, mean / max in crop px\n")
+    print("| backend | view | faces | eyes | nose | mouth corners | all 5 | all 5, px | crop shift (224² px) "
+          "| inputs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    cell = lambda g: f"{g.mean():.3f} / {np.median(g):.3f} / {g.max():.2f}"  # noqa: E731
+    for (label, view), (rel, px, shift, names) in sorted(rows.items()):
+        print(f"| {label} | {view} | {len(rel)} | {cell(rel[:, :2])} | {cell(rel[:, 2])} | {cell(rel[:, 3:])} | "
+              f"{cell(rel)} | {px.mean():.1f} | {shift.mean():.1f} / {shift.max():.1f} | {', '.join(names)} |")
+
+
+def print_reference_video_gap(args, det):
+    """Our per-frame official landmarks against the reference's ``det_landmarks`` (which seeds each
+    frame's landmark crop from the previous frame's One-Euro-smoothed points and keeps whichever of
+    the tracked and the freshly detected point sets spans the larger box) on consecutive frames."""
+    from tests import reference_face as R
+
+    files = [os.path.join(args.detector_dir, f) for f in D.OFFICIAL_FILES]
+    ref = R.CameraDemo(R.FaceAlignment(files[1], files[0]))
+    from fantasyportrait_core.pipeline import one_euro_landmarks
+
+    print(f"\nOfficial points against the reference's video path (det_landmarks), first {args.reference_video} "
+          f"frames of each clip: our raw per-frame points (`raw`) and the pipeline's (`one_euro`: after its "
+          f"default One-Euro filter). Frames with identical points; 5-point distance in px and in inter-pupil "
+          f"distances, crop shift in 224² px, mean |crop difference| in /255 (each mean / max over frames)\n")
+    print("| clip | points | frames | identical | 5 points, px | 5 points, IPD | crop shift, px | crop |diff| /255 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("jgz.mp4", "biden.mp4", "trump.mp4"):
+        rgb = read_video(os.path.join(args.data, name), max_frames=args.reference_video).frames
+        bgr = [np.ascontiguousarray(f[..., ::-1]) for f in rgb]
+        _, ref_pts, _ = R.det_landmarks(ref, bgr)
+        faces = [max(det.detect(f), key=lambda f: f.area) for f in rgb]
+        raw = np.stack([f.landmarks for f in faces])
+        filtered = one_euro_landmarks(raw, np.array([f.box[2] - f.box[0] for f in faces]))
+        for label, ours in (("raw", raw), ("one_euro", filtered)):
+            px, rel, shift, diff = [], [], [], []
+            for frame, five_ours, pts222 in zip(bgr, ours, ref_pts):
+                five = order_points(pts222[R.PT5_IDX])
+                d = np.linalg.norm(five_ours - five, axis=1)
+                px.append(d.mean())
+                rel.append(d.mean() / np.linalg.norm(five[1] - five[0]))
+                shift.append(crop_shift(five_ours, five))
+                m = umeyama(five_ours, ALIGN_TEMPLATE * CROP_SIZE)
+                crop = cv2.warpAffine(frame, m, (CROP_SIZE, CROP_SIZE), flags=cv2.INTER_CUBIC)
+                diff.append(np.abs(crop.astype(int) - R.warp_face_pd_fgc(frame, pts222)).mean())
+            px, rel = np.array(px), np.array(rel)
+            print(f"| {name} | {label} | {len(px)} | {(px < 1e-3).sum()} | {px.mean():.2f} / {px.max():.2f} | "
+                  f"{rel.mean():.3f} / {rel.max():.3f} | {np.mean(shift):.2f} / {np.max(shift):.2f} | "
+                  f"{np.mean(diff):.2f} / {np.max(diff):.2f} |", flush=True)
+
+
+def print_pairwise_landmarks(found, clips, measured):
+    """Landmark agreement between mtcnn and the next measured backend, on faces both found."""
+    pairs = [(a, b) for a in measured for b in measured if a.startswith("mtcnn") and not b.startswith("mtcnn")]
+    if not pairs:
+        return
+    print("\nLandmark agreement: distance of the 5 points, in inter-ocular distances of the second backend, "
+          "over faces both found: mean / median / max (profile views shrink that distance and inflate the "
+          "mean)\n")
+    print("| input | backends | faces | eyes | nose | mouth corners | all 5 |")
+    print("|---|---|---|---|---|---|---|")
+    for a, b in pairs[:1]:
+        for name, *_ in clips:
+            if (name, a) not in found or (name, b) not in found:
+                continue
+            gaps = np.array([landmark_gap(fa.landmarks, fb.landmarks)
+                             for ra, rb in zip(found[name, a], found[name, b]) for fa, fb in zip(ra, rb)
+                             if fa is not None and fb is not None]).reshape(-1, 5)
+            if not len(gaps):
+                continue
+            cell = lambda g: f"{g.mean():.3f} / {np.median(g):.3f} / {g.max():.2f}"  # noqa: E731
+            print(f"| {name} | {a} vs {b} | {len(gaps)} | {cell(gaps[:, :2])} | {cell(gaps[:, 2])} | "
+                  f"{cell(gaps[:, 3:])} | {cell(gaps)} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
@@ -230,7 +378,13 @@ def main(argv=None) -> int:
     ap.add_argument("--detector-dir", default=os.path.join("models", "fantasyportrait"),
                     help="folder with the official face_det.onnx + face_landmark.onnx")
     ap.add_argument("--every", type=int, default=3, help="use every n-th video frame")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch and onnxruntime CPU threads (default: their own)")
+    ap.add_argument("--reference-video", type=int, default=0, metavar="N",
+                    help="also compare our per-frame official landmarks with the reference's video path "
+                         "(det_landmarks: tracking + smoothing, literal port in tests/reference_face.py) on the "
+                         "first N frames of each single-face clip")
+    ap.add_argument("--dump", default=None, help="save the matched faces of every backend here (.npz)")
     ap.add_argument("--save-scenes", default=None, help="write the composed scenes (with true boxes) here")
     ap.add_argument("--inputs", choices=("all", "shared", "scenes"), default="all",
                     help="the shared images and videos, the composed scenes, or both")
@@ -250,6 +404,9 @@ def main(argv=None) -> int:
         else:
             frames = read_image(path)[None]
         clips.append((name, frames, people, REGIONS.get(name), "regions"))
+    if not args.tiny and args.inputs != "scenes":
+        for name, image, regions in compose_people(args.data):
+            clips.append((name, image[None], len(regions), regions, "regions"))
     scenes = compose_scenes(args.data) if args.inputs != "shared" else []
     if args.tiny:
         scenes = scenes[-1:]
@@ -301,26 +458,23 @@ def main(argv=None) -> int:
             row = found[crowd[0], label][0]
             print(f"| {label} | " + " | ".join("found" if f is not None else "–" for f in row) + " |")
 
-    # Landmark agreement between mtcnn and the next measured backend, on faces both found.
-    pairs = [(a, b) for a in measured for b in measured if a.startswith("mtcnn") and not b.startswith("mtcnn")]
-    if pairs:
-        print("\nLandmark agreement: distance of the 5 points, in inter-ocular distances of the second backend, "
-              "over faces both found: mean / median / max (profile views shrink that distance and inflate the "
-              "mean)\n")
-        print("| input | backends | faces | eyes | nose | mouth corners | all 5 |")
-        print("|---|---|---|---|---|---|---|")
-        for a, b in pairs[:1]:
-            for name, *_ in clips:
-                if (name, a) not in found or (name, b) not in found:
-                    continue
-                gaps = np.array([landmark_gap(fa.landmarks, fb.landmarks)
-                                 for ra, rb in zip(found[name, a], found[name, b]) for fa, fb in zip(ra, rb)
-                                 if fa is not None and fb is not None]).reshape(-1, 5)
-                if not len(gaps):
-                    continue
-                cell = lambda g: f"{g.mean():.3f} / {np.median(g):.3f} / {g.max():.2f}"  # noqa: E731
-                print(f"| {name} | {a} vs {b} | {len(gaps)} | {cell(gaps[:, :2])} | {cell(gaps[:, 2])} | "
-                      f"{cell(gaps[:, 3:])} | {cell(gaps)} |")
+    if "official onnx" in measured:
+        print_official_landmarks(found, clips, [m for m in measured if m != "official onnx"])
+    else:  # no reference points: how far the offline backends are from each other
+        print_pairwise_landmarks(found, clips, measured)
+    if args.reference_video and "official onnx" in measured:
+        print_reference_video_gap(args, dict((lbl, d) for lbl, d, _ in dets)["official onnx"])
+    if args.dump:
+        dump = {}
+        for (name, label), rows in found.items():
+            for k, row in enumerate(rows):
+                for j, f in enumerate(row):
+                    if f is not None:
+                        key = f"{label}|{name}|{k}|{j}"
+                        dump[key + "|lm"] = f.landmarks
+                        if f.pose is not None:
+                            dump[key + "|pose"] = f.pose
+        np.savez(args.dump, **dump)
     for _, det, _ in dets:
         if det is not None:
             det.close()

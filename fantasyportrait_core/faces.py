@@ -26,12 +26,15 @@ class Face:
             right mouth corner (left/right in image terms).
         score: detector confidence in [0, 1].
         embedding: optional identity embedding (backends that provide one).
+        pose: optional float ``[3]`` head pose in degrees: pitch, yaw (from the official landmark
+            model's euler output) and roll (the eye-corner line in the image); ``official`` only.
     """
 
     box: np.ndarray
     landmarks: np.ndarray
     score: float
     embedding: np.ndarray | None = None
+    pose: np.ndarray | None = None
 
     @property
     def center(self) -> np.ndarray:

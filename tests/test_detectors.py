@@ -117,6 +117,8 @@ def test_auto_with_the_onnx_files_runs_the_official_pair(tmp_path):
     assert D.choose_auto_backend(d) == ("official", f"face_det.onnx + face_landmark.onnx found in {d}")
     det = D.make_detector("auto", d)
     assert det.name == "official" and det.info.startswith("official onnx (auto: ")
+    assert det.tiles  # on by default; this tiny detector "finds" its face at the same cell of any input,
+    det.tiles = False  # so each portrait tile of the 1280x720 frame would add one: whole-image pass only
     (face,) = det.detect(np.zeros((720, 1280, 3), np.uint8))
     # Letterbox 1280x720 -> 160x272: scale 1/8, 91 px of padding on top. The cell's box in the
     # input, centre (80, 120) +- 16, is [64, 104, 96, 136] -> [512, 104, 768, 360] in the image.
@@ -263,4 +265,18 @@ def test_detector_benchmark_runs_tiny():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert any(r.startswith("| jgz.mp4 | 512×512 | 4 × 1 | mtcnn min_face 20 |") for r in rows), out.stdout
     assert any(r.startswith("| crowd 15-300 px (12 faces) | 1280×720 | 1 × 12 | mtcnn") for r in rows), out.stdout
-    assert any("official onnx | not measured: weights not available offline" in r for r in rows), out.stdout
+    assert any("official onnx | not measured: no face_det.onnx / face_landmark.onnx in" in r for r in rows), out.stdout
+
+
+def test_crop_shift_is_the_move_of_the_face_in_the_224_crop():
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_detectors as B
+    from fantasyportrait_core.expression import ALIGN_TEMPLATE, umeyama
+
+    ref = np.array([[100, 110], [160, 108], [131, 140], [108, 170], [156, 168]], float)
+    assert B.crop_shift(ref, ref) == pytest.approx(0, abs=1e-9)
+    # points found 3 px right of the true ones: the face lands 3 px · crop scale left of the template
+    scale = np.linalg.norm(umeyama(ref, ALIGN_TEMPLATE * 224)[:, 0])
+    assert B.crop_shift(ref + [3, 0], ref) == pytest.approx(3 * scale, rel=1e-9)

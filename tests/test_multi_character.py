@@ -176,10 +176,14 @@ def test_missing_backend_models_name_the_folder(tmp_path, monkeypatch):
         make_detector("dlib")
 
 
-ONNX_DIR = os.environ.get("FANTASYPORTRAIT_ONNX_DIR")
+ONNX_DIR = os.environ.get("FANTASYPORTRAIT_ONNX_DIR") or next(
+    (d for d in [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "models",
+                              "fantasyportrait_official")] if os.path.isfile(os.path.join(d, "face_det.onnx"))), None)
 
 
-@pytest.mark.skipif(not ONNX_DIR, reason="set FANTASYPORTRAIT_ONNX_DIR to a folder with face_det.onnx + face_landmark.onnx")
+@pytest.mark.skipif(not ONNX_DIR, reason="no face_det.onnx + face_landmark.onnx in "
+                                         "../shared/models/fantasyportrait_official (or set FANTASYPORTRAIT_ONNX_DIR "
+                                         "to a folder holding them)")
 def test_official_onnx_backend_on_shared_inputs():
     det = make_detector("official", ONNX_DIR)
     (man,) = det.detect(read_image(data_path("man.jpeg")))
