@@ -484,6 +484,23 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
+def check_saved_performance(out_dir: str, res: dict, summary: list, wf_name: str) -> bool:
+    """Save Performance wrote a file that loads back; what Direct Expression reported."""
+    import glob
+
+    from fantasyportrait_core.performance import load_performance
+
+    files = sorted(glob.glob(os.path.join(out_dir, "fantasyportrait_performances", "*.safetensors")))
+    texts = [t for o in res.get("outputs", {}).values() for t in o.get("text", []) if "head_pose" in str(t)]
+    if not files:
+        summary.append(f"{wf_name}: Save Performance wrote no file")
+        return False
+    perf = load_performance(files[-1])
+    summary.append(f"{wf_name}: saved {os.path.basename(files[-1])} ({perf.num_frames} frames of {perf.label}) loads "
+                   f"back; Direct Expression: {texts[0] if texts else 'NO INFO SHOWN'}")
+    return bool(texts)
+
+
 def check_session(session, length: int, wanted: list[str], summary: list, timeout: float = 900,
                   checked: dict | None = None) -> bool:
     """The checks of :func:`main` against a running session; appends lines to ``summary`` and, when
@@ -554,6 +571,8 @@ def check_session(session, length: int, wanted: list[str], summary: list, timeou
         summary.append(f"{wf_name}: {'OK' if good else 'WRONG'} -> {v['filename']}: {p['frames']} frames "
                        f"{p['width']}x{p['height']} @ {p['fps']:.2f} fps, audio={p['audio']} "
                        f"({res['seconds']:.1f} s; transformer {transformer})")
+        if any(n["type"] == "FantasyPortraitSavePerformance" for n in wf["nodes"]):  # the file must load back
+            ok &= check_saved_performance(out_dir, res, summary, wf_name)
         if any(n["type"] == "FantasyPortraitLoRA" for n in wf["nodes"]):  # the LoRA must have been applied
             with open(log_path) as f:
                 active = [l.strip() for l in f if "LoRAs active" in l and names["lora"] in l]
