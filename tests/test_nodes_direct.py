@@ -107,3 +107,38 @@ def test_saved_and_loaded_performance_gives_the_identical_latent(setup, ref, tmp
     with pytest.raises(InputError, match="performance .* is not a saved FantasyPortrait performance"):
         run("FantasyPortraitLoadPerformance", performance=str(bad), fps=25.0, speed=1.0, start_frame=0, end_frame=0,
             frames=0, loop="none")
+
+
+def test_directed_workflow_is_consistent_with_the_nodes():
+    """The example graph: every widget list matches its node, the saved performance feeds Direct Expression
+    (head pose 0, the mouth curve), which feeds Conditioning together with the same Face Masks."""
+    import json
+    import os
+
+    from fantasyportrait_core.direction import parse_keys
+
+    from .conftest import ROOT
+    from .test_nodes import MAPPINGS, NATIVE, _widget_count
+
+    with open(os.path.join(ROOT, "workflows", "fantasyportrait_directed.json")) as f:
+        wf = json.load(f)
+    types = {n["type"] for n in wf["nodes"]}
+    assert {"FantasyPortraitDirectExpression", "FantasyPortraitLoadPerformance",
+            "FantasyPortraitSavePerformance"} <= types and types - set(MAPPINGS) <= NATIVE
+    for n in wf["nodes"]:
+        if n["type"] in MAPPINGS:
+            assert len(n["widgets_values"]) == _widget_count(MAPPINGS[n["type"]].INPUT_TYPES()), n["type"]
+    by_id = {n["id"]: n for n in wf["nodes"]}
+
+    def source(node, name):
+        slot = next(i for i, s in enumerate(node["inputs"]) if s["name"] == name)
+        link = next(l for l in wf["links"] if l[3] == node["id"] and l[4] == slot)
+        return by_id[link[1]]
+
+    direct = next(n for n in wf["nodes"] if n["type"] == "FantasyPortraitDirectExpression")
+    cond = next(n for n in wf["nodes"] if n["type"] == "FantasyPortraitConditioning")
+    head_pose, mouth_keys = direct["widgets_values"][0], direct["widgets_values"][9]
+    assert head_pose == 0.0 and len(parse_keys(mouth_keys).keys) == 3
+    assert source(direct, "expression")["type"] == "FantasyPortraitLoadPerformance"
+    assert source(cond, "expression") is direct
+    assert source(direct, "faces") is source(cond, "faces")
