@@ -225,7 +225,8 @@ class FantasyPortraitSavePerformance:
                                                         "or retimed copy)."}),
             "filename_prefix": ("STRING", {"default": f"{PERFORMANCE_SUBFOLDER}/performance", "tooltip":
                                            "File name in ComfyUI's output folder; a counter and .safetensors are "
-                                           "added, characters after the first get _1, _2... Files in "
+                                           "added (name_00001_.safetensors), characters after the first end in _1, "
+                                           "_2... Files in "
                                            f"output/{PERFORMANCE_SUBFOLDER} appear in Load Performance."}),
         }}
 
@@ -251,10 +252,11 @@ class FantasyPortraitSavePerformance:
             folder, name, counter, _, _ = host.folder_paths.get_save_image_path(prefix, out_dir)
         else:
             folder, name = os.path.split(os.path.join(out_dir, prefix))
-            counter = 1 + len(glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "_*" + EXTENSION)))
+            counter = 1 + len(glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "_*_" + EXTENSION)))
         paths = []
         for i, d in enumerate(drivers):
-            path = os.path.join(folder, f"{name}_{counter:05d}" + (f"_{i}" if i else "") + EXTENSION)
+            # ComfyUI's counter convention (name_00001_.ext): the next save finds it and counts on
+            path = os.path.join(folder, f"{name}_{counter:05d}_" + (f"{i}" if i else "") + EXTENSION)
             paths.append(save_performance(path, d))
         info = [f"{d.label}: {d.num_frames} frames at {d.fps or P.OUTPUT_FPS:g} fps -> {os.path.relpath(p, out_dir)}"
                 for d, p in zip(drivers, paths)]

@@ -110,3 +110,33 @@ def test_bad_saved_performance_input(tmp_path, capsys, monkeypatch):
         cli.validate_run_args(cli._parser().parse_args(
             ["run", "--tiny-random", "--image", data_path("man.jpeg"), "--expression", short, "--out",
              str(tmp_path / "x.mp4"), "--frames", "9", "--strength-keys", "eyes=0:1,6:0"]))
+
+
+def test_each_character_is_directed_against_its_own_face(tiny, tmp_path):
+    """Two characters, `0:` / `1:` prefixes: character 0 untouched (same object), character 1's head pose
+    held at the baseline of the face it animates, the performances saved as FILE and FILE_1."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    from fantasyportrait_core.direction import baseline_features, directions_from_args
+    from fantasyportrait_core.faces import Face
+
+    from .test_direction import _driver
+
+    encoder = tiny[3]
+    rng = np.random.default_rng(2)
+    ref = rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)
+    lm = np.array([[27, 26], [37, 26], [32, 32], [28, 38], [36, 38]], dtype=float)
+    faces = [Face(np.array([20.0, 16, 44, 44]), lm, 0.9), Face(np.array([84.0, 16, 108, 44]), lm + [64, 0], 0.9)]
+    drivers = [_driver(5, seed=1), _driver(5, seed=2)]
+    plan = SimpleNamespace(directions=directions_from_args(2, ["1:head_pose=0"], ["0:eyes=0:1,4:1"]))
+    args = SimpleNamespace(device="cpu", save_expression=str(tmp_path / "take.safetensors"))
+    report = {}
+    out = cli.direct_drivers(SimpleNamespace(encoder=encoder), ref, faces, drivers, plan, args, 5, report)
+    assert out[0] is drivers[0]
+    base = baseline_features(encoder, ref, faces)
+    assert not torch.allclose(base[0, :6], base[1, :6])  # the two faces differ: the test can tell them apart
+    assert torch.equal(out[1].features[:, :6], base[1, :6].expand(5, -1))
+    assert torch.equal(out[1].features[:, 6:], drivers[1].features[:, 6:])
+    assert report["saved_expressions"] == [str(tmp_path / "take.safetensors"), str(tmp_path / "take_1.safetensors")]
+    assert torch.equal(load_performance(report["saved_expressions"][1]).features, drivers[1].features)

@@ -89,8 +89,11 @@ def test_saved_and_loaded_performance_gives_the_identical_latent(setup, ref, tmp
     passed, info = run("FantasyPortraitSavePerformance", expression=drivers,
                        filename_prefix=str(tmp_path / "perf" / "take"))
     assert passed == drivers
-    path = tmp_path / "perf" / "take_00001.safetensors"
+    path = tmp_path / "perf" / "take_00001_.safetensors"
     assert path.is_file() and "take3.mp4 #1: 5 frames at 25 fps" in info
+    run("FantasyPortraitSavePerformance", expression=drivers + drivers, filename_prefix=str(tmp_path / "perf" / "take"))
+    assert sorted(p.name for p in (tmp_path / "perf").iterdir()) == [  # the next save counts on, per character
+        "take_00001_.safetensors", "take_00002_.safetensors", "take_00002_1.safetensors"]
     (loaded, info) = run("FantasyPortraitLoadPerformance", performance=str(path), fps=25.0, speed=1.0, start_frame=0,
                          end_frame=0, frames=0, loop="none")
     assert torch.equal(loaded[0].features, drivers[0].features) and "1 without a face" in info
