@@ -259,7 +259,8 @@ class FantasyPortraitSavePerformance:
             path = os.path.join(folder, f"{name}_{counter:05d}_" + (f"{i}" if i else "") + EXTENSION)
             paths.append(save_performance(path, d))
         info = [f"{d.label}: {d.num_frames} frames at {d.fps or P.OUTPUT_FPS:g} fps -> {os.path.relpath(p, out_dir)}"
-                for d, p in zip(drivers, paths)]
+                + (" (as encoded: its Direct Expression settings are not saved)" if isinstance(d, DirectedExpression)
+                   else "") for d, p in zip(drivers, paths)]
         log.info("[FantasyPortrait] saved performance(s): %s", "; ".join(info))
         return (drivers, "\n".join(info))
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fantasyportrait_core.direction import CHANNEL_SLICES, baseline_features
+from fantasyportrait_core.performance import load_performance
 from fantasyportrait_core.validate import InputError
 from nodes.direct import FantasyPortraitDirectExpression, DirectedExpression
 from nodes.portrait import ReferenceFaces
@@ -41,7 +42,7 @@ def _direct(encoder, faces, expression, **kw):
     return run("FantasyPortraitDirectExpression", **args)
 
 
-def test_direct_node_reaches_the_sampler_against_the_portraits_face(setup, ref, tiny):  # noqa: F811
+def test_direct_node_reaches_the_sampler_against_the_portraits_face(setup, ref, tiny, tmp_path):  # noqa: F811
     encoder = tiny[3]
     drivers = [_driver(5)]
     plain = _sample(setup, portrait=_condition(ref, drivers))
@@ -65,6 +66,9 @@ def test_direct_node_reaches_the_sampler_against_the_portraits_face(setup, ref, 
     (rel, _) = _direct(encoder, ref, directed, motion="relative", neutral_frame=2, character=0)
     assert len(rel[0].directions) == 2
     assert torch.equal(_condition(ref, rel).drivers[0].features[2], base)
+    (kept, info) = run("FantasyPortraitSavePerformance", expression=rel, filename_prefix=str(tmp_path / "d"))
+    assert kept == rel and "not saved" in info
+    assert torch.equal(load_performance(str(tmp_path / "d_00001_.safetensors")).features, drivers[0].features)
 
 
 def test_direct_node_bad_input(ref, tiny):
