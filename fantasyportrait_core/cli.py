@@ -165,6 +165,10 @@ def _direction_options(p):
                    help="--expression: play the saved performances this many times as fast (resampled to --fps)")
     p.add_argument("--expression-loop", choices=LOOP_MODES, default="none",
                    help="--expression: loop a performance shorter than --frames (repeat or pingpong)")
+    p.add_argument("--expression-start", type=int, default=0,
+                   help="--expression: first saved frame to use (trim, frames as saved)")
+    p.add_argument("--expression-end", type=int, default=0,
+                   help="--expression: frame after the last saved frame to use (trim; 0 = to the end)")
 
 
 def _sampling_options(p):
@@ -473,8 +477,9 @@ def plan_performances(args) -> RunPlan:
     performances = []
     for path in args.expression:
         perf = load_performance(path, "--expression")
-        performances.append(retime(perf, fps, getattr(args, "expression_speed", 1.0), frames=cap if loop != "none"
-                                   else None, loop=loop, name=f"--expression '{path}'"))
+        performances.append(retime(perf, fps, getattr(args, "expression_speed", 1.0),
+                                   getattr(args, "expression_start", 0), getattr(args, "expression_end", 0) or None,
+                                   frames=cap if loop != "none" else None, loop=loop, name=f"--expression '{path}'"))
     characters = len(performances)
     order = check_face_order(parse_face_order(args.face_order, "--face-order"), characters, name="--face-order")
     if getattr(args, "assign", None) == "identity" and order is None:
@@ -503,8 +508,9 @@ def plan_directions(args, plan: RunPlan) -> list:
     for d in directions:
         d.check(floor_to_4k1(min(known)), "the frames to generate")
     if not plan.performances and (getattr(args, "expression_speed", 1.0) != 1.0
-                                  or getattr(args, "expression_loop", "none") != "none"):
-        raise InputError("--expression-speed and --expression-loop apply to saved performances (--expression); "
+                                  or getattr(args, "expression_loop", "none") != "none"
+                                  or getattr(args, "expression_start", 0) or getattr(args, "expression_end", 0)):
+        raise InputError("--expression-speed/-loop/-start/-end apply to saved performances (--expression); "
                          "drop them, or use --fps and --frames with --driving")
     save = getattr(args, "save_expression", None)
     if save and not save.lower().endswith(EXTENSION):

@@ -78,7 +78,7 @@ def test_held_head_pose_and_relative_motion_reach_the_condition(tmp_path, captur
     (["--motion", "relative", "--neutral-frame", "9"], ["neutral frame 9 is outside"]),
     (["--strength", "1:mouth=1"], ["character 1", "1 character"]),
     (["--save-expression", "take.pt"], ["--save-expression", ".safetensors"]),
-    (["--expression-speed", "2"], ["--expression-speed"]),
+    (["--expression-speed", "2"], ["--expression-speed/-loop/-start/-end apply to saved performances"]),
 ])
 def test_bad_direction_input_stops_before_any_model_work(tmp_path, capsys, monkeypatch, extra, words):
     monkeypatch.setattr(cli, "tiny_random_models", lambda *a, **k: pytest.fail("built a model for bad input"))
@@ -106,6 +106,14 @@ def test_bad_saved_performance_input(tmp_path, capsys, monkeypatch):
          str(tmp_path / "x.mp4"), "--frames", "9", "--expression-loop", "pingpong"]))
     assert plan.performances[0].num_frames == 9
     assert plan.performances[0].track.boxes[:, 0].tolist() == [20, 21, 22, 21, 20, 21, 22, 21, 20]
+    plan = cli.validate_run_args(cli._parser().parse_args(
+        ["run", "--tiny-random", "--image", data_path("man.jpeg"), "--expression", short, "--out",
+         str(tmp_path / "x.mp4"), "--frames", "5", "--expression-loop", "repeat", "--expression-start", "1"]))
+    assert plan.performances[0].track.boxes[:, 0].tolist() == [21, 22, 21, 22, 21]
+    with pytest.raises(cli.InputError, match="end frame 7 must be after start 0 and at most its 3 frames"):
+        cli.validate_run_args(cli._parser().parse_args(
+            ["run", "--tiny-random", "--image", data_path("man.jpeg"), "--expression", short, "--out",
+             str(tmp_path / "x.mp4"), "--expression-end", "7"]))
     with pytest.raises(cli.InputError, match="key at frame 6 is outside"):
         cli.validate_run_args(cli._parser().parse_args(
             ["run", "--tiny-random", "--image", data_path("man.jpeg"), "--expression", short, "--out",
