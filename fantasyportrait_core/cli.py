@@ -501,8 +501,8 @@ def plan_directions(args, plan: RunPlan) -> list:
     from .direction import directions_from_args
     from .performance import EXTENSION
 
-    directions = directions_from_args(plan.characters, args.strength, args.strength_keys, args.motion,
-                                      args.neutral_frame)
+    directions = directions_from_args(plan.characters, getattr(args, "strength", ()), getattr(args, "strength_keys", ()),
+                                      getattr(args, "motion", ()), getattr(args, "neutral_frame", ()))
     known = [plan.frames] + [p.num_frames for p in plan.performances]
     known += [n for n in (v.estimated_frames() for v in plan.videos) if n]
     for d in directions:
