@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -101,9 +101,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="animate one reference image")
     run.add_argument("--image", required=True)
-    run.add_argument("--driving", nargs="+", required=True,
-                     help="driving videos: one per character (characters take the reference faces in reading "
-                          "order: rows top to bottom, left to right), or videos showing several people (--people)")
+    drive = run.add_mutually_exclusive_group(required=True)
+    drive.add_argument("--driving", nargs="+",
+                       help="driving videos: one per character (characters take the reference faces in reading "
+                            "order: rows top to bottom, left to right), or videos showing several people (--people)")
+    drive.add_argument("--expression", nargs="+", metavar="FILE",
+                       help="saved performances (.safetensors from --save-expression or Save Performance), one per "
+                            "character, in place of --driving: no video or face detection of a driver needed")
     run.add_argument("--out", required=True,
                      help="output video (.mp4, .mov or .mkv; a _faces.png preview is written beside it)")
     run.add_argument("--prompt", default="")
@@ -126,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--init-video", default=None,
                      help="video to start from when --denoise < 1 (video-to-video; resized to the output size)")
     common(run)
+    _direction_options(run)
 
     enc = sub.add_parser("encode", help="encode a *.frames.npz (kept when a video could not be written) to a video")
     enc.add_argument("frames_file", help="the .frames.npz file")
@@ -133,6 +138,37 @@ def _parser() -> argparse.ArgumentParser:
     enc.add_argument("--fps", type=float, default=None, help="frame rate (default: the one stored in the file)")
     _evaluate_parser(sub)
     return ap
+
+
+def _direction_options(p):
+    """Directing the performance (fantasyportrait_core.direction / .performance)."""
+    from .direction import CHANNELS
+    from .performance import LOOP_MODES
+
+    ch = "|".join(CHANNELS)
+    p.add_argument("--strength", action="append", default=[], metavar="[C:]CHANNEL=S[,CHANNEL=S...]",
+                   help=f"per-channel strength in [0, 2] ({ch}): 1 follows the driver (default), 0 holds the "
+                        f"portrait's own value (head_pose=0: the expression without the head motion), up to 2 "
+                        f"exaggerates; a C: prefix (1:mouth=1.5) addresses character C only; repeatable")
+    p.add_argument("--strength-keys", action="append", default=[], metavar="[C:]CHANNEL=FRAME:S[,FRAME:S...]",
+                   help="a channel's strength keyframed over the output frames, linear between keys, held before "
+                        "the first and after the last, e.g. mouth=0:1,40:0.3,80:1; overrides --strength for it")
+    p.add_argument("--motion", action="append", default=[], metavar="[C:]absolute|relative",
+                   help="absolute (default, as the reference): the driver's expression; relative: the portrait's own "
+                        "expression plus the driver's change from its neutral frame")
+    p.add_argument("--neutral-frame", action="append", default=[], metavar="[C:]N",
+                   help="the driver's frame taken as neutral with --motion relative (default 0, the first)")
+    p.add_argument("--save-expression", default=None, metavar="FILE",
+                   help="save each character's encoded performance (before --strength/--motion) to FILE.safetensors "
+                        "(characters after the first: FILE_1, FILE_2... before the suffix), reusable with --expression")
+    p.add_argument("--expression-speed", type=float, default=1.0,
+                   help="--expression: play the saved performances this many times as fast (resampled to --fps)")
+    p.add_argument("--expression-loop", choices=LOOP_MODES, default="none",
+                   help="--expression: loop a performance shorter than --frames (repeat or pingpong)")
+    p.add_argument("--expression-start", type=int, default=0,
+                   help="--expression: first saved frame to use (trim, frames as saved)")
+    p.add_argument("--expression-end", type=int, default=0,
+                   help="--expression: frame after the last saved frame to use (trim; 0 = to the end)")
 
 
 def _sampling_options(p):
@@ -309,6 +345,8 @@ class RunPlan:
         frames: most frames that can be generated (4k+1).
         face_order: parsed ``--face-order`` or ``None``.
         out: absolute output path; real: real checkpoints (else the tiny random model).
+        performances: saved performances loaded for ``--expression`` (then ``videos`` is empty).
+        directions: one :class:`~fantasyportrait_core.direction.Direction` per character.
     """
 
     image: str
@@ -321,6 +359,8 @@ class RunPlan:
     face_order: list[int] | None
     out: str
     real: bool = False
+    performances: list = field(default_factory=list)  # --expression: DrivingExpression per character
+    directions: list | None = None  # --strength/--motion...: one direction.Direction per character
 
 
 def validate_common(args) -> None:
@@ -409,6 +449,76 @@ def plan_job(image: str, driving: list[str], out: str, args, people=None, face_o
     return RunPlan(image, (width, height), videos, people, characters, fps, cap, order, out_abs)
 
 
+def plan_performances(args) -> RunPlan:
+    """``run --expression FILE...``: check the image and output like :func:`plan_job`, read each saved
+    performance (:func:`~fantasyportrait_core.performance.load_performance`; no model, no video) and
+    retime it to ``--fps`` at ``--expression-speed``, looped to ``--frames`` with ``--expression-loop``.
+
+    Raises:
+        InputError: a file that is not a saved performance, --people given, a bad speed or loop, or a
+            performance shorter than asked without a loop.
+    """
+    from .performance import load_performance, retime
+
+    if args.people:
+        raise InputError("--people applies to --driving videos; a saved performance (--expression) is one character: "
+                         "give one file per character")
+    check_input_file(args.image, "--image", "reference image")
+    width, height = probe_image(args.image, "--image")
+    check_image_size(width, height, f"--image '{args.image}'")
+    out_abs = os.path.abspath(args.out) if args.out else args.out
+    for path in args.expression:
+        if os.path.abspath(path) == out_abs:
+            raise InputError(f"--out '{args.out}' is also a saved performance; choose another name")
+    out_abs = check_output_path(args.out, "--out")
+    fps = check_float("--fps", args.fps, 0.0, 240.0, lo_open=True, fix="the output frame rate, e.g. 25")
+    cap = floor_to_4k1(args.frames)
+    loop = getattr(args, "expression_loop", "none")
+    performances = []
+    for path in args.expression:
+        perf = load_performance(path, "--expression")
+        performances.append(retime(perf, fps, getattr(args, "expression_speed", 1.0),
+                                   getattr(args, "expression_start", 0), getattr(args, "expression_end", 0) or None,
+                                   frames=cap if loop != "none" else None, loop=loop, name=f"--expression '{path}'"))
+    characters = len(performances)
+    order = check_face_order(parse_face_order(args.face_order, "--face-order"), characters, name="--face-order")
+    if getattr(args, "assign", None) == "identity" and order is None:
+        raise InputError("--assign identity needs identity embeddings of the drivers, which a saved performance does "
+                         "not hold; use --face-order or another --assign")
+    return RunPlan(args.image, (width, height), [], [1] * characters, characters, fps, cap, order, out_abs,
+                   performances=performances)
+
+
+def plan_directions(args, plan: RunPlan) -> list:
+    """One :class:`~fantasyportrait_core.direction.Direction` per character from --strength,
+    --strength-keys, --motion and --neutral-frame; keys and neutral frames are checked against the
+    frames that can be generated as far as the files' headers tell (again once the drivers are read).
+
+    Raises:
+        InputError: an unknown channel, a strength outside [0, 2], keys out of order or outside the
+            video, a C: prefix naming no character, --save-expression not a .safetensors name.
+    """
+    from .direction import directions_from_args
+    from .performance import EXTENSION
+
+    directions = directions_from_args(plan.characters, getattr(args, "strength", ()), getattr(args, "strength_keys", ()),
+                                      getattr(args, "motion", ()), getattr(args, "neutral_frame", ()))
+    known = [plan.frames] + [p.num_frames for p in plan.performances]
+    known += [n for n in (v.estimated_frames() for v in plan.videos) if n]
+    for d in directions:
+        d.check(floor_to_4k1(min(known)), "the frames to generate")
+    if not plan.performances and (getattr(args, "expression_speed", 1.0) != 1.0
+                                  or getattr(args, "expression_loop", "none") != "none"
+                                  or getattr(args, "expression_start", 0) or getattr(args, "expression_end", 0)):
+        raise InputError("--expression-speed/-loop/-start/-end apply to saved performances (--expression); "
+                         "drop them, or use --fps and --frames with --driving")
+    save = getattr(args, "save_expression", None)
+    if save and not save.lower().endswith(EXTENSION):
+        raise InputError(f"--save-expression '{save}' must end in {EXTENSION}, e.g. "
+                         f"{os.path.splitext(save)[0]}{EXTENSION}")
+    return directions
+
+
 def validate_run_args(args) -> RunPlan:
     """Every cheap check of ``run``'s arguments, in one place, before any model is loaded or any
     frame decoded: numbers (:func:`validate_common`), files and the output path, driving videos
@@ -422,7 +532,11 @@ def validate_run_args(args) -> RunPlan:
         InputError: one line naming the option, what was wrong and the fix.
     """
     validate_common(args)
-    plan = plan_job(args.image, args.driving, args.out, args, args.people, args.face_order)
+    if getattr(args, "expression", None):
+        plan = plan_performances(args)
+    else:
+        plan = plan_job(args.image, args.driving, args.out, args, args.people, args.face_order)
+    plan.directions = plan_directions(args, plan)
     if getattr(args, "init_video", None):
         check_input_file(args.init_video, "--init-video", "video to start from")
         VideoStream(args.init_video, name=f"--init-video '{args.init_video}'")  # a readable video stream
@@ -507,10 +621,12 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str 
                 drivers += P.encode_driving(detector, models.encoder, video, people=people, smooth=args.smooth,
                                             landmark_filter=getattr(args, "landmark_filter", "one_euro"),
                                             source=video.path, fps=plan.fps, progress=tqdm_progress)
+        drivers += plan.performances  # --expression: saved performances instead of videos
         if chosen is None:
             chosen = P.assign_faces(faces, len(drivers), None, mode, [P.driver_embedding(d) for d in drivers])
         num_frames = P.frames_for(drivers, args.frames)
         numbers = P.face_numbers(chosen, faces)
+        drivers = direct_drivers(models, ref, chosen, drivers, plan, args, num_frames, report)
         rates = {v.path: v.source_fps for v in plan.videos}
         report["characters"] = [{"character": i, "face": numbers[i], "video": os.path.basename(d.source),
                                  "person_in_video": d.track_index, "people_in_video": d.people_seen,
@@ -587,7 +703,7 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str 
     t2 = time.time()
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)
-    saved = save_video(plan.out, frames, plan.fps, audio_from=plan.videos[0].path)
+    saved = save_video(plan.out, frames, plan.fps, audio_from=plan.videos[0].path if plan.videos else None)
     report.update(faces_png=preview_path, sampling_s=round(t2 - t1, 2), fps=round(plan.fps, 3))
     if saved.path is None:
         report.update(output=None, fallback=saved.fallback, error=saved.error)
@@ -598,6 +714,34 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str 
     report.update(frames=written["frames"], width=written["width"], height=written["height"], audio=written["audio"],
                   total_s=round(time.time() - t0, 2))
     return report
+
+
+def direct_drivers(models: Models, ref: np.ndarray, chosen: list, drivers: list, plan: RunPlan, args,
+                   num_frames: int, report: dict) -> list:
+    """--save-expression (the encoded performances as read), then --strength/--motion: each
+    character's features against the baseline of the reference face it animates
+    (:func:`~fantasyportrait_core.direction.baseline_features` on ``ref``, the image the faces were
+    found in). Drivers come back unchanged (the same objects) when no direction changes anything.
+
+    Raises:
+        InputError: keys or a neutral frame outside the ``num_frames`` generated frames.
+    """
+    from .direction import baseline_features, direct
+    from .performance import performance_paths, save_performance
+
+    if getattr(args, "save_expression", None):
+        paths = [save_performance(path, d) for path, d in zip(performance_paths(args.save_expression, len(drivers)),
+                                                                drivers)]
+        report["saved_expressions"] = paths
+    directions = plan.directions or []
+    if not any(not d.is_identity for d in directions):
+        return drivers
+    for d in directions:
+        d.check(num_frames, f"the {num_frames} generated frames")
+    with P.on_device(models.encoder, args.device):
+        baselines = baseline_features(models.encoder, ref, chosen)
+    report["direction"] = [{"character": i, "settings": d.describe()} for i, d in enumerate(directions)]
+    return [direct(drv, d, b) for drv, d, b in zip(drivers, directions, baselines)]
 
 
 def _write_png(path: str, bgr: np.ndarray):

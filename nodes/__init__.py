@@ -9,6 +9,7 @@ from .native import FantasyPortraitAdapterLoader, FantasyPortraitGuider, Fantasy
 from .portrait import FantasyPortraitConditioning, FantasyPortraitEncodeExpression, FantasyPortraitFaceMasks
 from .lora import FantasyPortraitLoRA
 from .sampler import FantasyPortraitSampler
+from .direct import NODES as _DIRECT_NODES
 
 host.register_model_folder()
 host.register_gguf_folder()
@@ -27,6 +28,7 @@ NODE_CLASS_MAPPINGS = {
     "FantasyPortraitLoRA": FantasyPortraitLoRA,
     "FantasyPortraitEvaluate": FantasyPortraitEvaluate,
 }
+NODE_CLASS_MAPPINGS.update({k: cls for k, (cls, _) in _DIRECT_NODES.items()})
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FantasyPortraitModelLoader": "FantasyPortrait Model Loader",
@@ -42,3 +44,4 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FantasyPortraitLoRA": "FantasyPortrait LoRA",
     "FantasyPortraitEvaluate": "FantasyPortrait Evaluate",
 }
+NODE_DISPLAY_NAME_MAPPINGS.update({k: name for k, (_, name) in _DIRECT_NODES.items()})

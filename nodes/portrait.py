@@ -290,6 +290,9 @@ class FantasyPortraitConditioning:
             raise InputError("expression holds no character; connect Encode Expression")
         chosen = P.assign_faces(faces.faces, len(drivers), order, assignment,
                                 [P.driver_embedding(d) for d in drivers])
+        from .direct import resolve_directions  # Direct Expression: applied against the face each character animates
+
+        drivers = resolve_directions(drivers, chosen)
         user_masks: list = [None] * len(drivers)
         if user_masks_in is not None:
             m = user_masks_in

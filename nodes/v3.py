@@ -57,7 +57,8 @@ def to_v3(node_id: str, classic: type) -> type:
             hidden = [io.Hidden(v) for v in spec.get("hidden", {}).values()]
             return io.Schema(node_id=node_id, display_name=NODE_DISPLAY_NAME_MAPPINGS.get(node_id, node_id),
                              category=classic.CATEGORY, description=getattr(classic, "DESCRIPTION", ""),
-                             inputs=inputs, outputs=outputs, hidden=hidden)
+                             inputs=inputs, outputs=outputs, hidden=hidden,
+                             is_output_node=getattr(classic, "OUTPUT_NODE", False))
 
         @classmethod
         def execute(cls, **kwargs) -> io.NodeOutput:

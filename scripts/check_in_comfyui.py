@@ -176,6 +176,23 @@ def write_native_models(models_dir: str) -> dict:
     return names
 
 
+def write_performance(path: str, frames: int = 97):
+    """The saved performance the directed workflow loads: seeded features (the tiny encoder's are no
+    more meaningful) on a still face track, written by the pack's own ``save_performance``."""
+    sys.path.insert(0, ROOT)
+    import numpy as np
+    import torch
+
+    from fantasyportrait_core.faces import FaceTrack
+    from fantasyportrait_core.performance import save_performance
+    from fantasyportrait_core.pipeline import DrivingExpression
+
+    g = torch.Generator().manual_seed(0)
+    lm = np.array([[200, 220], [300, 220], [250, 280], [210, 340], [290, 340]], dtype=float)
+    track = FaceTrack(np.tile([150.0, 150, 350, 400], (frames, 1)), np.tile(lm, (frames, 1, 1)), np.ones(frames, bool))
+    save_performance(path, DrivingExpression(torch.randn(frames, 554, generator=g), track, source="jgz.mp4", fps=25.0))
+
+
 def get(url: str, data: dict | None = None, timeout: float = 30):
     req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -314,6 +331,7 @@ def comfyui_session(comfy: str, py: str, port: int, keep: bool = False):
         os.makedirs(d)
     for f in ("man.jpeg", "two_person.png", "jgz.mp4", "biden.mp4", "trump.mp4"):
         shutil.copy(os.path.join(DATA, f), in_dir)
+    write_performance(os.path.join(in_dir, "jgz_performance.safetensors"))
     link = os.path.join(comfy, "custom_nodes", PACK_NAME)
     check_pack = os.path.join(comfy, "custom_nodes", CHECK_PACK)
     created_link = False
@@ -466,6 +484,23 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
+def check_saved_performance(out_dir: str, res: dict, summary: list, wf_name: str) -> bool:
+    """Save Performance wrote a file that loads back; what Direct Expression reported."""
+    import glob
+
+    from fantasyportrait_core.performance import load_performance
+
+    files = sorted(glob.glob(os.path.join(out_dir, "fantasyportrait_performances", "*.safetensors")))
+    texts = [t for o in res.get("outputs", {}).values() for t in o.get("text", []) if "head_pose" in str(t)]
+    if not files:
+        summary.append(f"{wf_name}: Save Performance wrote no file")
+        return False
+    perf = load_performance(files[-1])
+    summary.append(f"{wf_name}: saved {os.path.basename(files[-1])} ({perf.num_frames} frames of {perf.label}) loads "
+                   f"back; Direct Expression: {texts[0] if texts else 'NO INFO SHOWN'}")
+    return bool(texts)
+
+
 def check_session(session, length: int, wanted: list[str], summary: list, timeout: float = 900,
                   checked: dict | None = None) -> bool:
     """The checks of :func:`main` against a running session; appends lines to ``summary`` and, when
@@ -489,6 +524,7 @@ def check_session(session, length: int, wanted: list[str], summary: list, timeou
     runs = (("fantasyportrait_single.json", (64, 64), names["transformer"], False),
             ("fantasyportrait_multi.json", (112, 64), names["transformer_sharded"], False),  # ~ the graph's 720x416
             ("fantasyportrait_fast.json", (64, 64), names["transformer"], False),
+            ("fantasyportrait_directed.json", (64, 64), names["transformer"], False),  # saved performance, directed
             # ComfyUI's own Wan MODEL (Load Diffusion Model), as shipped (LoRA bypassed) and with the LoRA on
             ("fantasyportrait_native.json", (64, 64), names["native_unet"], False),
             ("fantasyportrait_native.json", (64, 64), names["native_unet"], True))
@@ -535,6 +571,8 @@ def check_session(session, length: int, wanted: list[str], summary: list, timeou
         summary.append(f"{wf_name}: {'OK' if good else 'WRONG'} -> {v['filename']}: {p['frames']} frames "
                        f"{p['width']}x{p['height']} @ {p['fps']:.2f} fps, audio={p['audio']} "
                        f"({res['seconds']:.1f} s; transformer {transformer})")
+        if any(n["type"] == "FantasyPortraitSavePerformance" for n in wf["nodes"]):  # the file must load back
+            ok &= check_saved_performance(out_dir, res, summary, wf_name)
         if any(n["type"] == "FantasyPortraitLoRA" for n in wf["nodes"]):  # the LoRA must have been applied
             with open(log_path) as f:
                 active = [l.strip() for l in f if "LoRAs active" in l and names["lora"] in l]

@@ -63,6 +63,13 @@ SOCKETS = {
                                 ("latent", "LATENT", False), ("sigmas", "SIGMAS", True)],
                                [("latent", "LATENT"), ("info", "STRING")]),
     "FantasyPortraitLoRA": ([("model", "FANTASYPORTRAIT_MODEL", False)], [("model", "FANTASYPORTRAIT_MODEL")]),
+    # directing the performance (fantasyportrait_directed.json)
+    "FantasyPortraitDirectExpression": ([("expression", "FP_EXPRESSION", False),
+                                         ("expression_encoder", "FP_EXPRESSION_ENCODER", False),
+                                         ("faces", "FP_FACES", False)], [("expression", "FP_EXPRESSION"), ("info", "STRING")]),
+    "FantasyPortraitSavePerformance": ([("expression", "FP_EXPRESSION", False)],
+                                       [("expression", "FP_EXPRESSION"), ("info", "STRING")]),
+    "FantasyPortraitLoadPerformance": ([], [("expression", "FP_EXPRESSION"), ("info", "STRING")]),
     # native-MODEL graph (fantasyportrait_native.json)
     "UNETLoader": ([], [("MODEL", "MODEL")]),
     "LoraLoaderModelOnly": ([("model", "MODEL", False)], [("MODEL", "MODEL")]),
@@ -452,8 +459,40 @@ def native() -> Graph:
     return g
 
 
+MOUTH_KEYS = "0:1, 40:0.3, 80:1"  # the directed graph's mouth curve: full, down to 0.3 at frame 40, back at 80
+SAVED_PERFORMANCE = "jgz_performance.safetensors"  # in ComfyUI's input folder (Save Performance makes one)
+
+
+def directed() -> Graph:
+    """Directing the performance on the single-character graph: a saved performance (Load Performance,
+    no video needed) directed with Direct Expression — head pose held at the portrait's own (strength 0:
+    the expression without the head motion) and a mouth keyframe curve — into Conditioning; the driving
+    video band records a performance (Encode Expression → Save Performance) to reuse the same way."""
+    g = Graph(["Models and prompts", "Reference portrait", "Record a performance (driving video → file)",
+               "Directed performance (saved file → strengths → Conditioning)"])
+    common(g, "man.jpeg", 720, 720, 97)
+    driving(g, "A", "jgz.mp4", 2, frames=97)
+    g.add("savep", "FantasyPortraitSavePerformance", 3, 2, ["fantasyportrait_performances/jgz"], size=(340, 0))
+    g.add("saveinfo", "PreviewAny", 4, 2, title="Saved performance file", size=(340, 110))
+    g.add("loadp", "FantasyPortraitLoadPerformance", 0, 3, [SAVED_PERFORMANCE, 25.0, 1.0, 0, 0, 0, "none"],
+          title="Load Performance (saved .safetensors)", size=(360, 0))
+    g.add("loadinfo", "PreviewAny", 1, 3, title="Performance loaded", size=(340, 130))
+    g.add("direct", "FantasyPortraitDirectExpression", 2, 3,
+          [0.0, 1.0, 1.0, 1.0, "absolute", 0, "", "", "", MOUTH_KEYS, -1],
+          title="Direct: no head motion, mouth curve", size=(320, 0))
+    g.add("directinfo", "PreviewAny", 3, 3, title="Direction per character", size=(340, 110))
+    for a, o, b, i in [("A_expr", "expression", "savep", "expression"), ("savep", "info", "saveinfo", "source"),
+                       ("loadp", "info", "loadinfo", "source"), ("loadp", "expression", "direct", "expression"),
+                       ("encoder", "expression_encoder", "direct", "expression_encoder"),
+                       ("facemasks", "faces", "direct", "faces"), ("direct", "info", "directinfo", "source"),
+                       ("direct", "expression", "cond", "expression")]:
+        g.link(a, o, b, i)
+    return g
+
+
 WORKFLOWS = {"fantasyportrait_single.json": single, "fantasyportrait_multi.json": multi,
              "fantasyportrait_fast.json": fast, "fantasyportrait_native.json": native}
+WORKFLOWS["fantasyportrait_directed.json"] = directed
 
 
 def main():
