@@ -248,7 +248,7 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             ct, inp = "FPCheckTextEncode", {"text": inp["text"], "dim": names["text_dim"]}
         elif ct == "CLIPVisionEncode":
             ct, inp = "FPCheckClipVisionEncode", {"image": inp["image"], "dim": names["image_dim"]}
-        elif ct == "FantasyPortraitModelLoader":
+        elif ct == "FantasyPortraitWanModelLoader":
             inp.update(transformer=transformer, adapter=names["adapter"], weight_dtype="bf16", storage="fp8_e4m3fn")
         elif ct == "FantasyPortraitExpressionEncoderLoader":
             inp["encoder"] = names["pd_fpg"]
@@ -494,7 +494,7 @@ def check_session(session, length: int, wanted: list[str], summary: list, timeou
             ("fantasyportrait_native.json", (64, 64), names["native_unet"], True))
     runs = [r for r in runs if not wanted or any(w in r[0] for w in wanted)]
     for wf_name, size, transformer, lora_on in runs:
-        loader = ("UNETLoader", "unet_name") if "native" in wf_name else ("FantasyPortraitModelLoader", "transformer")
+        loader = ("UNETLoader", "unet_name") if "native" in wf_name else ("FantasyPortraitWanModelLoader", "transformer")
         if transformer not in json.dumps(info[loader[0]]["input"]["required"][loader[1]]):
             ok = False
             summary.append(f"{wf_name}: {transformer} is not offered by {loader[0]}")
