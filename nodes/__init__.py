@@ -35,7 +35,7 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
-    NODE_ID_RENAMES["FantasyPortraitModelLoader"]: "FantasyPortrait Wan2.1 + Adapter Loader",
+    NODE_ID_RENAMES["FantasyPortraitModelLoader"]: "FantasyPortrait Model Loader (Wan2.1 + adapter)",
     "FantasyPortraitExpressionEncoderLoader": "FantasyPortrait Expression Encoder Loader",
     "FantasyPortraitFaceDetectorLoader": "FantasyPortrait Face Detector Loader",
     "FantasyPortraitEncodeExpression": "FantasyPortrait Encode Expression",

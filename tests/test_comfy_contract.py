@@ -49,6 +49,12 @@ CORE_CALLS_ON_LOADED_MODELS = [
 ]
 
 
+# What ComfyResident itself decides (where the weights are and their sizes); everything else core
+# calls comes from the ComfyUI version's own ModelPatcher.
+OVERRIDDEN = {"model_size", "loaded_size", "current_loaded_device", "model_dtype", "lowvram_patch_counter",
+              "partially_load", "partially_unload", "detach", "clone"}
+
+
 # ------------------------------------------------------------------------------------------------
 # Part 1: node ids (no ComfyUI needed)
 
@@ -431,6 +437,10 @@ def _run_probe(comfy_dir: str, out_path: str) -> None:  # noqa: C901 - one flat 
                 raise AttributeError(name)
             return repr(getattr(res, name)(*[arg.get(x, x) if isinstance(x, str) else x for x in a]))[:80]
         check("resident", f"{name}{tuple(a)}", call)
+    own = {n for n in vars(residency.ComfyResident) if not n.startswith("__")}
+    check("resident", "core's own methods are not shadowed (is_dynamic, pins, RAM, mmap, memory_required, ...)",
+          lambda: (sorted(own & {n for n, _ in CORE_CALLS_ON_LOADED_MODELS} - OVERRIDDEN) and 1 / 0,
+                   callable(res.memory_required) or 1 / 0, sorted(own)))
     check("resident", "weights still loaded after those calls", lambda: home.device is not None or 1 / 0)
     check("resident", "another node's free_memory unloads it cleanly", lambda: (
         mm.free_memory(1e30, cpu), res not in mm.loaded_models() or 1 / 0, home.device is None or 1 / 0,
