@@ -411,6 +411,17 @@ def _run_probe(comfy_dir: str, out_path: str) -> None:  # noqa: C901 - one flat 
         binds("comfy_api.latest:io.Custom", "FP_PORTRAIT")
         binds("comfy_api.latest:io.Hidden", None)
         binds("comfy_api.latest:io.NodeOutput", 1, 2)
+        import asyncio
+
+        def replacements():
+            from fantasyportrait_pack.nodes.ids import core_node_replacements
+
+            if hasattr(io, "NodeReplace"):  # registered by the server in on_load; here: built and serialisable
+                built = [r.as_dict() for r in core_node_replacements(io)]
+                return f"{len(built) or 1 / 0} io.NodeReplace built: {built[0]['old_node_id']} -> {built[0]['new_node_id']}"
+            n = asyncio.run(sys.modules["fantasyportrait_pack.nodes.v3"].register_node_replacements())
+            return f"{n} registered" + ("" if n else " (no core node replacement here: scripts/migrate_workflows.py)")
+        check("symbol", "core node replacement of the old loader id", replacements)
         check("symbol", "pack V3 schemas build", lambda: [n.define_schema() for n in
                                                            sys.modules["fantasyportrait_pack.nodes.v3"].V3_NODES] and "ok")
     except ImportError:
