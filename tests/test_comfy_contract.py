@@ -512,6 +512,33 @@ def _run_probe(comfy_dir: str, out_path: str) -> None:  # noqa: C901 - one flat 
 
     check("wan", "WanModel i2v: patched forward runs, unpatched unchanged", patched_runs)
 
+    def same_attention_calls():
+        """Core's attention is called by the patched blocks exactly as by unpatched ones: same number
+        of calls, same keyword arguments (sage / low-precision flags, preferred per-layer attention,
+        transformer_options keys), same shapes; the portrait term adds no call of its own there."""
+        m = tiny_wan()
+        original = wan.optimized_attention
+        calls = []
+
+        def recorder(*a, **kw):
+            calls.append(([tuple(getattr(t, "shape", ())) for t in a[:3]],
+                          {k: (sorted(v) if isinstance(v, dict) else repr(v)) for k, v in kw.items()}))
+            return original(*a, **kw)
+
+        wan.optimized_attention = recorder
+        try:
+            forward(m, None)
+            plain, calls[:] = list(calls), []
+            forward(m, native.NativePortrait(portrait(1.0), adapter, adapter.ip_adapter))
+        finally:
+            wan.optimized_attention = original
+        if not plain or [(s, {k: v for k, v in kw.items() if k != "transformer_options"}) for s, kw in calls] != [
+                (s, {k: v for k, v in kw.items() if k != "transformer_options"}) for s, kw in plain]:
+            raise AssertionError(f"attention calls differ: {plain[:2]} vs {calls[:2]}")
+        return f"{len(plain)} calls, kwargs {sorted(plain[0][1])}"
+
+    check("wan", "WanModel i2v: core attention called as unpatched (flags, per-layer attention)", same_attention_calls)
+
     def refuses(cls, kw):
         def go():
             try:
