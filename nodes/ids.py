@@ -25,9 +25,11 @@ NODE_ID_RENAMES = {"FantasyPortraitModelLoader": "FantasyPortraitWanModelLoader"
 # or an input only ours has (API prompt)
 _OURS = {"FantasyPortraitModelLoader": ("FANTASYPORTRAIT_MODEL", "transformer")}
 
-# the loader's inputs in widget order (UI workflows store widget values by position)
+# the loader's inputs in widget order (UI workflows store widget values by position); the first
+# _REQUIRED of them are required inputs, present in every saved prompt
 _WIDGETS = {"FantasyPortraitModelLoader": ["transformer", "adapter", "weight_dtype", "storage", "offload", "fast_mode",
                                            "attention"]}
+_REQUIRED = {"FantasyPortraitModelLoader": 5}
 
 
 def migrate_graph(graph: dict) -> list[str]:
@@ -73,11 +75,18 @@ def _migrate_ui(graph: dict, done: list[str]) -> None:
 
 
 def core_node_replacements(io) -> list:
-    """``io.NodeReplace`` objects for ComfyUI's node replacement (same inputs by name, same outputs),
-    or ``[]`` where this ComfyUI has none (feature detection: ``io.NodeReplace``)."""
+    """``io.NodeReplace`` objects for ComfyUI's node replacement (same outputs; widgets by position
+    for the frontend; the required inputs by name for API prompts), or ``[]`` where this ComfyUI has
+    none (feature detection: ``io.NodeReplace``).
+
+    Core's ``apply_replacements`` (Comfy-Org/ComfyUI ``app/node_replace_manager.py``) empties the
+    inputs and copies each mapped one with ``inputs[old_id]``, which raises for an input the old prompt
+    lacks; the optional inputs (``fast_mode``, ``attention``: speed settings, added later) are
+    therefore not mapped there and take their defaults, while the frontend keeps them through
+    ``old_widget_ids``."""
     make = getattr(io, "NodeReplace", None)
     if make is None:
         return []
     return [make(new_node_id=new, old_node_id=old, old_widget_ids=list(_WIDGETS[old]),
-                 input_mapping=[{"new_id": k, "old_id": k} for k in _WIDGETS[old]])
+                 input_mapping=[{"new_id": k, "old_id": k} for k in _WIDGETS[old][:_REQUIRED[old]]])
             for old, new in NODE_ID_RENAMES.items()]

@@ -220,8 +220,8 @@ def test_old_graphs_migrate_to_the_new_ids(tmp_path):
 
 
 def test_core_node_replacement_maps_every_input_of_the_old_node():
-    """Where core has node replacement, the registered mapping carries every input of the old node
-    (by name, core empties the inputs otherwise) and the widgets in the order the old graph stores them."""
+    """Where core has node replacement, the registered mapping carries every required input of the old
+    node by name (core empties the inputs otherwise) and all widgets in the order the old graph stores them."""
     from nodes.ids import NODE_ID_RENAMES, core_node_replacements
 
     class FakeIO:  # the constructor of io.NodeReplace (newest Comfy-Org/ComfyUI comfy_api/latest/_io.py)
@@ -236,7 +236,9 @@ def test_core_node_replacement_maps_every_input_of_the_old_node():
     inputs = [*spec["required"], *spec.get("optional", {})]
     assert (r.old_node_id, r.new_node_id) in NODE_ID_RENAMES.items()
     assert r.old_widget_ids == inputs  # every input of the loader is a widget, in this order
-    assert r.input_mapping == [{"new_id": k, "old_id": k} for k in inputs]
+    # API prompts: the required inputs by name (core copies inputs[old_id]; an optional input an old
+    # prompt lacks would raise there)
+    assert r.input_mapping == [{"new_id": k, "old_id": k} for k in spec["required"]]
     with open(OLD_WORKFLOW) as f:
         node = next(n for n in json.load(f)["nodes"] if n["type"] == r.old_node_id)
     assert len(node["widgets_values"]) == len(r.old_widget_ids)
