@@ -1,33 +1,37 @@
 """Speed and memory of the 14B transformer forward: bare diffusers vs ours, bf16 vs fast mode, the
 portrait branch for 1 and 2 characters, a full dual-guidance step, and the low-VRAM plans.
 
-    python benchmarks/bench_forward.py                         # the GPU table (CUDA; < 8 min on H100/H200)
-    python benchmarks/bench_forward.py --tiny --device cpu     # smoke run of the script (numbers mean nothing)
+    python benchmarks/bench_forward.py --sizes 512x512             # A, B, C at 512² (~4 min on an H100/H200)
+    python benchmarks/bench_forward.py --sizes 1280x720 --phases A # one phase at 720p per call
+    python benchmarks/bench_forward.py --tiny --device cpu         # smoke run of the script (numbers mean nothing)
 
-One run prints one markdown table (rows appear as they finish, so a run cut short still shows the
-rows done) with, per row: seconds per forward (or per step), latent tokens per second, model FLOPs
-of the forward, MFU against a bf16 matmul measured in the same run, the peak GPU memory, and what
-the memory model (:mod:`fantasyportrait_core.memory`) predicted for it.
+``benchmarks/run_gpu.sh`` runs it as separate steps, most important rows first, each well inside
+one 10-minute device call. One run prints one markdown table (rows appear as they finish, so a
+run cut short still shows the rows done) with, per row: seconds per forward (or per step), latent
+tokens per second, model FLOPs of the forward, MFU against a bf16 matmul measured in the same run,
+the peak GPU memory, and what the memory model (:mod:`fantasyportrait_core.memory`) predicted.
 
-Phases, in this order, all on one randomly initialised Wan2.1-I2V-14B (no checkpoint needed):
+Phases (``--phases``, in this order), all on one randomly initialised Wan2.1-I2V-14B (no
+checkpoint needed):
 
 A. bf16 weights resident, for each size: the bare diffusers forward (diffusers' own processors),
    ours without portrait (must cost the same), ours with the portrait branch for each character
    count, and one full guidance step (cfg 5, portrait cfg 4: 3 passes batched into one forward;
    at the first size also the same step with the passes one by one).
 B. Fast mode: block linears quantised in place to scaled fp8 and multiplied by ``torch._scaled_mm``
-   (GPUs of compute capability 8.9+), blocks compiled (``compile_repeated_blocks``), per size: the
-   portrait forward for the largest character count, and the guidance step.
+   (GPUs of compute capability 8.9+), blocks compiled (``compile_repeated_blocks``: diffusers'
+   defaults, i.e. ``fullgraph=False``), per size: the portrait forward for the largest character
+   count, and the guidance step.
 C. Low-VRAM plan: fp8 weights (and the adapter's K/V) moved to the host and streamed block by
-   block (diffusers group offload, side CUDA stream), one guidance pass per forward; per size: the
-   portrait forward, with its time relative to the bf16 resident forward of phase A.
+   block (:func:`~fantasyportrait_core.residency.enable_block_offload`: side CUDA stream, recorded
+   streams), one guidance pass per forward; per size the portrait forward through the product's
+   own path (``PortraitDenoiser`` with the conditions on the CPU, compute device resolved as the
+   sampler resolves it, not prepared on the GPU by this script), with its time relative to the
+   bf16 resident forward of phase A (when A ran in the same call), and at the first size one
+   guidance step with its passes one by one (the plan's ``batch_passes = 1``).
 
-How it stays under 8 minutes on an H100/H200 (about 1.9 s per bare forward at 512²×81 and
-12.8 s at 720p×81 on an H100): every timed row is one warm-up call plus ``--repeat`` timed calls (1
-by default; the best is reported); "ours without portrait" runs at the smallest size only; torch.compile costs one
-compile per size (about a minute each); the fp8 model is made in place from the bf16 one (no
-second load); the model moves to the host once for phase C. Expected total: ~6–7 min on an H100
-(the H200 is a little faster); pass ``--sizes 512x512`` to halve it.
+The error columns of B and C compare with the bf16 portrait forward on the same inputs; when A is
+not in ``--phases``, that reference forward is run once per size before quantising.
 """
 
 from __future__ import annotations
@@ -154,7 +158,9 @@ def main(argv=None):
     ap.add_argument("--people", default="1,2", help="character counts for the portrait rows")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=1, help="timed calls per row (after one warm-up)")
-    ap.add_argument("--skip", default="", help="phases to skip: any of fast,offload,step")
+    ap.add_argument("--phases", default="A,B,C", help="phases to run: any of A (bf16 resident), B (fast mode), "
+                                                          "C (fp8 + block offload)")
+    ap.add_argument("--skip", default="", help="rows to skip: any of fast,offload,step")
     ap.add_argument("--no-compile", action="store_true", help="fast mode without torch.compile")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; "
                                                               "aot_eager on the CPU)")
@@ -171,6 +177,11 @@ def main(argv=None):
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     people = [int(v) for v in args.people.split(",")]
     skip = set(filter(None, args.skip.split(",")))
+    phases = {p.strip().upper() for p in args.phases.split(",") if p.strip()}
+    if "B" not in phases:
+        skip.add("fast")
+    if "C" not in phases:
+        skip.add("offload")
     backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -234,7 +245,12 @@ def main(argv=None):
     with torch.no_grad():
         # ---- A: bf16 resident
         base = measured_size(model, adapter)
-        for w, h in sizes:
+        state = attach_portrait_processors(model, adapter)
+        for w, h in sizes if "A" not in phases else ():  # B/C alone: their error reference, once per size
+            state.condition = condition(n_max, w, h).prepared(device, dtype, rows=1)
+            reference[(w, h)] = forward_fn(*inputs(w, h))().float().cpu()
+            state.condition = None
+        for w, h in sizes if "A" in phases else ():
             label = f"{w}×{h}×{args.frames}"
             tokens = tokens_per_forward(w, h, args.frames)
             x, text, img = inputs(w, h)
@@ -265,7 +281,8 @@ def main(argv=None):
                     table.add(f"one guidance step, 3 passes one by one, {n_max} char., {wdt}", label, dt, pk,
                               3 * tokens, forward_flops(cfg, tokens, 3, n_max, proj, f_lat),
                               peak_bytes(base, "bf16", "none", tokens, 1, 1, n_max))
-        print(f"<!-- phase A done at {time.perf_counter() - t_start:.0f} s -->", flush=True)
+        if "A" in phases:
+            print(f"<!-- phase A done at {time.perf_counter() - t_start:.0f} s -->", flush=True)
 
         # ---- B: fast mode (fp8 matmul + torch.compile)
         if "fast" not in skip:
@@ -317,20 +334,33 @@ def main(argv=None):
                     m.to("cpu")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            enable_block_offload(model, device, available_ram_bytes(), adapter=adapter)
+            pinned = enable_block_offload(model, device, available_ram_bytes(), adapter=adapter)
+            host = ("all blocks pinned up front" if pinned else "blocks pinned as they stream") \
+                if device.type == "cuda" else "no CUDA streams"
             for w, h in sizes:
                 label = f"{w}×{h}×{args.frames}"
                 tokens = tokens_per_forward(w, h, args.frames)
                 x, text, img = inputs(w, h)
-                state.condition = condition(n_max, w, h).prepared(device, dtype, rows=1)
-                fn = forward_fn(x, text, img)
+                # The product's path: conditions on the CPU, the denoiser resolves the compute device
+                # as the sampler does (under offload: the hook's onload device) and prepares the
+                # portrait condition there; same inputs as the bf16 reference (timestep 700 = sigma 0.7).
+                c = condition(n_max, w, h)
+                cond_cpu = PortraitCondition(c.windows.cpu(), None if c.token_person is None else c.token_person.cpu(),
+                                             None if c.latent_person is None else c.latent_person.cpu())
+                i2v = I2VConditioning(text.cpu(), None, img.cpu(), x[:, 16:].cpu())
+                den = PortraitDenoiser(model, state, i2v, cond_cpu, cfg=1.0, portrait_cfg=4.0)
+                fn = lambda den=den, x=x: den.velocity(x[:, :16], 0.7, "positive", True)  # noqa: E731
                 err = rel_err(fn(), w, h)
                 dt, pk = timed(fn, device, args.repeat)
-                state.condition = None
-                table.add(f"low-VRAM plan: fp8 + block offload, {n_max} char. (vs resident)", label,
+                table.add(f"low-VRAM plan: fp8 + block offload ({host}), {n_max} char. (vs resident)", label,
                           dt, pk, tokens, forward_flops(cfg, tokens, 1, n_max, proj, f_lat),
                           peak_bytes(lowsize, "fp8", "block", tokens, 1, 1, n_max),
                           ratio_to=resident_2p.get((w, h)), err=err)
+                if "step" not in skip and (w, h) == sizes[0]:
+                    dt, pk = timed(step_fn(state, w, h, n_max, batch_passes=1), device, 1)
+                    table.add(f"low-VRAM plan: one guidance step, 3 passes one by one, {n_max} char.", label, dt,
+                              pk, 3 * tokens, forward_flops(cfg, tokens, 3, n_max, proj, f_lat),
+                              peak_bytes(lowsize, "fp8", "block", tokens, 1, 1, n_max))
             print(f"<!-- phase C done at {time.perf_counter() - t_start:.0f} s -->", flush=True)
 
     print(f"\nTotal {time.perf_counter() - t_start:.0f} s. 'model GiB': the memory model's prediction with its "

@@ -583,7 +583,8 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, args, prompt: str 
                                    shift=args.shift, callback=lambda info: update(1),
                                    context_frames=window, context_overlap=args.context_overlap,
                                    window_anchor=getattr(args, "window_anchor", "reference"),
-                                   init_latent=init, **sampling, batch_passes=memory_plan.batch_passes)
+                                   init_latent=init, **sampling, batch_passes=memory_plan.batch_passes,
+                                   device=device)
     t2 = time.time()
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)

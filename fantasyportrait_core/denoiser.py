@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import TEXT_CONTEXT_TOKENS, PortraitCondition, PortraitState, projection_dtype
+from .residency import compute_device
 from .sampling import NUM_TRAIN_TIMESTEPS, GuidanceSchedule, combine_guidance, guidance_passes, step_guidance
 
 
@@ -82,11 +83,15 @@ class PortraitDenoiser:
         batch_passes: most guidance passes run as one forward (rows of one batch); ``None`` = all
             of a step's 1–3 passes at once. 1 runs them one after another (least memory: the
             activations of one forward scale with its batch; see :mod:`fantasyportrait_core.memory`).
+        device: where the forward computes (the CLI's ``--device``, the node's ComfyUI device);
+            ``None``: :func:`~fantasyportrait_core.residency.compute_device` (the group-offload
+            onload device under block offload, else the input projection's device). The latent,
+            text/image conditions and the portrait condition (windows, masks, scale) are put there.
     """
 
     def __init__(self, transformer, state: PortraitState, cond: I2VConditioning,
                  portrait: PortraitCondition | None, cfg: float = 1.0, portrait_cfg: float = 4.0,
-                 guidance: GuidanceSchedule | None = None, batch_passes: int | None = None):
+                 guidance: GuidanceSchedule | None = None, batch_passes: int | None = None, device=None):
         self.transformer, self.state, self.cond, self.portrait = transformer, state, cond, portrait
         self.cfg, self.portrait_cfg = float(cfg), float(portrait_cfg)
         if portrait is None:
@@ -103,9 +108,10 @@ class PortraitDenoiser:
             raise ValueError(f"batch_passes must be >= 1 or None, got {batch_passes}")
         self.batch_passes = batch_passes
         # The input projection's weight gives the compute dtype (the first parameter, a modulation
-        # table, is kept in fp32 by diffusers and would mislead).
-        p = transformer.patch_embedding.weight
-        self.device, self.dtype = p.device, p.dtype
+        # table, is kept in fp32 by diffusers and would mislead), but not the device: block offload
+        # moves that weight back to the CPU after every forward (see compute_device).
+        self.device = compute_device(transformer, device)
+        self.dtype = transformer.patch_embedding.weight.dtype
         self._context = {name: self._context_for(t) for name, t in
                          (("positive", cond.text_positive), ("negative", cond.text_negative)) if t is not None}
         self._image_context = None if cond.image_context is None else cond.image_context.to(self.device, self.dtype)

@@ -36,8 +36,15 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     on the weight's device; the clamp matters because casts above 448 give NaN, not saturation.
     """
     w = weight if weight.dtype in (torch.bfloat16, torch.float16, torch.float32) else weight.float()
-    scale = (w.abs().max().float() / FP8_MAX).clamp(min=1e-12)
+    scale = (w.abs().max().float() / FP8_MAX).clamp(min=min_scale(w.dtype))
     return (w / scale.to(w.dtype)).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def min_scale(dtype: torch.dtype) -> float:
+    """Smallest per-tensor scale used in ``dtype``: its smallest normal number (fp16: 6.1e-5), at least
+    1e-12. A scale that rounds to 0 in the dtype it is applied in (1e-12 is 0 in fp16) turns an
+    all-zero tensor into 0/0 = NaN; a subnormal one loses its precision."""
+    return max(1e-12, torch.finfo(dtype).tiny) if dtype.is_floating_point else 1e-12
 
 
 FP8_COMPUTE = ("upcast", "scaled_mm", "emulate")
@@ -56,7 +63,7 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-tensor fp8 quantisation of an activation: ``(x_q e4m3, s_x fp32 [])`` with
     ``x_q · s_x ≈ x`` and ``s_x = max|x| / 448`` (rounded to ``x``'s dtype, so quantising and
     dequantising use the same value). Computed on ``x``'s device, in ``x``'s dtype."""
-    scale = (x.abs().amax().float() / FP8_MAX).clamp(min=1e-12).to(x.dtype)
+    scale = (x.abs().amax().float() / FP8_MAX).clamp(min=min_scale(x.dtype)).to(x.dtype)
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.float()
 
 
@@ -70,13 +77,21 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
             weight); ``"scaled_mm"`` — fp8 × fp8 ``torch._scaled_mm`` with a dynamic activation
             scale (:func:`quantize_activation`), for fp8 GPUs (:func:`set_fp8_compute` checks the
             device; recent torch also runs it on the CPU, slowly); feature sizes that are not
-            multiples of 16 (the op's constraint) fall back to ``"upcast"``; ``"emulate"`` — the same
+            multiples of 16 (the op's constraint) fall back to ``"upcast"``; the bias is fused into
+            the op for bf16/fp16 compute and added after it for fp32 (the CUDA kernel refuses a
+            bias with an fp32 output); ``"emulate"`` — the same
             quantisation and scaled product computed in fp32 (any device; for tests).
     """
     if compute == "scaled_mm" and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0:
         xq, sx = quantize_activation(x)
+        # The CUDA kernel fuses a bias only into a bf16/fp16 output ("Bias is not supported when
+        # out_dtype is set to Float32"; the bias must have the output's dtype); fp32 compute adds it
+        # after the product instead.
+        fused = bias is not None and x.dtype in (torch.bfloat16, torch.float16)
         out = torch._scaled_mm(xq.reshape(-1, xq.shape[-1]), weight.t(), scale_a=sx, scale_b=scale.float(),
-                               bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+                               bias=bias.to(x.dtype) if fused else None, out_dtype=x.dtype)
+        if bias is not None and not fused:
+            out = out + bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     if compute == "emulate":
         xq, sx = quantize_activation(x)

@@ -367,16 +367,30 @@ def apply_loras(transformer: nn.Module, loras: Sequence[tuple[LoraWeights, float
     rescale (``set_adapters``); files no longer wanted are removed. ``[]`` removes every LoRA and
     restores the transformer bit for bit. Strength 0 entries are skipped.
 
+    Works the same with diffusers' block offload on or off, in either order: under group offload
+    the hooks are taken off for the change and put back with the same options afterwards
+    (:func:`~fantasyportrait_core.residency.offload_suspended`), since a streamed offload group
+    onloads from the host copies it recorded when it was set up (new LoRA tensors would raise
+    ``KeyError``, patched weights would be put back to their old values).
+
     Raises:
         LoraError: a LoRA whose layers or shapes do not fit this transformer.
     """
-    from .fp8 import ScaledFP8Linear
+    from .residency import offload_suspended
 
     wanted = [(w, float(s)) for w, s in loras if float(s) != 0.0]
     state = _state(transformer)
     signature = [(w.key, s) for w, s in wanted]
     if signature == state.active:
         return
+    with offload_suspended(transformer):
+        _apply(transformer, wanted, state, signature)
+
+
+def _apply(transformer: nn.Module, wanted: list, state: _LoraState, signature: list) -> None:
+    """The body of :func:`apply_loras` (hooks off)."""
+    from .fp8 import ScaledFP8Linear
+
     targets = lora_targets(transformer)
     keys = {w.key for w, _ in wanted}
 

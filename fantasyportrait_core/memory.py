@@ -14,9 +14,10 @@ The memory model (bytes on the GPU while the transformer runs)::
 
 * ``weights_on_gpu``: every transformer weight plus the portrait adapter's per-block K/V
   projections (839 M parameters at 14B) when resident; with block offload the weights outside the
-  blocks plus two blocks with their K/V projections (the block computing and the next one
-  streaming in: :func:`~fantasyportrait_core.residency.enable_block_offload` streams the adapter's
-  K/V with their block).
+  blocks plus three blocks with their K/V projections (the block computing, the next one
+  streaming in, and the last one, whose memory the allocator reuses only once the compute stream
+  has passed it: :func:`~fantasyportrait_core.residency.enable_block_offload` records the streams
+  and streams the adapter's K/V with their block).
 * ``rows``: guidance passes in one forward (batch rows); ``tokens = F_lat · H/16 · W/16`` per row
   (a context window's frames at most); ``e``: bytes per element of the compute dtype (2 for bf16).
 * ``act_bytes``: the live activations at a block's peak, the larger of two phases. Around
@@ -73,11 +74,14 @@ class ModelSize:
     adapter_kv_bytes: int
     elem: int = 2
 
-    def weights(self, storage: str, offload: str) -> int:
-        """Transformer + adapter K/V bytes on the GPU for this storage and offload (block offload
-        streams each block with its adapter K/V: two of them on the GPU at a time)."""
+    def weights(self, storage: str, offload: str, blocks_on_gpu: int = 3) -> int:
+        """Transformer + adapter K/V bytes on the GPU for this storage and offload. Block offload
+        streams each block with its adapter K/V; with ``record_stream`` (ours:
+        :func:`~fantasyportrait_core.residency.enable_block_offload`) up to three are on the GPU at
+        a time (computing, next in flight, the last until the compute stream passes it); diffusers'
+        default (no ``record_stream``, a compute-stream sync per block) holds two."""
         blocks = self.block_bytes[storage] + self.adapter_kv_bytes
-        return self.other_bytes + (blocks if offload == "none" else 2 * blocks // self.layers)
+        return self.other_bytes + (blocks if offload == "none" else blocks_on_gpu * blocks // self.layers)
 
 
 def model_size(config: dict, proj_dim: int = 2048, elem: int = 2) -> ModelSize:

@@ -518,7 +518,7 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
                     context_overlap: int = 16, window_anchor: str = "reference", sampler: str = "euler", sigmas=None,
                     preset: str | None = None, denoise: float = 1.0, init_latent: torch.Tensor | None = None,
                     cfg_range=(0.0, 1.0), portrait_cfg_range=(0.0, 1.0), portrait_scales=(),
-                    batch_passes: int | None = None) -> torch.Tensor:
+                    batch_passes: int | None = None, device=None) -> torch.Tensor:
     """Sample a normalised Wan latent ``[1, 16, F_lat, H/8, W/8]`` (float32, CPU).
 
     Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42,
@@ -534,7 +534,10 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     shape) is what a schedule starting below sigma 1 adds noise to; ``cfg_range`` /
     ``portrait_cfg_range`` are the guidance intervals and ``portrait_scales`` the per-range portrait
     scales of :class:`~.sampling.GuidanceSchedule`. ``batch_passes``: guidance passes per transformer
-    forward (``None`` = all; see :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`).
+    forward (``None`` = all; see :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`). ``device``:
+    where the transformer computes (where the sampler runs; ``None``:
+    :func:`~fantasyportrait_core.residency.compute_device`, which under block offload is the offload
+    hook's onload device, never a weight's current device).
 
     Raises:
         FloatingPointError: if the result holds NaN/Inf (never returned silently).
@@ -557,7 +560,7 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
                  len(denoiser.windows), window, window_anchor)
     else:
         denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg,
-                                    guidance=guidance, batch_passes=batch_passes)
+                                    guidance=guidance, batch_passes=batch_passes, device=device)
     noise = initial_noise((1, 16, f_lat, height // 8, width // 8), seed)
     x = start_latent(noise, float(schedule[0]), init_latent).to(denoiser.device)
     out = sample(denoiser, x, schedule, sampler, seed=seed + 1, callback=callback).float().cpu()

@@ -189,7 +189,8 @@ class FantasyPortraitModelLoader:
             "attention": (list(ATTENTION_BACKENDS), {
                 "default": "sdpa",
                 "tooltip": "sdpa: PyTorch picks its fastest kernel (cuDNN on H100/H200, flash elsewhere). "
-                           "sdpa_cudnn / sdpa_flash force one. sageattention needs the sageattention package."}),
+                           "sdpa_cudnn / sdpa_flash force one. sageattention needs SageAttention 2.1.1+ (diffusers does not "
+                           "use the registry's 1.0.6)."}),
         }}
 
     RETURN_TYPES = ("FANTASYPORTRAIT_MODEL",)

@@ -4,8 +4,10 @@ both -> FP_PORTRAIT for the sampler."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import logging
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -27,6 +29,27 @@ CATEGORY = "FantasyPortrait"
 MAX_EXTRA_EXPRESSIONS = 3  # expression + expression_2..4
 _EXPRESSION_CACHE: "OrderedDict[tuple, list]" = OrderedDict()  # content hash -> drivers, across prompts
 _EXPRESSION_CACHE_SIZE = 8
+_TOKENS: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
+_NEXT_TOKEN = itertools.count()
+
+
+def _token(obj) -> int:
+    """A number that names ``obj`` for as long as it lives and is never given to another object.
+
+    ``id()`` is not such a name: CPython reuses the address of a freed object, so an encoder loaded
+    after another was freed could be served the freed one's cached features. When ``obj`` is freed,
+    the cache entries made with it are dropped too.
+    """
+    tok = _TOKENS.get(obj)
+    if tok is None:
+        tok = _TOKENS[obj] = next(_NEXT_TOKEN)
+        weakref.finalize(obj, _forget_token, tok)
+    return tok
+
+
+def _forget_token(tok: int) -> None:
+    for key in [k for k in _EXPRESSION_CACHE if tok in k[-2:]]:
+        del _EXPRESSION_CACHE[key]
 
 
 def _frames_key(frames: np.ndarray) -> str:
@@ -153,7 +176,7 @@ class FantasyPortraitEncodeExpression:
         # The same driving clip queued again (other seed, prompt or reference) is not re-encoded,
         # even when ComfyUI's own cache was invalidated by other prompts in between.
         key = (_frames_key(frames), people, float(smooth), landmark_filter, float(fps), source,
-               id(face_detector), id(expression_encoder))
+               _token(face_detector), _token(expression_encoder))
         drivers = _EXPRESSION_CACHE.get(key)
         if drivers is None:
             device = host.torch_device()

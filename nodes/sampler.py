@@ -282,11 +282,17 @@ class FantasyPortraitSampler:
                                         window_anchor=window_anchor, sampler=sampler, sigmas=schedule,
                                         init_latent=init, cfg_range=(cfg_start, cfg_end),
                                         portrait_cfg_range=(portrait_cfg_start, portrait_cfg_end),
-                                        portrait_scales=scale_ranges, batch_passes=plan.batch_passes)
+                                        portrait_scales=scale_ranges, batch_passes=plan.batch_passes,
+                                        device=device)
         except torch.cuda.OutOfMemoryError as e:
             model.resident.detach()
-            raise RuntimeError(oom_message(tr, width, height, num_frames, context_frames, model.offload,
-                                           plan.describe())) from e
+            # Re-raise the very OOM error (ComfyUI's ``model_management.OOM_EXCEPTION``): ComfyUI then
+            # unloads every model and shows its OOM tips. What to change goes into its message (shown
+            # in the UI), the exception notes (tracebacks) and the log.
+            advice = oom_message(tr, width, height, num_frames, context_frames, model.offload, plan.describe())
+            log.error("[FantasyPortrait] %s", advice)
+            add_advice(e, advice)
+            raise
         # The model stays on the GPU for the next prompt; ComfyUI unloads it when it needs the memory.
         context = "one pass" if window is None else f"windows of {window} frames (anchor: {window_anchor})"
         info = (f"{model.info}\n{plan.describe()}\n{num_frames} frames: {context}\n"
@@ -326,6 +332,16 @@ class FantasyPortraitSampler:
             residency.free_for_offload(device, plan.peak_bytes)
         else:
             residency.load_resident(model.resident, device, act)
+
+
+def add_advice(error: BaseException, advice: str) -> None:
+    """Append ``advice`` to ``error``'s message (``str(error)``, what ComfyUI shows) and to its notes,
+    keeping the error object and its type (e.g. ``torch.OutOfMemoryError`` for ComfyUI's OOM
+    handling)."""
+    first = str(error.args[0]) if error.args else ""
+    error.args = (f"{first}\n{advice}" if first else advice, *error.args[1:])
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(advice)
 
 
 def oom_message(transformer, width: int, height: int, num_frames: int, context_frames: int, offload: str,

@@ -28,7 +28,8 @@ def _bare_forward_gib(size, storage, offload, tokens):
     """Prediction for the bare diffusers forward measured in ../shared/reference/README.md: no adapter,
     no portrait, no reserve (the measurement is torch's peak allocation)."""
     bare = dataclasses.replace(size, adapter_kv_bytes=0)
-    return (bare.weights(storage, offload) + activation_bytes(bare, tokens)) / GIB
+    # measured with diffusers' default streams (no record_stream): two blocks on the GPU at a time
+    return (bare.weights(storage, offload, blocks_on_gpu=2) + activation_bytes(bare, tokens)) / GIB
 
 
 # (storage, offload, width, height, measured peak GiB): NVIDIA H100 80GB, random bf16 weights, one

@@ -229,15 +229,27 @@ def test_sampler_failure_leaves_the_model_as_loaded(model, two_faces, monkeypatc
     assert not model.transformer.blocks[0]._forward_pre_hooks
 
 
-def test_sampler_oom_names_the_loader_settings(model, two_faces, monkeypatch):
+def test_sampler_oom_names_the_loader_settings(model, two_faces, monkeypatch, caplog):
+    """The very ``torch.OutOfMemoryError`` leaves the node (ComfyUI's ``OOM_EXCEPTION`` is
+    ``torch.cuda.OutOfMemoryError``: only for it does its executor unload every model and show its
+    OOM tips), with what to change added to its message, its notes and the log (issue 21, defect 7:
+    it used to be re-raised as a new RuntimeError)."""
+    raised = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     def oom(*a, **k):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        raise raised
 
     monkeypatch.setattr(P, "generate_latent", oom)
     portrait, _ = _condition(two_faces, None)
-    with pytest.raises(RuntimeError, match="ran out of GPU memory .*32x32, 5 frames.*storage = fp8_e4m3fn"):
+    with caplog.at_level("ERROR", logger="FantasyPortrait"), \
+            pytest.raises(torch.cuda.OutOfMemoryError, match="ran out of GPU memory .*32x32, 5 frames.*storage = "
+                                                           "fp8_e4m3fn") as info:
         node("FantasyPortraitSampler")(model, portrait, _cond(model), _cond(model),
                                        {"samples": torch.zeros(1, 16, 2, 4, 4)}, 0, 1)
+    assert info.value is raised and type(info.value) is torch.OutOfMemoryError
+    assert str(info.value).startswith("CUDA out of memory. Tried to allocate 2.00 GiB\n")
+    assert any("offload = block" in n for n in info.value.__notes__)
+    assert any("ran out of GPU memory" in r.getMessage() for r in caplog.records)
     assert model.state.condition is None
 
 

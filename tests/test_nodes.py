@@ -239,6 +239,43 @@ def test_expression_cache_across_prompts(loaded, monkeypatch):
     assert len(calls) == 2, "other frames are encoded"
 
 
+def test_expression_cache_never_serves_a_freed_encoders_features(loaded, monkeypatch):
+    """A reloaded encoder gets its own features even when Python hands it the freed one's address.
+
+    CPython reuses the id() of a freed object; here every object gets the same id(), the worst case
+    of that reuse, so a cache keyed on id() would serve the first encoder's features to the second.
+    """
+    import copy
+    import gc
+
+    import fantasyportrait_core.pipeline as pipeline
+    import nodes.portrait as portrait
+
+    _, encoder, detector = loaded
+    frames = read_video(data_path("jgz.mp4"), max_frames=20).frames[14:17]  # not encoded by other tests
+    calls = []
+    real = pipeline.encode_driving
+    monkeypatch.setattr(pipeline, "encode_driving", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(portrait, "id", lambda obj: 1, raising=False)
+
+    first_encoder = copy.deepcopy(encoder)
+    first = run("FantasyPortraitEncodeExpression", expression_encoder=first_encoder, face_detector=detector,
+                images=as_image(frames), people=1, smooth=0.0)[0]
+    cached = len(portrait._EXPRESSION_CACHE)
+    del first_encoder
+    gc.collect()
+    assert len(portrait._EXPRESSION_CACHE) == cached - 1, "a freed encoder's entries are dropped"
+
+    second_encoder = copy.deepcopy(encoder)
+    with torch.no_grad():
+        for p in second_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    second = run("FantasyPortraitEncodeExpression", expression_encoder=second_encoder, face_detector=detector,
+                 images=as_image(frames), people=1, smooth=0.0)[0]
+    assert len(calls) == 2, "the reloaded encoder must encode the frames itself"
+    assert not torch.equal(torch.as_tensor(second[0].features), torch.as_tensor(first[0].features))
+
+
 def test_every_input_has_a_tooltip():
     for name, cls in MAPPINGS.items():
         spec = cls.INPUT_TYPES()

@@ -290,6 +290,6 @@ def test_attention_backend_choice(tiny):
     import importlib.util
 
     if importlib.util.find_spec("sageattention") is None:
-        with pytest.raises(ValueError, match="pip install sageattention"):
+        with pytest.raises(ValueError, match=r"sageattention>=2\.1\.1"):
             set_attention_backend(model, "sageattention")
     assert set(ATTENTION_BACKENDS) >= {"sdpa", "sdpa_cudnn", "sdpa_flash", "sageattention"}
