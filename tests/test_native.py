@@ -307,7 +307,7 @@ def test_native_workflow_uses_only_core_nodes_and_ours():
     ours = {t for t in types if t.startswith("FantasyPortrait")}
     assert types - ours <= core, types - ours - core
     assert {"FantasyPortraitAdapterLoader", "FantasyPortraitPatchModel", "FantasyPortraitGuider"} <= ours
-    assert "FantasyPortraitModelLoader" not in ours and "FantasyPortraitSampler" not in ours
+    assert "FantasyPortraitWanModelLoader" not in ours and "FantasyPortraitSampler" not in ours
     lora = next(n for n in wf["nodes"] if n["type"] == "LoraLoaderModelOnly")
     assert lora["mode"] == 4, "the LoRA ships bypassed"
     by_id = {n["id"]: n for n in wf["nodes"]}
