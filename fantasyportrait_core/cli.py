@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--smooth", type=float, default=0.0,
                        help="extra Gaussian landmark smoothing, sigma in frames (0 = none, as the reference)")
         p.add_argument("--fps", type=float, default=P.OUTPUT_FPS,
-                       help="output frame rate; every driving video is resampled to it (default 25, as the reference)")
+                       help="output frame rate; every driving video is resampled to it (default 25, as the reference's "
+                            "multi-character script; its single-character script keeps the driver's rate)")
         p.add_argument("--long-video", choices=CONTEXT_MODES, default="auto",
                        help="auto: one pass (as the reference) when it fits in free memory, else windows; "
                             "one_pass; windows")

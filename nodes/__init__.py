@@ -1,7 +1,13 @@
 """ComfyUI nodes of the FantasyPortrait pack: thin wrappers that convert ComfyUI types and call
-``fantasyportrait_core``."""
+``fantasyportrait_core``.
+
+Node ids and display names are this pack's own: none equals one that ComfyUI-WanVideoWrapper,
+ComfyUI-KJNodes, ComfyUI-VideoHelperSuite or ComfyUI-GGUF registers (``tests/test_comfy_contract.py``
+checks them against those packs' sources); ids renamed for that, and how old graphs keep loading:
+``nodes/ids.py``."""
 
 from . import host
+from .ids import NODE_ID_RENAMES
 from .evaluate import FantasyPortraitEvaluate
 from .loaders import (FantasyPortraitExpressionEncoderLoader, FantasyPortraitFaceDetectorLoader,
                       FantasyPortraitModelLoader)
@@ -15,7 +21,7 @@ host.register_model_folder()
 host.register_gguf_folder()
 
 NODE_CLASS_MAPPINGS = {
-    "FantasyPortraitModelLoader": FantasyPortraitModelLoader,
+    NODE_ID_RENAMES["FantasyPortraitModelLoader"]: FantasyPortraitModelLoader,  # own id (see nodes/ids.py)
     "FantasyPortraitExpressionEncoderLoader": FantasyPortraitExpressionEncoderLoader,
     "FantasyPortraitFaceDetectorLoader": FantasyPortraitFaceDetectorLoader,
     "FantasyPortraitEncodeExpression": FantasyPortraitEncodeExpression,
@@ -31,9 +37,9 @@ NODE_CLASS_MAPPINGS = {
 NODE_CLASS_MAPPINGS.update({k: cls for k, (cls, _) in _DIRECT_NODES.items()})
 
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "FantasyPortraitModelLoader": "FantasyPortrait Model Loader",
+    NODE_ID_RENAMES["FantasyPortraitModelLoader"]: "FantasyPortrait Model Loader (Wan2.1 + adapter)",
     "FantasyPortraitExpressionEncoderLoader": "FantasyPortrait Expression Encoder Loader",
-    "FantasyPortraitFaceDetectorLoader": "FantasyPortrait Face Detector",
+    "FantasyPortraitFaceDetectorLoader": "FantasyPortrait Face Detector Loader",
     "FantasyPortraitEncodeExpression": "FantasyPortrait Encode Expression",
     "FantasyPortraitFaceMasks": "FantasyPortrait Face Masks",
     "FantasyPortraitConditioning": "FantasyPortrait Conditioning",

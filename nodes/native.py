@@ -9,29 +9,36 @@ Three nodes:
   whose every block's cross-attention adds the portrait term before its output projection, as the
   reference ``SingleStreamBlockProcessor`` does (FantasyPortrait §3.2–3.3). The term is
   :func:`fantasyportrait_core.attention.apply_portrait`, the one implementation our own sampler
-  and the CLI call too; the patched attention reuses the block's own ``q``/``norm_q``/``k``/``v``/
-  ``k_img``/``v_img``/``norm_k``/``norm_k_img``/``o`` modules, so LoRA weight patches, GGUF
-  dequantisation and fp8 casting apply to them as usual.
+  and the CLI call too. ComfyUI's cross-attention itself runs unchanged (no copy of it here): its
+  attention backend and flags (sage attention, ``low_precision_attention``, the per-layer
+  ``comfy_attention`` of quantized checkpoints), LoRA weight patches, GGUF dequantisation and fp8
+  casting apply exactly as in an unpatched MODEL.
 * **FantasyPortrait Guider** (→ GUIDER for SamplerCustomAdvanced): dual guidance, the 1–3 passes of
   :func:`fantasyportrait_core.sampling.guidance_passes` combined by
   :func:`~fantasyportrait_core.sampling.combine_guidance` exactly as our sampler does. With a plain
   KSampler (or any other guider) the portrait branch is on in every pass.
 
-How it hooks into ComfyUI (0.3.6x, ``comfy/ldm/wan/model.py``):
+How it hooks into ComfyUI (``comfy/ldm/wan/model.py``; chosen by feature detection, see
+docs/COMPATIBILITY.md):
 
-* The patch is a ``DIFFUSION_MODEL`` wrapper on the clone's ModelPatcher. For the duration of each
-  forward of *that* clone it sets every block's ``cross_attn.forward`` to
-  :func:`portrait_cross_attention` and restores the previous one afterwards, so the shared weights
-  are never left patched: another MODEL from the same loader (or the same MODEL sampled without
-  the patch) never sees it, whatever ComfyUI's clone/unload order. (Object patches, the other
-  option, stay set on the shared model after sampling until another clone loads.)
+* The patch is a ``DIFFUSION_MODEL`` wrapper on the clone's ModelPatcher (ComfyUI's wrapper API,
+  ``comfy.patcher_extension``). For the duration of each forward of *that* clone it puts two
+  PyTorch hooks on every block's own cross-attention modules (:class:`PortraitHooks`: keep the
+  query after ``norm_q``, add the portrait term to the input of ``o``) and removes them afterwards,
+  so the shared weights are never left patched: another MODEL from the same loader (or the same
+  MODEL sampled without the patch) never sees them, whatever ComfyUI's clone/unload order. Core's
+  ``attn2_patch`` (after the block's cross-attention residual) does not fit: it sees neither the
+  query nor the output before ``o``. What the hooks need is checked at patch time
+  (:func:`check_wan_i2v`) and in every forward (each block added its term once).
 * The latent grid (frames, height, width in tokens) is read from ``x`` in that wrapper; the
   per-person latent maps are built for it with :func:`nodes.sampler.portrait_layout` /
   ``pipeline.portrait_condition``, the code our sampler uses, and cached for the sampling run.
   Under ComfyUI's context windows (WAN Context Windows (Manual); ``transformer_options
   ["context_window"]``) each window gets the expression windows and person map of its own latent
-  frames, and an ``APPLY_MODEL`` wrapper (:func:`window_image_condition`) gives it its frames of
-  the I2V image condition, which ComfyUI 0.3.64 leaves unwindowed (plain Wan2.1 I2V fails there).
+  frames (:func:`window_frames`: ``index_list``, with newer ComfyUI's causal anchor frame in front),
+  and an ``APPLY_MODEL`` wrapper (:func:`window_image_condition`) gives it the same frames of the
+  I2V image condition where ComfyUI has not windowed it (0.3.64 leaves it whole; newer ComfyUI
+  windows it itself, and it is then left alone).
 * The adapter's weights are two ComfyUI ModelPatchers (the expression-token path, kept fp32 as in
   the reference, and the per-block K/V projections in the MODEL's compute dtype) attached to the
   clone as additional models: ComfyUI loads them to the GPU together with the MODEL before
@@ -41,8 +48,8 @@ How it hooks into ComfyUI (0.3.6x, ``comfy/ldm/wan/model.py``):
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -63,7 +70,6 @@ log = logging.getLogger("FantasyPortrait")
 CATEGORY = "FantasyPortrait/native"
 PATCH_KEY = "fantasyportrait"  # wrapper / callback / additional-model key on the ModelPatcher
 PASSES_KEY = "fantasyportrait_passes"  # transformer_options: with-portrait flag per cond index (guider)
-STATE_KEY = "fantasyportrait_state"  # transformer_options: this forward's (condition, portrait rows)
 ADAPTER_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NEEDS_COMFY = ("the FantasyPortrait native nodes patch ComfyUI's own Wan MODEL and run only inside ComfyUI; "
                "outside it use FantasyPortrait Model Loader + FantasyPortrait Sampler")
@@ -215,37 +221,73 @@ class FantasyPortraitAdapterLoader:
 # The patched cross-attention
 
 
-def portrait_cross_attention(attn, k_proj, v_proj, x, context, context_img_len=None, transformer_options={}):
-    """ComfyUI's ``WanI2VCrossAttention.forward`` plus the portrait term before ``o``.
+class PortraitHooks:
+    """The portrait term on the blocks' own cross-attention modules, for one forward.
 
-    Text and image attention are computed exactly as ComfyUI does (same modules, same
-    ``optimized_attention``); when ``transformer_options[STATE_KEY]`` holds this forward's
-    ``(PortraitCondition, rows)`` the output gains ``apply_portrait(q, ...)`` on those batch rows
-    (all rows when ``rows`` is ``None``) before the output projection.
+    ComfyUI's Wan cross-attention runs as ComfyUI wrote it (its attention backend, sage / low
+    precision flags, per-layer ``comfy_attention``, fp8 / GGUF / LoRA casting of its layers). Two
+    PyTorch module hooks on each block's ``cross_attn`` add what FantasyPortrait adds there
+    (reference ``SingleStreamBlockProcessor``, FantasyPortrait §3.2-3.3): a forward hook on
+    ``norm_q`` keeps the normalised query the block computed, a forward pre-hook on ``o`` adds
+    :func:`add_portrait` (``apply_portrait(q)`` on the portrait rows) to the attention output
+    before the output projection. The hooks exist only inside :meth:`attach` (the forward of the
+    patched clone); another MODEL sharing the weights never sees them.
 
     Args:
-        attn: the block's ``WanI2VCrossAttention``.
-        k_proj, v_proj: that block's adapter projections.
-        x: ``[B, L, dim]``; context: ``[B, 257 + L_text, dim]`` (image tokens first).
-    Returns:
-        ``[B, L, dim]``.
+        blocks: the Wan model's ``blocks``.
+        kv: ``block index -> (k_proj, v_proj)`` of the adapter.
+        state: ``(PortraitCondition, rows)`` of this forward (see :func:`add_portrait`).
+        tokens: video tokens of this forward (``F · h · w`` of the latent grid).
     """
-    from comfy.ldm.modules.attention import optimized_attention
 
-    context_img = context[:, :context_img_len]
-    context = context[:, context_img_len:]
-    q = attn.norm_q(attn.q(x))
-    k = attn.norm_k(attn.k(context))
-    v = attn.v(context)
-    k_img = attn.norm_k_img(attn.k_img(context_img))
-    v_img = attn.v_img(context_img)
-    img_x = optimized_attention(q, k_img, v_img, heads=attn.num_heads, transformer_options=transformer_options)
-    out = optimized_attention(q, k, v, heads=attn.num_heads, transformer_options=transformer_options)
-    out = out + img_x
-    state = transformer_options.get(STATE_KEY)
-    if state is not None:
-        out = add_portrait(out, q, state, attn.num_heads, k_proj, v_proj)
-    return attn.o(out)
+    def __init__(self, blocks, kv, state, tokens: int):
+        self.blocks, self.kv, self.state, self.tokens = blocks, kv, state, tokens
+        self.q: dict[int, torch.Tensor] = {}
+        self.calls = [[0, 0] for _ in blocks]  # per block: norm_q outputs kept, portrait terms added
+
+    def _keep_q(self, i, module, args, output):
+        self.q[i] = output
+        self.calls[i][0] += 1
+
+    def _add(self, i, module, args):
+        q = self.q.pop(i, None)
+        out = args[0]
+        if q is None or q.shape[:2] != out.shape[:2]:
+            raise RuntimeError(missing_hook_message(self.blocks[i].cross_attn, "its output projection o ran without its "
+                                                    "query norm norm_q just before"))
+        if q.shape[1] != self.tokens:
+            raise ValueError(f"FantasyPortrait: block {i} attends over {q.shape[1]} video tokens but the latent grid has "
+                             f"{self.tokens}; another patch or input adds tokens the portrait condition does not cover")
+        self.calls[i][1] += 1
+        ca = self.blocks[i].cross_attn
+        return (add_portrait(out, q, self.state, ca.num_heads, *self.kv(i)),) + tuple(args[1:])
+
+    @contextlib.contextmanager
+    def attach(self):
+        """Hooks on for the block, off afterwards (also after an exception); checks that every
+        block added its portrait term exactly once per query (else the forward raises rather than
+        return a result without the portrait)."""
+        handles = []
+        try:
+            for i, b in enumerate(self.blocks):
+                handles.append(b.cross_attn.norm_q.register_forward_hook(functools.partial(self._keep_q, i)))
+                handles.append(b.cross_attn.o.register_forward_pre_hook(functools.partial(self._add, i)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.q.clear()
+        for i, (kept, added) in enumerate(self.calls):
+            if kept == 0 or kept != added:
+                raise RuntimeError(missing_hook_message(self.blocks[i].cross_attn,
+                                                        f"norm_q ran {kept}x and o {added}x in one forward"))
+
+
+def missing_hook_message(attn, what: str) -> str:
+    """The one line naming the cross-attention class and what the portrait hooks miss in it."""
+    return (f"FantasyPortrait cannot attach to {type(attn).__module__}.{type(attn).__name__} of this ComfyUI: {what} "
+            f"(the portrait term needs the query after norm_q and goes before o); use FantasyPortrait Model Loader + "
+            f"Sampler, or report the ComfyUI version")
 
 
 def add_portrait(out: torch.Tensor, q: torch.Tensor, state, heads: int, k_proj, v_proj) -> torch.Tensor:
@@ -361,64 +403,102 @@ class NativePortrait:
         rows = portrait_rows(x.shape[0], transformer_options)
         if rows is False or self.portrait.scale == 0.0:
             return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
-        if time_dim_concat is not None or kwargs.get("reference_latent") is not None:
-            raise ValueError("FantasyPortrait patches Wan2.1 I2V; this MODEL got extra frame inputs (time_dim_concat / "
-                             "reference_latent) that it does not take")
+        extra = [name for name, value in (("time_dim_concat", time_dim_concat),
+                                           *((k, kwargs.get(k)) for k in EXTRA_FRAME_INPUTS)) if value is not None]
+        if extra:
+            raise ValueError(f"FantasyPortrait patches Wan2.1 I2V; this MODEL got inputs that add frames or tokens to the "
+                             f"video ({', '.join(extra)}), which the portrait condition does not cover: remove the node "
+                             f"that sets them or sample without FantasyPortrait Patch Model")
         f_lat, lat_h, lat_w = x.shape[2:]
         if lat_h % 2 or lat_w % 2:
             raise ValueError(f"width and height must be multiples of 16 for FantasyPortrait, got {lat_w * 8}x{lat_h * 8}")
-        window = transformer_options.get("context_window")
-        frames = list(window.index_list) if window is not None and hasattr(window, "index_list") else None
+        frames = window_frames(transformer_options.get("context_window"), f_lat)
         cond = self.condition((f_lat, lat_h // 2, lat_w // 2), frames, x.device)
-        options = dict(transformer_options)
-        options[STATE_KEY] = (cond, None if rows is None else rows.to(x.device))
         blocks = executor.class_obj.blocks
         if len(blocks) != self.adapter.num_layers:
             raise ValueError(f"the adapter has {self.adapter.num_layers} blocks, this MODEL {len(blocks)}")
-        saved = [b.cross_attn.__dict__.get("forward") for b in blocks]
-        try:
-            for i, b in enumerate(blocks):
-                b.cross_attn.forward = functools.partial(portrait_cross_attention, b.cross_attn, *self.kv_projections(i))
-            return executor(x, timestep, context, clip_fea, time_dim_concat, options, **kwargs)
-        finally:
-            for b, f in zip(blocks, saved):
-                if f is None:
-                    del b.cross_attn.forward
-                else:
-                    b.cross_attn.forward = f
+        hooks = PortraitHooks(blocks, self.kv_projections, (cond, None if rows is None else rows.to(x.device)),
+                              f_lat * (lat_h // 2) * (lat_w // 2))
+        with hooks.attach():
+            return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+
+
+# WanModel.forward keyword inputs that lengthen the token sequence beyond the video latent's grid
+# (ComfyUI: reference_latent for Wan2.1 Fun / VACE-like refs, context_latents for in-context
+# references); checked by name, and every forward also checks the query length in the hooks.
+EXTRA_FRAME_INPUTS = ("reference_latent", "context_latents")
+
+
+def window_frames(window, f_lat: int) -> list[int] | None:
+    """The latent frames a context window's forward sees, in order: ComfyUI's ``index_list``, with
+    the causal anchor frame in front where newer ComfyUI adds one (``causal_window_fix``:
+    ``causal_anchor_index >= 0``, which ``index_list`` does not list). ``None`` without a window.
+
+    Raises:
+        ValueError: when that count differs from the latent's ``f_lat`` frames (a window scheme this
+            patch does not know; never a condition for other frames).
+    """
+    if window is None or not hasattr(window, "index_list"):
+        return None
+    frames = [int(i) for i in window.index_list]
+    anchor = getattr(window, "causal_anchor_index", None)
+    if anchor is not None and anchor >= 0:
+        frames = [int(anchor)] + frames
+    if len(frames) != f_lat:
+        raise ValueError(f"this context window lists {len(frames)} latent frames {frames[:3]}... but its latent has "
+                         f"{f_lat}; FantasyPortrait cannot tell which frames' expressions to use: update the pack or "
+                         f"use FantasyPortrait Sampler's long_video windows")
+    return frames
 
 
 def window_image_condition(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                            **kwargs):
     """``APPLY_MODEL`` wrapper: under ComfyUI's context windows, give each window its frames of the I2V
-    image condition (``c_concat``: 4 mask + 16 reference-latent channels per latent frame).
+    image condition (``c_concat [B, 20, T, H/8, W/8]``: 4 mask + 16 reference-latent channels per
+    latent frame), exactly the frames of :func:`window_frames` (anchor included).
 
     ComfyUI 0.3.64's context handler windows ``x`` along the frames (``dim=2`` for Wan) but not the
-    5-D ``c_concat``, so Wan2.1 I2V fails there with a size mismatch. Cutting it with the window's
-    own ``index_list`` is what our sampler's context windows do (``context.slice_conditioning``):
-    the window holding latent frame 0 sees the reference image, the others see its empty frames.
+    5-D ``c_concat``, so Wan2.1 I2V fails there with a size mismatch; newer ComfyUI windows it
+    itself (``slice_cond``), and then it arrives with the window's length and is left as it is
+    (never windowed twice). Cutting it is what our sampler's context windows do
+    (``context.slice_conditioning``): the window holding latent frame 0 sees the reference image,
+    the others see its empty frames.
     """
     window = transformer_options.get("context_window")
-    if (window is not None and c_concat is not None and c_concat.ndim == 5 and c_concat.shape[2] != x.shape[2]
-            and len(window.index_list) == x.shape[2] and max(window.index_list) < c_concat.shape[2]):
-        c_concat = window.get_tensor(c_concat, dim=2)
+    if window is not None and c_concat is not None and c_concat.ndim == 5 and c_concat.shape[2] != x.shape[2]:
+        frames = window_frames(window, x.shape[2])
+        if frames is not None:
+            if max(frames) >= c_concat.shape[2]:
+                raise ValueError(f"the I2V image condition has {c_concat.shape[2]} latent frames but the context window "
+                                 f"needs frame {max(frames)}; give WanImageToVideo the same length as the latent")
+            c_concat = c_concat[:, :, torch.as_tensor(frames, device=c_concat.device)]
     return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
+# what the portrait hooks use on every block's cross-attention (feature detection, no version check)
+CROSS_ATTENTION_PARTS = ("q", "norm_q", "o", "k_img", "v_img")
+
+
 def check_wan_i2v(diffusion_model, adapter):
-    """Raise ``ValueError`` unless ``diffusion_model`` is ComfyUI's Wan2.1 I2V ``WanModel`` whose width and
-    block count match the adapter's."""
+    """Raise ``ValueError`` (one line naming the model class and what is missing) unless
+    ``diffusion_model`` is ComfyUI's Wan2.1 I2V ``WanModel`` (CLIP image cross-attention) whose blocks'
+    cross-attention has the modules :class:`PortraitHooks` attaches to and whose width and block
+    count match the adapter's. Subclasses (VACE, camera, S2V, HuMo, Animate, ...) are refused: they
+    add frames or tokens the portrait condition does not cover."""
+    name = type(diffusion_model).__name__
     blocks = getattr(diffusion_model, "blocks", None)
-    if (type(diffusion_model).__name__ != "WanModel" or getattr(diffusion_model, "model_type", None) != "i2v"
-            or not blocks or not hasattr(blocks[0].cross_attn, "k_img")):
+    if name != "WanModel" or getattr(diffusion_model, "model_type", None) != "i2v" or not blocks:
         raise ValueError(f"model must be Wan2.1 image-to-video 14B (e.g. wan2.1_i2v_720p_14B_*.safetensors or a GGUF of "
-                         f"it in Load Diffusion Model / Unet Loader (GGUF)); got {type(diffusion_model).__name__} "
+                         f"it in Load Diffusion Model / Unet Loader (GGUF)); got {name} "
                          f"{getattr(diffusion_model, 'model_type', '')}")
-    params = list(inspect.signature(type(blocks[0].cross_attn).forward).parameters)
-    if params[:5] != ["self", "x", "context", "context_img_len", "transformer_options"]:
-        raise ValueError(f"this ComfyUI's Wan cross-attention forward{tuple(params)} is not the one FantasyPortrait "
-                         f"Patch Model mirrors (ComfyUI 0.3.6x: x, context, context_img_len, transformer_options); "
-                         f"update ComfyUI, or use FantasyPortrait Model Loader + Sampler")
+    attn = getattr(blocks[0], "cross_attn", None)
+    missing = [p for p in CROSS_ATTENTION_PARTS if not isinstance(getattr(attn, p, None), torch.nn.Module)]
+    if not isinstance(getattr(attn, "num_heads", None), int):
+        missing.append("num_heads")
+    if missing:
+        raise ValueError(f"{name}'s cross-attention {type(attn).__name__} has no {', '.join(missing)}: it is not Wan2.1 "
+                         f"I2V with CLIP image attention (Wan2.2 I2V / FLF have no FantasyPortrait adapter), or this "
+                         f"ComfyUI changed it; use FantasyPortrait Model Loader + Sampler")
     if adapter.num_layers != len(blocks) or adapter.dim != diffusion_model.dim:
         raise ValueError(f"the FantasyPortrait adapter fits a {adapter.num_layers}-block, {adapter.dim}-wide Wan; the "
                          f"model has {len(blocks)} blocks of width {diffusion_model.dim}: use Wan2.1 I2V 14B")

@@ -131,7 +131,7 @@ class FantasyPortraitEncodeExpression:
                                      "Frame rate of these frames: connect Get Video Components' fps."}),
             "fps": ("FLOAT", {"default": P.OUTPUT_FPS, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip":
                               "Output frame rate: the frames are resampled to it (nearest frame in time) before "
-                              "encoding, so drivers at different rates stay in step. The reference uses 25."}),
+                              "encoding, so drivers at different rates stay in step. The reference's multi-character script uses 25; its single-character script keeps the driver's rate."}),
             "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
                                    "Frames to detect and encode (at the output fps, from start_frame): set it to "
                                    "WanImageToVideo's length so a long clip is not encoded in full. 0 = all. The "

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+import logging
+
 from . import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from .host import queue_validator
+from .ids import core_node_replacements
+
+log = logging.getLogger("FantasyPortrait")
 
 _WIDGETS = {"INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean}
 _NATIVE = {"IMAGE": io.Image, "MASK": io.Mask, "CONDITIONING": io.Conditioning, "LATENT": io.Latent,
@@ -77,7 +82,30 @@ def to_v3(node_id: str, classic: type) -> type:
 V3_NODES = [to_v3(node_id, cls) for node_id, cls in NODE_CLASS_MAPPINGS.items()]
 
 
+async def register_node_replacements() -> int:
+    """Register this pack's renamed node ids with core's node replacement where this ComfyUI has it
+    (``ComfyAPI().node_replacement`` and ``io.NodeReplace``, newer than 0.3.x: feature detection).
+    Returns how many were registered (0 here means: old graphs need scripts/migrate_workflows.py)."""
+    import comfy_api.latest as latest
+
+    replacements = core_node_replacements(io)
+    api = getattr(latest, "ComfyAPI", None)
+    registry = getattr(api(), "node_replacement", None) if api is not None and replacements else None
+    if registry is None:
+        return 0
+    for r in replacements:
+        await registry.register(r)
+    return len(replacements)
+
+
 class FantasyPortraitExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        try:
+            await register_node_replacements()
+        except Exception as e:  # noqa: BLE001 - the nodes still load; old graphs then need the script
+            log.warning("[FantasyPortrait] core node replacement not registered (%s: %s); migrate old graphs with "
+                        "scripts/migrate_workflows.py", type(e).__name__, e)
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return V3_NODES
 

@@ -25,6 +25,13 @@ What it does, against the ComfyUI checkout at the given path (nothing is downloa
    previews shown; it fails on overlapping nodes (needs node, npm ``playwright-core`` through
    ``--node-path`` or NODE_PATH, and Chromium through ``--chromium`` or CHROMIUM);
 6. removes the links and temporary files and prints a summary (non-zero exit on failure).
+
+Before the server starts it runs ``tests/test_comfy_contract.py``'s probe in ComfyUI's python (every
+ComfyUI symbol the pack uses binds, the resident model is a real ModelPatcher that core loads and
+frees, the patched WanModel runs, other Wan classes are refused; ``--no-contract`` skips it). With
+``--beside DIR...`` other packs (e.g. ComfyUI-WanVideoWrapper, which registers a FantasyPortrait
+loader of its own) are linked into ``custom_nodes`` too, and every node id of ours must be served by
+this pack and no display name of ours shown by another node.
 """
 
 from __future__ import annotations
@@ -265,7 +272,7 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             ct, inp = "FPCheckTextEncode", {"text": inp["text"], "dim": names["text_dim"]}
         elif ct == "CLIPVisionEncode":
             ct, inp = "FPCheckClipVisionEncode", {"image": inp["image"], "dim": names["image_dim"]}
-        elif ct == "FantasyPortraitModelLoader":
+        elif ct == "FantasyPortraitWanModelLoader":
             inp.update(transformer=transformer, adapter=names["adapter"], weight_dtype="bf16", storage="fp8_e4m3fn")
         elif ct == "FantasyPortraitExpressionEncoderLoader":
             inp["encoder"] = names["pd_fpg"]
@@ -311,15 +318,16 @@ def resolve_python(comfy: str, python: str | None) -> str:
 
 
 @contextlib.contextmanager
-def comfyui_session(comfy: str, py: str, port: int, keep: bool = False):
+def comfyui_session(comfy: str, py: str, port: int, keep: bool = False, beside: tuple = ()):
     """A real ComfyUI serving this pack with tiny random checkpoints, for the duration of the block.
 
     Writes the models (:func:`write_models`), links this pack and the check-only stand-in nodes
     into ``custom_nodes``, starts ``main.py --cpu`` on loopback and waits for ``/object_info``.
     Yields a namespace with ``base`` (URL), ``info`` (object_info), ``names`` (model names), ``tmp``,
     ``out_dir``, ``in_dir``, ``log_path``, ``server`` (the Popen) and ``started_s``; on exit stops
-    the server and removes the links and (unless ``keep``) the temporary folder. Used by
-    :func:`main` and ``scripts/soak_comfyui.py``.
+    the server and removes the links and (unless ``keep``) the temporary folder. ``beside``: other
+    packs' folders (e.g. ComfyUI-WanVideoWrapper) linked into ``custom_nodes`` for the session too. Used
+    by :func:`main` and ``scripts/soak_comfyui.py``.
 
     Raises:
         RuntimeError: ComfyUI did not answer within 3 minutes (names its log).
@@ -336,7 +344,13 @@ def comfyui_session(comfy: str, py: str, port: int, keep: bool = False):
     check_pack = os.path.join(comfy, "custom_nodes", CHECK_PACK)
     created_link = False
     server = None
+    other_links = []
     try:
+        for d in beside:
+            other = os.path.join(comfy, "custom_nodes", os.path.basename(os.path.normpath(d)))
+            if not os.path.exists(other):
+                os.symlink(os.path.abspath(d), other)
+                other_links.append(other)
         names = write_models(models, comfy, py)
         extra = os.path.join(tmp, "extra_model_paths.yaml")
         with open(extra, "w") as f:
@@ -374,6 +388,8 @@ def comfyui_session(comfy: str, py: str, port: int, keep: bool = False):
                 server.kill()
         if created_link:
             os.unlink(link)
+        for other in other_links:
+            os.unlink(other)
         shutil.rmtree(check_pack, ignore_errors=True)
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -458,6 +474,10 @@ def main(argv=None) -> int:
     ap.add_argument("--node-path", default=os.environ.get("NODE_PATH"), help="node_modules with playwright-core")
     ap.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     ap.add_argument("--shot-size", default="1920x1080", help="browser viewport for the screenshots, WxH")
+    ap.add_argument("--beside", nargs="*", default=[], metavar="PACK_DIR",
+                    help="other node packs to install beside this one for the check (e.g. a ComfyUI-WanVideoWrapper "
+                         "checkout): every node id of ours must still be served by this pack")
+    ap.add_argument("--no-contract", action="store_true", help="skip tests/test_comfy_contract.py's probe")
     args = ap.parse_args(argv)
     comfy = os.path.abspath(args.comfyui_dir)
     py = resolve_python(comfy, args.python)
@@ -466,9 +486,13 @@ def main(argv=None) -> int:
         return 2
     summary, ok = [], True
     try:
-        with comfyui_session(comfy, py, args.port, args.keep) as session:
+        if not args.no_contract:
+            ok &= contract(comfy, py, summary)
+        with comfyui_session(comfy, py, args.port, args.keep, tuple(args.beside)) as session:
             if args.keep:
                 summary.append(f"keeping {session.tmp}")
+            if args.beside:
+                ok &= ids_served_by_us(session, summary)
             checked = {}  # workflow file -> the API prompt that ran (for the browser run)
             ok &= check_session(session, args.length, [w.strip() for w in args.workflows.split(",") if w.strip()],
                                 summary, timeout=args.timeout, checked=checked)
@@ -501,6 +525,47 @@ def check_saved_performance(out_dir: str, res: dict, summary: list, wf_name: str
     return bool(texts)
 
 
+def contract(comfy: str, py: str, summary: list) -> bool:
+    """tests/test_comfy_contract.py's probe in ComfyUI's python: every ComfyUI symbol the pack uses
+    binds, the resident model is a ModelPatcher core loads and frees, the patched WanModel runs."""
+    out = os.path.join(tempfile.mkdtemp(prefix="fp_contract_"), "probe.json")
+    run = subprocess.run([py, os.path.join(ROOT, "tests", "test_comfy_contract.py"), "--probe", comfy, out],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    if run.returncode != 0 or not os.path.isfile(out):
+        summary.append("contract probe FAILED to run: " + run.stderr.strip()[-800:])
+        return False
+    with open(out) as f:
+        results = json.load(f)["results"]
+    shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+    bad = [r for r in results if not r["ok"]]
+    summary.append(f"contract with this ComfyUI: {len(results) - len(bad)}/{len(results)} checks pass "
+                   f"({sum(r['group'] == 'symbol' for r in results)} symbols bind, resident ModelPatcher, "
+                   f"{sum(r['group'] == 'wan' for r in results)} Wan model classes)")
+    summary.extend(f"  FAILED {r['group']} {r['name']}: {r['detail']}" for r in bad)
+    return not bad
+
+
+def ids_served_by_us(session, summary: list) -> bool:
+    """With other packs installed beside us: every id of ours is served by this pack (its
+    ``python_module``), and no display name of ours is shown by another node."""
+    sys.path.insert(0, ROOT)
+    import nodes as pack_nodes
+
+    info = session.info
+    ours = {k: v for k, v in info.items() if PACK_NAME in str(v.get("python_module", ""))}
+    wrong = sorted(k for k in pack_nodes.NODE_CLASS_MAPPINGS if k not in ours)
+    names = {v.get("display_name"): k for k, v in info.items() if k not in ours}
+    same = sorted(n for n in pack_nodes.NODE_DISPLAY_NAME_MAPPINGS.values() if n in names)
+    with open(session.log_path) as f:
+        failed = [l.strip() for l in f if "IMPORT FAILED" in l]
+    others = sorted({str(v.get("python_module", "")).split(".")[-1] for k, v in info.items() if k not in ours
+                     and str(v.get("python_module", "")).startswith("custom_nodes.")} - {CHECK_PACK})
+    summary.append(f"beside {', '.join(others) or 'no other pack'} ({len(info) - len(ours)} other node types"
+                   + (f"; IMPORT FAILED: {failed}" if failed else "") + f"): our {len(ours)} ids served by us"
+                   + (f", NOT ours: {wrong}" if wrong else "") + (f", display names shown twice: {same}" if same else ""))
+    return not wrong and not same and not failed
+
+
 def check_session(session, length: int, wanted: list[str], summary: list, timeout: float = 900,
                   checked: dict | None = None) -> bool:
     """The checks of :func:`main` against a running session; appends lines to ``summary`` and, when
@@ -530,7 +595,7 @@ def check_session(session, length: int, wanted: list[str], summary: list, timeou
             ("fantasyportrait_native.json", (64, 64), names["native_unet"], True))
     runs = [r for r in runs if not wanted or any(w in r[0] for w in wanted)]
     for wf_name, size, transformer, lora_on in runs:
-        loader = ("UNETLoader", "unet_name") if "native" in wf_name else ("FantasyPortraitModelLoader", "transformer")
+        loader = ("UNETLoader", "unet_name") if "native" in wf_name else ("FantasyPortraitWanModelLoader", "transformer")
         if transformer not in json.dumps(info[loader[0]]["input"]["required"][loader[1]]):
             ok = False
             summary.append(f"{wf_name}: {transformer} is not offered by {loader[0]}")

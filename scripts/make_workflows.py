@@ -14,7 +14,7 @@ the sampler's latent preview, text shown by Preview Any), so nothing overlaps be
 A new graph only picks ``col``/``band`` (and ``grow`` for a node that shows a preview):
 
     g = Graph(bands=["Models and prompts", "Driving video"])
-    g.add("loader", "FantasyPortraitModelLoader", col=0, band=0, widgets=[...])
+    g.add("loader", "FantasyPortraitWanModelLoader", col=0, band=0, widgets=[...])
     g.link("loader", "model", "sampler", "model")
     WORKFLOWS["fantasyportrait_x.json"] = my_graph
 """
@@ -46,7 +46,7 @@ SOCKETS = {
     "PreviewImage": ([("images", "IMAGE", False)], []),
     "PreviewAny": ([("source", "*", False)], []),
     "Note": ([], []),
-    "FantasyPortraitModelLoader": ([], [("model", "FANTASYPORTRAIT_MODEL")]),
+    "FantasyPortraitWanModelLoader": ([], [("model", "FANTASYPORTRAIT_MODEL")]),
     "FantasyPortraitExpressionEncoderLoader": ([], [("expression_encoder", "FP_EXPRESSION_ENCODER")]),
     "FantasyPortraitFaceDetectorLoader": ([], [("face_detector", "FP_FACE_DETECTOR")]),
     "FantasyPortraitEncodeExpression": ([("expression_encoder", "FP_EXPRESSION_ENCODER", False),
@@ -293,7 +293,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     Bands: 0 models and prompts, 1 reference portrait, 2.. driving videos. ``lora``: a FantasyPortrait
     LoRA node (column 1) between the model loader and the sampler, with that file.
     """
-    g.add("model", "FantasyPortraitModelLoader", 0, 0, ["wan2.1_i2v_720p_14B_bf16.safetensors",
+    g.add("model", "FantasyPortraitWanModelLoader", 0, 0, ["wan2.1_i2v_720p_14B_bf16.safetensors",
                                                        "Wan2_1_FantasyPortrait_fp16.safetensors",
                                                        "bf16", "auto", "auto", "off", "sdpa"], size=(360, 0))
     g.add("clip", "CLIPLoader", 0, 0, ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], size=(360, 0))

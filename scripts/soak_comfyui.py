@@ -94,7 +94,7 @@ def cases(base: dict):
         ("latent longer than the driver", lambda seed: _set(single, "WanImageToVideo", length=9),
          ("error", "the latent is 9 frames long but a driving expression has only 5")),
         ("missing model file",
-         lambda seed: _set(single, "FantasyPortraitModelLoader", adapter="not_there.safetensors"),
+         lambda seed: _set(single, "FantasyPortraitWanModelLoader", adapter="not_there.safetensors"),
          ("rejected", "not_there.safetensors")),
         ("good single", lambda seed: _set(single, "FantasyPortraitSampler", seed=seed), ("video", s_size)),
     ]

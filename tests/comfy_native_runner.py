@@ -22,6 +22,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def context_window_args(execute, model, length: int, overlap: int) -> dict:
+    """Keyword arguments for ComfyUI's ``WanContextWindowsManualNode.execute`` of the version at hand,
+    bound by name (newer versions added ``freenoise``, ``causal_window_fix``, ``retain_first_frame``,
+    ... and changed the order): the same schedule and fusion as our sampler's windows, FreeNoise off,
+    the version's own defaults for everything else. ``length`` / ``overlap`` are pixel frames."""
+    import inspect
+
+    params = inspect.signature(execute).parameters
+    args = dict(model=model, context_length=length, context_overlap=overlap, context_schedule="standard_static",
+                context_stride=1, closed_loop=False, fuse_method="pyramid", freenoise=False)
+    return {k: v for k, v in args.items() if k in params}
+
+
 def main(job_path: str, out_path: str):
     sys.path.append(ROOT)  # fantasyportrait_core (faces, drivers in the job); after ComfyUI's own modules
     job = torch.load(job_path, weights_only=False)
@@ -103,10 +116,12 @@ def main(job_path: str, out_path: str):
             adapter = adapter_in(run.get("adapter_dtype", "auto"))
             (model,) = native.FantasyPortraitPatchModel().patch(model, adapter, portraits[run["portrait"]])
         if run.get("context"):
-            length, overlap = run["context"]
+            # (pixel frames, latent overlap): 4·k pixel frames of overlap is k latent frames under both
+            # ComfyUI 0.3.64's rounding ((o - 1) // 4 + 1) and newer ComfyUI's (o // 4)
+            length, overlap = run["context"][0], 4 * run["context"][1]
             from comfy_extras.nodes_context_windows import WanContextWindowsManualNode
-            model = WanContextWindowsManualNode.execute(model, length, overlap, "standard_static", 1, False,
-                                                        "pyramid").args[0]
+            model = WanContextWindowsManualNode.execute(**context_window_args(WanContextWindowsManualNode.execute, model,
+                                                                             length, overlap)).args[0]
         if run["guider"] == "fantasyportrait":
             (guider,) = native.FantasyPortraitGuider().get_guider(model, positive, negative, run["cfg"],
                                                                   run["portrait_cfg"])

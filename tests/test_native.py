@@ -92,39 +92,121 @@ class _Executor:
         return self.fn(*args, **kwargs)
 
 
-def test_cross_attention_is_swapped_only_during_the_forward(adapter):
-    run = native.NativePortrait(_portrait(1), adapter, adapter.ip_adapter)
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class _I2VCrossAttention(torch.nn.Module):
+    """A Wan2.1 I2V cross-attention with the structure of ComfyUI's (written here from the Wan2.1 paper's
+    description, not copied): text and CLIP-image attention over the same normalised query, summed,
+    then ``o``. ``bypass_o`` stands in for a core that applies ``o`` without calling the module."""
+
+    def __init__(self, dim, heads, bypass_o=False):
+        super().__init__()
+        self.num_heads, self.bypass_o = heads, bypass_o
+        for name in ("q", "k", "v", "o", "k_img", "v_img"):
+            setattr(self, name, torch.nn.Linear(dim, dim))
+        self.norm_q, self.norm_k, self.norm_k_img = _RMSNorm(dim), _RMSNorm(dim), _RMSNorm(dim)
+
+    def attend(self, q, k, v):
+        b, n, d = q.shape
+        split = lambda t: t.view(b, -1, self.num_heads, d // self.num_heads).transpose(1, 2)  # noqa: E731
+        return torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, d)
+
+    def forward(self, x, context, context_img_len, transformer_options={}):
+        img, txt = context[:, :context_img_len], context[:, context_img_len:]
+        q = self.norm_q(self.q(x))
+        out = self.attend(q, self.norm_k_img(self.k_img(img)), self.v_img(img))
+        out = out + self.attend(q, self.norm_k(self.k(txt)), self.v(txt))
+        return torch.nn.functional.linear(out, self.o.weight, self.o.bias) if self.bypass_o else self.o(out)
+
+
+def _blocks(adapter, **kw):
     blocks = torch.nn.ModuleList(torch.nn.Module() for _ in range(adapter.num_layers))
     for b in blocks:
-        b.cross_attn = torch.nn.Linear(2, 2)
-    other = functools.partial(print)  # another pack's patch already on block 1
-    blocks[1].cross_attn.forward = other
+        b.cross_attn = _I2VCrossAttention(adapter.dim, 2, **kw)
+    return blocks
+
+
+def test_portrait_term_goes_into_the_blocks_own_cross_attention(adapter):
+    """Hooked, the block's own forward gives o(attention + portrait term), the term from the query the
+    block computed; the hooks exist only during the patched forward (also after an exception)."""
+    run = native.NativePortrait(_portrait(1), adapter, adapter.ip_adapter)
+    blocks = _blocks(adapter)
     model = SimpleNamespace(blocks=blocks)
+    g = torch.Generator().manual_seed(1)
+    x = torch.zeros(2, 36, 2, 4, 4)  # 2 latent frames of 2x2 tokens: 8 tokens
+    hidden, context = torch.randn(2, 8, adapter.dim, generator=g), torch.randn(2, 257 + 5, adapter.dim, generator=g)
     seen = {}
 
-    def forward(x, t, context, clip_fea, time_dim_concat, transformer_options):
-        seen["funcs"] = [b.cross_attn.forward.func for b in blocks]
-        seen["state"] = transformer_options[native.STATE_KEY]
+    def forward(x, t, context_, clip_fea, time_dim_concat, transformer_options):
+        seen["out"] = [b.cross_attn(hidden, context, 257) for b in blocks]
         return "out"
 
-    x = torch.zeros(1, 36, 2, 4, 4)
-    assert run(_Executor(model, forward), x, None, None, None, None, {}) == "out"
-    assert seen["funcs"] == [native.portrait_cross_attention] * 2
-    assert seen["state"][0].windows.shape[1] == 2 and seen["state"][1] is None
-    assert "forward" not in blocks[0].cross_attn.__dict__ and blocks[1].cross_attn.forward is other
+    opts = {native.PASSES_KEY: [True, False], "cond_or_uncond": [0, 1]}  # row 0 with portrait, row 1 without
+    assert run(_Executor(model, forward), x, None, None, None, None, opts) == "out"
+    cond = run.condition((2, 2, 2), None, torch.device("cpu"))
+    with torch.no_grad():
+        for i, b in enumerate(blocks):
+            ca = b.cross_attn
+            q = ca.norm_q(ca.q(hidden))
+            attn = ca.attend(q, ca.norm_k_img(ca.k_img(context[:, :257])), ca.v_img(context[:, :257]))
+            attn = attn + ca.attend(q, ca.norm_k(ca.k(context[:, 257:])), ca.v(context[:, 257:]))
+            term = apply_portrait(q[:1].view(1, 8, 2, -1), cond, *run.kv_projections(i))
+            assert term.abs().max() > 1e-3
+            torch.testing.assert_close(seen["out"][i][0], ca.o(attn[0] + term[0]), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(seen["out"][i][1], ca.o(attn[1]), rtol=1e-5, atol=1e-6)
+    unhooked = [b.cross_attn(hidden, context, 257) for b in blocks]
+    for b, out in zip(blocks, unhooked):
+        assert not b.cross_attn.norm_q._forward_hooks and not b.cross_attn.o._forward_pre_hooks
+    torch.testing.assert_close(unhooked[0][1], seen["out"][0][1])
 
     def boom(*args):
+        blocks[0].cross_attn(hidden, context, 257)
         raise RuntimeError("interrupted")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="interrupted"):
         run(_Executor(model, boom), x, None, None, None, None, {})
-    assert "forward" not in blocks[0].cross_attn.__dict__ and blocks[1].cross_attn.forward is other
-    # a forward without portrait rows (the guider's plain passes) runs the model untouched
+    assert all(not b.cross_attn.norm_q._forward_hooks and not b.cross_attn.o._forward_pre_hooks for b in blocks)
+    # a forward without portrait rows (the guider's plain passes) runs the model without hooks
     plain = {native.PASSES_KEY: [True, False], "cond_or_uncond": [1]}
-    run(_Executor(model, lambda *a: seen.update(funcs=[blocks[0].cross_attn.forward])), x, None, None, None, None, plain)
-    assert seen["funcs"][0].__func__ is torch.nn.Linear.forward
+    run(_Executor(model, lambda *a: seen.update(hooks=len(blocks[0].cross_attn.o._forward_pre_hooks))), x, None, None,
+        None, None, plain)
+    assert seen["hooks"] == 0
     with pytest.raises(ValueError, match="multiples of 16"):
         run(_Executor(model, forward), torch.zeros(1, 36, 2, 5, 4), None, None, None, None, {})
+
+
+def test_a_core_the_hooks_cannot_reach_fails_loudly(adapter):
+    """Never a result without the portrait: a cross-attention that applies o without calling the module,
+    a block that is skipped, or a forward with more tokens than the latent grid each raise."""
+    run = native.NativePortrait(_portrait(1), adapter, adapter.ip_adapter)
+    g = torch.Generator().manual_seed(2)
+    x = torch.zeros(1, 36, 2, 4, 4)
+    context = torch.randn(1, 257 + 5, adapter.dim, generator=g)
+
+    def forward_with(blocks, tokens=8, only=None):
+        def forward(*args):
+            for b in blocks[:only]:
+                b.cross_attn(torch.randn(1, tokens, adapter.dim, generator=g), context, 257)
+        return _Executor(SimpleNamespace(blocks=blocks), forward)
+
+    with pytest.raises(RuntimeError, match="_I2VCrossAttention of this ComfyUI: norm_q ran 1x and o 0x"):
+        run(forward_with(_blocks(adapter, bypass_o=True)), x, None, None, None, None, {})
+    with pytest.raises(RuntimeError, match="norm_q ran 0x and o 0x"):
+        run(forward_with(_blocks(adapter), only=1), x, None, None, None, None, {})
+    with pytest.raises(ValueError, match="attends over 10 video tokens but the latent grid has 8"):
+        run(forward_with(_blocks(adapter), tokens=10), x, None, None, None, None, {})
+    for name in ("reference_latent", "context_latents"):
+        with pytest.raises(ValueError, match=f"add frames or tokens to the video \\({name}\\)"):
+            run(forward_with(_blocks(adapter)), x, None, None, None, None, {}, **{name: [torch.zeros(1)]})
+    with pytest.raises(ValueError, match="time_dim_concat"):
+        run(forward_with(_blocks(adapter)), x, None, None, None, torch.zeros(1), {})
 
 
 class _Window:
@@ -147,6 +229,54 @@ def test_i2v_image_latent_follows_the_context_window():
     assert got["c"][0, 0, :, 0, 0].tolist() == [3.0, 4.0]
     native.window_image_condition(apply_model, torch.zeros(1, 16, 5, 2, 2), None, c_concat, transformer_options={})
     assert got["c"] is c_concat
+    # newer ComfyUI: causal anchor in front of the listed frames (its x has one frame more)
+    anchored = _Window([3, 4])
+    anchored.causal_anchor_index = 0
+    native.window_image_condition(apply_model, torch.zeros(1, 16, 3, 2, 2), None, c_concat,
+                                  transformer_options={"context_window": anchored})
+    assert got["c"][0, 0, :, 0, 0].tolist() == [0.0, 3.0, 4.0]
+    # newer ComfyUI windows c_concat itself: it arrives with the window's length and is not cut again
+    windowed = c_concat[:, :, [0, 3, 4]]
+    native.window_image_condition(apply_model, torch.zeros(1, 16, 3, 2, 2), None, windowed,
+                                  transformer_options={"context_window": anchored})
+    assert got["c"] is windowed
+    with pytest.raises(ValueError, match="needs frame 6"):
+        native.window_image_condition(apply_model, x, None, c_concat, transformer_options={"context_window": _Window([5, 6])})
+
+
+def test_window_frames_are_the_latents_frames():
+    assert native.window_frames(None, 4) is None
+    assert native.window_frames(_Window([2, 3]), 2) == [2, 3]
+    anchored = _Window([2, 3])
+    anchored.causal_anchor_index = 0
+    assert native.window_frames(anchored, 3) == [0, 2, 3]
+    anchored.causal_anchor_index = -1  # newer ComfyUI's "no anchor" (first window)
+    assert native.window_frames(anchored, 2) == [2, 3]
+    with pytest.raises(ValueError, match="lists 2 latent frames .* but its latent has 3"):
+        native.window_frames(_Window([2, 3]), 3)
+
+
+def test_condition_of_an_anchored_window_is_its_frames(adapter):
+    """Under newer ComfyUI's causal_window_fix the forward of window [2, 3] gets latent frames [0, 2, 3]:
+    the portrait condition is exactly those frames of the whole clip's condition."""
+    portrait = _portrait(1)
+    run = native.NativePortrait(portrait, adapter, adapter.ip_adapter)
+    blocks = _blocks(adapter)
+    seen = {}
+
+    def forward(x, *args, **kwargs):
+        for b in blocks:
+            b.cross_attn(torch.randn(1, 12, adapter.dim), torch.randn(1, 257 + 5, adapter.dim), 257)
+        seen["cond"] = dict(run._windows)
+        return "out"
+
+    window = _Window([2, 3])
+    window.causal_anchor_index = 0
+    run(_Executor(SimpleNamespace(blocks=blocks), forward), torch.zeros(1, 36, 3, 4, 4), None, None, None, None,
+        {"context_window": window})
+    (frames, cond), = seen["cond"].items()
+    full = P.portrait_condition(adapter, portrait.drivers, 13, portrait_layout(portrait, 32, 32, 13), 1.0)
+    assert frames == (0, 2, 3) and torch.equal(cond.windows, full.windows[:, [0, 2, 3]])
 
 
 def test_nodes_outside_comfyui(tmp_path, tiny):
@@ -177,7 +307,7 @@ def test_native_workflow_uses_only_core_nodes_and_ours():
     ours = {t for t in types if t.startswith("FantasyPortrait")}
     assert types - ours <= core, types - ours - core
     assert {"FantasyPortraitAdapterLoader", "FantasyPortraitPatchModel", "FantasyPortraitGuider"} <= ours
-    assert "FantasyPortraitModelLoader" not in ours and "FantasyPortraitSampler" not in ours
+    assert "FantasyPortraitWanModelLoader" not in ours and "FantasyPortraitSampler" not in ours
     lora = next(n for n in wf["nodes"] if n["type"] == "LoraLoaderModelOnly")
     assert lora["mode"] == 4, "the LoRA ships bypassed"
     by_id = {n["id"]: n for n in wf["nodes"]}
@@ -210,16 +340,15 @@ def test_resampler_latents_follow_the_input(tiny):
     assert got.dtype == ref.dtype and torch.equal(got, ref)
 
 
-class _CrossAttention(torch.nn.Module):
-    k_img = None
-
-    def forward(self, x, context, context_img_len, transformer_options={}):
-        return x
+class _CrossAttention(_I2VCrossAttention):
+    def __init__(self):
+        super().__init__(4, 2)
 
 
-class _OldCrossAttention(_CrossAttention):
-    def forward(self, x, context, context_img_len):
-        return x
+class _T2VCrossAttention(_CrossAttention):  # no CLIP-image attention (Wan2.2 I2V, T2V)
+    def __init__(self):
+        super().__init__()
+        del self.k_img
 
 
 def _wan(dim, layers, attention=_CrossAttention, model_type="i2v"):
@@ -242,5 +371,5 @@ def test_patch_refuses_what_it_cannot_patch(adapter):
         native.check_wan_i2v(torch.nn.Linear(2, 2), adapter)
     with pytest.raises(ValueError, match="fits a 2-block, 24-wide Wan"):
         native.check_wan_i2v(_wan(5120, 40), adapter)
-    with pytest.raises(ValueError, match="update ComfyUI"):
-        native.check_wan_i2v(_wan(adapter.dim, adapter.num_layers, _OldCrossAttention), adapter)
+    with pytest.raises(ValueError, match="WanModel's cross-attention _T2VCrossAttention has no k_img"):
+        native.check_wan_i2v(_wan(adapter.dim, adapter.num_layers, _T2VCrossAttention), adapter)

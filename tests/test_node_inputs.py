@@ -300,7 +300,7 @@ def test_queue_validator_checks_dropdowns_and_node_rules(monkeypatch):
 
     monkeypatch.setattr(host, "list_models", lambda folder: {"diffusion_models": ["wan_i2v.safetensors"],
                                                              "fantasyportrait": ["fp.safetensors"]}.get(folder, []))
-    loader = host.queue_validator(M["FantasyPortraitModelLoader"])
+    loader = host.queue_validator(M["FantasyPortraitWanModelLoader"])
     assert inspect.getfullargspec(classmethod(loader).__get__(None, object)).args == \
         ["cls", "transformer", "adapter", "weight_dtype", "storage", "offload", "fast_mode", "attention"]
     assert loader(None, transformer="wan_i2v.safetensors", adapter="fp.safetensors", weight_dtype="bf16") is True

@@ -48,7 +48,7 @@ def files(tmp_path_factory, tiny):
 
 @pytest.fixture(scope="module")
 def loaded(files):
-    (model,) = run("FantasyPortraitModelLoader", transformer=files["transformer"], adapter=files["adapter"],
+    (model,) = run("FantasyPortraitWanModelLoader", transformer=files["transformer"], adapter=files["adapter"],
                    weight_dtype="bf16", storage="fp8_e4m3fn", offload="none")
     (encoder,) = run("FantasyPortraitExpressionEncoderLoader", encoder=files["adapter"])
     (detector,) = run("FantasyPortraitFaceDetectorLoader", backend="mtcnn (offline)", min_score=0.0)

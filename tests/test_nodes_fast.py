@@ -32,7 +32,7 @@ def setup(tmp_path_factory, tiny):
     d = tmp_path_factory.mktemp("fast")
     wan = W.write_wan_original(transformer, str(d / "wan.safetensors"))
     ad = W.write_adapter_repacked(adapter, str(d / "fp.safetensors"), encoder)
-    (model,) = run("FantasyPortraitModelLoader", transformer=wan, adapter=ad, weight_dtype="fp32", storage="same",
+    (model,) = run("FantasyPortraitWanModelLoader", transformer=wan, adapter=ad, weight_dtype="fp32", storage="same",
                    offload="none")
     portrait = _portrait()
     pos, neg = _conditioning(model, 2, 8, 8)
@@ -132,11 +132,11 @@ def test_model_loader_takes_gguf(tmp_path, tiny):
     path = str(tmp_path / "wan2.1-i2v-14b-480p-Q8_0.gguf")
     W.write_wan_gguf(build_transformer(cfg).eval(), path)
     ad = W.write_adapter_repacked(build_adapter(cfg, **TINY_ADAPTER), str(tmp_path / "fp.safetensors"))
-    (model,) = run("FantasyPortraitModelLoader", transformer=path, adapter=ad, weight_dtype="bf16", storage="same",
+    (model,) = run("FantasyPortraitWanModelLoader", transformer=path, adapter=ad, weight_dtype="bf16", storage="same",
                    offload="none")
     assert isinstance(model.transformer.blocks[0].attn1.to_k, GGUFLinear)
     with pytest.raises(ValueError, match="storage to 'same'"):
-        run("FantasyPortraitModelLoader", transformer=path, adapter=ad, weight_dtype="bf16", storage="fp8_e4m3fn",
+        run("FantasyPortraitWanModelLoader", transformer=path, adapter=ad, weight_dtype="bf16", storage="fp8_e4m3fn",
             offload="none")
 
 
