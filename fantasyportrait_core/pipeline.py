@@ -518,7 +518,7 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
                     context_overlap: int = 16, window_anchor: str = "reference", sampler: str = "euler", sigmas=None,
                     preset: str | None = None, denoise: float = 1.0, init_latent: torch.Tensor | None = None,
                     cfg_range=(0.0, 1.0), portrait_cfg_range=(0.0, 1.0), portrait_scales=(),
-                    batch_passes: int | None = None, device=None) -> torch.Tensor:
+                    batch_passes: int | None = None, device=None, resolved=None) -> torch.Tensor:
     """Sample a normalised Wan latent ``[1, 16, F_lat, H/8, W/8]`` (float32, CPU).
 
     Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42,
@@ -537,19 +537,20 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     forward (``None`` = all; see :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`). ``device``:
     where the transformer computes (where the sampler runs; ``None``:
     :func:`~fantasyportrait_core.residency.compute_device`, which under block offload is the offload
-    hook's onload device, never a weight's current device).
+    hook's onload device, never a weight's current device). ``resolved``: a
+    :class:`~fantasyportrait_core.job.ResolvedSampling` (preset applied, schedules built once by the
+    caller); when given, the loose sampling keywords above are not used.
 
     Raises:
         FloatingPointError: if the result holds NaN/Inf (never returned silently).
     """
-    from .sampling import PRESETS
+    if resolved is None:
+        from .job import SamplingOptions
 
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        sampler, cfg = PRESETS[preset].sampler, PRESETS[preset].cfg
-    schedule = schedule_sigmas(steps, shift, denoise, sigmas, preset)
-    guidance = GuidanceSchedule(schedule, cfg, portrait_cfg, cfg_range, portrait_cfg_range, portrait_scales)
+        resolved = SamplingOptions(steps, cfg, portrait_cfg, 1.0, shift, seed, sampler, preset, sigmas, denoise,
+                                   cfg_range, portrait_cfg_range, portrait_scales).resolve()
+    sampler, cfg, portrait_cfg = resolved.sampler, resolved.cfg, resolved.portrait_cfg
+    schedule, guidance = resolved.schedule, resolved.guidance
     f_lat = latent_frames(num_frames)
     window = latent_frames(floor_to_4k1(context_frames)) if context_frames else f_lat
     if f_lat > window:
