@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 from fantasyportrait_core.job import Job, MemoryOptions, SamplingOptions  # noqa: E402
 from fantasyportrait_core.lora import apply_loras, read_lora, remove_loras  # noqa: E402
 from fantasyportrait_core.runner import run_job, tiny_random_models  # noqa: E402
-from tests.checkpoint_writers import write_wan_lora  # noqa: E402
+from fantasyportrait_core.tiny_checkpoints import write_wan_lora  # noqa: E402
 
 MODES = {"unipc 30 steps": SamplingOptions(sampler="unipc", steps=30),
          "lightx2v LoRA, 4 steps": SamplingOptions(preset="lightx2v")}  # tiny-video mode
@@ -75,7 +75,7 @@ def tiny_video(args):
 
 
 def full_size(args):
-    from fantasyportrait_core.adapter import latent_frames
+    from fantasyportrait_core.geometry import latent_frames
     from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors
     from fantasyportrait_core.denoiser import I2VConditioning
     from fantasyportrait_core.fp8 import fp8_linear_names, quantize_fp8, swap_in_fp8_linears

@@ -19,13 +19,14 @@ import cv2
 import numpy as np
 import torch
 
-from .adapter import floor_to_4k1, latent_frames, window_length, window_tokens
+from .adapter import window_length, window_tokens
+from .geometry import TOKEN_STRIDE, floor_to_4k1, latent_frames, latent_shape
 from .attention import PortraitCondition, PortraitState
 from .context import ContextWindowDenoiser
 from .denoiser import I2VConditioning, PortraitDenoiser, first_frame_mask
 from .expression import CROP_SIZE, align_face, encode_expressions
 from .faces import Face, FaceTrack, detect_video, in_reading_order, order_tracks, rank_tracks, track_faces
-from .masks import (TOKEN_STRIDE, box_masks, expand_box, latent_person_map, motion_range, pool_to_tokens,
+from .masks import (box_masks, expand_box, latent_person_map, motion_range, pool_to_tokens,
                     token_person_ids)
 from .models import denormalize_latent, normalize_latent
 from .sampling import GuidanceSchedule, StepInfo, initial_noise, sample, schedule_sigmas, start_latent
@@ -562,7 +563,7 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     else:
         denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg,
                                     guidance=guidance, batch_passes=batch_passes, device=device)
-    noise = initial_noise((1, 16, f_lat, height // 8, width // 8), seed)
+    noise = initial_noise(latent_shape(num_frames, width, height), seed)
     x = start_latent(noise, float(schedule[0]), init_latent).to(denoiser.device)
     out = sample(denoiser, x, schedule, sampler, seed=seed + 1, callback=callback).float().cpu()
     bad = int((~torch.isfinite(out)).sum())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .adapter import floor_to_4k1
+from .geometry import floor_to_4k1
 from .job import Job, check_numbers, cli_name
 from .validate import (InputError, check_face_order, check_float, check_image_size, check_input_dir,
                        check_input_file, check_int, check_output_path)

@@ -14,8 +14,9 @@ from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
 from fantasyportrait_core.context import ANCHORS, CONTEXT_MODES
 from fantasyportrait_core.denoiser import I2VConditioning
 from fantasyportrait_core.faces import Face
+from fantasyportrait_core.geometry import VAE_SPATIAL_STRIDE, pixel_frames
 from fantasyportrait_core.lora import apply_loras
-from fantasyportrait_core.memory import GIB, activation_bytes, measured_size, plan_sampling
+from fantasyportrait_core.memory import GIB, activation_bytes, measured_size, module_bytes, plan_sampling
 from fantasyportrait_core.models import denormalize_latent, normalize_latent
 from fantasyportrait_core.restore import restored
 from fantasyportrait_core.sampling import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
@@ -224,7 +225,7 @@ class FantasyPortraitSampler:
         GuidanceSchedule(schedule, cfg, portrait_cfg, (cfg_start, cfg_end), (portrait_cfg_start, portrait_cfg_end),
                          scale_ranges)  # checks the ranges before any heavy work
         f_lat, h, w = samples.shape[2:]
-        num_frames, width, height = 4 * (f_lat - 1) + 1, w * 8, h * 8
+        num_frames, width, height = pixel_frames(f_lat), w * VAE_SPATIAL_STRIDE, h * VAE_SPATIAL_STRIDE
         if width % 16 or height % 16:
             raise InputError(f"latent is {width}x{height} pixels; Wan needs multiples of 16: set WanImageToVideo "
                              f"width and height to multiples of 16")
@@ -347,7 +348,7 @@ def add_advice(error: BaseException, advice: str) -> None:
 def oom_message(transformer, width: int, height: int, num_frames: int, context_frames: int, offload: str,
                 plan: str = "") -> str:
     """What to change when sampling ran out of GPU memory, with the numbers that were tried."""
-    weights_gib = host.weight_bytes(transformer) / 2**30
+    weights_gib = module_bytes(transformer) / 2**30
     tried = f"; {plan}" if plan else ""
     return (f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
             f"{num_frames} frames, context_frames {context_frames}, offload {offload}{tried}). In FantasyPortrait "
