@@ -122,7 +122,7 @@ class SamplingOptions:
         sampler, cfg = self.sampler, self.cfg
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+                raise ValueError(f"preset '{self.preset}' is unknown; choose one of none, {', '.join(PRESETS)}")
             sampler, cfg = PRESETS[self.preset].sampler, PRESETS[self.preset].cfg
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler '{sampler}' is unknown; choose one of {', '.join(SAMPLERS)}")
