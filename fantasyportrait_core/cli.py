@@ -34,7 +34,7 @@ from .plan import check_sampling, plan_job, plan_run
 from . import runner
 from .runner import oom_message, run_job
 from .validate import InputError, check_float, check_input_file, check_output_path, parse_face_order
-from .video import Video, load_frames, read_image, read_video, write_video
+from .video import OUTPUT_FPS, Video, load_frames, read_image, read_video, write_video
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="landmark filter before alignment: one_euro (the reference's) or none")
         p.add_argument("--smooth", type=float, default=0.0,
                        help="extra Gaussian landmark smoothing, sigma in frames (0 = none, as the reference)")
-        p.add_argument("--fps", type=float, default=P.OUTPUT_FPS,
+        p.add_argument("--fps", type=float, default=OUTPUT_FPS,
                        help="output frame rate; every driving video is resampled to it (default 25, as the reference's "
                             "multi-character script; its single-character script keeps the driver's rate)")
         p.add_argument("--long-video", choices=CONTEXT_MODES, default="auto",

@@ -29,8 +29,7 @@ from .faces import Face, FaceTrack, detect_video, in_reading_order, order_tracks
 from .masks import (box_masks, expand_box, latent_person_map, motion_range, pool_to_tokens,
                     token_person_ids)
 from .models import denormalize_latent, normalize_latent
-from .sampling import GuidanceSchedule, StepInfo, initial_noise, sample, schedule_sigmas, start_latent
-from .video import OUTPUT_FPS  # noqa: F401  (re-exported for the nodes and the CLI)
+from .sampling import StepInfo, initial_noise, sample, start_latent
 
 log = logging.getLogger("FantasyPortrait")
 

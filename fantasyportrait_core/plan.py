@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from .geometry import floor_to_4k1
-from .job import Job, check_numbers, cli_name
+from .job import Job, check_numbers
 from .validate import (InputError, check_face_order, check_float, check_image_size, check_input_dir,
                        check_input_file, check_int, check_output_path)
 from .video import VideoStream, probe_image
