@@ -408,6 +408,18 @@ def face_numbers(chosen: list[Face], faces: list[Face]) -> list[int]:
     return [index[id(f)] for f in chosen]
 
 
+def face_roles(chosen: list[Face], faces: list[Face], drivers: list["DrivingExpression"]):
+    """One numbering of the reference faces for reports and previews: ``(numbers, unused, shown,
+    labels)`` with the face number each character animates, the face numbers no character drives,
+    the faces to draw (chosen, then unused) and their labels (``face #1 <- video.mp4``, ``face #2:
+    no driver``), in the numbers ``face_order`` takes."""
+    numbers = face_numbers(chosen, faces)
+    unused = [k for k in range(len(faces)) if k not in numbers]
+    labels = [f"face #{numbers[i]} <- {d.label}" for i, d in enumerate(drivers)]
+    labels += [f"face #{k}: no driver" for k in unused]
+    return numbers, unused, chosen + [faces[k] for k in unused], labels
+
+
 def driver_embedding(driver: "DrivingExpression") -> np.ndarray | None:
     """Mean identity embedding of a driving track (``None`` when the backend gives none)."""
     embs = driver.track.embeddings
@@ -589,5 +601,5 @@ __all__ = [
     "DrivingExpression", "ReferenceLayout", "StepInfo", "decode_latent", "encode_driving", "encode_reference_latent",
     "frames_for", "generate_latent", "generation_size", "on_device", "portrait_condition", "reference_layout",
     "resize_image", "assign_faces", "parse_face_order", "driver_embedding", "smooth_over_time", "ASSIGN_MODES",
-    "one_euro_landmarks", "LANDMARK_FILTERS", "detect_reference", "face_numbers",
+    "one_euro_landmarks", "LANDMARK_FILTERS", "detect_reference", "face_numbers", "face_roles",
 ]

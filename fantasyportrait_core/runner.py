@@ -156,8 +156,8 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
         if chosen is None:
             chosen = P.assign_faces(faces, len(drivers), None, mode, [P.driver_embedding(d) for d in drivers])
         num_frames = P.frames_for(drivers, job.frames)
-        numbers = P.face_numbers(chosen, faces)
         drivers = direct_drivers(models, ref, chosen, drivers, plan, job, num_frames, report)
+        numbers, unused, shown, labels = P.face_roles(chosen, faces, drivers)
         rates = {v.path: v.source_fps for v in plan.videos}
         report["characters"] = [{"character": i, "face": numbers[i], "video": os.path.basename(d.source),
                                  "person_in_video": d.track_index, "people_in_video": d.people_seen,
@@ -166,7 +166,6 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
                                  "frames_without_face": d.track.missing}
                                 for i, d in enumerate(drivers)]
         report["faces_driven_by"] = {f"face #{numbers[i]}": d.label for i, d in enumerate(drivers)}
-        unused = [k for k in range(len(faces)) if k not in numbers]
         report["unused_faces"] = unused
         if unused:
             log.warning("[FantasyPortrait] reference face(s) %s have no driver and stay as in the image; add driving "
@@ -182,9 +181,7 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
 
     portrait = P.portrait_condition(models.adapter.to(device), drivers, num_frames, layout, opts.portrait_scale)
     # One numbering everywhere: the face numbers --face-order takes, next to the character each drives.
-    labels = [f"face #{numbers[i]} <- {d.label}" for i, d in enumerate(drivers)]
-    labels += [f"face #{k}: no driver" for k in unused]
-    preview = draw_faces(ref, chosen + [faces[k] for k in unused], layout.regions,
+    preview = draw_faces(ref, shown, layout.regions,
                          layout.latent_person if len(drivers) > 1 else None, labels)
     preview = add_caption(preview, f"detector: {report['detector']}")
     preview_path = os.path.splitext(plan.out)[0] + "_faces.png"

@@ -308,14 +308,11 @@ class FantasyPortraitConditioning:
         if len(rates) > 1:
             raise InputError(f"the drivers come at different frame rates {rates} fps: set the same fps on every "
                              f"Encode Expression")
-        numbers = P.face_numbers(chosen, faces.faces)
-        unused = [k for k in range(len(faces.faces)) if k not in numbers]
+        numbers, unused, shown, labels = P.face_roles(chosen, faces.faces, drivers)
         if unused:
             log.warning("[FantasyPortrait] reference face(s) %s have no driving expression and stay as in the image",
                         ", ".join(f"#{k}" for k in unused))
         canvas = faces.image if faces.image is not None else np.full((faces.height, faces.width, 3), 40, np.uint8)
-        preview = draw_faces(canvas, chosen + [faces.faces[k] for k in unused],
-                             labels=[f"face #{numbers[i]} <- {d.label}" for i, d in enumerate(drivers)]
-                             + [f"face #{k}: no driver" for k in unused])
+        preview = draw_faces(canvas, shown, labels=labels)
         return (PortraitInputs(chosen, drivers, faces.width, faces.height, portrait_scale, user_masks),
                 host.uint8_to_image(preview), float(rates[0] if rates else OUTPUT_FPS))
