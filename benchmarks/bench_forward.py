@@ -47,7 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
-from fantasyportrait_core.adapter import latent_frames, window_length  # noqa: E402
+from fantasyportrait_core.adapter import window_length  # noqa: E402
+from fantasyportrait_core.geometry import latent_frames  # noqa: E402
 from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors  # noqa: E402
 from fantasyportrait_core.denoiser import I2VConditioning, PortraitDenoiser  # noqa: E402
 from fantasyportrait_core.fp8 import quantize_model_fp8, set_fp8_compute  # noqa: E402

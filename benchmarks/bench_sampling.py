@@ -3,10 +3,10 @@
     python benchmarks/bench_sampling.py                 # one full tiny-model video per mode, CPU
     python benchmarks/bench_sampling.py --full-size --device cuda --frames 81 --size 512x512 [--storage fp8]
 
-Default (CPU, no checkpoints): the CLI pipeline (``fantasyportrait_core.cli.animate``: face detection,
+Default (CPU, no checkpoints): the CLI pipeline (``fantasyportrait_core.runner.run_job``: face detection,
 expression encoding, VAE, sampling, MP4) on ``../shared/data/man.jpeg`` + ``jgz.mp4`` with the tiny
-random model, once per mode: ``--sampler unipc --steps 30`` (reference guidance: portrait cfg 4,
-2 transformer passes per step) and ``--lora <tiny lightx2v-layout LoRA> --preset lightx2v`` (4 steps;
+random model, once per mode: ``sampler=unipc, steps=30`` (reference guidance: portrait cfg 4,
+2 transformer passes per step) and a tiny lightx2v-layout LoRA with ``preset=lightx2v`` (4 steps;
 same portrait cfg). Prints sampling seconds, whole-video seconds and their ratios.
 
 ``--full-size``: the Wan2.1-I2V-14B transformer with random weights (bf16, or scaled fp8 storage) and
@@ -28,53 +28,34 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fantasyportrait_core import cli  # noqa: E402
+from fantasyportrait_core.job import Job, MemoryOptions, SamplingOptions  # noqa: E402
 from fantasyportrait_core.lora import apply_loras, read_lora, remove_loras  # noqa: E402
-from tests import checkpoint_writers as W  # noqa: E402
+from fantasyportrait_core.runner import run_job, tiny_random_models  # noqa: E402
+from fantasyportrait_core.tiny_checkpoints import write_wan_lora  # noqa: E402
 
-MODES = {"unipc 30 steps": ["--sampler", "unipc", "--steps", "30"],
-         "lightx2v LoRA, 4 steps": ["--preset", "lightx2v"]}  # tiny-video mode
-
-
-class _CpuClock:
-    """Wall and process-CPU seconds of the sampling stage (``cli.P.generate_latent``): on a shared,
-    loaded machine CPU seconds are the steadier figure."""
-
-    def __init__(self):
-        self.real = cli.P.generate_latent
-        self.wall = self.cpu = 0.0
-        cli.P.generate_latent = self
-
-    def __call__(self, *a, **kw):
-        w, c = time.perf_counter(), time.process_time()
-        try:
-            return self.real(*a, **kw)
-        finally:
-            self.wall, self.cpu = time.perf_counter() - w, time.process_time() - c
+MODES = {"unipc 30 steps": SamplingOptions(sampler="unipc", steps=30),
+         "lightx2v LoRA, 4 steps": SamplingOptions(preset="lightx2v")}  # tiny-video mode
 
 
 def tiny_video(args):
     data = args.data
-    clock = _CpuClock()
-    models = cli.tiny_random_models(0)
+    models = tiny_random_models(0)
     out_dir = tempfile.mkdtemp(prefix="bench_sampling_")
     lora = os.path.join(out_dir, "tiny_lightx2v.safetensors")
-    W.write_wan_lora(models.transformer, lora, lightx2v=True, rank=8)
+    write_wan_lora(models.transformer, lora, lightx2v=True, rank=8)
     rows = {}
-    for name, extra in MODES.items():
-        argv = ["run", "--tiny-random", "--image", os.path.join(data, "man.jpeg"), "--driving",
-                os.path.join(data, "jgz.mp4"), "--out", os.path.join(out_dir, "out.mp4"), "--frames", str(args.frames),
-                "--max-size", str(args.max_size), "--device", args.device] + extra
-        a = cli._parser().parse_args(argv)
+    for name, sampling in MODES.items():
+        job = Job(image=os.path.join(data, "man.jpeg"), driving=[os.path.join(data, "jgz.mp4")],
+                  out=os.path.join(out_dir, "out.mp4"), frames=args.frames, max_size=args.max_size,
+                  sampling=sampling, memory=MemoryOptions(device=args.device), tiny_random=True)
         remove_loras(models.transformer)
-        if "--preset" in extra:
+        if sampling.preset:
             apply_loras(models.transformer, [(read_lora(lora, models.transformer), 1.0)])
         best = None
         for _ in range(args.repeat):
             cpu = time.process_time()
-            plan = cli.validate_run_args(a)  # the driving video as a stream of only the frames used
-            report = cli.animate(models, cli.read_image(plan.image), plan, a)
-            report.update(total_cpu_s=time.process_time() - cpu, sampling_cpu_s=clock.cpu)
+            report = run_job(job, models)  # validates; the driving video as a stream of only the frames used
+            report.update(total_cpu_s=time.process_time() - cpu)
             if best is None or report["total_cpu_s"] < best["total_cpu_s"]:
                 best = report
         rows[name] = best
@@ -94,7 +75,7 @@ def tiny_video(args):
 
 
 def full_size(args):
-    from fantasyportrait_core.adapter import latent_frames
+    from fantasyportrait_core.geometry import latent_frames
     from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors
     from fantasyportrait_core.denoiser import I2VConditioning
     from fantasyportrait_core.fp8 import fp8_linear_names, quantize_fp8, swap_in_fp8_linears
@@ -132,7 +113,7 @@ def full_size(args):
                            torch.randn(1, 20, f_lat, h, w, generator=gc))
     portrait = PortraitCondition(torch.randn(1, f_lat, 97, adapter.proj_dim, generator=gc).to(device))
     lora_path = os.path.join(tempfile.mkdtemp(prefix="bench_lora_"), "lightx2v_rank64.safetensors")
-    W.write_wan_lora(tr, lora_path, lightx2v=True, rank=64, blocks=tuple(range(args.layers)))
+    write_wan_lora(tr, lora_path, lightx2v=True, rank=64, blocks=tuple(range(args.layers)))
     lora = read_lora(lora_path, tr)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     model = "tiny" if args.tiny else "14B"

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .geometry import VAE_TEMPORAL_STRIDE, latent_frames
+
 # Split of the 554 per-frame expression features (reference ``get_adapter_proj``).
 HEADPOSE_DIM = 6
 EYE_DIM = 6
@@ -32,34 +34,9 @@ MOUTH_TOKENS = 16
 EMOTION_TOKENS = 4
 TOKENS_PER_FRAME = PROJ_TOKENS + MOUTH_TOKENS + EMOTION_TOKENS  # 24
 
-# Wan2.1 VAE: one latent frame per 4 pixel frames after the first.
-VAE_TEMPORAL_STRIDE = 4
-
-
 def window_length(tokens_per_frame: int = TOKENS_PER_FRAME) -> int:
     """Tokens in one latent frame's window: 4 frames of tokens + 1 overlap token (97 for 24)."""
     return VAE_TEMPORAL_STRIDE * tokens_per_frame + 1
-
-
-def latent_frames(num_frames: int) -> int:
-    """Latent frames for ``num_frames`` pixel frames (``num_frames`` must be 4k+1).
-
-    Raises:
-        ValueError: if ``num_frames`` is not of the form 4k+1 (k >= 0).
-    """
-    if num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL_STRIDE:
-        raise ValueError(
-            f"num_frames={num_frames} is not 4k+1 (1, 5, 9, ..., 81); the Wan VAE needs that. "
-            f"Use {floor_to_4k1(num_frames)} frames."
-        )
-    return (num_frames - 1) // VAE_TEMPORAL_STRIDE + 1
-
-
-def floor_to_4k1(num_frames: int) -> int:
-    """Largest 4k+1 frame count not above ``num_frames`` (reference ``find_replacement``); 0 if none."""
-    if num_frames < 1:
-        return 0
-    return (num_frames - 1) // VAE_TEMPORAL_STRIDE * VAE_TEMPORAL_STRIDE + 1
 
 
 class ExpressionProjection(nn.Module):

@@ -652,17 +652,6 @@ def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", *
     return adapter.eval().requires_grad_(False)
 
 
-def adapter_state_dict_official(adapter) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapter's weights in the official ``fantasyportrait_model.ckpt`` layout."""
-    out = {g: {} for g in ("proj_model", "mouth_proj_model", "emo_proj_model", "ip_adapter")}
-    for k, v in adapter.state_dict().items():
-        group, rest = k.split(".", 1)
-        if group == "ip_adapter":
-            rest = rest.replace(".cross_attn.", ".cross_attn.processor.")
-        out[group][rest] = v
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Expression encoder
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import floor_to_4k1
+from .geometry import floor_to_4k1
 from .attention import PortraitCondition
 from .denoiser import I2VConditioning, PortraitDenoiser
 

@@ -623,6 +623,25 @@ def choose_auto_backend(model_dir: str | None) -> tuple[str, str]:
     return "official", f"{' + '.join(OFFICIAL_FILES)} found in {d}"
 
 
+def check_detector_files(backend: str, model_dir: str | None, name: str = "detector_dir") -> None:
+    """Before any model work: the folder ``insightface`` (its root holding ``models/buffalo_l``) or
+    ``official`` (:data:`OFFICIAL_FILES`) needs; ``auto`` and the others need none.
+
+    Raises:
+        InputError: naming ``name``, the folder or file and what it must hold.
+    """
+    from .validate import check_input_dir, check_input_file
+
+    if backend not in ("insightface", "official"):
+        return
+    what = "insightface root (holding models/buffalo_l)" if backend == "insightface" else \
+        "folder with face_det.onnx and face_landmark.onnx"
+    check_input_dir(model_dir, name, what)
+    if backend == "official":
+        for f in OFFICIAL_FILES:
+            check_input_file(os.path.join(model_dir, f), name, f)
+
+
 def make_detector(backend: str = "auto", model_dir: str | None = None, min_score: float | None = None, **kw):
     """Build a detector by name.
 

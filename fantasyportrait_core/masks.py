@@ -17,9 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapter import VAE_TEMPORAL_STRIDE, latent_frames
+from .geometry import TOKEN_STRIDE, VAE_TEMPORAL_STRIDE, latent_frames
 
-TOKEN_STRIDE = 16  # pixels per transformer token side: VAE downsample 8 × patch 2
 MAX_MOTION_EXPAND = 0.25
 
 

@@ -120,7 +120,9 @@ def tokens_per_forward(width: int, height: int, frames: int, context_frames: int
         raise ValueError(f"frames must be >= 1, got {frames}")
     if context_frames is not None:
         frames = min(frames, context_frames)
-    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    from .geometry import video_tokens
+
+    return video_tokens(frames, width, height)
 
 
 def activation_bytes(size: ModelSize, tokens: int, rows: int = 1, portrait_rows: int = 1, people: int = 1) -> int:
@@ -215,6 +217,16 @@ def plan_memory(size: ModelSize, tokens: int, free_bytes: int | None, passes: in
     return smallest
 
 
+def tensor_bytes(tensors) -> int:
+    """Bytes held by ``tensors`` (numel x element size; int): the one byte count of the pack."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def module_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers (int): what moving it to a device or pinning it costs."""
+    return tensor_bytes((*module.parameters(), *module.buffers()))
+
+
 def measured_size(transformer, adapter=None) -> ModelSize:
     """:class:`ModelSize` of a loaded model from its tensors (both storages: the fp8 figure assumes
     the blocks' linear weights at 1 byte; for an fp8 model the bf16 figure assumes 2)."""
@@ -222,15 +234,13 @@ def measured_size(transformer, adapter=None) -> ModelSize:
 
     from .fp8 import ScaledFP8Linear
 
-    def nbytes(module):
-        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
+    nbytes = module_bytes
     cfg = transformer.config
     p = transformer.patch_embedding.weight
     elem = p.element_size()
     streamed = {id(t) for b in transformer.blocks if hasattr(b, "portrait_kv") for t in b.portrait_kv.parameters()}
-    blocks = nbytes(transformer.blocks) - sum(t.numel() * t.element_size() for b in transformer.blocks
-                                              if hasattr(b, "portrait_kv") for t in b.portrait_kv.parameters())
+    blocks = nbytes(transformer.blocks) - tensor_bytes(t for b in transformer.blocks if hasattr(b, "portrait_kv")
+                                                       for t in b.portrait_kv.parameters())
     layers = [m for m in transformer.blocks.modules() if isinstance(m, (torch.nn.Linear, ScaledFP8Linear))
               and id(m.weight) not in streamed]
     stored = sum(m.weight.numel() * m.weight.element_size() for m in layers)
@@ -239,8 +249,8 @@ def measured_size(transformer, adapter=None) -> ModelSize:
     as_bf16 = blocks - stored + sum(m.weight.numel() * elem for m in layers) - 4 * n_fp8
     kv = 0
     if adapter is not None:
-        kv = sum(t.numel() * t.element_size() for i in range(adapter.num_layers) for m in adapter.kv_projections(i)
-                 for t in m.parameters())
+        kv = tensor_bytes(t for i in range(adapter.num_layers) for m in adapter.kv_projections(i)
+                          for t in m.parameters())
     return ModelSize(dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn_dim=cfg.ffn_dim,
                      heads=cfg.num_attention_heads, layers=cfg.num_layers, block_bytes={"bf16": as_bf16, "fp8": as_fp8},
                      other_bytes=nbytes(transformer) - nbytes(transformer.blocks), adapter_kv_bytes=kv, elem=elem)

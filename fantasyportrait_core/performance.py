@@ -202,7 +202,7 @@ def retime(driver, out_fps: float | None = None, speed: float = 1.0, start: int 
     import dataclasses
 
     from .faces import FaceTrack
-    from .pipeline import OUTPUT_FPS
+    from .video import OUTPUT_FPS
 
     fps = float(driver.fps) if driver.fps else float(OUTPUT_FPS)
     out_fps = fps if out_fps is None else float(out_fps)

@@ -19,17 +19,17 @@ import cv2
 import numpy as np
 import torch
 
-from .adapter import floor_to_4k1, latent_frames, window_length, window_tokens
+from .adapter import window_length, window_tokens
+from .geometry import TOKEN_STRIDE, floor_to_4k1, latent_frames, latent_shape
 from .attention import PortraitCondition, PortraitState
 from .context import ContextWindowDenoiser
 from .denoiser import I2VConditioning, PortraitDenoiser, first_frame_mask
 from .expression import CROP_SIZE, align_face, encode_expressions
 from .faces import Face, FaceTrack, detect_video, in_reading_order, order_tracks, rank_tracks, track_faces
-from .masks import (TOKEN_STRIDE, box_masks, expand_box, latent_person_map, motion_range, pool_to_tokens,
+from .masks import (box_masks, expand_box, latent_person_map, motion_range, pool_to_tokens,
                     token_person_ids)
 from .models import denormalize_latent, normalize_latent
-from .sampling import GuidanceSchedule, StepInfo, initial_noise, sample, schedule_sigmas, start_latent
-from .video import OUTPUT_FPS  # noqa: F401  (re-exported for the nodes and the CLI)
+from .sampling import StepInfo, initial_noise, sample, start_latent
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -408,6 +408,18 @@ def face_numbers(chosen: list[Face], faces: list[Face]) -> list[int]:
     return [index[id(f)] for f in chosen]
 
 
+def face_roles(chosen: list[Face], faces: list[Face], drivers: list["DrivingExpression"]):
+    """One numbering of the reference faces for reports and previews: ``(numbers, unused, shown,
+    labels)`` with the face number each character animates, the face numbers no character drives,
+    the faces to draw (chosen, then unused) and their labels (``face #1 <- video.mp4``, ``face #2:
+    no driver``), in the numbers ``face_order`` takes."""
+    numbers = face_numbers(chosen, faces)
+    unused = [k for k in range(len(faces)) if k not in numbers]
+    labels = [f"face #{numbers[i]} <- {d.label}" for i, d in enumerate(drivers)]
+    labels += [f"face #{k}: no driver" for k in unused]
+    return numbers, unused, chosen + [faces[k] for k in unused], labels
+
+
 def driver_embedding(driver: "DrivingExpression") -> np.ndarray | None:
     """Mean identity embedding of a driving track (``None`` when the backend gives none)."""
     embs = driver.track.embeddings
@@ -518,7 +530,7 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
                     context_overlap: int = 16, window_anchor: str = "reference", sampler: str = "euler", sigmas=None,
                     preset: str | None = None, denoise: float = 1.0, init_latent: torch.Tensor | None = None,
                     cfg_range=(0.0, 1.0), portrait_cfg_range=(0.0, 1.0), portrait_scales=(),
-                    batch_passes: int | None = None, device=None) -> torch.Tensor:
+                    batch_passes: int | None = None, device=None, resolved=None) -> torch.Tensor:
     """Sample a normalised Wan latent ``[1, 16, F_lat, H/8, W/8]`` (float32, CPU).
 
     Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42,
@@ -537,19 +549,20 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     forward (``None`` = all; see :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`). ``device``:
     where the transformer computes (where the sampler runs; ``None``:
     :func:`~fantasyportrait_core.residency.compute_device`, which under block offload is the offload
-    hook's onload device, never a weight's current device).
+    hook's onload device, never a weight's current device). ``resolved``: a
+    :class:`~fantasyportrait_core.job.ResolvedSampling` (preset applied, schedules built once by the
+    caller); when given, the loose sampling keywords above are not used.
 
     Raises:
         FloatingPointError: if the result holds NaN/Inf (never returned silently).
     """
-    from .sampling import PRESETS
+    if resolved is None:
+        from .job import SamplingOptions
 
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        sampler, cfg = PRESETS[preset].sampler, PRESETS[preset].cfg
-    schedule = schedule_sigmas(steps, shift, denoise, sigmas, preset)
-    guidance = GuidanceSchedule(schedule, cfg, portrait_cfg, cfg_range, portrait_cfg_range, portrait_scales)
+        resolved = SamplingOptions(steps, cfg, portrait_cfg, 1.0, shift, seed, sampler, preset, sigmas, denoise,
+                                   cfg_range, portrait_cfg_range, portrait_scales).resolve()
+    sampler, cfg, portrait_cfg = resolved.sampler, resolved.cfg, resolved.portrait_cfg
+    schedule, guidance = resolved.schedule, resolved.guidance
     f_lat = latent_frames(num_frames)
     window = latent_frames(floor_to_4k1(context_frames)) if context_frames else f_lat
     if f_lat > window:
@@ -561,7 +574,7 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     else:
         denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg,
                                     guidance=guidance, batch_passes=batch_passes, device=device)
-    noise = initial_noise((1, 16, f_lat, height // 8, width // 8), seed)
+    noise = initial_noise(latent_shape(num_frames, width, height), seed)
     x = start_latent(noise, float(schedule[0]), init_latent).to(denoiser.device)
     out = sample(denoiser, x, schedule, sampler, seed=seed + 1, callback=callback).float().cpu()
     bad = int((~torch.isfinite(out)).sum())
@@ -588,5 +601,5 @@ __all__ = [
     "DrivingExpression", "ReferenceLayout", "StepInfo", "decode_latent", "encode_driving", "encode_reference_latent",
     "frames_for", "generate_latent", "generation_size", "on_device", "portrait_condition", "reference_layout",
     "resize_image", "assign_faces", "parse_face_order", "driver_embedding", "smooth_over_time", "ASSIGN_MODES",
-    "one_euro_landmarks", "LANDMARK_FILTERS", "detect_reference", "face_numbers",
+    "one_euro_landmarks", "LANDMARK_FILTERS", "detect_reference", "face_numbers", "face_roles",
 ]

@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from .memory import tensor_bytes
+
 log = logging.getLogger("FantasyPortrait")
 
 
@@ -60,10 +62,10 @@ class WeightHome:
     def bytes_on(self, device) -> int:
         """Bytes of tracked tensors currently on ``device``."""
         device = torch.device(device)
-        return sum(t.numel() * t.element_size() for t in self._scan() if _same_device(t.device, device))
+        return tensor_bytes(t for t in self._scan() if _same_device(t.device, device))
 
     def total_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._scan())
+        return tensor_bytes(self._scan())
 
     @torch.no_grad()
     def to(self, device, non_blocking: bool = True) -> int:

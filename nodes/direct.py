@@ -19,6 +19,7 @@ from fantasyportrait_core.direction import CHANNELS, MAX_STRENGTH, MOTION_MODES,
 from fantasyportrait_core.direction import parse_keys
 from fantasyportrait_core.performance import EXTENSION, LOOP_MODES, load_performance, retime, save_performance
 from fantasyportrait_core.validate import InputError
+from fantasyportrait_core.video import OUTPUT_FPS
 
 from . import host
 
@@ -258,7 +259,7 @@ class FantasyPortraitSavePerformance:
             # ComfyUI's counter convention (name_00001_.ext): the next save finds it and counts on
             path = os.path.join(folder, f"{name}_{counter:05d}_" + (f"{i}" if i else "") + EXTENSION)
             paths.append(save_performance(path, d))
-        info = [f"{d.label}: {d.num_frames} frames at {d.fps or P.OUTPUT_FPS:g} fps -> {os.path.relpath(p, out_dir)}"
+        info = [f"{d.label}: {d.num_frames} frames at {d.fps or OUTPUT_FPS:g} fps -> {os.path.relpath(p, out_dir)}"
                 + (" (as encoded: its Direct Expression settings are not saved)" if isinstance(d, DirectedExpression)
                    else "") for d, p in zip(drivers, paths)]
         log.info("[FantasyPortrait] saved performance(s): %s", "; ".join(info))
@@ -275,7 +276,7 @@ class FantasyPortraitLoadPerformance:
                             f"A saved performance: .safetensors in ComfyUI's input folder (or its "
                             f"{PERFORMANCE_SUBFOLDER} subfolder), or one Save Performance wrote ([output]). Refresh "
                             f"after adding files."}),
-            "fps": ("FLOAT", {"default": P.OUTPUT_FPS, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip":
+            "fps": ("FLOAT", {"default": OUTPUT_FPS, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip":
                               "Output frame rate: the performance is resampled to it (nearest frame in time), as "
                               "driving videos are. The reference uses 25."}),
             "speed": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 16.0, "step": 0.05, "tooltip":
@@ -301,7 +302,7 @@ class FantasyPortraitLoadPerformance:
     DESCRIPTION = ("Loads a performance saved by Save Performance or the CLI's --save-expression in place of a "
                    "driving video: no video, face detector or expression encoder needed.")
 
-    def load(self, performance, fps=P.OUTPUT_FPS, speed=1.0, start_frame=0, end_frame=0, frames=0, loop="none"):
+    def load(self, performance, fps=OUTPUT_FPS, speed=1.0, start_frame=0, end_frame=0, frames=0, loop="none"):
         if not performance:
             raise InputError(f"performance: no file chosen; put a saved performance (.safetensors) in ComfyUI's "
                              f"input folder or save one with Save Performance, then refresh")
@@ -310,7 +311,7 @@ class FantasyPortraitLoadPerformance:
         out = retime(perf, float(fps), float(speed), int(start_frame), int(end_frame) or None, int(frames) or None,
                      loop, f"performance '{performance}'")
         miss = out.track.missing
-        info = (f"{perf.label} (saved {saved} frames at {perf.fps or P.OUTPUT_FPS:g} fps): {out.num_frames} frames at "
+        info = (f"{perf.label} (saved {saved} frames at {perf.fps or OUTPUT_FPS:g} fps): {out.num_frames} frames at "
                 f"{out.fps:g} fps (trim {start_frame}..{end_frame or saved}, speed {speed:g}, loop {loop}), "
                 f"{len(miss)} without a face")
         return ([out], info)

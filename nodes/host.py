@@ -153,24 +153,6 @@ def offload_device() -> torch.device:
         return torch.device("cpu")
 
 
-def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers: what moving it to a device or pinning it costs."""
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def free_vram_for(model: torch.nn.Module, device: torch.device):
-    """Ask ComfyUI to unload its own models so ``model`` fits on ``device``."""
-    if device.type != "cuda":
-        return
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return
-    need = weight_bytes(model) * 1.3
-    mm.free_memory(need, device)
-    mm.soft_empty_cache()
-
-
 def check_interrupt():
     """Raise ComfyUI's interrupt exception if the user pressed Cancel (no-op outside ComfyUI)."""
     try:

@@ -56,10 +56,9 @@ from dataclasses import dataclass, field
 import torch
 
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.adapter import latent_frames
+from fantasyportrait_core.geometry import TOKEN_STRIDE, latent_frames, pixel_frames
 from fantasyportrait_core.attention import PortraitCondition, apply_portrait
 from fantasyportrait_core.checkpoints import load_adapter
-from fantasyportrait_core.masks import TOKEN_STRIDE
 from fantasyportrait_core.sampling import combine_guidance, guidance_passes
 
 from . import host
@@ -371,13 +370,13 @@ class NativePortrait:
         f_lat, h, w = grid
         last = (max(frames) if frames else f_lat - 1) + 1
         if last > latent_frames(self.available):
-            need = 4 * (last - 1) + 1
+            need = pixel_frames(last)
             raise ValueError(f"the latent is {need} frames long but a driving expression has only "
                              f"{min(d.num_frames for d in self.portrait.drivers)}; set WanImageToVideo length to at "
                              f"most {self.available}")
         # one condition per run: for the whole available length under context windows (windows
         # come in any order), else for this latent's length
-        num_frames = self.available if frames is not None else 4 * (f_lat - 1) + 1
+        num_frames = self.available if frames is not None else pixel_frames(f_lat)
         dtype = self.kv_projections(0)[0].weight.dtype
         key = (w * TOKEN_STRIDE, h * TOKEN_STRIDE, num_frames, device, dtype)
         if self._cond is None or self._cond[0] != key:

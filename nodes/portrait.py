@@ -18,7 +18,7 @@ from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.faces import Face
 from fantasyportrait_core.masks import box_masks
 from fantasyportrait_core.preview import add_caption, detector_label, draw_faces
-from fantasyportrait_core.video import resample_indices
+from fantasyportrait_core.video import OUTPUT_FPS, resample_indices
 from fantasyportrait_core.validate import InputError, parse_face_order
 
 from . import host
@@ -127,9 +127,9 @@ class FantasyPortraitEncodeExpression:
                                 "one_euro: the reference's adaptive One-Euro filter on the landmarks (holds a "
                                 "still face still, follows fast moves at once), as the model was trained. "
                                 "none: raw detector landmarks."}),
-            "source_fps": ("FLOAT", {"default": P.OUTPUT_FPS, "min": 1.0, "max": 240.0, "step": 0.001, "tooltip":
+            "source_fps": ("FLOAT", {"default": OUTPUT_FPS, "min": 1.0, "max": 240.0, "step": 0.001, "tooltip":
                                      "Frame rate of these frames: connect Get Video Components' fps."}),
-            "fps": ("FLOAT", {"default": P.OUTPUT_FPS, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip":
+            "fps": ("FLOAT", {"default": OUTPUT_FPS, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip":
                               "Output frame rate: the frames are resampled to it (nearest frame in time) before "
                               "encoding, so drivers at different rates stay in step. The reference's multi-character script uses 25; its single-character script keeps the driver's rate."}),
             "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
@@ -153,7 +153,7 @@ class FantasyPortraitEncodeExpression:
                    "headpose, eyes, emotion and mouth. Frames without a face are filled from neighbours.")
 
     def encode(self, expression_encoder, face_detector, images, people=1, smooth=0.0, landmark_filter="one_euro",
-               source_fps=P.OUTPUT_FPS, fps=P.OUTPUT_FPS, max_frames=0, start_frame=0, prompt=None, unique_id=None):
+               source_fps=OUTPUT_FPS, fps=OUTPUT_FPS, max_frames=0, start_frame=0, prompt=None, unique_id=None):
         if isinstance(images, torch.Tensor) and images.ndim == 3:
             images = images[None]
         n = images.shape[0] if isinstance(images, torch.Tensor) and images.ndim == 4 else 0
@@ -308,14 +308,11 @@ class FantasyPortraitConditioning:
         if len(rates) > 1:
             raise InputError(f"the drivers come at different frame rates {rates} fps: set the same fps on every "
                              f"Encode Expression")
-        numbers = P.face_numbers(chosen, faces.faces)
-        unused = [k for k in range(len(faces.faces)) if k not in numbers]
+        numbers, unused, shown, labels = P.face_roles(chosen, faces.faces, drivers)
         if unused:
             log.warning("[FantasyPortrait] reference face(s) %s have no driving expression and stay as in the image",
                         ", ".join(f"#{k}" for k in unused))
         canvas = faces.image if faces.image is not None else np.full((faces.height, faces.width, 3), 40, np.uint8)
-        preview = draw_faces(canvas, chosen + [faces.faces[k] for k in unused],
-                             labels=[f"face #{numbers[i]} <- {d.label}" for i, d in enumerate(drivers)]
-                             + [f"face #{k}: no driver" for k in unused])
+        preview = draw_faces(canvas, shown, labels=labels)
         return (PortraitInputs(chosen, drivers, faces.width, faces.height, portrait_scale, user_masks),
-                host.uint8_to_image(preview), float(rates[0] if rates else P.OUTPUT_FPS))
+                host.uint8_to_image(preview), float(rates[0] if rates else OUTPUT_FPS))

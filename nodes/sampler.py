@@ -14,12 +14,14 @@ from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
 from fantasyportrait_core.context import ANCHORS, CONTEXT_MODES
 from fantasyportrait_core.denoiser import I2VConditioning
 from fantasyportrait_core.faces import Face
+from fantasyportrait_core.job import SamplingOptions
+from fantasyportrait_core.geometry import VAE_SPATIAL_STRIDE, pixel_frames
 from fantasyportrait_core.lora import apply_loras
-from fantasyportrait_core.memory import GIB, activation_bytes, measured_size, plan_sampling
+from fantasyportrait_core.memory import GIB, activation_bytes, measured_size, module_bytes, plan_sampling
 from fantasyportrait_core.models import denormalize_latent, normalize_latent
 from fantasyportrait_core.restore import restored
 from fantasyportrait_core.sampling import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
-                                           GuidanceSchedule, guidance_passes, parse_step_ranges, schedule_sigmas)
+                                           guidance_passes, parse_step_ranges)
 from fantasyportrait_core.validate import InputError
 
 from . import host, residency
@@ -211,20 +213,19 @@ class FantasyPortraitSampler:
         if msg is not True:
             raise InputError(msg)
         preset = None if preset in (None, "none") else preset
-        if preset is not None:
-            if preset not in PRESETS:
-                raise InputError(f"preset '{preset}' is unknown; choose one of none, {', '.join(PRESETS)}")
-            if cfg != PRESETS[preset].cfg:
-                log.info("[FantasyPortrait] preset %s: cfg %s -> %s", preset, cfg, PRESETS[preset].cfg)
-            sampler, cfg = PRESETS[preset].sampler, PRESETS[preset].cfg
-        if sampler not in SAMPLERS:
-            raise InputError(f"sampler '{sampler}' is unknown; choose one of {', '.join(SAMPLERS)}")
-        schedule = schedule_sigmas(steps, shift, denoise, sigmas, preset)
-        scale_ranges = parse_step_ranges(portrait_scale_steps, "portrait_scale_steps")
-        GuidanceSchedule(schedule, cfg, portrait_cfg, (cfg_start, cfg_end), (portrait_cfg_start, portrait_cfg_end),
-                         scale_ranges)  # checks the ranges before any heavy work
+        if preset is not None and preset in PRESETS and cfg != PRESETS[preset].cfg:
+            log.info("[FantasyPortrait] preset %s: cfg %s -> %s", preset, cfg, PRESETS[preset].cfg)
+        try:  # one job description: the preset applied and the guidance schedule built once per run
+            resolved = SamplingOptions(steps, cfg, portrait_cfg, 1.0, shift, seed, sampler, preset, sigmas, denoise,
+                                       (cfg_start, cfg_end), (portrait_cfg_start, portrait_cfg_end),
+                                       parse_step_ranges(portrait_scale_steps, "portrait_scale_steps")).resolve()
+        except InputError:
+            raise
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        sampler, cfg, schedule = resolved.sampler, resolved.cfg, resolved.schedule
         f_lat, h, w = samples.shape[2:]
-        num_frames, width, height = 4 * (f_lat - 1) + 1, w * 8, h * 8
+        num_frames, width, height = pixel_frames(f_lat), w * VAE_SPATIAL_STRIDE, h * VAE_SPATIAL_STRIDE
         if width % 16 or height % 16:
             raise InputError(f"latent is {width}x{height} pixels; Wan needs multiples of 16: set WanImageToVideo "
                              f"width and height to multiples of 16")
@@ -277,13 +278,9 @@ class FantasyPortraitSampler:
                 cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
                 i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
                 out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
-                                        cfg=cfg, portrait_cfg=portrait_cfg, callback=callback,
-                                        context_frames=window, context_overlap=context_overlap,
-                                        window_anchor=window_anchor, sampler=sampler, sigmas=schedule,
-                                        init_latent=init, cfg_range=(cfg_start, cfg_end),
-                                        portrait_cfg_range=(portrait_cfg_start, portrait_cfg_end),
-                                        portrait_scales=scale_ranges, batch_passes=plan.batch_passes,
-                                        device=device)
+                                        callback=callback, context_frames=window, context_overlap=context_overlap,
+                                        window_anchor=window_anchor, init_latent=init,
+                                        batch_passes=plan.batch_passes, device=device, resolved=resolved)
         except torch.cuda.OutOfMemoryError as e:
             model.resident.detach()
             # Re-raise the very OOM error (ComfyUI's ``model_management.OOM_EXCEPTION``): ComfyUI then
@@ -347,7 +344,7 @@ def add_advice(error: BaseException, advice: str) -> None:
 def oom_message(transformer, width: int, height: int, num_frames: int, context_frames: int, offload: str,
                 plan: str = "") -> str:
     """What to change when sampling ran out of GPU memory, with the numbers that were tried."""
-    weights_gib = host.weight_bytes(transformer) / 2**30
+    weights_gib = module_bytes(transformer) / 2**30
     tried = f"; {plan}" if plan else ""
     return (f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
             f"{num_frames} frames, context_frames {context_frames}, offload {offload}{tried}). In FantasyPortrait "

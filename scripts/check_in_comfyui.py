@@ -127,7 +127,7 @@ def write_models(models_dir: str, comfy_dir: str, comfy_python: str) -> dict:
     import torch
 
     from fantasyportrait_core.models import random_tiny_models
-    from tests import checkpoint_writers as W
+    from fantasyportrait_core import tiny_checkpoints as W
 
     transformer, adapter, _, encoder = random_tiny_models(seed=0)
     for sub in ("diffusion_models", "fantasyportrait", "vae"):
@@ -161,7 +161,7 @@ def write_native_models(models_dir: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from tests import checkpoint_writers as W
+    from fantasyportrait_core import tiny_checkpoints as W
 
     transformer, adapter = W.tiny_native_models(seed=0)
     os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)

@@ -4,6 +4,8 @@
 
 Each graph is described once, in a function returning a :class:`Graph` (nodes, widget values, links
 by socket name), so ids, slots and link tables stay consistent; the JSON files are what users load.
+Widget values of the pack's nodes come from the node classes' own ``INPUT_TYPES`` defaults
+(:func:`widgets`), a graph naming only the values it changes; the negative prompt is the core's.
 
 Layout rule (``Graph.layout``, tested in tests/test_workflows.py): every node sits in a column and a
 band. Columns follow the data flow, so every link goes from a column to one further right; bands
@@ -14,7 +16,8 @@ the sampler's latent preview, text shown by Preview Any), so nothing overlaps be
 A new graph only picks ``col``/``band`` (and ``grow`` for a node that shows a preview):
 
     g = Graph(bands=["Models and prompts", "Driving video"])
-    g.add("loader", "FantasyPortraitWanModelLoader", col=0, band=0, widgets=[...])
+    g.add("loader", "FantasyPortraitWanModelLoader", col=0, band=0,
+          widgets=widgets("FantasyPortraitWanModelLoader", transformer="wan.safetensors", adapter="fp.safetensors"))
     g.link("loader", "model", "sampler", "model")
     WORKFLOWS["fantasyportrait_x.json"] = my_graph
 """
@@ -23,8 +26,45 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fantasyportrait_core.encoders import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
+from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def widgets(type_: str, **values) -> list:
+    """``widgets_values`` of one of the pack's nodes, in the order of the node's own ``INPUT_TYPES``
+    (required, then optional): each widget at the node's default unless given in ``values`` by input
+    name; a seed's ``control_after_generate`` value follows it (``fixed``: example graphs reproduce).
+
+    Raises:
+        KeyError: a name in ``values`` that is not a widget of ``type_``.
+    """
+    spec = NODE_CLASS_MAPPINGS[type_].INPUT_TYPES()
+    out, unused = [], dict(values)
+    for section in ("required", "optional"):
+        for name, (kind, *rest) in spec.get(section, {}).items():
+            opts = rest[0] if rest else {}
+            if not (isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES) or opts.get("forceInput"):
+                continue
+            if name in unused:
+                out.append(unused.pop(name))
+            elif "default" in opts:
+                out.append(opts["default"])
+            elif isinstance(kind, (list, tuple)):
+                out.append(kind[0] if kind else None)  # a file list: the graph names the file
+            else:
+                out.append({"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind])
+            if opts.get("control_after_generate"):
+                out.append("fixed")
+    if unused:
+        raise KeyError(f"{type_} has no widget(s) {sorted(unused)}")
+    return out
 
 # Socket layout of every node type used: (inputs [(name, type, optional)], outputs [(name, type)]).
 SOCKETS = {
@@ -86,12 +126,6 @@ SOCKETS = {
     "FantasyPortraitGuider": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
                                ("negative", "CONDITIONING", False)], [("guider", "GUIDER")]),
 }
-# FantasyPortrait Sampler widgets in the node's order: the reference settings (seed, control, steps,
-# cfg, portrait cfg, shift, context frames / overlap), then the optional ones at their defaults
-# (sampler, preset, denoise, cfg start/end, portrait cfg start/end, portrait scale per step range,
-# long video, window anchor).
-SAMPLER_WIDGETS = [42, "fixed", 30, 1.0, 4.0, 5.0, 81, 16, "euler", "none", 1.0, 0.0, 1.0, 0.0, 1.0, "",
-                   "auto", "reference"]
 # Widget inputs (name, type, optional) of the node types where a graph links into a widget, in widget
 # order: the frontend lists them after the socket inputs, and a link's target slot counts them.
 WIDGET_INPUTS = {
@@ -102,10 +136,8 @@ WIDGET_INPUTS = {
                                         ("start_frame", "INT", True)],
 }
 
-# The reference's default negative prompt (infer.py), as in fantasyportrait_core.encoders.
-NEGATIVE = ("人物静止不动，静止，色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-            "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-            "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+# The reference's default negative prompt (infer.py), from the core.
+NEGATIVE = DEFAULT_NEGATIVE_PROMPT
 PROMPT = ""  # the reference scripts' prompt (infer_single.sh, infer_multi.sh)
 
 # Layout constants (canvas units = CSS pixels at zoom 1, as LiteGraph draws them; the sizes are the
@@ -265,7 +297,7 @@ def reference_band(g: Graph, image_name: str, preview_w: int = 340):
           grow=IMAGE_ROOM)
     g.add("facemasks", "FantasyPortraitFaceMasks", 1, 1, size=(340, 0))
     g.add("facepreview", "PreviewImage", 2, 1, title="Faces found (#0 = leftmost)", size=(320, 0), grow=IMAGE_ROOM)
-    g.add("cond", "FantasyPortraitConditioning", 3, 1, [1.0, "left_to_right", ""], size=(340, 0))
+    g.add("cond", "FantasyPortraitConditioning", 3, 1, widgets("FantasyPortraitConditioning"), size=(340, 0))
     g.add("condpreview", "PreviewImage", 4, 1, title="Which video track drives which face", size=(preview_w, 0),
           grow=IMAGE_ROOM)
 
@@ -293,14 +325,15 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
     Bands: 0 models and prompts, 1 reference portrait, 2.. driving videos. ``lora``: a FantasyPortrait
     LoRA node (column 1) between the model loader and the sampler, with that file.
     """
-    g.add("model", "FantasyPortraitWanModelLoader", 0, 0, ["wan2.1_i2v_720p_14B_bf16.safetensors",
-                                                       "Wan2_1_FantasyPortrait_fp16.safetensors",
-                                                       "bf16", "auto", "auto", "off", "sdpa"], size=(360, 0))
+    g.add("model", "FantasyPortraitWanModelLoader", 0, 0,
+          widgets("FantasyPortraitWanModelLoader", transformer="wan2.1_i2v_720p_14B_bf16.safetensors",
+                  adapter="Wan2_1_FantasyPortrait_fp16.safetensors"), size=(360, 0))
     g.add("clip", "CLIPLoader", 0, 0, ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], size=(360, 0))
     g.add("clipvision", "CLIPVisionLoader", 0, 0, ["clip_vision_h.safetensors"], size=(360, 0))
     g.add("vae", "VAELoader", 0, 0, ["wan_2.1_vae.safetensors"], size=(360, 0))
-    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0, ["pd_fpg.pth"], size=(360, 0))
-    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["auto", 0.0], size=(360, 0))
+    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0,
+          widgets("FantasyPortraitExpressionEncoderLoader", encoder="pd_fpg.pth"), size=(360, 0))
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, widgets("FantasyPortraitFaceDetectorLoader"), size=(360, 0))
     g.add("pos", "CLIPTextEncode", 1, 0, [prompt], title="Positive prompt (the reference leaves it empty)",
           size=(340, 140))
     g.add("neg", "CLIPTextEncode", 1, 0, [NEGATIVE], title="Negative prompt (used when cfg > 1)", size=(340, 140))
@@ -313,7 +346,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
         f"length: frames to generate (4k+1), at most the driving clip's frame count at the output fps (Encode "
         f"Expression fps, 25 as the reference). The reference makes up to 201 frames in one pass; the sampler "
         f"does that when it fits in memory (long_video = auto), else overlapping windows."], size=(320, 230))
-    g.add("sampler", "FantasyPortraitSampler", 4, 0, SAMPLER_WIDGETS, size=(340, 0), grow=IMAGE_ROOM)
+    g.add("sampler", "FantasyPortraitSampler", 4, 0, widgets("FantasyPortraitSampler"), size=(340, 0), grow=IMAGE_ROOM)
     g.add("decode", "VAEDecode", 5, 0, size=(200, 0))
     g.add("samplerinfo", "PreviewAny", 5, 0, title="What the sampler ran (memory plan, passes)", size=(300, 150))
     g.add("create", "CreateVideo", 6, 0, [25], size=(230, 0))
@@ -331,7 +364,7 @@ def common(g: Graph, image_name: str, width: int, height: int, length: int, prom
                        ("cond", "fps", "create", "fps"), ("create", "VIDEO", "save", "video")]:
         g.link(a, o, b, i)
     if lora:
-        g.add("lora", "FantasyPortraitLoRA", 1, 0, [lora, 1.0],
+        g.add("lora", "FantasyPortraitLoRA", 1, 0, widgets("FantasyPortraitLoRA", lora_name=lora),
               title="LoRA: lightx2v step distill", size=(340, 0))
         g.link("model", "model", "lora", "model")
         g.link("lora", "model", "sampler", "model")
@@ -346,7 +379,8 @@ def driving(g: Graph, key: str, video: str, band: int, people: int = 1, size: tu
     g.add(f"{key}_video", "LoadVideo", 0, band, [video, "image"], title=f"Driving video {key}", size=(300, 0),
           grow=video_room(*size, 300))
     g.add(f"{key}_parts", "GetVideoComponents", 1, band, size=(240, 0))
-    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", 2, band, [people, 0.0, "one_euro", 25.0, 25.0, frames, 0],
+    g.add(f"{key}_expr", "FantasyPortraitEncodeExpression", 2, band,
+          widgets("FantasyPortraitEncodeExpression", people=people, max_frames=frames),
           size=(320, 0))
     g.add(f"{key}_info", "PreviewAny", 3, band, title=f"Driving video {key}: what was found",
           size=(340, 130))
@@ -393,9 +427,8 @@ def fast() -> Graph:
     g.link("A_parts", "audio", "create", "audio")
     sampler = g.node("sampler")
     sampler["title"] = "Sampler: lightx2v, 4 steps, cfg 1"
-    widgets = list(SAMPLER_WIDGETS)
-    widgets[2], widgets[8], widgets[9], widgets[14] = 4, "lcm", "lightx2v", 0.5  # steps, sampler, preset, portrait cfg end
-    sampler["widgets_values"] = widgets
+    sampler["widgets_values"] = widgets("FantasyPortraitSampler", steps=4, sampler="lcm", preset="lightx2v",
+                                        portrait_cfg_end=0.5)
     return g
 
 
@@ -413,10 +446,12 @@ def native() -> Graph:
     g.add("clip", "CLIPLoader", 0, 0, ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], size=(360, 0))
     g.add("clipvision", "CLIPVisionLoader", 0, 0, ["clip_vision_h.safetensors"], size=(360, 0))
     g.add("vae", "VAELoader", 0, 0, ["wan_2.1_vae.safetensors"], size=(360, 0))
-    g.add("adapter", "FantasyPortraitAdapterLoader", 0, 0, ["Wan2_1_FantasyPortrait_fp16.safetensors", "auto"],
+    g.add("adapter", "FantasyPortraitAdapterLoader", 0, 0,
+          widgets("FantasyPortraitAdapterLoader", adapter="Wan2_1_FantasyPortrait_fp16.safetensors"),
           size=(360, 0))
-    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0, ["pd_fpg.pth"], size=(360, 0))
-    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, ["auto", 0.0], size=(360, 0))
+    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0,
+          widgets("FantasyPortraitExpressionEncoderLoader", encoder="pd_fpg.pth"), size=(360, 0))
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, widgets("FantasyPortraitFaceDetectorLoader"), size=(360, 0))
     lora = g.add("lora", "LoraLoaderModelOnly", 1, 0,
                  ["lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors", 1.0],
                  title="LoRA (optional: Ctrl+B to enable)", size=(340, 0))
@@ -429,7 +464,7 @@ def native() -> Graph:
     g.add("shift", "ModelSamplingSD3", 2, 0, [5.0], title="Shift 5 (reference)", size=(320, 0))
     g.add("i2v", "WanImageToVideo", 2, 0, [720, 720, 97, 1], size=(320, 0))
     g.add("patch", "FantasyPortraitPatchModel", 4, 0, size=(320, 0))
-    g.add("guider", "FantasyPortraitGuider", 5, 0, [1.0, 4.0], size=(320, 0))
+    g.add("guider", "FantasyPortraitGuider", 5, 0, widgets("FantasyPortraitGuider"), size=(320, 0))
     g.add("noise", "RandomNoise", 5, 0, [42, "fixed"], size=(320, 0))
     g.add("ksampler", "KSamplerSelect", 5, 0, ["euler"], size=(320, 0))
     g.add("sigmas", "BasicScheduler", 5, 0, ["simple", 30, 1.0], size=(320, 0))
@@ -472,13 +507,15 @@ def directed() -> Graph:
                "Directed performance (saved file → strengths → Conditioning)"])
     common(g, "man.jpeg", 720, 720, 97)
     driving(g, "A", "jgz.mp4", 2, frames=97)
-    g.add("savep", "FantasyPortraitSavePerformance", 3, 2, ["fantasyportrait_performances/jgz"], size=(340, 0))
+    g.add("savep", "FantasyPortraitSavePerformance", 3, 2,
+          widgets("FantasyPortraitSavePerformance", filename_prefix="fantasyportrait_performances/jgz"), size=(340, 0))
     g.add("saveinfo", "PreviewAny", 4, 2, title="Saved performance file", size=(340, 110))
-    g.add("loadp", "FantasyPortraitLoadPerformance", 0, 3, [SAVED_PERFORMANCE, 25.0, 1.0, 0, 0, 0, "none"],
+    g.add("loadp", "FantasyPortraitLoadPerformance", 0, 3,
+          widgets("FantasyPortraitLoadPerformance", performance=SAVED_PERFORMANCE),
           title="Load Performance (saved .safetensors)", size=(360, 0))
     g.add("loadinfo", "PreviewAny", 1, 3, title="Performance loaded", size=(340, 130))
     g.add("direct", "FantasyPortraitDirectExpression", 2, 3,
-          [0.0, 1.0, 1.0, 1.0, "absolute", 0, "", "", "", MOUTH_KEYS, -1],
+          widgets("FantasyPortraitDirectExpression", head_pose=0.0, mouth_keys=MOUTH_KEYS),
           title="Direct: no head motion, mouth curve", size=(320, 0))
     g.add("directinfo", "PreviewAny", 3, 3, title="Direction per character", size=(340, 110))
     for a, o, b, i in [("A_expr", "expression", "savep", "expression"), ("savep", "info", "saveinfo", "source"),

@@ -26,7 +26,7 @@ def test_sampling_benchmark_runs_tiny():
 
 
 def test_sampling_benchmark_runs_the_cli_pipeline():
-    """The default mode drives the CLI's own validate_run_args + animate (a changed signature there
+    """The default mode drives the core's run_job, as the CLI does (a changed signature there
     must show here, not in the next benchmark run)."""
     from .conftest import DATA
 

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from fantasyportrait_core import cli
+from fantasyportrait_core import cli, runner
+from fantasyportrait_core.job import Job, MemoryOptions
+from fantasyportrait_core.plan import plan_run
 from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.performance import load_performance
 
@@ -81,14 +83,14 @@ def test_held_head_pose_and_relative_motion_reach_the_condition(tmp_path, captur
     (["--expression-speed", "2"], ["--expression-speed/-loop/-start/-end apply to saved performances"]),
 ])
 def test_bad_direction_input_stops_before_any_model_work(tmp_path, capsys, monkeypatch, extra, words):
-    monkeypatch.setattr(cli, "tiny_random_models", lambda *a, **k: pytest.fail("built a model for bad input"))
+    monkeypatch.setattr(runner, "tiny_random_models", lambda *a, **k: pytest.fail("built a model for bad input"))
     assert _run(tmp_path, "bad", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and all(w in err for w in words), err
 
 
 def test_bad_saved_performance_input(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "tiny_random_models", lambda *a, **k: pytest.fail("built a model for bad input"))
+    monkeypatch.setattr(runner, "tiny_random_models", lambda *a, **k: pytest.fail("built a model for bad input"))
     not_perf = tmp_path / "notes.safetensors"
     not_perf.write_bytes(b"hello")
     assert _run(tmp_path, "bad", "--expression", str(not_perf), driving=False) == 2
@@ -101,23 +103,23 @@ def test_bad_saved_performance_input(tmp_path, capsys, monkeypatch):
     short = save_performance(str(tmp_path / "short.safetensors"), _driver(3))
     assert _run(tmp_path, "bad", "--expression", short, "--people", "2", driving=False) == 2
     assert "--people" in capsys.readouterr().err
-    plan = cli.validate_run_args(cli._parser().parse_args(
+    plan = plan_run(cli.job_from_args(cli._parser().parse_args(
         ["run", "--tiny-random", "--image", data_path("man.jpeg"), "--expression", short, "--out",
-         str(tmp_path / "x.mp4"), "--frames", "9", "--expression-loop", "pingpong"]))
+         str(tmp_path / "x.mp4"), "--frames", "9", "--expression-loop", "pingpong"])))
     assert plan.performances[0].num_frames == 9
     assert plan.performances[0].track.boxes[:, 0].tolist() == [20, 21, 22, 21, 20, 21, 22, 21, 20]
-    plan = cli.validate_run_args(cli._parser().parse_args(
+    plan = plan_run(cli.job_from_args(cli._parser().parse_args(
         ["run", "--tiny-random", "--image", data_path("man.jpeg"), "--expression", short, "--out",
-         str(tmp_path / "x.mp4"), "--frames", "5", "--expression-loop", "repeat", "--expression-start", "1"]))
+         str(tmp_path / "x.mp4"), "--frames", "5", "--expression-loop", "repeat", "--expression-start", "1"])))
     assert plan.performances[0].track.boxes[:, 0].tolist() == [21, 22, 21, 22, 21]
     with pytest.raises(cli.InputError, match="end frame 7 must be after start 0 and at most its 3 frames"):
-        cli.validate_run_args(cli._parser().parse_args(
+        plan_run(cli.job_from_args(cli._parser().parse_args(
             ["run", "--tiny-random", "--image", data_path("man.jpeg"), "--expression", short, "--out",
-             str(tmp_path / "x.mp4"), "--expression-end", "7"]))
+             str(tmp_path / "x.mp4"), "--expression-end", "7"])))
     with pytest.raises(cli.InputError, match="key at frame 6 is outside"):
-        cli.validate_run_args(cli._parser().parse_args(
+        plan_run(cli.job_from_args(cli._parser().parse_args(
             ["run", "--tiny-random", "--image", data_path("man.jpeg"), "--expression", short, "--out",
-             str(tmp_path / "x.mp4"), "--frames", "9", "--strength-keys", "eyes=0:1,6:0"]))
+             str(tmp_path / "x.mp4"), "--frames", "9", "--strength-keys", "eyes=0:1,6:0"])))
 
 
 def test_each_character_is_directed_against_its_own_face(tiny, tmp_path):
@@ -138,9 +140,9 @@ def test_each_character_is_directed_against_its_own_face(tiny, tmp_path):
     faces = [Face(np.array([20.0, 16, 44, 44]), lm, 0.9), Face(np.array([84.0, 16, 108, 44]), lm + [64, 0], 0.9)]
     drivers = [_driver(5, seed=1), _driver(5, seed=2)]
     plan = SimpleNamespace(directions=directions_from_args(2, ["1:head_pose=0"], ["0:eyes=0:1,4:1"]))
-    args = SimpleNamespace(device="cpu", save_expression=str(tmp_path / "take.safetensors"))
+    job = Job(memory=MemoryOptions(device="cpu"), save_expression=str(tmp_path / "take.safetensors"))
     report = {}
-    out = cli.direct_drivers(SimpleNamespace(encoder=encoder), ref, faces, drivers, plan, args, 5, report)
+    out = runner.direct_drivers(SimpleNamespace(encoder=encoder), ref, faces, drivers, plan, job, 5, report)
     assert out[0] is drivers[0]
     base = baseline_features(encoder, ref, faces)
     assert not torch.allclose(base[0, :6], base[1, :6])  # the two faces differ: the test can tell them apart

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fantasyportrait_core.cli import _parser, main, sampling_kwargs
+from fantasyportrait_core.cli import _parser, job_from_args, main
 from fantasyportrait_core.models import TINY_TRANSFORMER, build_transformer
 from fantasyportrait_core.video import probe_video
 
@@ -39,9 +39,9 @@ def test_cli_denoise_needs_a_start_and_options_are_checked(tmp_path, capsys):
     assert main(base + ["--denoise", "0.5"]) == 2
     assert "--init-video" in capsys.readouterr().err
     args = _parser().parse_args(base + ["--sigmas", "1, 0.6, 0", "--sampler", "unipc", "--cfg-end", "0.5"])
-    kw = sampling_kwargs(args)
-    assert kw["sigmas"] == [1.0, 0.6, 0.0] and kw["sampler"] == "unipc" and kw["cfg_range"] == (0.0, 0.5)
+    kw = job_from_args(args).sampling
+    assert kw.sigmas == [1.0, 0.6, 0.0] and kw.sampler == "unipc" and kw.cfg_range == (0.0, 0.5)
     with pytest.raises(ValueError, match="--sigmas"):
-        sampling_kwargs(_parser().parse_args(base + ["--sigmas", "1,half,0"]))
+        job_from_args(_parser().parse_args(base + ["--sigmas", "1,half,0"]))
     with pytest.raises(SystemExit):
         _parser().parse_args(base + ["--sampler", "heun"])

@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import nodes
-from fantasyportrait_core.checkpoints import CheckpointError, adapter_state_dict_official, load_adapter, load_transformer
+from fantasyportrait_core.checkpoints import CheckpointError, load_adapter, load_transformer
 from fantasyportrait_core.faces import Face, FaceTrack
 from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.validate import InputError
 from nodes.portrait import ReferenceFaces
+
+from .checkpoint_writers import adapter_state_dict_official
 
 BOUNDED = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

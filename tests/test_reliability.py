@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core import cli
+from fantasyportrait_core import cli, runner
 from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.faces import Face, reading_order
 from fantasyportrait_core.validate import InputError
@@ -27,16 +27,16 @@ def no_models(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("a model was built before the input was checked")
 
-    monkeypatch.setattr(cli, "tiny_random_models", forbidden)
-    monkeypatch.setattr(cli, "real_models", forbidden)
+    monkeypatch.setattr(runner, "tiny_random_models", forbidden)
+    monkeypatch.setattr(runner, "real_models", forbidden)
 
 
 @pytest.fixture
 def fast_models(monkeypatch, tiny):
     """The session's tiny models (copies) instead of building new ones."""
     transformer, adapter, vae, encoder = tiny
-    monkeypatch.setattr(cli, "tiny_random_models",
-                        lambda seed=0: cli.Models(copy.deepcopy(transformer), copy.deepcopy(adapter), vae, encoder,
+    monkeypatch.setattr(runner, "tiny_random_models",
+                        lambda seed=0: runner.Models(copy.deepcopy(transformer), copy.deepcopy(adapter), vae, encoder,
                                                   random=True))
 
 
