@@ -31,6 +31,7 @@ import torch
 from .adapter import FEATURE_SPLIT
 from .direction import CHANNEL_SLICES, CHANNELS
 from .validate import InputError, check_input_file
+from .video import atomic_write
 
 FORMAT = "fantasyportrait.performance"
 FORMAT_VERSION = "1"
@@ -66,16 +67,12 @@ def save_performance(path: str, driver) -> str:
             "people_seen": str(int(driver.people_seen)), "frames_without_face": json.dumps(track.missing),
             "channels": json.dumps(dict(zip(CHANNELS, FEATURE_SPLIT)))}
     path = os.path.abspath(path)
-    tmp = path + ".partial"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        with atomic_write(path, EXTENSION) as tmp:
+            save_file(tensors, tmp, metadata=meta)
     except OSError as e:
         raise InputError(f"cannot write the performance '{path}' ({e.strerror or e}); choose a writable folder") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -25,7 +25,7 @@ from .models import DTYPES
 from .plan import RunPlan, plan_run
 from .preview import add_caption, detector_label, draw_faces
 from .restore import restored
-from .video import probe_video, read_image, read_video, save_video
+from .video import atomic_write, probe_video, read_image, read_video, save_video
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -272,18 +272,13 @@ def _write_png(path: str, bgr: np.ndarray):
     import cv2
 
     ok, data = cv2.imencode(".png", bgr)
-    tmp = path + ".partial"
     try:
         if not ok:
             raise OSError("PNG encoding failed")
-        with open(tmp, "wb") as f:
+        with atomic_write(path, ".png") as tmp, open(tmp, "wb") as f:
             f.write(data.tobytes())
-        os.replace(tmp, path)
     except OSError as e:
         log.warning("[FantasyPortrait] could not write the face preview %s (%s)", path, e)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def prepare_model(models: Models, job: Job, width: int, height: int, num_frames: int, people: int,

@@ -9,6 +9,7 @@ fallbacks that make sure a finished result is never lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -217,11 +218,24 @@ def iter_batches(frames, size: int):
         yield np.stack(batch)
 
 
-def _temp_path(path: str, suffix: str) -> str:
+@contextlib.contextmanager
+def atomic_write(path: str, suffix: str = ""):
+    """Write ``path`` whole or not at all: yields a temporary path in ``path``'s folder (a hidden
+    ``.NAME.*.partial<suffix>`` file) that replaces ``path`` when the block ends without an error and
+    is removed when it raises (the error propagates; the folder must exist).
+
+    Raises:
+        OSError: the temporary file cannot be made or moved into place.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".partial" + suffix)
     os.close(fd)
-    return tmp
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_video(path: str, frames: np.ndarray, fps: float, audio_from: str | None = None, crf: int = 18) -> str:
@@ -250,9 +264,8 @@ def write_video(path: str, frames: np.ndarray, fps: float, audio_from: str | Non
     if h % 2 or w % 2:
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _temp_path(path, os.path.splitext(path)[1] or ".mp4")
     rate = Fraction(fps).limit_denominator(1001)
-    try:
+    with atomic_write(path, os.path.splitext(path)[1] or ".mp4") as tmp:
         with av.open(tmp, "w", format=_FORMATS.get(os.path.splitext(path)[1].lower(), "mp4")) as out:
             vs = out.add_stream("libx264", rate=rate)
             vs.width, vs.height = frames.shape[2], frames.shape[1]
@@ -288,10 +301,6 @@ def write_video(path: str, frames: np.ndarray, fps: float, audio_from: str | Non
             finally:
                 if audio_in is not None:
                     audio_in.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -339,13 +348,9 @@ def save_video(path: str, frames: np.ndarray, fps: float, audio_from: str | None
     for folder in (os.path.dirname(os.path.abspath(path)), tempfile.gettempdir()):
         target = os.path.join(folder, stem + ".frames.npz")
         try:
-            tmp = _temp_path(target, ".npz")
-            with open(tmp, "wb") as fh:
+            with atomic_write(target, ".npz") as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, frames=np.asarray(frames), fps=np.float64(fps))
-            os.replace(tmp, target)
         except OSError:
-            if "tmp" in locals() and os.path.exists(tmp):
-                os.remove(tmp)
             continue
         log.error("[FantasyPortrait] could not write %s (%s); the frames are saved in %s; encode them with: "
                   "python -m fantasyportrait_core.cli encode %s --out VIDEO.mp4", path, errors[-1], target, target)
