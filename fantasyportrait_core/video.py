@@ -218,11 +218,21 @@ def iter_batches(frames, size: int):
         yield np.stack(batch)
 
 
+def _new_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_NEW_FILE_MODE = _new_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, suffix: str = ""):
     """Write ``path`` whole or not at all: yields a temporary path in ``path``'s folder (a hidden
-    ``.NAME.*.partial<suffix>`` file) that replaces ``path`` when the block ends without an error and
-    is removed when it raises (the error propagates; the folder must exist).
+    ``.NAME.*.partial<suffix>`` file) that replaces ``path`` when the block ends without an error, with
+    the permissions of a plain new file (``0o666`` less the umask), and is removed when it raises (the
+    error propagates; the folder must exist).
 
     Raises:
         OSError: the temporary file cannot be made or moved into place.
@@ -232,6 +242,7 @@ def atomic_write(path: str, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp makes it 0600; the result gets a plain new file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -404,3 +404,22 @@ def test_assignment_errors_are_input_errors():
                  lambda: P.assign_faces(faces, 1, order=[3]), lambda: P.assign_faces(faces, 1, mode="nope")):
         with pytest.raises(InputError):
             call()
+
+
+def test_written_files_get_a_plain_new_files_permissions(tmp_path):
+    """Videos, performances and previews are written via a temporary file (mkstemp makes it 0600);
+    the result must be readable like any new file (0666 less the umask), not private to its owner."""
+    import stat
+
+    import numpy as np
+
+    from fantasyportrait_core.video import atomic_write, write_video
+
+    mask = os.umask(0)
+    os.umask(mask)
+    video = write_video(str(tmp_path / "out.mp4"), np.zeros((3, 16, 16, 3), np.uint8), 25.0)
+    with atomic_write(str(tmp_path / "x.bin")) as tmp, open(tmp, "wb") as f:
+        f.write(b"1")
+    for p in (video, str(tmp_path / "x.bin")):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~mask, p
+    assert sorted(os.listdir(tmp_path)) == ["out.mp4", "x.bin"], "no temporary file left"
