@@ -49,10 +49,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fantasyportrait_core import detectors as D  # noqa: E402
-from fantasyportrait_core.expression import ALIGN_TEMPLATE, CROP_SIZE, umeyama  # noqa: E402
-from fantasyportrait_core.faces import detect_video, order_points  # noqa: E402
-from fantasyportrait_core.video import read_image, read_video  # noqa: E402
+from fantasyportrait_core.faces import detectors as D  # noqa: E402
+from fantasyportrait_core.model.expression import ALIGN_TEMPLATE, CROP_SIZE, umeyama  # noqa: E402
+from fantasyportrait_core.faces.face import detect_video, order_points  # noqa: E402
+from fantasyportrait_core.media.video import read_image, read_video  # noqa: E402
 
 # Face boxes (x1, y1, x2, y2) in the shared inputs, for cutting faces out (checked by eye).
 SOURCE_FACES = [

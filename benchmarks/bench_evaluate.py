@@ -1,4 +1,4 @@
-"""Cost of the expression-fidelity evaluation (``fantasyportrait_core.evaluate``), stage by stage.
+"""Cost of the expression-fidelity evaluation (``fantasyportrait_core.evaluation.evaluate``), stage by stage.
 
     python benchmarks/bench_evaluate.py                      # 81 frames of biden.mp4 vs itself 2 frames later, CPU
     python benchmarks/bench_evaluate.py --frames 81 --device cuda
@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fantasyportrait_core import evaluate as E  # noqa: E402
-from fantasyportrait_core.detectors import MtcnnDetector  # noqa: E402
-from fantasyportrait_core.expression import CROP_SIZE, FanEncoder, align_face, encode_expressions  # noqa: E402
-from fantasyportrait_core.faces import detect_video, track_faces  # noqa: E402
-from fantasyportrait_core.video import read_video  # noqa: E402
+from fantasyportrait_core.evaluation import evaluate as E  # noqa: E402
+from fantasyportrait_core.faces.detectors import MtcnnDetector  # noqa: E402
+from fantasyportrait_core.model.expression import CROP_SIZE, FanEncoder, align_face, encode_expressions  # noqa: E402
+from fantasyportrait_core.faces.face import detect_video, track_faces  # noqa: E402
+from fantasyportrait_core.media.video import read_video  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ portrait branch for 1 and 2 characters, a full dual-guidance step, and the low-V
 one 10-minute device call. One run prints one markdown table (rows appear as they finish, so a
 run cut short still shows the rows done) with, per row: seconds per forward (or per step), latent
 tokens per second, model FLOPs of the forward, MFU against a bf16 matmul measured in the same run,
-the peak GPU memory, and what the memory model (:mod:`fantasyportrait_core.memory`) predicted.
+the peak GPU memory, and what the memory model (:mod:`fantasyportrait_core.runtime.memory`) predicted.
 
 Phases (``--phases``, in this order), all on one randomly initialised Wan2.1-I2V-14B (no
 checkpoint needed):
@@ -23,7 +23,7 @@ B. Fast mode: block linears quantised in place to scaled fp8 and multiplied by `
    defaults, i.e. ``fullgraph=False``), per size: the portrait forward for the largest character
    count, and the guidance step.
 C. Low-VRAM plan: fp8 weights (and the adapter's K/V) moved to the host and streamed block by
-   block (:func:`~fantasyportrait_core.residency.enable_block_offload`: side CUDA stream, recorded
+   block (:func:`~fantasyportrait_core.runtime.residency.enable_block_offload`: side CUDA stream, recorded
    streams), one guidance pass per forward; per size the portrait forward through the product's
    own path (``PortraitDenoiser`` with the conditions on the CPU, compute device resolved as the
    sampler resolves it, not prepared on the GPU by this script), with its time relative to the
@@ -47,15 +47,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
-from fantasyportrait_core.adapter import window_length  # noqa: E402
-from fantasyportrait_core.geometry import latent_frames  # noqa: E402
-from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors  # noqa: E402
-from fantasyportrait_core.denoiser import I2VConditioning, PortraitDenoiser  # noqa: E402
-from fantasyportrait_core.fp8 import quantize_model_fp8, set_fp8_compute  # noqa: E402
-from fantasyportrait_core.masks import token_person_ids  # noqa: E402
-from fantasyportrait_core.memory import GIB, measured_size, peak_bytes, tokens_per_forward  # noqa: E402
-from fantasyportrait_core.residency import available_ram_bytes, enable_block_offload  # noqa: E402
-from fantasyportrait_core.models import (TINY_ADAPTER, TINY_TRANSFORMER, WAN21_I2V_14B, build_adapter,  # noqa: E402
+from fantasyportrait_core.model.adapter import window_length  # noqa: E402
+from fantasyportrait_core.model.geometry import latent_frames  # noqa: E402
+from fantasyportrait_core.model.attention import PortraitCondition, attach_portrait_processors  # noqa: E402
+from fantasyportrait_core.model.denoiser import I2VConditioning, PortraitDenoiser  # noqa: E402
+from fantasyportrait_core.model.fp8 import quantize_model_fp8, set_fp8_compute  # noqa: E402
+from fantasyportrait_core.faces.regions import token_person_ids  # noqa: E402
+from fantasyportrait_core.runtime.memory import GIB, measured_size, peak_bytes, tokens_per_forward  # noqa: E402
+from fantasyportrait_core.runtime.residency import available_ram_bytes, enable_block_offload  # noqa: E402
+from fantasyportrait_core.model.build import (TINY_ADAPTER, TINY_TRANSFORMER, WAN21_I2V_14B, build_adapter,  # noqa: E402
                                          build_transformer)
 
 CONTEXT = 512 + 257
@@ -365,7 +365,7 @@ def main(argv=None):
             print(f"<!-- phase C done at {time.perf_counter() - t_start:.0f} s -->", flush=True)
 
     print(f"\nTotal {time.perf_counter() - t_start:.0f} s. 'model GiB': the memory model's prediction with its "
-          f"reserve (fantasyportrait_core/memory.py); 'vs bare': time relative to the bare diffusers forward of the "
+          f"reserve (fantasyportrait_core/runtime/memory.py); 'vs bare': time relative to the bare diffusers forward of the "
           f"same size (low-VRAM rows: to the bf16 resident portrait forward). MFU counts forward_flops() against "
           f"the matmul rate above (fp8 rows too).", flush=True)
 

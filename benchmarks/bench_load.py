@@ -54,13 +54,13 @@ def status():
 
 t0 = time.time()
 if mode.startswith("ours"):
-    from fantasyportrait_core.checkpoints import load_transformer
+    from fantasyportrait_core.weights.checkpoints import load_transformer
     storage = torch.float8_e4m3fn if mode == "ours_fp8" else None
     m = load_transformer(path, dtype=torch.bfloat16, device=device, storage_dtype=storage)
 else:
     from safetensors.torch import load_file
-    from fantasyportrait_core.checkpoints import TensorSource, wan_original_to_diffusers
-    from fantasyportrait_core.models import TINY_TRANSFORMER, WAN21_I2V_14B, build_transformer
+    from fantasyportrait_core.weights.checkpoints import TensorSource, wan_original_to_diffusers
+    from fantasyportrait_core.model.build import TINY_TRANSFORMER, WAN21_I2V_14B, build_transformer
     sd = {}
     for f in TensorSource(path).paths:
         sd.update({wan_original_to_diffusers(k): v for k, v in load_file(f).items()})
@@ -121,9 +121,9 @@ def write_checkpoint(folder: str, layers: int, fmt: str, config: dict | None = N
     import torch
     from safetensors.torch import save_file
 
-    from fantasyportrait_core.checkpoints import COMFY_PREFIX, transformer_state_dict_original
-    from fantasyportrait_core.fp8 import quantize_fp8
-    from fantasyportrait_core.models import WAN21_I2V_14B, build_transformer
+    from fantasyportrait_core.weights.checkpoints import COMFY_PREFIX, transformer_state_dict_original
+    from fantasyportrait_core.model.fp8 import quantize_fp8
+    from fantasyportrait_core.model.build import WAN21_I2V_14B, build_transformer
 
     model = build_transformer(dict(config or WAN21_I2V_14B, num_layers=layers), empty=True)
     shapes = {k: tuple(v.shape) for k, v in transformer_state_dict_original(model).items()}
@@ -183,7 +183,7 @@ def main():
     ap.add_argument("--shard-mib", type=float, default=SHARD_BYTES / 2**20, help="target shard size")
     ap.add_argument("--tiny", action="store_true", help="tiny config (checks the script, numbers mean nothing)")
     args = ap.parse_args()
-    from fantasyportrait_core.models import TINY_TRANSFORMER
+    from fantasyportrait_core.model.build import TINY_TRANSFORMER
 
     root = args.keep or tempfile.mkdtemp(prefix="fp_bench_")
     try:

@@ -6,10 +6,10 @@
 
 For each Wan2.1-14B linear shape (5120x5120 attention, 13824x5120 / 5120x13824 FFN) and LoRA rank it
 builds a random weight with Wan's scale (std 0.02), stores it as per-tensor scaled fp8
-(``fantasyportrait_core.fp8.quantize_fp8``) and a random LoRA delta ``ΔW = B·A`` of a given size
+(``fantasyportrait_core.model.fp8.quantize_fp8``) and a random LoRA delta ``ΔW = B·A`` of a given size
 relative to ``W``, then compares:
 
-* ``delta``: ``ScaledFP8Linear`` + ``LowRankDelta`` (what ``fantasyportrait_core.lora`` does): the fp8
+* ``delta``: ``ScaledFP8Linear`` + ``LowRankDelta`` (what ``fantasyportrait_core.weights.lora`` does): the fp8
   weight is untouched, the LoRA is applied in the compute dtype after the matmul;
 * ``merge``: dequantise, add ΔW in the compute dtype, re-quantise to scaled fp8 (what a merge-into-
   the-weights loader does with fp8 storage);
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fantasyportrait_core.fp8 import ScaledFP8Linear, quantize_fp8  # noqa: E402
+from fantasyportrait_core.model.fp8 import ScaledFP8Linear, quantize_fp8  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -8,7 +8,7 @@ the "Total Allocated" of every allocation event), so it counts exactly the tenso
 alive, independent of the OS and of other processes. Weights are allocated before profiling and do
 not count. For each model width it measures two token counts; the difference divided by the token
 difference is the per-token activation cost (per-row constants cancel), printed beside the memory
-model's ``activation_bytes`` (``fantasyportrait_core/memory.py``), and where in the forward the
+model's ``activation_bytes`` (``fantasyportrait_core/runtime/memory.py``), and where in the forward the
 peak happens (the op running when the allocator's total was highest).
 The GPU's kernels differ (fused attention, cuBLAS workspaces), so the H100 peaks in
 ``../shared/reference/README.md`` are the model's main calibration; this is the second data point.
@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fantasyportrait_core.memory import activation_bytes, measured_size  # noqa: E402
-from fantasyportrait_core.models import TINY_TRANSFORMER, WAN21_I2V_14B, build_transformer  # noqa: E402
+from fantasyportrait_core.runtime.memory import activation_bytes, measured_size  # noqa: E402
+from fantasyportrait_core.model.build import TINY_TRANSFORMER, WAN21_I2V_14B, build_transformer  # noqa: E402
 
 CONFIGS = {
     "14B widths, 1 block": dict(WAN21_I2V_14B, num_layers=1),

@@ -3,7 +3,7 @@
     python benchmarks/bench_sampling.py                 # one full tiny-model video per mode, CPU
     python benchmarks/bench_sampling.py --full-size --device cuda --frames 81 --size 512x512 [--storage fp8]
 
-Default (CPU, no checkpoints): the CLI pipeline (``fantasyportrait_core.runner.run_job``: face detection,
+Default (CPU, no checkpoints): the CLI pipeline (``fantasyportrait_core.runtime.runner.run_job``: face detection,
 expression encoding, VAE, sampling, MP4) on ``../shared/data/man.jpeg`` + ``jgz.mp4`` with the tiny
 random model, once per mode: ``sampler=unipc, steps=30`` (reference guidance: portrait cfg 4,
 2 transformer passes per step) and a tiny lightx2v-layout LoRA with ``preset=lightx2v`` (4 steps;
@@ -28,10 +28,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fantasyportrait_core.job import Job, MemoryOptions, SamplingOptions  # noqa: E402
-from fantasyportrait_core.lora import apply_loras, read_lora, remove_loras  # noqa: E402
-from fantasyportrait_core.runner import run_job, tiny_random_models  # noqa: E402
-from fantasyportrait_core.tiny_checkpoints import write_wan_lora  # noqa: E402
+from fantasyportrait_core.runtime.job import Job, MemoryOptions, SamplingOptions  # noqa: E402
+from fantasyportrait_core.weights.lora import apply_loras, read_lora, remove_loras  # noqa: E402
+from fantasyportrait_core.runtime.runner import run_job, tiny_random_models  # noqa: E402
+from fantasyportrait_core.weights.tiny import write_wan_lora  # noqa: E402
 
 MODES = {"unipc 30 steps": SamplingOptions(sampler="unipc", steps=30),
          "lightx2v LoRA, 4 steps": SamplingOptions(preset="lightx2v")}  # tiny-video mode
@@ -75,11 +75,11 @@ def tiny_video(args):
 
 
 def full_size(args):
-    from fantasyportrait_core.geometry import latent_frames
-    from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors
-    from fantasyportrait_core.denoiser import I2VConditioning
-    from fantasyportrait_core.fp8 import fp8_linear_names, quantize_fp8, swap_in_fp8_linears
-    from fantasyportrait_core.models import TINY_ADAPTER, TINY_TRANSFORMER, WAN21_I2V_14B, build_adapter, build_transformer
+    from fantasyportrait_core.model.geometry import latent_frames
+    from fantasyportrait_core.model.attention import PortraitCondition, attach_portrait_processors
+    from fantasyportrait_core.model.denoiser import I2VConditioning
+    from fantasyportrait_core.model.fp8 import fp8_linear_names, quantize_fp8, swap_in_fp8_linears
+    from fantasyportrait_core.model.build import TINY_ADAPTER, TINY_TRANSFORMER, WAN21_I2V_14B, build_adapter, build_transformer
     from fantasyportrait_core.pipeline import generate_latent
 
     device = torch.device(args.device)

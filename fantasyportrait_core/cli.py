@@ -24,17 +24,17 @@ import sys
 
 import torch
 
-from . import pipeline as P
-from .attention import ATTENTION_BACKENDS
-from .context import ANCHORS, CONTEXT_MODES
-from .detectors import BACKENDS, BackendUnavailable, make_detector
-from .job import Job, MemoryOptions, SamplingOptions, check_numbers
-from .models import DTYPES
-from .plan import check_sampling, plan_job, plan_run
-from . import runner
-from .runner import oom_message, run_job
-from .validate import InputError, check_float, check_input_file, check_output_path, parse_face_order
-from .video import OUTPUT_FPS, Video, load_frames, read_image, read_video, write_video
+from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.model.attention import ATTENTION_BACKENDS
+from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES
+from fantasyportrait_core.faces.detectors import BACKENDS, BackendUnavailable, make_detector
+from fantasyportrait_core.runtime.job import Job, MemoryOptions, SamplingOptions, check_numbers
+from fantasyportrait_core.model.build import DTYPES
+from fantasyportrait_core.runtime.plan import check_sampling, plan_job, plan_run
+from fantasyportrait_core.runtime import runner
+from fantasyportrait_core.runtime.runner import oom_message, run_job
+from fantasyportrait_core.validate import InputError, check_float, check_input_file, check_output_path, parse_face_order
+from fantasyportrait_core.media.video import OUTPUT_FPS, Video, load_frames, read_image, read_video, write_video
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -135,9 +135,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _direction_options(p):
-    """Directing the performance (fantasyportrait_core.direction / .performance)."""
-    from .direction import CHANNELS
-    from .performance import LOOP_MODES
+    """Directing the performance (fantasyportrait_core.drive.direction / .performance)."""
+    from fantasyportrait_core.drive.direction import CHANNELS
+    from fantasyportrait_core.drive.performance import LOOP_MODES
 
     ch = "|".join(CHANNELS)
     p.add_argument("--strength", action="append", default=[], metavar="[C:]CHANNEL=S[,CHANNEL=S...]",
@@ -166,8 +166,8 @@ def _direction_options(p):
 
 
 def _sampling_options(p):
-    """LoRAs, sampler, schedule, denoise and guidance interval (fantasyportrait_core.sampling / .lora)."""
-    from .sampling import PRESETS, SAMPLERS
+    """LoRAs, sampler, schedule, denoise and guidance interval (fantasyportrait_core.sampling.flow / .lora)."""
+    from fantasyportrait_core.sampling.flow import PRESETS, SAMPLERS
 
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="Wan2.1 LoRA (any published layout), strength 1 by default; repeat for several")
@@ -191,7 +191,7 @@ def _evaluate_parser(sub):
     ev = sub.add_parser("evaluate", help="how faithfully a generated video follows its driving video(s)",
                         description="Expression-fidelity metrics per character (PD-FGC expression and head-pose "
                                     "distances, eye/mouth curves, identity with insightface) and an overall score "
-                                    "in [0, 1]; see fantasyportrait_core/evaluate.py and the README.")
+                                    "in [0, 1]; see fantasyportrait_core/evaluation/evaluate.py and the README.")
     ev.add_argument("--driving", nargs="+", required=True,
                     help="the driving video(s) the generation used: one per character, or one with --people N")
     ev.add_argument("--generated", required=True, help="the generated video")
@@ -221,13 +221,13 @@ def _evaluate_parser(sub):
 
 
 def job_from_args(args) -> Job:
-    """The :class:`~fantasyportrait_core.job.Job` of parsed ``run`` or ``demo`` arguments: the one
+    """The :class:`~fantasyportrait_core.runtime.job.Job` of parsed ``run`` or ``demo`` arguments: the one
     place that reads the argparse namespace (sigmas, step ranges and --face-order parsed here, once).
 
     Raises:
         InputError: naming the option, for unparsable --sigmas, --portrait-scale-steps or --face-order.
     """
-    from .sampling import parse_step_ranges
+    from fantasyportrait_core.sampling.flow import parse_step_ranges
 
     sigmas = None
     if args.sigmas:
@@ -305,7 +305,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """``run``: one job (:func:`~fantasyportrait_core.runner.run_job`); prints the report."""
+    """``run``: one job (:func:`~fantasyportrait_core.runtime.runner.run_job`); prints the report."""
     job = job_from_args(args)
     plan = plan_run(job)
     report = run_job(job, plan=plan)
@@ -331,11 +331,10 @@ def cmd_encode(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """``evaluate``: read the videos, resample the driving ones to the generated video's rate,
-    measure (:func:`fantasyportrait_core.evaluate.evaluate`), print the table, write JSON / PNG."""
+    measure (:func:`fantasyportrait_core.evaluation.evaluate.evaluate`), print the table, write JSON / PNG."""
     import cv2
 
-    from . import evaluate as E
-
+    from fantasyportrait_core.evaluation import evaluate as E
     check_input_file(args.generated, "--generated", "generated video")
     for v in args.driving:
         check_input_file(v, "--driving", "driving video")
@@ -358,11 +357,11 @@ def cmd_evaluate(args) -> int:
         kw["min_face_size"] = args.min_face_size or max(20, shortest // 10)
     encoder, random_encoder = None, False
     if args.pd_fpg:
-        from .checkpoints import load_expression_encoder
+        from fantasyportrait_core.weights.checkpoints import load_expression_encoder
 
         encoder = load_expression_encoder(args.pd_fpg, device=args.device)
     elif args.tiny_random:
-        from .expression import FanEncoder
+        from fantasyportrait_core.model.expression import FanEncoder
 
         torch.manual_seed(0)
         encoder, random_encoder = FanEncoder().eval().to(args.device), True

@@ -19,17 +19,17 @@ import cv2
 import numpy as np
 import torch
 
-from .adapter import window_length, window_tokens
-from .geometry import TOKEN_STRIDE, floor_to_4k1, latent_frames, latent_shape
-from .attention import PortraitCondition, PortraitState
-from .context import ContextWindowDenoiser
-from .denoiser import I2VConditioning, PortraitDenoiser, first_frame_mask
-from .expression import CROP_SIZE, align_face, encode_expressions
-from .faces import Face, FaceTrack, detect_video, in_reading_order, order_tracks, rank_tracks, track_faces
-from .masks import (box_masks, expand_box, latent_person_map, motion_range, pool_to_tokens,
+from fantasyportrait_core.model.adapter import window_length, window_tokens
+from fantasyportrait_core.model.geometry import TOKEN_STRIDE, floor_to_4k1, latent_frames, latent_shape
+from fantasyportrait_core.model.attention import PortraitCondition, PortraitState
+from fantasyportrait_core.sampling.windows import ContextWindowDenoiser
+from fantasyportrait_core.model.denoiser import I2VConditioning, PortraitDenoiser, first_frame_mask
+from fantasyportrait_core.model.expression import CROP_SIZE, align_face, encode_expressions
+from fantasyportrait_core.faces.face import Face, FaceTrack, detect_video, in_reading_order, order_tracks, rank_tracks, track_faces
+from fantasyportrait_core.faces.regions import (box_masks, expand_box, latent_person_map, motion_range, pool_to_tokens,
                     token_person_ids)
-from .models import denormalize_latent, normalize_latent
-from .sampling import StepInfo, initial_noise, sample, start_latent
+from fantasyportrait_core.model.build import denormalize_latent, normalize_latent
+from fantasyportrait_core.sampling.flow import StepInfo, initial_noise, sample, start_latent
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -38,9 +38,9 @@ log = logging.getLogger("FantasyPortrait")
 def on_device(module: torch.nn.Module, device):
     """Put ``module`` on ``device`` for a stage and back where it was afterwards (frees VRAM between
     stages on small cards). Going back re-points each weight at the tensor it had before
-    (:class:`~fantasyportrait_core.residency.WeightHome`): memory-mapped weights are not copied
+    (:class:`~fantasyportrait_core.runtime.residency.WeightHome`): memory-mapped weights are not copied
     into RAM, as ``module.to("cpu")`` would."""
-    from .residency import WeightHome
+    from fantasyportrait_core.runtime.residency import WeightHome
 
     home = WeightHome(module)
     home.to(device)
@@ -109,15 +109,15 @@ def encode_driving(detector, encoder, frames, people: int = 1, smooth: float = 0
 
     Streaming: ``frames`` is iterated twice (detection, then alignment), one detection batch at a
     time; besides that batch only the per-frame face boxes and one 224×224 crop per frame and
-    person are kept, so with a :class:`~fantasyportrait_core.video.VideoStream` memory is
+    person are kept, so with a :class:`~fantasyportrait_core.media.video.VideoStream` memory is
     ``16 frames + F · people · 147 KiB`` whatever the clip's length.
 
     Args:
         detector: face detector (``detect(image) -> list[Face]``, optionally ``detect_batch``).
-        encoder: :class:`~fantasyportrait_core.expression.FanEncoder`.
+        encoder: :class:`~fantasyportrait_core.model.expression.FanEncoder`.
         frames: uint8 ``[F, H, W, 3]`` RGB, or a re-iterable of ``[H, W, 3]`` frames that yields the
             same frames each time (a ``VideoStream``), already at the output frame rate (the
-            reference resamples every driver to 25 fps first; :func:`~fantasyportrait_core.video.resample_indices`).
+            reference resamples every driver to 25 fps first; :func:`~fantasyportrait_core.media.video.resample_indices`).
         people: characters to take from this video (the most present ones, in reading order).
         smooth: extra Gaussian smoothing of the landmarks, sigma in frames (0 = none, as the
             reference); applied after ``landmark_filter``.
@@ -134,7 +134,7 @@ def encode_driving(detector, encoder, frames, people: int = 1, smooth: float = 0
         InputError: no frame, no face in any frame, or fewer people than ``people`` (names the
             video and both counts); an unknown ``landmark_filter``.
     """
-    from .validate import InputError
+    from fantasyportrait_core.validate import InputError
 
     if landmark_filter not in LANDMARK_FILTERS:
         raise InputError(f"landmark filter {landmark_filter!r}: choose one of {LANDMARK_FILTERS}")
@@ -346,7 +346,7 @@ ASSIGN_MODES = ("left_to_right", "right_to_left", "largest_first", "identity")
 
 
 def detect_reference(detector, image: np.ndarray) -> list[Face]:
-    """Faces of a reference image, numbered in reading order (:func:`~fantasyportrait_core.faces.reading_order`):
+    """Faces of a reference image, numbered in reading order (:func:`~fantasyportrait_core.faces.face.reading_order`):
     the numbers the face preview shows and ``face_order`` takes."""
     return in_reading_order(detector.detect(image))
 
@@ -367,7 +367,7 @@ def assign_faces(faces: list[Face], count: int, order: list[int] | None = None, 
         InputError: no face, fewer faces than characters (names both counts), a bad ``order``,
             an unknown mode, or identity mode without embeddings.
     """
-    from .validate import InputError, check_face_order
+    from fantasyportrait_core.validate import InputError, check_face_order
 
     if not faces:
         raise InputError("no face found in the reference image; use a clearer, larger or more frontal face")
@@ -397,7 +397,7 @@ def assign_faces(faces: list[Face], count: int, order: list[int] | None = None, 
 
 def parse_face_order(text: str | None, name: str = "face_order") -> list[int] | None:
     """``"1,0"`` -> ``[1, 0]``; empty -> ``None`` (see :func:`fantasyportrait_core.validate.parse_face_order`)."""
-    from .validate import parse_face_order as parse
+    from fantasyportrait_core.validate import parse_face_order as parse
 
     return parse(text, name)
 
@@ -476,7 +476,7 @@ def portrait_condition(adapter, drivers: list[DrivingExpression], num_frames: in
     Args:
         num_frames: pixel frames to generate (4k+1, at most every driver's length).
     Returns:
-        :class:`~fantasyportrait_core.attention.PortraitCondition` with windows on the adapter's device.
+        :class:`~fantasyportrait_core.model.attention.PortraitCondition` with windows on the adapter's device.
     """
     latent_frames(num_frames)  # validates 4k+1
     short = [d.num_frames for d in drivers if d.num_frames < num_frames]
@@ -535,29 +535,29 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
 
     Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42,
     Euler). ``context_frames=None`` (default) denoises the whole video in one pass, as the reference
-    does; a window length (pixel frames, from :func:`~fantasyportrait_core.context.plan_context`)
-    denoises longer videos in overlapping context windows (:mod:`fantasyportrait_core.context`;
+    does; a window length (pixel frames, from :func:`~fantasyportrait_core.sampling.windows.plan_context`)
+    denoises longer videos in overlapping context windows (:mod:`fantasyportrait_core.sampling.windows`;
     overlap ``context_overlap`` pixel frames; later windows anchored on the reference image unless
     ``window_anchor="none"``). ``callback(StepInfo)`` runs after each step and may raise to interrupt.
 
-    Sampling options (:mod:`fantasyportrait_core.sampling`): ``sampler`` (:data:`~.sampling.SAMPLERS`);
+    Sampling options (:mod:`fantasyportrait_core.sampling.flow`): ``sampler`` (:data:`~.sampling.SAMPLERS`);
     the schedule from ``sigmas`` (explicit), else ``preset`` (e.g. ``"lightx2v"``, which also sets
     its sampler and cfg 1), else ``steps``/``shift``/``denoise``; ``init_latent`` (normalised, same
     shape) is what a schedule starting below sigma 1 adds noise to; ``cfg_range`` /
     ``portrait_cfg_range`` are the guidance intervals and ``portrait_scales`` the per-range portrait
     scales of :class:`~.sampling.GuidanceSchedule`. ``batch_passes``: guidance passes per transformer
-    forward (``None`` = all; see :class:`~fantasyportrait_core.denoiser.PortraitDenoiser`). ``device``:
+    forward (``None`` = all; see :class:`~fantasyportrait_core.model.denoiser.PortraitDenoiser`). ``device``:
     where the transformer computes (where the sampler runs; ``None``:
-    :func:`~fantasyportrait_core.residency.compute_device`, which under block offload is the offload
+    :func:`~fantasyportrait_core.runtime.residency.compute_device`, which under block offload is the offload
     hook's onload device, never a weight's current device). ``resolved``: a
-    :class:`~fantasyportrait_core.job.ResolvedSampling` (preset applied, schedules built once by the
+    :class:`~fantasyportrait_core.runtime.job.ResolvedSampling` (preset applied, schedules built once by the
     caller); when given, the loose sampling keywords above are not used.
 
     Raises:
         FloatingPointError: if the result holds NaN/Inf (never returned silently).
     """
     if resolved is None:
-        from .job import SamplingOptions
+        from fantasyportrait_core.runtime.job import SamplingOptions
 
         resolved = SamplingOptions(steps, cfg, portrait_cfg, 1.0, shift, seed, sampler, preset, sigmas, denoise,
                                    cfg_range, portrait_cfg_range, portrait_scales).resolve()
@@ -591,7 +591,7 @@ def frames_for(drivers: list[DrivingExpression], max_frames: int | None = None) 
         n = min(n, max_frames)
     n = floor_to_4k1(n)
     if n < 1:
-        from .validate import InputError
+        from fantasyportrait_core.validate import InputError
 
         raise InputError("no frame to generate: the driving video has no frames or frames was below 1")
     return n

@@ -2,7 +2,7 @@
 
 Every check raises :class:`InputError` with one line that names the input, says what was wrong and
 how to fix it. The CLI prints that line without a traceback; in ComfyUI it is the node's error.
-The same functions serve the CLI (:func:`~fantasyportrait_core.plan.plan_run` on the :class:`~fantasyportrait_core.job.Job` it builds) and the
+The same functions serve the CLI (:func:`~fantasyportrait_core.runtime.plan.plan_run` on the :class:`~fantasyportrait_core.runtime.job.Job` it builds) and the
 nodes (``VALIDATE_INPUTS`` and the checks at the top of each node function), so a bad value gets
 the same words everywhere.
 """

@@ -1,7 +1,7 @@
 """Directing nodes: per-channel strength over time and relative motion on an expression (applied
 against the portrait's own face when Conditioning pairs it with that face), and saved performances
-(save / load with trim, speed and loop). Core: ``fantasyportrait_core.direction`` and
-``fantasyportrait_core.performance``."""
+(save / load with trim, speed and loop). Core: ``fantasyportrait_core.drive.direction`` and
+``fantasyportrait_core.drive.performance``."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.direction import CHANNELS, MAX_STRENGTH, MOTION_MODES, Direction, Strength, baseline_features
-from fantasyportrait_core.direction import parse_keys
-from fantasyportrait_core.performance import EXTENSION, LOOP_MODES, load_performance, retime, save_performance
+from fantasyportrait_core.drive.direction import CHANNELS, MAX_STRENGTH, MOTION_MODES, Direction, Strength, baseline_features
+from fantasyportrait_core.drive.direction import parse_keys
+from fantasyportrait_core.drive.performance import EXTENSION, LOOP_MODES, load_performance, retime, save_performance
 from fantasyportrait_core.validate import InputError
-from fantasyportrait_core.video import OUTPUT_FPS
+from fantasyportrait_core.media.video import OUTPUT_FPS
 
 from . import host
 
@@ -48,7 +48,7 @@ class DirectedExpression(P.DrivingExpression):
     face is computed here and the right one taken there (:func:`resolve_directions`).
 
     Attributes:
-        directions: :class:`~fantasyportrait_core.direction.Direction` objects, applied in order.
+        directions: :class:`~fantasyportrait_core.drive.direction.Direction` objects, applied in order.
         baselines: :func:`face_key` -> float32 ``[554]`` baseline of each reference face.
     """
 

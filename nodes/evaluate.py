@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from fantasyportrait_core import evaluate as E
+from fantasyportrait_core.evaluation import evaluate as E
 from fantasyportrait_core import pipeline as P
-
 from . import host
 
 CATEGORY = "FantasyPortrait"

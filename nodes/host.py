@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fantasyportrait_core.validate import MIN_IMAGE_SIDE, InputError
-from fantasyportrait_core.residency import available_ram_bytes  # noqa: F401  (one implementation; patched in tests)
+from fantasyportrait_core.runtime.residency import available_ram_bytes  # noqa: F401  (one implementation; patched in tests)
 
 log = logging.getLogger("FantasyPortrait")
 

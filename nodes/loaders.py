@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fantasyportrait_core.attention import ATTENTION_BACKENDS, PortraitState, attach_portrait_processors, set_attention_backend
-from fantasyportrait_core.checkpoints import load_adapter, load_expression_encoder, load_transformer
-from fantasyportrait_core.detectors import make_detector, missing_packages
-from fantasyportrait_core.fp8 import FP8, ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
-from fantasyportrait_core.memory import choose_storage, measured_size
-from fantasyportrait_core.models import DTYPES
-from fantasyportrait_core import residency
-from fantasyportrait_core.residency import WeightHome, pin_weights_upfront  # noqa: F401 (re-exported)
+from fantasyportrait_core.model.attention import ATTENTION_BACKENDS, PortraitState, attach_portrait_processors, set_attention_backend
+from fantasyportrait_core.weights.checkpoints import load_adapter, load_expression_encoder, load_transformer
+from fantasyportrait_core.faces.detectors import make_detector, missing_packages
+from fantasyportrait_core.model.fp8 import FP8, ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
+from fantasyportrait_core.runtime.memory import choose_storage, measured_size
+from fantasyportrait_core.model.build import DTYPES
+from fantasyportrait_core.runtime import residency
+from fantasyportrait_core.runtime.residency import WeightHome, pin_weights_upfront  # noqa: F401 (re-exported)
 
 from . import host
 from .residency import ComfyResident, vram_available
@@ -105,7 +105,7 @@ def build_portrait_model(transformer, adapter, dtype, offload: str = "none", fas
         fast_mode: one of :data:`FAST_MODES`: fp8 matmuls (``torch._scaled_mm``) on GPUs with fp8
             tensor cores (compute capability 8.9+; others keep fp8 storage with bf16 matmuls), and
             optionally ``torch.compile`` of the transformer blocks (diffusers regional compilation).
-        attention: a key of :data:`~fantasyportrait_core.attention.ATTENTION_BACKENDS`.
+        attention: a key of :data:`~fantasyportrait_core.model.attention.ATTENTION_BACKENDS`.
     Raises:
         ValueError: unknown options, or fast mode on weights that are not fp8.
     """
@@ -141,7 +141,7 @@ def build_portrait_model(transformer, adapter, dtype, offload: str = "none", fas
 
 def stored_as_fp8(path: str) -> bool:
     """Whether a transformer file keeps its block weights in fp8 (fp8 or fp8-scaled releases)."""
-    from fantasyportrait_core.checkpoints import TensorSource, detect_transformer_format
+    from fantasyportrait_core.weights.checkpoints import TensorSource, detect_transformer_format
 
     try:
         source = TensorSource(path)

@@ -8,7 +8,7 @@ import logging
 import os
 from collections import OrderedDict
 
-from fantasyportrait_core.lora import LoraWeights, read_lora
+from fantasyportrait_core.weights.lora import LoraWeights, read_lora
 
 from . import host
 
@@ -19,7 +19,7 @@ _CACHE_SIZE = 8
 
 
 def cached_lora(path: str, transformer) -> LoraWeights:
-    """:func:`~fantasyportrait_core.lora.read_lora`, remembered per transformer and file version (path,
+    """:func:`~fantasyportrait_core.weights.lora.read_lora`, remembered per transformer and file version (path,
     size, mtime), so changing only the strength or requeueing does not re-read the file."""
     st = os.stat(path)
     key = (id(transformer), f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}")

@@ -4,18 +4,18 @@ management).
 Three nodes:
 
 * **FantasyPortrait Adapter Loader** → ``FANTASYPORTRAIT_ADAPTER``: the adapter alone
-  (``fantasyportrait_core.checkpoints.load_adapter``).
+  (``fantasyportrait_core.weights.checkpoints.load_adapter``).
 * **FantasyPortrait Patch Model** (MODEL + adapter + FP_PORTRAIT → MODEL): a clone of the MODEL
   whose every block's cross-attention adds the portrait term before its output projection, as the
   reference ``SingleStreamBlockProcessor`` does (FantasyPortrait §3.2–3.3). The term is
-  :func:`fantasyportrait_core.attention.apply_portrait`, the one implementation our own sampler
+  :func:`fantasyportrait_core.model.attention.apply_portrait`, the one implementation our own sampler
   and the CLI call too. ComfyUI's cross-attention itself runs unchanged (no copy of it here): its
   attention backend and flags (sage attention, ``low_precision_attention``, the per-layer
   ``comfy_attention`` of quantized checkpoints), LoRA weight patches, GGUF dequantisation and fp8
   casting apply exactly as in an unpatched MODEL.
 * **FantasyPortrait Guider** (→ GUIDER for SamplerCustomAdvanced): dual guidance, the 1–3 passes of
-  :func:`fantasyportrait_core.sampling.guidance_passes` combined by
-  :func:`~fantasyportrait_core.sampling.combine_guidance` exactly as our sampler does. With a plain
+  :func:`fantasyportrait_core.sampling.flow.guidance_passes` combined by
+  :func:`~fantasyportrait_core.sampling.flow.combine_guidance` exactly as our sampler does. With a plain
   KSampler (or any other guider) the portrait branch is on in every pass.
 
 How it hooks into ComfyUI (``comfy/ldm/wan/model.py``; chosen by feature detection, see
@@ -56,10 +56,10 @@ from dataclasses import dataclass, field
 import torch
 
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.geometry import TOKEN_STRIDE, latent_frames, pixel_frames
-from fantasyportrait_core.attention import PortraitCondition, apply_portrait
-from fantasyportrait_core.checkpoints import load_adapter
-from fantasyportrait_core.sampling import combine_guidance, guidance_passes
+from fantasyportrait_core.model.geometry import TOKEN_STRIDE, latent_frames, pixel_frames
+from fantasyportrait_core.model.attention import PortraitCondition, apply_portrait
+from fantasyportrait_core.weights.checkpoints import load_adapter
+from fantasyportrait_core.sampling.flow import combine_guidance, guidance_passes
 
 from . import host
 from .sampler import portrait_layout
@@ -129,7 +129,7 @@ class NativeAdapter:
     """FANTASYPORTRAIT_ADAPTER: the portrait adapter and the ComfyUI ModelPatchers holding its weights.
 
     Attributes:
-        adapter: :class:`~fantasyportrait_core.adapter.PortraitAdapter` (on the offload device).
+        adapter: :class:`~fantasyportrait_core.model.adapter.PortraitAdapter` (on the offload device).
         path: the file it came from (re-read once if a MODEL computes in another dtype).
     """
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.faces import Face
-from fantasyportrait_core.masks import box_masks
-from fantasyportrait_core.preview import add_caption, detector_label, draw_faces
-from fantasyportrait_core.video import OUTPUT_FPS, resample_indices
+from fantasyportrait_core.faces.face import Face
+from fantasyportrait_core.faces.regions import box_masks
+from fantasyportrait_core.faces.preview import add_caption, detector_label, draw_faces
+from fantasyportrait_core.media.video import OUTPUT_FPS, resample_indices
 from fantasyportrait_core.validate import InputError, parse_face_order
 
 from . import host

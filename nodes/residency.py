@@ -11,7 +11,7 @@ has) are ComfyUI's own. ``comfy.model_management.load_models_gpu`` first unloads
 to make room for the transformer and the activations, then keeps the transformer on the GPU
 between queued prompts until ComfyUI (or another node's ``free_memory``) needs the memory, when it
 calls :meth:`ComfyResident.detach`. What this class overrides is only *where the weights are*:
-loading and unloading go through :class:`~fantasyportrait_core.residency.WeightHome` (weights move
+loading and unloading go through :class:`~fantasyportrait_core.runtime.residency.WeightHome` (weights move
 to the GPU from their memory-mapped home and back by re-pointing, never as a RAM copy) and the
 sizes ComfyUI budgets with are the transformer's + the adapter's bytes. The model is never
 ``is_dynamic()`` (ComfyUI's dynamic VRAM then treats it as a classic model: it is unloaded whole
@@ -29,7 +29,7 @@ import logging
 
 import torch
 
-from fantasyportrait_core.residency import WeightHome
+from fantasyportrait_core.runtime.residency import WeightHome
 
 log = logging.getLogger("FantasyPortrait")
 

@@ -10,17 +10,17 @@ import numpy as np
 import torch
 
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.attention import TEXT_CONTEXT_TOKENS
-from fantasyportrait_core.context import ANCHORS, CONTEXT_MODES
-from fantasyportrait_core.denoiser import I2VConditioning
-from fantasyportrait_core.faces import Face
-from fantasyportrait_core.job import SamplingOptions
-from fantasyportrait_core.geometry import VAE_SPATIAL_STRIDE, pixel_frames
-from fantasyportrait_core.lora import apply_loras
-from fantasyportrait_core.memory import GIB, activation_bytes, measured_size, module_bytes, plan_sampling
-from fantasyportrait_core.models import denormalize_latent, normalize_latent
-from fantasyportrait_core.restore import restored
-from fantasyportrait_core.sampling import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
+from fantasyportrait_core.model.attention import TEXT_CONTEXT_TOKENS
+from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES
+from fantasyportrait_core.model.denoiser import I2VConditioning
+from fantasyportrait_core.faces.face import Face
+from fantasyportrait_core.runtime.job import SamplingOptions
+from fantasyportrait_core.model.geometry import VAE_SPATIAL_STRIDE, pixel_frames
+from fantasyportrait_core.weights.lora import apply_loras
+from fantasyportrait_core.runtime.memory import GIB, activation_bytes, measured_size, module_bytes, plan_sampling
+from fantasyportrait_core.model.build import denormalize_latent, normalize_latent
+from fantasyportrait_core.runtime.restore import restored
+from fantasyportrait_core.sampling.flow import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
                                            guidance_passes, parse_step_ranges)
 from fantasyportrait_core.validate import InputError
 
@@ -302,7 +302,7 @@ class FantasyPortraitSampler:
     def plan(model, size, device, width, height, num_frames, passes, people, long_video="auto", context_frames=81,
              anchored=True):
         """One pass or windows, and the memory plan for it
-        (:func:`fantasyportrait_core.memory.plan_sampling`) for ``size`` (:func:`measured_size` of
+        (:func:`fantasyportrait_core.runtime.memory.plan_sampling`) for ``size`` (:func:`measured_size` of
         the model): its storage is fixed; offload follows the loader's setting (``auto``: decided
         here). Returns ``(window, plan)``."""
         offload = "block" if model.offload_active else model.offload

@@ -126,9 +126,8 @@ def write_models(models_dir: str, comfy_dir: str, comfy_python: str) -> dict:
     sys.path.insert(0, ROOT)
     import torch
 
-    from fantasyportrait_core.models import random_tiny_models
-    from fantasyportrait_core import tiny_checkpoints as W
-
+    from fantasyportrait_core.model.build import random_tiny_models
+    from fantasyportrait_core.weights import tiny as W
     transformer, adapter, _, encoder = random_tiny_models(seed=0)
     for sub in ("diffusion_models", "fantasyportrait", "vae"):
         os.makedirs(os.path.join(models_dir, sub), exist_ok=True)
@@ -161,8 +160,7 @@ def write_native_models(models_dir: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from fantasyportrait_core import tiny_checkpoints as W
-
+    from fantasyportrait_core.weights import tiny as W
     transformer, adapter = W.tiny_native_models(seed=0)
     os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
     names = {"native_unet": "tiny_wan21_i2v_native.safetensors", "native_adapter": "tiny_fantasyportrait_native.safetensors",
@@ -190,8 +188,8 @@ def write_performance(path: str, frames: int = 97):
     import numpy as np
     import torch
 
-    from fantasyportrait_core.faces import FaceTrack
-    from fantasyportrait_core.performance import save_performance
+    from fantasyportrait_core.faces.face import FaceTrack
+    from fantasyportrait_core.drive.performance import save_performance
     from fantasyportrait_core.pipeline import DrivingExpression
 
     g = torch.Generator().manual_seed(0)
@@ -306,7 +304,7 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
 
 def probe(path: str) -> dict:
     sys.path.insert(0, ROOT)
-    from fantasyportrait_core.video import probe_video
+    from fantasyportrait_core.media.video import probe_video
 
     return probe_video(path)
 
@@ -512,7 +510,7 @@ def check_saved_performance(out_dir: str, res: dict, summary: list, wf_name: str
     """Save Performance wrote a file that loads back; what Direct Expression reported."""
     import glob
 
-    from fantasyportrait_core.performance import load_performance
+    from fantasyportrait_core.drive.performance import load_performance
 
     files = sorted(glob.glob(os.path.join(out_dir, "fantasyportrait_performances", "*.safetensors")))
     texts = [t for o in res.get("outputs", {}).values() for t in o.get("text", []) if "head_pose" in str(t)]

@@ -31,7 +31,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fantasyportrait_core.encoders import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
+from fantasyportrait_core.model.encoders import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
 from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")

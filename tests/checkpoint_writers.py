@@ -1,6 +1,6 @@
 """Write tiny checkpoints in every published layout (exact key names, tiny dims) for the tests.
 
-The writers benchmarks and scripts also need live in :mod:`fantasyportrait_core.tiny_checkpoints`
+The writers benchmarks and scripts also need live in :mod:`fantasyportrait_core.weights.tiny`
 (imported here); the ones only tests need (fp8 scaled, diffusers shards, official adapter pickle,
 GGUF, the by-hand LoRA merge oracle) stay here."""
 
@@ -12,8 +12,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from fantasyportrait_core.checkpoints import COMFY_PREFIX, transformer_state_dict_original
-from fantasyportrait_core.tiny_checkpoints import (LORA_LAYERS, TINY_NATIVE_TRANSFORMER,  # noqa: F401
+from fantasyportrait_core.weights.checkpoints import COMFY_PREFIX, transformer_state_dict_original
+from fantasyportrait_core.weights.tiny import (LORA_LAYERS, TINY_NATIVE_TRANSFORMER,  # noqa: F401
                                                    contiguous_state_dict,
                                                    tiny_native_models, write_adapter_repacked, write_pd_fpg,
                                                    write_wan_lora, write_wan_original)

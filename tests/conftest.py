@@ -22,14 +22,14 @@ def data_path(name: str) -> str:
 @pytest.fixture(scope="session")
 def tiny():
     """(transformer, adapter, vae, encoder) with seeded random weights."""
-    from fantasyportrait_core.models import random_tiny_models
+    from fantasyportrait_core.model.build import random_tiny_models
 
     return random_tiny_models(seed=0)
 
 
 @pytest.fixture(scope="session")
 def detector():
-    from fantasyportrait_core.detectors import MtcnnDetector
+    from fantasyportrait_core.faces.detectors import MtcnnDetector
 
     det = MtcnnDetector()
     yield det

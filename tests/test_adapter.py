@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from fantasyportrait_core.adapter import EXPRESSION_DIM, TOKENS_PER_FRAME, PortraitAdapter, window_indices, window_tokens
-from fantasyportrait_core.geometry import floor_to_4k1, latent_frames
-from fantasyportrait_core.models import TINY_ADAPTER, TINY_TRANSFORMER, build_adapter
+from fantasyportrait_core.model.adapter import EXPRESSION_DIM, TOKENS_PER_FRAME, PortraitAdapter, window_indices, window_tokens
+from fantasyportrait_core.model.geometry import floor_to_4k1, latent_frames
+from fantasyportrait_core.model.build import TINY_ADAPTER, TINY_TRANSFORMER, build_adapter
 
 from .conftest import REFERENCE
 

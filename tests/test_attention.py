@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from fantasyportrait_core.adapter import window_length
-from fantasyportrait_core.attention import (PortraitCondition, attach_portrait_processors, portrait_attention_mask,
+from fantasyportrait_core.model.adapter import window_length
+from fantasyportrait_core.model.attention import (PortraitCondition, attach_portrait_processors, portrait_attention_mask,
                                             portrait_branch)
-from fantasyportrait_core.masks import token_person_ids
+from fantasyportrait_core.faces.regions import token_person_ids
 
 HEADS, HEAD_DIM, PROJ = 2, 12, 32
 

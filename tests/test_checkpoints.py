@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fantasyportrait_core.checkpoints import (COMFY_PREFIX, CheckpointError, detect_transformer_format, load_adapter,
+from fantasyportrait_core.weights.checkpoints import (COMFY_PREFIX, CheckpointError, detect_transformer_format, load_adapter,
                                               load_expression_encoder, load_transformer, wan_original_to_diffusers)
-from fantasyportrait_core.models import TINY_ADAPTER
+from fantasyportrait_core.model.build import TINY_ADAPTER
 
 from . import checkpoint_writers as W
 from .conftest import REFERENCE
@@ -130,7 +130,7 @@ def test_expression_encoder_pth(tmp_path, tiny):
 
 
 def test_missing_extra_and_wrong_shape_keys(tmp_path, bf16_transformer):
-    from fantasyportrait_core.checkpoints import transformer_state_dict_original
+    from fantasyportrait_core.weights.checkpoints import transformer_state_dict_original
 
     sd = {k: v.contiguous() for k, v in transformer_state_dict_original(bf16_transformer).items()}
     cases = {
@@ -236,7 +236,7 @@ def test_fp8_scaled_file_keeps_its_bits_with_fp8_storage(tmp_path, bf16_transfor
 
 
 def test_scaled_fp8_beats_plain_cast_on_small_weights():
-    from fantasyportrait_core.fp8 import ScaledFP8Linear, quantize_fp8
+    from fantasyportrait_core.model.fp8 import ScaledFP8Linear, quantize_fp8
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 512, generator=g)

@@ -1,7 +1,7 @@
 import json
 
 from fantasyportrait_core.cli import main
-from fantasyportrait_core.video import probe_video
+from fantasyportrait_core.media.video import probe_video
 
 from .conftest import data_path
 
@@ -44,7 +44,7 @@ def test_cli_reports_bad_input(tmp_path, capsys):
 def test_drivers_with_other_frame_rates_are_resampled():
     import numpy as np
 
-    from fantasyportrait_core.video import Video, resample_fps
+    from fantasyportrait_core.media.video import Video, resample_fps
 
     v = Video(np.arange(50).reshape(50, 1, 1, 1).astype(np.uint8).repeat(3, -1), 25.0)
     r = resample_fps(v, 15.0)
@@ -58,7 +58,7 @@ def test_cli_real_mode_loads_checkpoints(tmp_path, tiny, monkeypatch, capsys):
     real weights are 11 GB and 2.5 GB); everything else is the real path."""
     import torch
 
-    import fantasyportrait_core.encoders as enc
+    import fantasyportrait_core.model.encoders as enc
 
     from . import checkpoint_writers as W
 

@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 
-from fantasyportrait_core import cli, runner
-from fantasyportrait_core.job import Job, MemoryOptions
-from fantasyportrait_core.plan import plan_run
+from fantasyportrait_core import cli
+
+from fantasyportrait_core.runtime import runner
+from fantasyportrait_core.runtime.job import Job, MemoryOptions
+from fantasyportrait_core.runtime.plan import plan_run
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.performance import load_performance
+from fantasyportrait_core.drive.performance import load_performance
 
 from .conftest import data_path
 
@@ -98,7 +100,7 @@ def test_bad_saved_performance_input(tmp_path, capsys, monkeypatch):
     assert "--expression" in err and "not a saved FantasyPortrait performance" in err and "\n" not in err
     # a performance shorter than asked with a loop requested is looped; without, --frames is capped as for videos
     from .test_direction import _driver
-    from fantasyportrait_core.performance import save_performance
+    from fantasyportrait_core.drive.performance import save_performance
 
     short = save_performance(str(tmp_path / "short.safetensors"), _driver(3))
     assert _run(tmp_path, "bad", "--expression", short, "--people", "2", driving=False) == 2
@@ -128,8 +130,8 @@ def test_each_character_is_directed_against_its_own_face(tiny, tmp_path):
     import numpy as np
     from types import SimpleNamespace
 
-    from fantasyportrait_core.direction import baseline_features, directions_from_args
-    from fantasyportrait_core.faces import Face
+    from fantasyportrait_core.drive.direction import baseline_features, directions_from_args
+    from fantasyportrait_core.faces.face import Face
 
     from .test_direction import _driver
 

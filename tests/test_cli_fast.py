@@ -6,8 +6,8 @@ import json
 import pytest
 
 from fantasyportrait_core.cli import _parser, job_from_args, main
-from fantasyportrait_core.models import TINY_TRANSFORMER, build_transformer
-from fantasyportrait_core.video import probe_video
+from fantasyportrait_core.model.build import TINY_TRANSFORMER, build_transformer
+from fantasyportrait_core.media.video import probe_video
 
 from . import checkpoint_writers as W
 from .conftest import data_path

@@ -329,8 +329,8 @@ def _run_probe(comfy_dir: str, out_path: str) -> None:  # noqa: C901 - one flat 
     spec.loader.exec_module(pack)
     from fantasyportrait_pack.nodes import native, residency
 
-    from fantasyportrait_core.models import random_tiny_models
-    from fantasyportrait_core.residency import WeightHome
+    from fantasyportrait_core.model.build import random_tiny_models
+    from fantasyportrait_core.runtime.residency import WeightHome
 
     cpu = torch.device("cpu")
     tr, adapter, _, _ = random_tiny_models(0)
@@ -478,7 +478,7 @@ def _run_probe(comfy_dir: str, out_path: str) -> None:  # noqa: C901 - one flat 
     from fantasyportrait_pack.nodes.portrait import PortraitInputs
     import numpy as np
     from fantasyportrait_core import pipeline as P
-    from fantasyportrait_core.faces import Face, FaceTrack
+    from fantasyportrait_core.faces.face import Face, FaceTrack
 
     def portrait(scale):
         g = torch.Generator().manual_seed(3)

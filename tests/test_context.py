@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.attention import attach_portrait_processors
-from fantasyportrait_core.context import context_windows, window_weights
-from fantasyportrait_core.denoiser import I2VConditioning
-from fantasyportrait_core.faces import FaceTrack
+from fantasyportrait_core.model.attention import attach_portrait_processors
+from fantasyportrait_core.sampling.windows import context_windows, window_weights
+from fantasyportrait_core.model.denoiser import I2VConditioning
+from fantasyportrait_core.faces.face import FaceTrack
 
 
 def test_windows_cover_and_overlap():
@@ -57,7 +57,7 @@ def test_161_frames_without_seams(tiny):
 def test_blending_removes_window_disagreement_seams():
     """Windows that disagree (window k predicts a constant k) must be joined by ramps: a hard cut
     would jump by 1 at each seam; blended, a step is at most two overlapping ramps' slopes."""
-    from fantasyportrait_core.context import ContextWindowDenoiser
+    from fantasyportrait_core.sampling.windows import ContextWindowDenoiser
 
     den = ContextWindowDenoiser.__new__(ContextWindowDenoiser)
     den.windows = context_windows(41, 21, 4)
@@ -143,10 +143,10 @@ def test_plan_one_pass_when_it_fits():
     51 latent frames x 45 x 26 = 59,670 tokens, ~6.5 GiB of activations per guidance pass (the H100
     bare-forward peaks: ~115 KB per token above the weights). One pass when the memory plan fits the
     whole video, else windows of context_frames (anchored windows: one latent frame more)."""
-    from fantasyportrait_core.context import plan_context
-    from fantasyportrait_core.memory import model_size, plan_sampling
-    from fantasyportrait_core.models import WAN21_I2V_14B
-    from fantasyportrait_core.sampling import guidance_passes
+    from fantasyportrait_core.sampling.windows import plan_context
+    from fantasyportrait_core.runtime.memory import model_size, plan_sampling
+    from fantasyportrait_core.model.build import WAN21_I2V_14B
+    from fantasyportrait_core.sampling.flow import guidance_passes
 
     size, gib = model_size(WAN21_I2V_14B), 2**30
     passes = guidance_passes(1.0, 4.0)  # the reference guidance: 2 passes per step

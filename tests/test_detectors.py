@@ -7,8 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from fantasyportrait_core import detectors as D
-
+from fantasyportrait_core.faces import detectors as D
 from .conftest import data_path
 
 onnx = pytest.importorskip("onnx")
@@ -189,8 +188,8 @@ def test_face_masks_preview_and_cli_report_name_the_detector(tmp_path, capsys):
 
     import nodes
     from fantasyportrait_core.cli import main
-    from fantasyportrait_core.preview import draw_faces
-    from fantasyportrait_core.video import read_image
+    from fantasyportrait_core.faces.preview import draw_faces
+    from fantasyportrait_core.media.video import read_image
 
     image = cv2.resize(read_image(data_path("man.jpeg")), (320, 320), interpolation=cv2.INTER_AREA)
     det = D.make_detector("auto", str(tmp_path))
@@ -244,7 +243,7 @@ def test_crowded_scenes_are_deterministic_with_exact_face_sizes():
     for scale, (_, _, boxes) in zip(B.GROUP_SCALES, a):
         np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], 150 * scale, atol=1e-6)
     # A detection hits a true face only with its centre inside and a width within 0.5-2x.
-    from fantasyportrait_core.faces import Face
+    from fantasyportrait_core.faces.face import Face
 
     truth = np.array([[100.0, 100, 140, 150]])
     face = lambda box: Face(box=np.array(box, float), landmarks=np.zeros((5, 2)), score=0.99)  # noqa: E731
@@ -273,7 +272,7 @@ def test_crop_shift_is_the_move_of_the_face_in_the_224_crop():
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import bench_detectors as B
-    from fantasyportrait_core.expression import ALIGN_TEMPLATE, umeyama
+    from fantasyportrait_core.model.expression import ALIGN_TEMPLATE, umeyama
 
     ref = np.array([[100, 110], [160, 108], [131, 140], [108, 170], [156, 168]], float)
     assert B.crop_shift(ref, ref) == pytest.approx(0, abs=1e-9)

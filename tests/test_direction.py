@@ -1,5 +1,5 @@
-"""Directing a performance (fantasyportrait_core.direction) and saved performances
-(fantasyportrait_core.performance): per-channel strength, keyframes, relative motion, the portrait's
+"""Directing a performance (fantasyportrait_core.drive.direction) and saved performances
+(fantasyportrait_core.drive.performance): per-channel strength, keyframes, relative motion, the portrait's
 baseline, save/load, trim/loop/retime, and the one-line errors."""
 
 import copy
@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.adapter import TOKENS_PER_FRAME
-from fantasyportrait_core.attention import attach_portrait_processors
-from fantasyportrait_core.denoiser import I2VConditioning
-from fantasyportrait_core.direction import (CHANNEL_SLICES, CHANNEL_TOKENS, CHANNELS, Direction, Strength,
+from fantasyportrait_core.model.adapter import TOKENS_PER_FRAME
+from fantasyportrait_core.model.attention import attach_portrait_processors
+from fantasyportrait_core.model.denoiser import I2VConditioning
+from fantasyportrait_core.drive.direction import (CHANNEL_SLICES, CHANNEL_TOKENS, CHANNELS, Direction, Strength,
                                             baseline_features, direct, directions_from_args, parse_keys)
-from fantasyportrait_core.faces import Face, FaceTrack
-from fantasyportrait_core.performance import (load_performance, performance_paths, retime, retime_indices,
+from fantasyportrait_core.faces.face import Face, FaceTrack
+from fantasyportrait_core.drive.performance import (load_performance, performance_paths, retime, retime_indices,
                                               save_performance)
 from fantasyportrait_core.validate import InputError
 

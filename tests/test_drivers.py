@@ -7,7 +7,7 @@ import torch
 
 import nodes
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.faces import Face
+from fantasyportrait_core.faces.face import Face
 from fantasyportrait_core.pipeline import one_euro_landmarks, smooth_over_time
 
 FACE = np.array([[60, 70], [100, 70], [80, 95], [65, 120], [95, 120]], float)  # eyes, nose, mouth corners

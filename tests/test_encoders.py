@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fantasyportrait_core.encoders import WanConditioners
+from fantasyportrait_core.model.encoders import WanConditioners
 
 
 class RecordingVision(torch.nn.Module):

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core import evaluate as E
-from fantasyportrait_core.video import read_video
+from fantasyportrait_core.evaluation import evaluate as E
+from fantasyportrait_core.media.video import read_video
 
 from .conftest import data_path
 
@@ -32,7 +32,7 @@ JGZ_OPENING = slice(0, 10)
 
 @pytest.fixture(scope="module")
 def det():
-    from fantasyportrait_core.detectors import MtcnnDetector
+    from fantasyportrait_core.faces.detectors import MtcnnDetector
 
     # The shared clips show faces of 150+ px: skipping the small pyramid scales is 5x faster on CPU.
     return MtcnnDetector(min_face_size=80)
@@ -40,7 +40,7 @@ def det():
 
 @pytest.fixture(scope="module")
 def encoder():
-    from fantasyportrait_core.expression import FanEncoder
+    from fantasyportrait_core.model.expression import FanEncoder
 
     torch.manual_seed(0)
     return FanEncoder().eval()
@@ -254,7 +254,6 @@ def test_bad_inputs_fail_early_with_the_input_named(det):
 
 def test_cli_evaluate_writes_json_and_plot(tmp_path):
     from fantasyportrait_core import cli
-
     jgz = data_path("jgz.mp4")
     out_json, out_png = tmp_path / "m.json", tmp_path / "m.png"
     rc = cli.main(["evaluate", "--driving", jgz, "--generated", jgz, "--offset", "2", "--frames", "8",

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core.expression import ALIGN_TEMPLATE, FanEncoder, align_face, encode_expressions, umeyama
-from fantasyportrait_core.faces import Face, FaceTrack, fill_missing, track_faces
-from fantasyportrait_core.masks import (expand_box, latent_person_map, motion_range, pool_to_tokens,
+from fantasyportrait_core.model.expression import ALIGN_TEMPLATE, FanEncoder, align_face, encode_expressions, umeyama
+from fantasyportrait_core.faces.face import Face, FaceTrack, fill_missing, track_faces
+from fantasyportrait_core.faces.regions import (expand_box, latent_person_map, motion_range, pool_to_tokens,
                                         token_person_ids)
-from fantasyportrait_core.video import read_image, read_video
+from fantasyportrait_core.media.video import read_image, read_video
 
 from .conftest import data_path
 

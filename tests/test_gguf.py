@@ -5,8 +5,8 @@ dequantised weights; LoRAs work on them."""
 import pytest
 import torch
 
-from fantasyportrait_core.checkpoints import CheckpointError, load_transformer, wan_original_to_diffusers
-from fantasyportrait_core.models import TINY_TRANSFORMER, build_transformer
+from fantasyportrait_core.weights.checkpoints import CheckpointError, load_transformer, wan_original_to_diffusers
+from fantasyportrait_core.model.build import TINY_TRANSFORMER, build_transformer
 
 from . import checkpoint_writers as W
 
@@ -61,7 +61,7 @@ def test_gguf_forward_equals_the_dequantised_model(gguf_file):
 
 
 def test_lora_on_gguf_model_and_exact_removal(gguf_file, tmp_path):
-    from fantasyportrait_core.lora import apply_loras, read_lora, remove_loras
+    from fantasyportrait_core.weights.lora import apply_loras, read_lora, remove_loras
 
     path, _, _ = gguf_file
     model = load_transformer(path, dtype=torch.float32)

@@ -24,9 +24,9 @@ import logging
 import pytest
 import torch
 
-from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors
-from fantasyportrait_core.denoiser import I2VConditioning, PortraitDenoiser
-from fantasyportrait_core.residency import enable_block_offload
+from fantasyportrait_core.model.attention import PortraitCondition, attach_portrait_processors
+from fantasyportrait_core.model.denoiser import I2VConditioning, PortraitDenoiser
+from fantasyportrait_core.runtime.residency import enable_block_offload
 
 CUDA = torch.device("cuda", 0)
 
@@ -84,8 +84,8 @@ def test_block_offload_with_a_portrait_computes_on_the_onload_device(tiny, monke
     took the device from ``patch_embedding.weight`` (cpu) and ``k_proj(windows)`` inside a cuda
     block raised "Expected all tensors to be on the same device". The one-pass and the
     context-window denoiser both go through here."""
-    from fantasyportrait_core.context import ContextWindowDenoiser
-    from fantasyportrait_core.residency import compute_device
+    from fantasyportrait_core.sampling.windows import ContextWindowDenoiser
+    from fantasyportrait_core.runtime.residency import compute_device
 
     tr, ad = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
     with fake_cuda_world(monkeypatch, tr, ad):
@@ -196,7 +196,7 @@ def _lora_inputs(model):
 
 def _host_copy_ptrs(model):
     """Storage of the host copy each streamed weight onloads from."""
-    from fantasyportrait_core.residency import _host_copies
+    from fantasyportrait_core.runtime.residency import _host_copies
 
     return {id(t): h.untyped_storage().data_ptr() for t, h in _host_copies(model).items()}
 
@@ -210,8 +210,8 @@ def test_loras_and_block_offload_compose_in_either_order(tiny, tmp_path, monkeyp
     Before the fix the first forward raised KeyError (new tensors missing from the group's host
     copies) or, for a LoRA of full-weight diffs only (no new tensor), the next onload silently
     put the old block weights back."""
-    from fantasyportrait_core.fp8 import quantize_model_fp8
-    from fantasyportrait_core.lora import apply_loras, read_lora, remove_loras
+    from fantasyportrait_core.model.fp8 import quantize_model_fp8
+    from fantasyportrait_core.weights.lora import apply_loras, read_lora, remove_loras
 
     from . import checkpoint_writers as W
 
@@ -265,7 +265,7 @@ def test_weight_home_takes_cuda_and_cuda0_for_one_device():
     compares them (:func:`_same_device`). A FakeTensorMode tensor stands for the GPU tensor."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fantasyportrait_core.residency import WeightHome, _same_device
+    from fantasyportrait_core.runtime.residency import WeightHome, _same_device
 
     assert _same_device(torch.device("cuda"), torch.device("cuda", 0))  # no GPU here: device 0 is current
     assert not _same_device(torch.device("cuda", 1), torch.device("cuda"))
@@ -290,7 +290,7 @@ def test_sageattention_below_what_diffusers_takes_is_refused_up_front(tiny, tmp_
     the state 1.0.6 leaves it in)."""
     from diffusers.models import attention_dispatch as ad
 
-    from fantasyportrait_core.attention import set_attention_backend
+    from fantasyportrait_core.model.attention import set_attention_backend
 
     assert not ad._CAN_USE_SAGE_ATTN and ad.sageattn is None
     pkg = tmp_path / "sageattention"
@@ -332,7 +332,7 @@ def test_fast_mode_scaled_mm_in_every_compute_dtype(monkeypatch, dtype):
     an fp32 output, which the CUDA kernel refuses (every Wan block linear has a bias); it is now
     added after the product. The result equals the emulated fp8 product (same quantisation) in
     every compute dtype."""
-    from fantasyportrait_core.fp8 import fp8_linear, quantize_fp8
+    from fantasyportrait_core.model.fp8 import fp8_linear, quantize_fp8
 
     monkeypatch.setattr(torch, "_scaled_mm", _scaled_mm_as_cuda_checks_it(torch._scaled_mm))
     g = torch.Generator().manual_seed(0)
@@ -350,7 +350,7 @@ def test_fast_mode_scaled_mm_in_every_compute_dtype(monkeypatch, dtype):
 def test_fp16_all_zero_activation_and_weight_stay_finite(compute):
     """Defect 4: in fp16 the scale floor 1e-12 rounds to 0, so an all-zero activation (or weight)
     was quantised as 0/0 = NaN. The floor is now fp16's smallest normal number."""
-    from fantasyportrait_core.fp8 import fp8_linear, quantize_activation, quantize_fp8
+    from fantasyportrait_core.model.fp8 import fp8_linear, quantize_activation, quantize_fp8
 
     zeros = torch.zeros(4, 32, dtype=torch.float16)
     xq, sx = quantize_activation(zeros)
@@ -368,8 +368,8 @@ def _meta_14b(fp8: bool):
     adapter's K/V attached to each block as block offload attaches them."""
     from diffusers.utils import logging as dlog
 
-    from fantasyportrait_core.fp8 import quantize_model_fp8
-    from fantasyportrait_core.models import WAN21_I2V_14B, build_transformer
+    from fantasyportrait_core.model.fp8 import quantize_model_fp8
+    from fantasyportrait_core.model.build import WAN21_I2V_14B, build_transformer
 
     dlog.set_verbosity_error()
     m = build_transformer(WAN21_I2V_14B, empty=True).to(torch.bfloat16)
@@ -388,7 +388,7 @@ def test_pinned_copy_is_counted_as_the_allocator_rounds_it(fp8, raw_gib, pinned_
     ~47.5 GiB in bf16 (31.7): the figures of the issue's review. Pinning up front is decided on the
     rounded figure: on a 48 GB machine the fp8 copy (half of the RAM would be 24 GiB) is now pinned
     block by block, where the tensor bytes said it fitted."""
-    from fantasyportrait_core.residency import pin_weights_upfront, pinned_alloc_bytes, pinned_host_bytes
+    from fantasyportrait_core.runtime.residency import pin_weights_upfront, pinned_alloc_bytes, pinned_host_bytes
 
     assert [pinned_alloc_bytes(n) for n in (1, 4, 5, 52_428_800, 141_557_760)] == [1, 4, 8, 2**26, 2**28]
     m = _meta_14b(fp8)
@@ -407,7 +407,7 @@ def test_block_offload_pins_block_by_block_when_the_rounded_copy_does_not_fit(ti
     bytes and twice their pinned (rounded) bytes, block offload pins each block as it streams and
     says so in one line; the page-locked bytes at setup stay under half of the RAM. The old rule
     pinned everything up front here."""
-    from fantasyportrait_core.residency import pinned_alloc_bytes, pinned_host_bytes
+    from fantasyportrait_core.runtime.residency import pinned_alloc_bytes, pinned_host_bytes
 
     model, adapter = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
     for i, b in enumerate(model.blocks):

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from fantasyportrait_core.lora import (LoraError, active_loras, apply_loras, detect_layout, parse_lora_arg, read_lora,
+from fantasyportrait_core.weights.lora import (LoraError, active_loras, apply_loras, detect_layout, parse_lora_arg, read_lora,
                                        remove_loras)
 
 from . import checkpoint_writers as W
@@ -107,7 +107,7 @@ def test_several_loras_add_up_and_strength_changes_rescale(model, tmp_path):
 
 def tiny_base(model, state):
     """A plain copy of ``model`` (no peft wrappers) holding the weights ``state``."""
-    from fantasyportrait_core.models import build_transformer
+    from fantasyportrait_core.model.build import build_transformer
 
     plain = build_transformer(dict(model.config))
     plain.load_state_dict(state)
@@ -117,8 +117,8 @@ def tiny_base(model, state):
 def test_fp8_storage_applies_the_delta_at_matmul_time_and_unloads_exactly(tiny, tmp_path):
     """Scaled-fp8 linears get the LoRA as a bf16/fp32 low-rank delta: the output matches the
     dequantised fp8 weights plus the exact LoRA, and removing it leaves the fp8 bits untouched."""
-    from fantasyportrait_core.checkpoints import load_transformer
-    from fantasyportrait_core.fp8 import ScaledFP8Linear
+    from fantasyportrait_core.weights.checkpoints import load_transformer
+    from fantasyportrait_core.model.fp8 import ScaledFP8Linear
 
     ckpt = W.write_wan_original(tiny[0], str(tmp_path / "wan.safetensors"), dtype=torch.float32)
     fp8 = load_transformer(ckpt, dtype=torch.float32, storage_dtype=torch.float8_e4m3fn, num_heads=2)

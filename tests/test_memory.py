@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from fantasyportrait_core.memory import (GIB, activation_bytes, choose_storage, measured_size, model_size,
+from fantasyportrait_core.runtime.memory import (GIB, activation_bytes, choose_storage, measured_size, model_size,
                                          plan_memory, tokens_per_forward)
-from fantasyportrait_core.models import WAN21_I2V_14B
-from fantasyportrait_core.residency import WeightHome
+from fantasyportrait_core.model.build import WAN21_I2V_14B
+from fantasyportrait_core.runtime.residency import WeightHome
 
 from .conftest import ROOT
 
@@ -94,7 +94,7 @@ def test_storage_auto_at_load(size14b):
 
 
 def test_measured_size_of_a_loaded_model(tiny):
-    from fantasyportrait_core.fp8 import quantize_model_fp8
+    from fantasyportrait_core.model.fp8 import quantize_model_fp8
 
     transformer, adapter = copy.deepcopy(tiny[0]), tiny[1]
     before = measured_size(transformer, adapter)
@@ -109,8 +109,8 @@ def test_measured_size_of_a_loaded_model(tiny):
 def test_block_offload_streams_the_adapter_kv_with_its_block(tiny):
     """With block offload the adapter's K/V of block i ride in block i's group (the same modules its
     processor calls), the output is unchanged, and the plan's byte counts do not double them."""
-    from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors
-    from fantasyportrait_core.residency import enable_block_offload
+    from fantasyportrait_core.model.attention import PortraitCondition, attach_portrait_processors
+    from fantasyportrait_core.runtime.residency import enable_block_offload
 
     model, adapter = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
     state = attach_portrait_processors(model, adapter)
@@ -135,7 +135,7 @@ def test_weights_return_to_the_tensors_they_were_loaded_as(tmp_path, tiny):
     points every tensor at the very tensor it was loaded as (same data pointer: the loader's
     memory-mapped or assigned tensor, never a new RAM copy), where ``module.to("cpu")`` would copy.
     Tensors added later (e.g. LoRA layers) are tracked."""
-    from fantasyportrait_core.checkpoints import load_transformer
+    from fantasyportrait_core.weights.checkpoints import load_transformer
 
     from . import checkpoint_writers as W
 
@@ -213,8 +213,8 @@ import torch
 import comfy.options
 comfy.options.enable_args_parsing()
 import comfy.model_management as mm
-from fantasyportrait_core.models import random_tiny_models
-from fantasyportrait_core.residency import WeightHome
+from fantasyportrait_core.model.build import random_tiny_models
+from fantasyportrait_core.runtime.residency import WeightHome
 from nodes.residency import ComfyResident, load_resident, vram_available
 tr, ad, _, _ = random_tiny_models(0)
 home = WeightHome(tr, ad)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.attention import attach_portrait_processors
-from fantasyportrait_core.detectors import decode_gfl, letterbox_matrix, make_detector
-from fantasyportrait_core.faces import Face, FaceTrack
-from fantasyportrait_core.video import read_image
+from fantasyportrait_core.model.attention import attach_portrait_processors
+from fantasyportrait_core.faces.detectors import decode_gfl, letterbox_matrix, make_detector
+from fantasyportrait_core.faces.face import Face, FaceTrack
+from fantasyportrait_core.media.video import read_image
 
 from .conftest import data_path
 
@@ -124,7 +124,7 @@ def test_driving_video_without_any_face(detector, tiny):
 
 
 def test_one_video_with_two_people(detector, tiny):
-    from fantasyportrait_core.video import read_video
+    from fantasyportrait_core.media.video import read_video
 
     frames = read_video(data_path("two_person.mp4"), max_frames=9).frames
     drivers = P.encode_driving(detector, tiny[3], frames, people=2, smooth=1.0)
@@ -165,8 +165,7 @@ def test_gfl_decoding_and_letterbox():
 
 
 def test_missing_backend_models_name_the_folder(tmp_path, monkeypatch):
-    from fantasyportrait_core import detectors
-
+    from fantasyportrait_core.faces import detectors
     monkeypatch.setattr(detectors, "_importable", lambda module: True)  # the files are what is missing
     with pytest.raises(FileNotFoundError, match="face_det.onnx"):
         make_detector("official", str(tmp_path))

@@ -12,8 +12,8 @@ import torch
 
 import nodes
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.attention import apply_portrait
-from fantasyportrait_core.faces import Face, FaceTrack
+from fantasyportrait_core.model.attention import apply_portrait
+from fantasyportrait_core.faces.face import Face, FaceTrack
 from nodes import native
 from nodes.portrait import PortraitInputs
 from nodes.sampler import portrait_layout

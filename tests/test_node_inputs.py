@@ -13,9 +13,9 @@ import torch
 
 import nodes
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.faces import Face, FaceTrack
+from fantasyportrait_core.faces.face import Face, FaceTrack
 from fantasyportrait_core.validate import InputError
-from fantasyportrait_core.video import read_video
+from fantasyportrait_core.media.video import read_video
 from nodes import host
 from nodes.portrait import ReferenceFaces
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nodes
-from fantasyportrait_core.video import read_image, read_video
+from fantasyportrait_core.media.video import read_image, read_video
 
 from . import checkpoint_writers as W
 from .conftest import ROOT, data_path
@@ -294,7 +294,7 @@ def test_every_node_has_a_description_and_every_output_a_tooltip():
 def test_face_mapping_follows_wanimagetovideo_centre_crop():
     """Faces found on the reference land where WanImageToVideo's centre crop + resize puts them."""
     import nodes.sampler as S
-    from fantasyportrait_core.faces import Face
+    from fantasyportrait_core.faces.face import Face
 
     face = Face(np.array([300.0, 100.0, 400.0, 200.0]), np.zeros((5, 2)), 1.0)
     # 1000x500 reference into a square 256x256 video: 250 px cropped each side, then x0.512

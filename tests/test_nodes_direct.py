@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core.direction import CHANNEL_SLICES, baseline_features
-from fantasyportrait_core.performance import load_performance
+from fantasyportrait_core.drive.direction import CHANNEL_SLICES, baseline_features
+from fantasyportrait_core.drive.performance import load_performance
 from fantasyportrait_core.validate import InputError
 from nodes.direct import FantasyPortraitDirectExpression, DirectedExpression
 from nodes.portrait import ReferenceFaces
@@ -20,7 +20,7 @@ from .test_nodes_fast import _sample, setup  # noqa: F401  (module fixture: tiny
 @pytest.fixture(scope="module")
 def ref():
     """A 64×64 reference with one face (faces as Face Masks gives them)."""
-    from fantasyportrait_core.faces import Face
+    from fantasyportrait_core.faces.face import Face
 
     rng = np.random.default_rng(1)
     image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
@@ -122,7 +122,7 @@ def test_directed_workflow_is_consistent_with_the_nodes():
     import json
     import os
 
-    from fantasyportrait_core.direction import parse_keys
+    from fantasyportrait_core.drive.direction import parse_keys
 
     from .conftest import ROOT
     from .test_nodes import MAPPINGS, NATIVE, _widget_count

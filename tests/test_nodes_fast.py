@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core.faces import Face, FaceTrack
-from fantasyportrait_core.lora import active_loras
+from fantasyportrait_core.faces.face import Face, FaceTrack
+from fantasyportrait_core.weights.lora import active_loras
 from fantasyportrait_core.pipeline import DrivingExpression
-from fantasyportrait_core.sampling import PRESETS
+from fantasyportrait_core.sampling.flow import PRESETS
 from nodes.portrait import PortraitInputs
 
 from . import checkpoint_writers as W
@@ -125,7 +125,7 @@ def test_guidance_interval_inputs(setup):
 def test_model_loader_takes_gguf(tmp_path, tiny):
     from diffusers.quantizers.gguf.utils import GGUFLinear
 
-    from fantasyportrait_core.models import TINY_ADAPTER, TINY_TRANSFORMER, build_adapter, build_transformer
+    from fantasyportrait_core.model.build import TINY_ADAPTER, TINY_TRANSFORMER, build_adapter, build_transformer
 
     cfg = dict(TINY_TRANSFORMER, **W.GGUF_TINY)
     torch.manual_seed(0)

@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 import pytest
 
-from fantasyportrait_core import detectors as D
-from fantasyportrait_core.expression import ALIGN_TEMPLATE, align_face, umeyama
-from fantasyportrait_core.faces import order_points
+from fantasyportrait_core.faces import detectors as D
+from fantasyportrait_core.model.expression import ALIGN_TEMPLATE, align_face, umeyama
+from fantasyportrait_core.faces.face import order_points
 
 from . import reference_face as R
 from .conftest import DATA, ROOT

@@ -6,13 +6,13 @@ import copy
 import pytest
 import torch
 
-from fantasyportrait_core.attention import (ATTENTION_BACKENDS, PortraitCondition, apply_portrait,
+from fantasyportrait_core.model.attention import (ATTENTION_BACKENDS, PortraitCondition, apply_portrait,
                                             attach_portrait_processors, set_attention_backend)
-from fantasyportrait_core.denoiser import I2VConditioning, PortraitDenoiser
-from fantasyportrait_core.fp8 import (fp8_linear, quantize_activation, quantize_fp8, set_fp8_compute,
+from fantasyportrait_core.model.denoiser import I2VConditioning, PortraitDenoiser
+from fantasyportrait_core.model.fp8 import (fp8_linear, quantize_activation, quantize_fp8, set_fp8_compute,
                                       scaled_mm_supported)
-from fantasyportrait_core.masks import token_person_ids
-from fantasyportrait_core.models import TINY_ADAPTER, TINY_TRANSFORMER, build_adapter, build_transformer
+from fantasyportrait_core.faces.regions import token_person_ids
+from fantasyportrait_core.model.build import TINY_ADAPTER, TINY_TRANSFORMER, build_adapter, build_transformer
 
 W = 97  # window length of one character
 
@@ -76,7 +76,7 @@ def test_prepared_branch_matches_token_by_token_reference(people):
 
 def test_masks_and_casts_are_built_once_per_condition(tiny, monkeypatch):
     """Every block of every forward reuses the condition's prepared mask and cast windows."""
-    import fantasyportrait_core.attention as A
+    import fantasyportrait_core.model.attention as A
 
     transformer, adapter, _, _ = tiny
     model = copy.deepcopy(transformer)
@@ -192,7 +192,7 @@ def test_fp8_matmul_error_against_upcast_path():
 
 def _fp8_model(config, seed=0):
     """A small transformer (widths multiples of 16, as _scaled_mm needs) with scaled fp8 block linears."""
-    from fantasyportrait_core.fp8 import fp8_linear_names, swap_in_fp8_linears
+    from fantasyportrait_core.model.fp8 import fp8_linear_names, swap_in_fp8_linears
 
     torch.manual_seed(seed)
     model = build_transformer(config).eval()

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core import cli, runner
+from fantasyportrait_core import cli
+
+from fantasyportrait_core.runtime import runner
 from fantasyportrait_core import pipeline as P
-from fantasyportrait_core.faces import Face, reading_order
+from fantasyportrait_core.faces.face import Face, reading_order
 from fantasyportrait_core.validate import InputError
-from fantasyportrait_core.video import (VideoStream, load_frames, probe_video, read_video, resample_fps, save_video,
+from fantasyportrait_core.media.video import (VideoStream, load_frames, probe_video, read_video, resample_fps, save_video,
                                         write_video)
 
 from .conftest import data_path
@@ -193,7 +195,7 @@ def test_face_order_numbers_are_the_preview_numbers(tmp_path, capsys, fast_model
 def test_unwritable_result_is_kept_and_can_be_encoded(tmp_path, capsys, fast_models, monkeypatch):
     """The final write fails (disk full, say): the frames go to a .frames.npz beside it, the message
     says where and how to encode it, and no partial file is left."""
-    import fantasyportrait_core.video as V
+    import fantasyportrait_core.media.video as V
 
     real_write = V.write_video
 
@@ -214,7 +216,7 @@ def test_unwritable_result_is_kept_and_can_be_encoded(tmp_path, capsys, fast_mod
 
 
 def test_broken_audio_costs_the_sound_not_the_video(tmp_path, monkeypatch, caplog):
-    import fantasyportrait_core.video as V
+    import fantasyportrait_core.media.video as V
 
     real_write = V.write_video
     calls = []
@@ -333,7 +335,7 @@ def test_reading_order_column_and_tolerance():
 
 
 def test_shared_two_person_inputs_keep_their_order(detector):
-    from fantasyportrait_core.video import read_image
+    from fantasyportrait_core.media.video import read_image
 
     faces = P.detect_reference(detector, read_image(data_path("two_person.png")))
     assert len(faces) == 2 and faces[0].center[0] < faces[1].center[0]
@@ -347,8 +349,8 @@ def test_shared_two_person_inputs_keep_their_order(detector):
 
 
 def test_restored_puts_processors_hooks_and_devices_back(tiny):
-    from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors
-    from fantasyportrait_core.restore import restored
+    from fantasyportrait_core.model.attention import PortraitCondition, attach_portrait_processors
+    from fantasyportrait_core.runtime.restore import restored
 
     transformer, adapter = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
     state = attach_portrait_processors(transformer, adapter)
@@ -385,8 +387,8 @@ def test_out_of_memory_messages_name_the_fix(tmp_path, capsys, fast_models, monk
 
 
 def test_nan_latent_is_an_error_not_a_video(tiny, monkeypatch):
-    from fantasyportrait_core.attention import attach_portrait_processors
-    from fantasyportrait_core.denoiser import I2VConditioning
+    from fantasyportrait_core.model.attention import attach_portrait_processors
+    from fantasyportrait_core.model.denoiser import I2VConditioning
 
     monkeypatch.setattr(P, "sample", lambda *a, **k: torch.full((1, 16, 2, 2, 2), float("nan")))
     transformer = copy.deepcopy(tiny[0])
@@ -413,7 +415,7 @@ def test_written_files_get_a_plain_new_files_permissions(tmp_path):
 
     import numpy as np
 
-    from fantasyportrait_core.video import atomic_write, write_video
+    from fantasyportrait_core.media.video import atomic_write, write_video
 
     mask = os.umask(0)
     os.umask(mask)

@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 
-from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors
-from fantasyportrait_core.denoiser import I2VConditioning, PortraitDenoiser
-from fantasyportrait_core.sampling import (PRESETS, SAMPLERS, GuidanceSchedule, check_sigmas, flow_sigmas,
+from fantasyportrait_core.model.attention import PortraitCondition, attach_portrait_processors
+from fantasyportrait_core.model.denoiser import I2VConditioning, PortraitDenoiser
+from fantasyportrait_core.sampling.flow import (PRESETS, SAMPLERS, GuidanceSchedule, check_sigmas, flow_sigmas,
                                            parse_step_ranges, sample, schedule_sigmas, start_latent,
                                            timestep_sigmas)
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core.attention import PortraitCondition, attach_portrait_processors
-from fantasyportrait_core.denoiser import I2VConditioning, PortraitDenoiser, first_frame_mask, pad_text
-from fantasyportrait_core.sampling import (combine_guidance, flow_sigmas, guidance_passes, initial_noise,
+from fantasyportrait_core.model.attention import PortraitCondition, attach_portrait_processors
+from fantasyportrait_core.model.denoiser import I2VConditioning, PortraitDenoiser, first_frame_mask, pad_text
+from fantasyportrait_core.sampling.flow import (combine_guidance, flow_sigmas, guidance_passes, initial_noise,
                                            sample_euler)
 
 
@@ -113,7 +113,7 @@ def test_denoiser_combines_three_passes(tiny):
 def test_bf16_model_denoises_like_fp32(tmp_path, tiny, storage):
     """bf16 weights (diffusers keeps some modules fp32) and scaled fp8 storage run a 3-pass guided
     step and stay close to the fp32 model on the same inputs."""
-    from fantasyportrait_core.checkpoints import load_transformer
+    from fantasyportrait_core.weights.checkpoints import load_transformer
 
     from . import checkpoint_writers as W
 

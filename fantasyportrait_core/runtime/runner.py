@@ -1,0 +1,354 @@
+"""Run a :class:`~fantasyportrait_core.runtime.job.Job` end to end: build or take the models, assemble them
+for the device (:func:`prepare_model`: attention backend, fp8 fast mode, compile, memory plan,
+block offload), then :func:`animate` (reference faces, driving expressions, directions, portrait
+condition, sampling, decoding, a write that never loses the result). The CLI's ``run`` and
+``demo`` and the benchmarks call :func:`run_job`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.model.attention import attach_portrait_processors, set_attention_backend
+from fantasyportrait_core.model.denoiser import I2VConditioning
+from fantasyportrait_core.faces.detectors import make_detector
+from fantasyportrait_core.runtime.job import Job
+from fantasyportrait_core.model.build import DTYPES
+from fantasyportrait_core.runtime.plan import RunPlan, plan_run
+from fantasyportrait_core.faces.preview import add_caption, detector_label, draw_faces
+from fantasyportrait_core.runtime.restore import restored
+from fantasyportrait_core.media.video import atomic_write, probe_video, read_image, read_video, save_video
+
+log = logging.getLogger("FantasyPortrait")
+
+
+def apply_lora_specs(transformer, specs: list[str]) -> list:
+    """Read and apply ``FILE[:STRENGTH]`` LoRA specs (:func:`~fantasyportrait_core.weights.lora.apply_loras`);
+    returns the summaries for the report."""
+    from fantasyportrait_core.weights.lora import apply_loras, parse_lora_arg, read_lora
+
+    loras = []
+    for spec in specs:
+        path, strength = parse_lora_arg(spec)
+        loras.append((read_lora(path, transformer), strength))
+    apply_loras(transformer, loras)
+    return [{"lora": w.name, "strength": s, "summary": w.summary(), "unmatched_keys": len(w.unmatched)}
+            for w, s in loras]
+
+
+@torch.no_grad()
+def init_latent_from_video(vae, path: str, num_frames: int, width: int, height: int) -> torch.Tensor:
+    """Normalised VAE latent ``[1, 16, F_lat, H/8, W/8]`` of the first ``num_frames`` frames of a video,
+    resized to the output size: what ``--denoise < 1`` starts from.
+
+    Raises:
+        ValueError: the video has fewer frames than will be generated.
+    """
+    from fantasyportrait_core.model.build import normalize_latent
+
+    video = read_video(path, max_frames=num_frames)
+    if len(video.frames) < num_frames:
+        raise ValueError(f"--init-video {path} has {len(video.frames)} frames; {num_frames} are generated")
+    frames = np.stack([P.resize_image(f, width, height) for f in video.frames])
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    p = next(vae.parameters())
+    return normalize_latent(vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float()).cpu()
+
+
+class Models:
+    """Everything one generation needs; ``random`` tells the output to say the weights are random."""
+
+    def __init__(self, transformer, adapter, vae, encoder, conditioners=None, random=False):
+        self.transformer, self.adapter, self.vae, self.encoder = transformer, adapter, vae, encoder
+        self.conditioners, self.random = conditioners, random
+        self.loras = None  # summaries of the LoRAs run_job applied (once per Models)
+        self.state = attach_portrait_processors(transformer, adapter)
+
+
+def tiny_random_models(seed: int = 0) -> Models:
+    """A tiny randomly initialised model (:func:`~fantasyportrait_core.model.build.random_tiny_models`)."""
+    from fantasyportrait_core.model.build import random_tiny_models
+
+    return Models(*random_tiny_models(seed), random=True)
+
+
+def real_models(job: Job) -> Models:
+    """The real Wan2.1-I2V transformer, VAE, text/image encoders, adapter and PD-FGC encoder of ``job``."""
+    from diffusers import AutoencoderKLWan
+
+    from fantasyportrait_core.weights.checkpoints import load_adapter, load_expression_encoder, load_transformer
+    from fantasyportrait_core.model.encoders import WanConditioners
+
+    m = job.memory
+    dtype = DTYPES[m.dtype]
+    transformer = load_transformer(job.transformer or os.path.join(job.wan_dir, "transformer"), dtype=dtype,
+                                   device="cpu", storage_dtype=torch.float8_e4m3fn if m.fp8 or m.fast else None)
+    adapter = load_adapter(job.adapter, dtype=dtype)
+    encoder = load_expression_encoder(job.pd_fpg or job.adapter)
+    vae = AutoencoderKLWan.from_pretrained(os.path.join(job.wan_dir, "vae"), torch_dtype=torch.float32).eval()
+    return Models(transformer, adapter, vae, encoder, WanConditioners(job.wan_dir, dtype, m.device))
+
+
+@contextlib.contextmanager
+def tqdm_progress(desc: str, total: int | None, unit: str = "frame"):
+    """A tqdm bar on stderr as a ``progress(desc, total)`` context yielding ``update(n)``."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+        yield bar.update
+
+
+# ----------------------------------------------------------------------------------------------
+# One generation
+
+
+def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
+    """Run the whole pipeline for one reference image; write ``plan.out`` and ``*_faces.png``.
+
+    Order: reference faces first (one image: checks the face count and face order before any
+    driving frame is decoded), then the driving videos as streams (only the frames used), then
+    sampling with a restore guard, decoding and a write that never loses the result.
+
+    Returns:
+        A report dict (faces in reading order, which face each character drives, unused faces,
+        frames filled, sizes, timings) that is also printed.
+    Raises:
+        InputError: a reference or driving video without the faces asked of it.
+    """
+    import cv2
+
+    t0 = time.time()
+    device, opts = job.memory.device, job.sampling
+    sampling = opts.resolve()  # the preset applied and the guidance schedule built once per run
+    report = {"output": plan.out, "random_weights": models.random, "sampler": opts.preset or opts.sampler}
+    detector = make_detector(job.detector, job.detector_dir)
+    mode = job.assign
+    report["detector"] = detector_label(detector)
+    try:
+        # Reference side (one image): face count and order are checked before any driving frame.
+        width, height = P.generation_size(image.shape[1], image.shape[0], job.max_size)
+        ref = P.resize_image(image, width, height)
+        faces = P.detect_reference(detector, ref)
+        report["reference_faces"] = [{"face": k, "box": [round(float(v), 1) for v in f.box],
+                                      "score": round(f.score, 3)} for k, f in enumerate(faces)]
+        chosen = None
+        if plan.face_order is not None or mode != "identity":
+            chosen = P.assign_faces(faces, plan.characters, plan.face_order, mode, order_name="--face-order")
+        else:
+            P.assign_faces(faces, plan.characters, list(range(plan.characters)))  # counts only
+
+        # Driving side: streams, only the frames that will be used.
+        drivers = []
+        with P.on_device(models.encoder, device):
+            for video, people in zip(plan.videos, plan.people):
+                drivers += P.encode_driving(detector, models.encoder, video, people=people, smooth=job.smooth,
+                                            landmark_filter=job.landmark_filter,
+                                            source=video.path, fps=plan.fps, progress=tqdm_progress)
+        drivers += plan.performances  # --expression: saved performances instead of videos
+        if chosen is None:
+            chosen = P.assign_faces(faces, len(drivers), None, mode, [P.driver_embedding(d) for d in drivers])
+        num_frames = P.frames_for(drivers, job.frames)
+        drivers = direct_drivers(models, ref, chosen, drivers, plan, job, num_frames, report)
+        numbers, unused, shown, labels = P.face_roles(chosen, faces, drivers)
+        rates = {v.path: v.source_fps for v in plan.videos}
+        report["characters"] = [{"character": i, "face": numbers[i], "video": os.path.basename(d.source),
+                                 "person_in_video": d.track_index, "people_in_video": d.people_seen,
+                                 "frames": int(d.num_frames), "fps": round(plan.fps, 3),
+                                 "source_fps": round(rates.get(d.source, plan.fps), 3),
+                                 "frames_without_face": d.track.missing}
+                                for i, d in enumerate(drivers)]
+        report["faces_driven_by"] = {f"face #{numbers[i]}": d.label for i, d in enumerate(drivers)}
+        report["unused_faces"] = unused
+        if unused:
+            log.warning("[FantasyPortrait] reference face(s) %s have no driver and stay as in the image; add driving "
+                        "videos or --people to animate them", ", ".join(f"#{k}" for k in unused))
+        for v, n in zip(plan.videos, plan.people):
+            seen = max((d.people_seen for d in drivers if d.source == v.path), default=n)
+            if seen > n:
+                report.setdefault("notes", []).append(
+                    f"{os.path.basename(v.path)} shows {seen} people; {n} animated (--people)")
+        layout = P.reference_layout(chosen, drivers, width, height, num_frames)
+    finally:
+        detector.close()
+
+    portrait = P.portrait_condition(models.adapter.to(device), drivers, num_frames, layout, opts.portrait_scale)
+    # One numbering everywhere: the face numbers --face-order takes, next to the character each drives.
+    preview = draw_faces(ref, shown, layout.regions,
+                         layout.latent_person if len(drivers) > 1 else None, labels)
+    preview = add_caption(preview, f"detector: {report['detector']}")
+    preview_path = os.path.splitext(plan.out)[0] + "_faces.png"
+    _write_png(preview_path, cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
+
+    # Conditions: text + CLIP image (real encoders) or seeded stand-ins (random tiny model).
+    with P.on_device(models.vae, device):
+        y = P.encode_reference_latent(models.vae, ref, num_frames)
+    cfg_t = models.transformer.config
+    if models.conditioners is not None:
+        from fantasyportrait_core.model.encoders import DEFAULT_NEGATIVE_PROMPT
+
+        text_pos = models.conditioners.text(job.prompt)
+        negative = DEFAULT_NEGATIVE_PROMPT if job.negative_prompt is None else job.negative_prompt
+        text_neg = models.conditioners.text(negative) if sampling.cfg != 1.0 else None
+        image_ctx = models.conditioners.image(ref)
+    else:
+        g = torch.Generator().manual_seed(opts.seed)
+        text_pos = torch.randn(1, 16, cfg_t.text_dim, generator=g)
+        text_neg = torch.randn(1, 16, cfg_t.text_dim, generator=g)
+        image_ctx = torch.randn(1, 257, cfg_t.image_dim, generator=g)
+    cond = I2VConditioning(text_pos, text_neg, image_ctx, y)
+
+    init = None
+    if job.init_video:
+        with P.on_device(models.vae, device):
+            init = init_latent_from_video(models.vae, job.init_video, num_frames, width, height)
+    t1, c1 = time.time(), time.process_time()
+    window, memory_plan = prepare_model(models, job, width, height, num_frames, len(drivers), sampling)
+    report["memory_plan"] = memory_plan.describe()
+    report["context"] = "one pass" if window is None else f"windows of {window} frames"
+    placed = contextlib.nullcontext() if memory_plan.offload == "block" else P.on_device(models.transformer, device)
+    # Whatever happens inside (Ctrl-C, out of memory, an error), the model leaves as it came.
+    with tqdm_progress("sampling", sampling.steps, unit="step") as update, placed, \
+            restored(models.transformer, models.state):
+        latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
+                                   seed=opts.seed, callback=lambda info: update(1), context_frames=window,
+                                   context_overlap=job.memory.context_overlap,
+                                   window_anchor=job.memory.window_anchor, init_latent=init,
+                                   batch_passes=memory_plan.batch_passes, device=device, resolved=sampling)
+    t2, c2 = time.time(), time.process_time()
+    with P.on_device(models.vae, device):
+        frames = P.decode_latent(models.vae, latent)
+    saved = save_video(plan.out, frames, plan.fps, audio_from=plan.videos[0].path if plan.videos else None)
+    report.update(faces_png=preview_path, sampling_s=round(t2 - t1, 2), sampling_cpu_s=round(c2 - c1, 2),
+                  fps=round(plan.fps, 3))
+    if saved.path is None:
+        report.update(output=None, fallback=saved.fallback, error=saved.error)
+        return report
+    written = probe_video(plan.out)  # check what a player will see, not what we meant to write
+    if (written["frames"], written["width"], written["height"]) != (num_frames, width, height):
+        raise RuntimeError(f"{plan.out}: wrote {written} but expected {num_frames} frames {width}x{height}")
+    report.update(frames=written["frames"], width=written["width"], height=written["height"], audio=written["audio"],
+                  total_s=round(time.time() - t0, 2))
+    return report
+
+
+def direct_drivers(models: Models, ref: np.ndarray, chosen: list, drivers: list, plan: RunPlan, job: Job,
+                   num_frames: int, report: dict) -> list:
+    """--save-expression (the encoded performances as read), then --strength/--motion: each
+    character's features against the baseline of the reference face it animates
+    (:func:`~fantasyportrait_core.drive.direction.baseline_features` on ``ref``, the image the faces were
+    found in). Drivers come back unchanged (the same objects) when no direction changes anything.
+
+    Raises:
+        InputError: keys or a neutral frame outside the ``num_frames`` generated frames.
+    """
+    from fantasyportrait_core.drive.direction import baseline_features, direct
+    from fantasyportrait_core.drive.performance import performance_paths, save_performance
+
+    if job.save_expression:
+        paths = [save_performance(path, d) for path, d in zip(performance_paths(job.save_expression, len(drivers)),
+                                                                drivers)]
+        report["saved_expressions"] = paths
+    directions = plan.directions or []
+    if not any(not d.is_identity for d in directions):
+        return drivers
+    for d in directions:
+        d.check(num_frames, f"the {num_frames} generated frames")
+    with P.on_device(models.encoder, job.memory.device):
+        baselines = baseline_features(models.encoder, ref, chosen)
+    report["direction"] = [{"character": i, "settings": d.describe()} for i, d in enumerate(directions)]
+    return [direct(drv, d, b) for drv, d, b in zip(drivers, directions, baselines)]
+
+
+def _write_png(path: str, bgr: np.ndarray):
+    """Write a PNG via a temporary file in the same folder (never a half-written preview)."""
+    import cv2
+
+    ok, data = cv2.imencode(".png", bgr)
+    try:
+        if not ok:
+            raise OSError("PNG encoding failed")
+        with atomic_write(path, ".png") as tmp, open(tmp, "wb") as f:
+            f.write(data.tobytes())
+    except OSError as e:
+        log.warning("[FantasyPortrait] could not write the face preview %s (%s)", path, e)
+
+
+def prepare_model(models: Models, job: Job, width: int, height: int, num_frames: int, people: int,
+                  sampling=None):
+    """Assemble the model for the job's device: apply fast mode (fp8 matmul), compile and the attention
+    backend once, then plan this job
+    (:func:`~fantasyportrait_core.runtime.memory.plan_sampling`): one pass or windows (--long-video), guidance
+    passes per forward, and block offload (diffusers group offload, next block on a side CUDA stream)
+    when the plan needs it. Returns ``(window, plan)``: window in pixel frames (``None``: one pass)."""
+    from fantasyportrait_core.model.fp8 import ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
+    from fantasyportrait_core.runtime.memory import measured_size, plan_sampling
+    from fantasyportrait_core.runtime.residency import available_ram_bytes, enable_block_offload, free_vram_bytes
+    from fantasyportrait_core.sampling.flow import guidance_passes
+
+    m = job.memory
+    sampling = sampling or job.sampling.resolve()
+    tr, device = models.transformer, torch.device(m.device)
+    if not getattr(models, "_speed_set", False):
+        set_attention_backend(tr, m.attention)
+        if m.fast:
+            if not any(isinstance(m, ScaledFP8Linear) for m in tr.modules()):
+                quantize_model_fp8(tr)
+            log.info("[FantasyPortrait] fast mode: %s", set_fp8_compute(tr, "scaled_mm", device))
+        if m.compile:
+            tr.compile_repeated_blocks()
+        models._speed_set = True
+    storage = "fp8" if any(isinstance(m, ScaledFP8Linear) for m in tr.modules()) else "bf16"
+    offload = "block" if getattr(models, "_offloaded", False) else m.offload
+    window, plan = plan_sampling(measured_size(tr, models.adapter), width, height, num_frames,
+                                 free_vram_bytes(device), guidance_passes(sampling.cfg, sampling.portrait_cfg), people,
+                                 storage, offload, m.long_video, m.context_frames, m.window_anchor == "reference")
+    log.info("[FantasyPortrait] %s", plan.describe())
+    if plan.offload == "block" and device.type == "cuda" and not getattr(models, "_offloaded", False):
+        enable_block_offload(tr, device, available_ram_bytes(), adapter=models.adapter)
+        models._offloaded = True
+    return window, plan
+
+
+def oom_message(job: Job) -> str:
+    """The one-line out-of-GPU-memory advice for ``job`` (what to lower, in the CLI's option names)."""
+    return (f"out of GPU memory at --max-size {job.max_size}, --frames {job.frames}, --context-frames "
+            f"{job.memory.context_frames}{', --fp8' if job.memory.fp8 else ''}: add --fp8 (halves the "
+            f"transformer weights), lower --max-size or --context-frames (e.g. 480 / 49), or run on a larger GPU")
+
+
+
+
+def run_job(job: Job, models: Models | None = None, plan: RunPlan | None = None) -> dict:
+    """Run one job end to end: validate (:func:`~fantasyportrait_core.runtime.plan.plan_run`, unless ``plan``
+    is given), build the models when none are given (real checkpoints, else the tiny random model),
+    apply the job's LoRAs, animate and write ``job.out``.
+
+    Returns:
+        The report dict of :func:`animate` (with ``loras`` when any were applied); ``output`` is
+        ``None`` when the video could not be written (the frames are in ``fallback``).
+    Raises:
+        InputError / FileNotFoundError: bad input, before any model is built.
+    """
+    plan = plan or plan_run(job)
+    if models is None:
+        if not plan.real:
+            print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real animation).")
+        models = real_models(job) if plan.real else tiny_random_models(job.sampling.seed)
+    if models.loras is None:  # once per model: the demo's jobs share one
+        models.loras = apply_lora_specs(models.transformer, job.loras) if job.loras else []
+    report = animate(models, read_image(plan.image), plan, job)
+    if models.loras:
+        report["loras"] = models.loras
+    return report
+
+
+__all__ = ["Models", "animate", "apply_lora_specs", "direct_drivers", "init_latent_from_video", "oom_message",
+           "prepare_model", "real_models", "run_job", "tiny_random_models", "tqdm_progress"]
