@@ -38,72 +38,117 @@ from fantasyportrait_core.media.video import OUTPUT_FPS, Video, load_frames, rea
 
 log = logging.getLogger("FantasyPortrait")
 
+BATCH_HELP = """Many clips on one model load. JOBS holds one job a line: .jsonl (a JSON object a line) or .csv
+(a header row; list values separated by ';'). Keys are the run options without dashes; the options
+given here are every job's defaults. 'out' is relative to --out DIR (default IMAGE__DRIVERS.mp4).
+
+  {"image": "anna.png", "driving": ["take1.mp4"], "steps": 4, "out": "anna_take1.mp4"}
+  {"image": "duo.png", "driving": ["a.mp4", "b.mp4"], "portrait_cfg": 3.5, "seed": 7}
+
+Every line is checked before the first job (refused with its line number). A job whose output
+exists is skipped, so a rerun resumes; a failing job is logged, reported in DIR/batch_report.json
+(status, seconds, error) and the batch goes on. Ctrl-C stops after the current step. Model options
+(checkpoints, --lora, --dtype, --fp8, --device...) apply to the whole batch. Under
+torchrun --nproc-per-node N the jobs are shared over the N GPUs (see docs/SCALING.md).
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fantasyportrait", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def common(p):
-        p.add_argument("--frames", type=int, default=81,
-                       help="max frames to generate (floored to 4k+1); more than --context-frames uses context windows")
-        p.add_argument("--max-size", type=int, default=720, help="longest side of the output, rounded up to /16")
-        p.add_argument("--steps", type=int, default=30)
-        p.add_argument("--cfg", type=float, default=1.0, help="text guidance (1 = off, as the reference scripts)")
-        p.add_argument("--portrait-cfg", type=float, default=4.0, help="portrait guidance (<= 1 = off, as the reference)")
-        p.add_argument("--portrait-scale", type=float, default=1.0, help="portrait branch strength in the DiT")
-        p.add_argument("--shift", type=float, default=5.0)
-        p.add_argument("--seed", type=int, default=42)
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--detector", choices=BACKENDS, default="auto",
-                       help="face detector: auto (official ONNX pair when both files are in --detector-dir and "
-                            "onnxruntime is installed, else mtcnn), mtcnn (offline), mediapipe, insightface, "
-                            "official (ONNX pair); see docs/INSTALL.md")
-        p.add_argument("--detector-dir", default=None,
-                       help="folder with face_det.onnx + face_landmark.onnx (default models/fantasyportrait), "
-                            "or for insightface its root holding models/buffalo_l")
-        p.add_argument("--landmark-filter", choices=P.LANDMARK_FILTERS, default="one_euro",
-                       help="landmark filter before alignment: one_euro (the reference's) or none")
-        p.add_argument("--smooth", type=float, default=0.0,
-                       help="extra Gaussian landmark smoothing, sigma in frames (0 = none, as the reference)")
-        p.add_argument("--fps", type=float, default=OUTPUT_FPS,
-                       help="output frame rate; every driving video is resampled to it (default 25, as the reference's "
-                            "multi-character script; its single-character script keeps the driver's rate)")
-        p.add_argument("--long-video", choices=CONTEXT_MODES, default="auto",
-                       help="auto: one pass (as the reference) when it fits in free memory, else windows; "
-                            "one_pass; windows")
-        p.add_argument("--context-frames", type=int, default=81, help="window length when windows are used")
-        p.add_argument("--context-overlap", type=int, default=16, help="frames shared by neighbouring windows")
-        p.add_argument("--window-anchor", choices=ANCHORS, default="reference",
-                       help="reference: later windows also see the first frame with the reference condition")
-        _sampling_options(p)
-        p.add_argument("--fast", action="store_true",
-                       help="fast mode: fp8 weights multiplied in fp8 (torch._scaled_mm) on GPUs of compute capability "
-                            "8.9+ (others: bf16 matmul); implies --fp8")
-        p.add_argument("--compile", action="store_true",
-                       help="torch.compile the transformer blocks (needs Triton on CUDA; the first step compiles)")
-        p.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa",
-                       help="attention kernels: sdpa (PyTorch picks cuDNN/flash), sdpa_cudnn, sdpa_flash, sageattention")
-        p.add_argument("--offload", choices=["auto", "none", "block"], default="auto",
-                       help="block: stream transformer blocks from RAM to the GPU; auto: from the memory plan")
-
     demo = sub.add_parser("demo", help="tiny random model on the shared inputs (one and two characters)")
     demo.add_argument("--data", default=os.path.join("..", "shared", "data"))
     demo.add_argument("--out", default=os.path.join("outputs", "demo"))
-    common(demo)
+    _common_options(demo)
     demo.set_defaults(frames=33, max_size=320, steps=8)
 
     run = sub.add_parser("run", help="animate one reference image")
-    run.add_argument("--image", required=True)
-    drive = run.add_mutually_exclusive_group(required=True)
+    _run_arguments(run)
+    from fantasyportrait_core.runtime.parallel import PARALLEL_MODES
+
+    run.add_argument("--parallel", choices=PARALLEL_MODES, default="none",
+                     help="one video on every GPU of a torchrun launch (torchrun --nproc-per-node N -m "
+                          "fantasyportrait_core.cli run --parallel ...): cfg = the guidance passes of a step on "
+                          "different GPUs, sequence = the tokens split over the GPUs (diffusers context "
+                          "parallelism), auto = cfg when N divides the passes, else sequence; docs/SCALING.md")
+
+    batch = sub.add_parser("batch", help="many jobs from a .jsonl/.csv file on one model load (resumable; "
+                                         "torchrun shares the jobs over GPUs)",
+                           description=BATCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("jobs", metavar="JOBS", help="jobs file: .jsonl (one JSON object a line) or .csv (header row)")
+    batch.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
+                       help="folder of the outputs and batch_report.json; a job's 'out' is relative to it")
+    _run_arguments(batch, batch=True, out=False)
+
+    enc = sub.add_parser("encode", help="encode a *.frames.npz (kept when a video could not be written) to a video")
+    enc.add_argument("frames_file", help="the .frames.npz file")
+    enc.add_argument("--out", required=True, help="output video (.mp4, .mov or .mkv)")
+    enc.add_argument("--fps", type=float, default=None, help="frame rate (default: the one stored in the file)")
+    _evaluate_parser(sub)
+    return ap
+
+
+def _common_options(p):
+    """Options of every generating command (demo, run, batch)."""
+    p.add_argument("--frames", type=int, default=81,
+                   help="max frames to generate (floored to 4k+1); more than --context-frames uses context windows")
+    p.add_argument("--max-size", type=int, default=720, help="longest side of the output, rounded up to /16")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=1.0, help="text guidance (1 = off, as the reference scripts)")
+    p.add_argument("--portrait-cfg", type=float, default=4.0, help="portrait guidance (<= 1 = off, as the reference)")
+    p.add_argument("--portrait-scale", type=float, default=1.0, help="portrait branch strength in the DiT")
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--detector", choices=BACKENDS, default="auto",
+                   help="face detector: auto (official ONNX pair when both files are in --detector-dir and "
+                        "onnxruntime is installed, else mtcnn), mtcnn (offline), mediapipe, insightface, "
+                        "official (ONNX pair); see docs/INSTALL.md")
+    p.add_argument("--detector-dir", default=None,
+                   help="folder with face_det.onnx + face_landmark.onnx (default models/fantasyportrait), "
+                        "or for insightface its root holding models/buffalo_l")
+    p.add_argument("--landmark-filter", choices=P.LANDMARK_FILTERS, default="one_euro",
+                   help="landmark filter before alignment: one_euro (the reference's) or none")
+    p.add_argument("--smooth", type=float, default=0.0,
+                   help="extra Gaussian landmark smoothing, sigma in frames (0 = none, as the reference)")
+    p.add_argument("--fps", type=float, default=OUTPUT_FPS,
+                   help="output frame rate; every driving video is resampled to it (default 25, as the reference's "
+                        "multi-character script; its single-character script keeps the driver's rate)")
+    p.add_argument("--long-video", choices=CONTEXT_MODES, default="auto",
+                   help="auto: one pass (as the reference) when it fits in free memory, else windows; "
+                        "one_pass; windows")
+    p.add_argument("--context-frames", type=int, default=81, help="window length when windows are used")
+    p.add_argument("--context-overlap", type=int, default=16, help="frames shared by neighbouring windows")
+    p.add_argument("--window-anchor", choices=ANCHORS, default="reference",
+                   help="reference: later windows also see the first frame with the reference condition")
+    _sampling_options(p)
+    p.add_argument("--fast", action="store_true",
+                   help="fast mode: fp8 weights multiplied in fp8 (torch._scaled_mm) on GPUs of compute capability "
+                        "8.9+ (others: bf16 matmul); implies --fp8")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (needs Triton on CUDA; the first step compiles)")
+    p.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa",
+                   help="attention kernels: sdpa (PyTorch picks cuDNN/flash), sdpa_cudnn, sdpa_flash, sageattention")
+    p.add_argument("--offload", choices=["auto", "none", "block"], default="auto",
+                   help="block: stream transformer blocks from RAM to the GPU; auto: from the memory plan")
+
+
+def _run_arguments(run, batch: bool = False, out: bool = True):
+    """The options of ``run``; ``batch``: none required (a jobs file line or the batch command line
+    gives them); ``out``: with ``--out`` as the output video."""
+    run.add_argument("--image", required=not batch, help="reference image (the portrait to animate)")
+    drive = run.add_mutually_exclusive_group(required=not batch)
     drive.add_argument("--driving", nargs="+",
                        help="driving videos: one per character (characters take the reference faces in reading "
                             "order: rows top to bottom, left to right), or videos showing several people (--people)")
     drive.add_argument("--expression", nargs="+", metavar="FILE",
                        help="saved performances (.safetensors from --save-expression or Save Performance), one per "
                             "character, in place of --driving: no video or face detection of a driver needed")
-    run.add_argument("--out", required=True,
-                     help="output video (.mp4, .mov or .mkv; a _faces.png preview is written beside it)")
+    if out:
+        run.add_argument("--out", required=not batch,
+                         help="output video (.mp4, .mov or .mkv; a _faces.png preview is written beside it)")
     run.add_argument("--prompt", default="")
     run.add_argument("--negative-prompt", default=None)
     run.add_argument("--people", type=int, nargs="+", default=None,
@@ -123,15 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tiny-random", action="store_true", help="use a tiny random model (no checkpoints)")
     run.add_argument("--init-video", default=None,
                      help="video to start from when --denoise < 1 (video-to-video; resized to the output size)")
-    common(run)
+    _common_options(run)
     _direction_options(run)
-
-    enc = sub.add_parser("encode", help="encode a *.frames.npz (kept when a video could not be written) to a video")
-    enc.add_argument("frames_file", help="the .frames.npz file")
-    enc.add_argument("--out", required=True, help="output video (.mp4, .mov or .mkv)")
-    enc.add_argument("--fps", type=float, default=None, help="frame rate (default: the one stored in the file)")
-    _evaluate_parser(sub)
-    return ap
 
 
 def _direction_options(p):
@@ -306,15 +344,84 @@ def cmd_demo(args) -> int:
 
 def cmd_run(args) -> int:
     """``run``: one job (:func:`~fantasyportrait_core.runtime.runner.run_job`); prints the report."""
-    job = job_from_args(args)
-    plan = plan_run(job)
-    report = run_job(job, plan=plan)
+    from fantasyportrait_core.runtime.parallel import TORCHRUN_HINT, Distributed, setup_parallel
+
+    dist = Distributed.from_env(args.device) if args.parallel != "none" else None
+    if dist is None and args.parallel in ("cfg", "sequence"):
+        raise InputError(f"--parallel {args.parallel} spreads one video over the processes of a torchrun launch: "
+                         f"{TORCHRUN_HINT} run --parallel {args.parallel} ... (a single process runs without it)")
+    try:
+        if dist is not None:
+            args.device = dist.device_for(args.device)
+        job = job_from_args(args)
+        plan = plan_run(job)
+        models = None
+        if dist is not None:
+            if not plan.real:
+                print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real "
+                      "animation).")
+            models = runner.real_models(job) if plan.real else runner.tiny_random_models(job.sampling.seed)
+            setup_parallel(models, args.parallel, dist, job)
+        report = run_job(job, models, plan=plan)
+    finally:
+        if dist is not None:
+            dist.close()
+    if dist is not None and dist.rank != 0:
+        return 0  # rank 0 writes and reports
+    report.pop("latent", None)
     _print_report(report)
     if report.get("output") is None:
         print(f"error: could not write {plan.out} ({report['error']}); the frames are saved in {report['fallback']}: "
               f"python -m fantasyportrait_core.cli encode {report['fallback']} --out VIDEO.mp4", file=sys.stderr)
         return 1
     return 0
+
+
+def _line_parser():
+    """The parser of one jobs-file line: the ``run`` options, none required, errors raised."""
+    from fantasyportrait_core.runtime.batch import RefusingParser
+
+    p = RefusingParser(prog="jobs line", add_help=False)
+    _run_arguments(p, batch=True)
+    return p
+
+
+def cmd_batch(args) -> int:
+    """``batch``: every line of JOBS built as ``run`` builds its job (:func:`job_from_args`), checked
+    (:func:`~fantasyportrait_core.runtime.plan.plan_run`), then run on one model load
+    (:func:`~fantasyportrait_core.runtime.batch.run_batch`); under torchrun the jobs are shared over the
+    ranks. Returns 0 (all done or skipped), 1 (a job failed), 130 (stopped)."""
+    from fantasyportrait_core.runtime import batch as B
+    from fantasyportrait_core.runtime.parallel import Distributed
+
+    out_dir = os.path.abspath(args.out_dir)
+    if os.path.isfile(out_dir):
+        raise InputError(f"--out '{args.out_dir}' is a file; give the folder the outputs go to")
+    dist = Distributed.from_env(args.device)
+    try:
+        if dist is not None:
+            args.device = dist.device_for(args.device)
+        defaults = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("jobs", "out_dir")})
+        jobs = B.build_jobs(args.jobs, out_dir, defaults, _line_parser(), job_from_args)
+
+        def load_models(job):
+            if job.tiny_random or not any((job.wan_dir, job.adapter, job.transformer)):
+                print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real "
+                      "animation).")
+                return runner.tiny_random_models(args.seed)
+            return runner.real_models(job)
+
+        stop = B.Stop()
+        with stop.installed():
+            report = B.run_batch(jobs, args.jobs, out_dir, load_models, stop=stop, dist=dist)
+    finally:
+        if dist is not None:
+            dist.close()
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(report["summary"].items()))
+    print(f"batch: {summary}; report {os.path.join(out_dir, B.REPORT_NAME)}")
+    if stop.requested:
+        return 130
+    return 1 if report["summary"].get("failed") else 0
 
 
 def cmd_encode(args) -> int:
@@ -395,7 +502,8 @@ def cmd_evaluate(args) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = _parser().parse_args(argv)
-    commands = {"demo": cmd_demo, "run": cmd_run, "encode": cmd_encode, "evaluate": cmd_evaluate}
+    commands = {"demo": cmd_demo, "run": cmd_run, "batch": cmd_batch, "encode": cmd_encode,
+                "evaluate": cmd_evaluate}
     try:
         return commands[args.command](args)
     except (InputError, FileNotFoundError, BackendUnavailable) as e:  # a user mistake: one line, no traceback

@@ -128,6 +128,7 @@ class PortraitState:
 
     def __init__(self):
         self.condition: PortraitCondition | PreparedPortrait | None = None
+        self.parallel = None  # runtime.parallel.ParallelRun under torchrun --parallel, else None
 
 
 def portrait_attention_mask(latent_person: torch.Tensor, token_person: torch.Tensor) -> torch.Tensor:
@@ -201,8 +202,51 @@ def portrait_branch(
     return _branch(query, prep, k_proj, v_proj)
 
 
+def sequence_shard(parallel_config, local_tokens: int) -> tuple[int, int] | None:
+    """``(start, total)`` of the tokens this process holds under diffusers' context parallelism
+    (``parallel_config``: the ``ParallelConfig`` diffusers sets on every attention processor), or
+    ``None`` without it. diffusers' equipartition sharder gives rank ``r`` of the flattened ring x
+    Ulysses mesh the ``r``-th of ``N`` equal chunks of the token axis (``tensor.chunk``), so rank ``r``
+    holds tokens ``r·n .. (r+1)·n - 1`` of ``N·n``.
+
+    Raises:
+        ValueError: the uneven ``ulysses_anything``/``ring_anything`` sharders (offsets unknown here).
+    """
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None:
+        return None
+    if cp.ulysses_anything or cp.ring_anything:
+        raise ValueError("the portrait branch needs equal token shards; ulysses_anything/ring_anything are not supported")
+    mesh = cp._flattened_mesh
+    rank = torch.distributed.get_rank(mesh.get_group())
+    return rank * local_tokens, mesh.size() * local_tokens
+
+
+def _shard_branch(query: torch.Tensor, cond: PreparedPortrait, k_proj, v_proj, start: int, total: int) -> torch.Tensor:
+    """:func:`_branch` for a contiguous shard ``[start, start + n)`` of the ``total`` frame-major latent
+    tokens (context parallelism): the shard is padded with zero queries to whole latent frames, the
+    windows and the per-person mask are sliced to those frames, and the padding is cut off again, so
+    each token attends to its own frame's expression tokens exactly as in the whole sequence."""
+    b, n = query.shape[:2]
+    f_lat = cond.windows.shape[1]
+    if total % f_lat:
+        raise ValueError(f"{total} latent tokens cannot be split into {f_lat} latent frames")
+    s = total // f_lat
+    f0, f1 = start // s, (start + n - 1) // s + 1
+    front, back = start - f0 * s, f1 * s - start - n
+    q = F.pad(query, (0, 0, 0, 0, front, back))
+    mask = cond.mask
+    if mask is not None:
+        mask = mask.view(-1, f_lat, *mask.shape[1:])[:, f0:f1].reshape(-1, *mask.shape[1:])
+    sub = PreparedPortrait(cond.windows[:, f0:f1], mask, None, cond.scale, cond.rows)
+    out = _branch(q, sub, k_proj, v_proj)[:, front:front + n]
+    if cond.foreground is not None:
+        out = out * cond.foreground[:, start:start + n]
+    return out
+
+
 def apply_portrait(query: torch.Tensor, cond: PortraitCondition | PreparedPortrait | None, k_proj: torch.nn.Module,
-                   v_proj: torch.nn.Module) -> torch.Tensor | None:
+                   v_proj: torch.nn.Module, shard: tuple[int, int] | None = None) -> torch.Tensor | None:
     """The portrait term one block adds to its cross-attention output before the output projection:
     ``scale · portrait_branch(query, ...)``, or ``None`` when there is no condition.
 
@@ -216,6 +260,8 @@ def apply_portrait(query: torch.Tensor, cond: PortraitCondition | PreparedPortra
             (the leading ``cond.rows`` rows get the branch; no Python-level branching, so it
             compiles to one graph), or ``None``.
         k_proj, v_proj: that block's adapter projections.
+        shard: ``(start, total)`` when ``query`` holds only tokens ``start .. start + L - 1`` of
+            ``total`` (diffusers context parallelism, :func:`sequence_shard`); ``None``: all tokens.
     Returns:
         ``[rows, L, H·D]`` in ``query``'s dtype for the leading ``rows`` batch rows (all ``B`` rows
         for a plain :class:`PortraitCondition`), or ``None``.
@@ -228,6 +274,8 @@ def apply_portrait(query: torch.Tensor, cond: PortraitCondition | PreparedPortra
         cond = cond.prepared(query.device, query.dtype, projection_dtype(k_proj, query.dtype), rows=query.shape[0])
     if cond.rows != query.shape[0]:
         query = query[:cond.rows]
+    if shard is not None:
+        return _shard_branch(query, cond, k_proj, v_proj, *shard) * cond.scale
     return _branch(query, cond, k_proj, v_proj) * cond.scale
 
 
@@ -328,7 +376,8 @@ class PortraitAttnProcessor:
             out_img = dispatch_attention_fn(query, key_img, value_img, backend=self._attention_backend)
             out = out + out_img.flatten(2, 3).type_as(query)
 
-        portrait = apply_portrait(query, self.state.condition, self.k_proj, self.v_proj)
+        shard = None if self._parallel_config is None else sequence_shard(self._parallel_config, query.shape[1])
+        portrait = apply_portrait(query, self.state.condition, self.k_proj, self.v_proj, shard)
         if portrait is not None:
             rows = portrait.shape[0]
             out = out + portrait if rows == out.shape[0] else torch.cat([out[:rows] + portrait, out[rows:]])

@@ -140,10 +140,20 @@ class PortraitDenoiser:
         """DiT velocities for ``passes`` (``(prompt, with_portrait)`` pairs), at most
         ``batch_passes`` of them per forward, stacked on the batch axis with the portrait rows first.
 
+        Under ``--parallel cfg`` (``state.parallel``, :class:`~fantasyportrait_core.runtime.parallel.ParallelRun`)
+        the passes are shared among the ranks and gathered, so every rank gets them all.
+
         Returns:
             ``{pass: float32 [1, 16, F_lat, h, w]}``.
         """
         passes = sorted(passes, key=lambda p: not p[1])  # portrait rows lead (stable)
+        parallel = getattr(self.state, "parallel", None)
+        if parallel is not None and parallel.mode == "cfg" and len(passes) > 1:
+            return parallel.run_passes(self, x, sigma, passes)
+        return self.run_local(x, sigma, passes)
+
+    def run_local(self, x: torch.Tensor, sigma: float, passes) -> dict:
+        """:meth:`run_passes` in this process only (``passes`` already in portrait-first order)."""
         size = len(passes) if self.batch_passes is None else self.batch_passes
         preds = {}
         for start in range(0, len(passes), size):

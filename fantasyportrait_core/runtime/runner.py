@@ -71,6 +71,7 @@ class Models:
         self.conditioners, self.random = conditioners, random
         self.loras = None  # summaries of the LoRAs run_job applied (once per Models)
         self.state = attach_portrait_processors(transformer, adapter)
+        self.parallel = None  # runtime.parallel.ParallelRun under torchrun --parallel (set by prepare_model)
 
 
 def tiny_random_models(seed: int = 0) -> Models:
@@ -110,8 +111,13 @@ def tqdm_progress(desc: str, total: int | None, unit: str = "frame"):
 # One generation
 
 
-def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
+def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job, stop=None) -> dict:
     """Run the whole pipeline for one reference image; write ``plan.out`` and ``*_faces.png``.
+
+    ``stop``: called after every sampling step; raising there (e.g. ``KeyboardInterrupt`` after a
+    Ctrl-C, :class:`~fantasyportrait_core.runtime.batch.Stop`) ends the run at a step boundary.
+    Under ``--parallel`` (``models.parallel``, :mod:`~fantasyportrait_core.runtime.parallel`) every rank
+    samples and only rank 0 writes files.
 
     Order: reference faces first (one image: checks the face count and face order before any
     driving frame is decoded), then the driving videos as streams (only the frames used), then
@@ -185,7 +191,8 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
                          layout.latent_person if len(drivers) > 1 else None, labels)
     preview = add_caption(preview, f"detector: {report['detector']}")
     preview_path = os.path.splitext(plan.out)[0] + "_faces.png"
-    _write_png(preview_path, cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
+    if _writer(models):
+        _write_png(preview_path, cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
 
     # Conditions: text + CLIP image (real encoders) or seeded stand-ins (random tiny model).
     with P.on_device(models.vae, device):
@@ -215,14 +222,23 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
     report["context"] = "one pass" if window is None else f"windows of {window} frames"
     placed = contextlib.nullcontext() if memory_plan.offload == "block" else P.on_device(models.transformer, device)
     # Whatever happens inside (Ctrl-C, out of memory, an error), the model leaves as it came.
+    def on_step(info):
+        update(1)
+        if stop is not None:
+            stop()
+
     with tqdm_progress("sampling", sampling.steps, unit="step") as update, placed, \
             restored(models.transformer, models.state):
         latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
-                                   seed=opts.seed, callback=lambda info: update(1), context_frames=window,
+                                   seed=opts.seed, callback=on_step, context_frames=window,
                                    context_overlap=job.memory.context_overlap,
                                    window_anchor=job.memory.window_anchor, init_latent=init,
                                    batch_passes=memory_plan.batch_passes, device=device, resolved=sampling)
     t2, c2 = time.time(), time.process_time()
+    report.update(sampling_s=round(t2 - t1, 2), sampling_cpu_s=round(c2 - c1, 2))
+    if not _writer(models):
+        report.update(output=None, rank=models.parallel.rank, latent=latent)
+        return report
     with P.on_device(models.vae, device):
         frames = P.decode_latent(models.vae, latent)
     saved = save_video(plan.out, frames, plan.fps, audio_from=plan.videos[0].path if plan.videos else None)
@@ -252,7 +268,7 @@ def direct_drivers(models: Models, ref: np.ndarray, chosen: list, drivers: list,
     from fantasyportrait_core.drive.direction import baseline_features, direct
     from fantasyportrait_core.drive.performance import performance_paths, save_performance
 
-    if job.save_expression:
+    if job.save_expression and _writer(models):
         paths = [save_performance(path, d) for path, d in zip(performance_paths(job.save_expression, len(drivers)),
                                                                 drivers)]
         report["saved_expressions"] = paths
@@ -265,6 +281,12 @@ def direct_drivers(models: Models, ref: np.ndarray, chosen: list, drivers: list,
         baselines = baseline_features(models.encoder, ref, chosen)
     report["direction"] = [{"character": i, "settings": d.describe()} for i, d in enumerate(directions)]
     return [direct(drv, d, b) for drv, d, b in zip(drivers, directions, baselines)]
+
+
+def _writer(models: Models) -> bool:
+    """Whether this process writes the outputs: always, except ranks other than 0 of ``--parallel``."""
+    parallel = getattr(models, "parallel", None)
+    return parallel is None or parallel.rank == 0
 
 
 def _write_png(path: str, bgr: np.ndarray):
@@ -326,10 +348,10 @@ def oom_message(job: Job) -> str:
 
 
 
-def run_job(job: Job, models: Models | None = None, plan: RunPlan | None = None) -> dict:
+def run_job(job: Job, models: Models | None = None, plan: RunPlan | None = None, stop=None) -> dict:
     """Run one job end to end: validate (:func:`~fantasyportrait_core.runtime.plan.plan_run`, unless ``plan``
     is given), build the models when none are given (real checkpoints, else the tiny random model),
-    apply the job's LoRAs, animate and write ``job.out``.
+    apply the job's LoRAs, animate and write ``job.out``. ``stop``: see :func:`animate`.
 
     Returns:
         The report dict of :func:`animate` (with ``loras`` when any were applied); ``output`` is
@@ -344,7 +366,7 @@ def run_job(job: Job, models: Models | None = None, plan: RunPlan | None = None)
         models = real_models(job) if plan.real else tiny_random_models(job.sampling.seed)
     if models.loras is None:  # once per model: the demo's jobs share one
         models.loras = apply_lora_specs(models.transformer, job.loras) if job.loras else []
-    report = animate(models, read_image(plan.image), plan, job)
+    report = animate(models, read_image(plan.image), plan, job, stop=stop)
     if models.loras:
         report["loras"] = models.loras
     return report
