@@ -134,3 +134,49 @@ def test_auto_mode_and_refusals(capsys):
 
     rc = main(["run", "--tiny-random", "--image", "x.png", "--driving", "y.mp4", "--out", "z.mp4", "--parallel", "cfg"])
     assert rc == 2 and "torchrun --nproc-per-node N" in capsys.readouterr().err
+
+
+def _cli_worker(rank: int, world: int, port: int, argv: list, out_dir: str):
+    """One rank of ``cli run --parallel``, with the environment torchrun would give it."""
+    from fantasyportrait_core import cli
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import logging
+
+    logger = logging.getLogger("FantasyPortrait")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(logging.FileHandler(os.path.join(out_dir, f"log{rank}")))
+    rc = cli.main(argv)
+    with open(os.path.join(out_dir, f"rc{rank}"), "w") as f:
+        f.write(str(rc))
+
+
+def test_cli_run_parallel_sequence_writes_the_single_process_video_once(tmp_path, capfd):
+    """``run --parallel sequence`` on 2 gloo ranks (the environment of torchrun --nproc-per-node 2):
+    each rank's memory plan holds half the tokens, rank 0 alone writes, and the frames are those of
+    the single-process run (same seed and model) up to round-off."""
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    from fantasyportrait_core import cli
+    from fantasyportrait_core.media.video import read_video
+
+    from .test_batch import FAST, _performance
+
+    perf = _performance(tmp_path / "take.safetensors")
+    common = ["run", "--image", data_path("man.jpeg"), "--expression", perf] + FAST + ["--steps", "2"]
+    argv = common + ["--out", str(tmp_path / "par.mp4"), "--parallel", "sequence"]
+    mp.start_processes(_cli_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    assert [(tmp_path / f"rc{r}").read_text() for r in range(2)] == ["0", "0"]
+    out = capfd.readouterr()
+    logs = [(tmp_path / f"log{r}").read_text() for r in range(2)]
+    assert out.out.count('"output":') == 1 and "ParallelRun(sequence, rank 1 of 2)" in logs[1]
+    assert all("(16 tokens," in text for text in logs)  # each rank's memory plan: half of the 32 tokens
+    assert cli.main(common + ["--out", str(tmp_path / "one.mp4")]) == 0
+    par, one = read_video(str(tmp_path / "par.mp4")).frames, read_video(str(tmp_path / "one.mp4")).frames
+    assert par.shape == one.shape and len(par) == 5
+    assert np.abs(par.astype(float) - one.astype(float)).mean() < 1.0
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".mp4")) == ["one.mp4", "par.mp4"]

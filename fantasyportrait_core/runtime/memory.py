@@ -278,7 +278,7 @@ def choose_storage(size: ModelSize, free_bytes: int | None) -> MemoryPlan:
 
 def plan_sampling(size: ModelSize, width: int, height: int, num_frames: int, free_bytes: int | None,
                   passes: list, people: int = 1, storage: str = "auto", offload: str = "auto",
-                  long_video: str = "auto", context_frames: int = 81, anchored: bool = True):
+                  long_video: str = "auto", context_frames: int = 81, anchored: bool = True, shards: int = 1):
     """One pass or context windows, and the memory plan for that choice: what the sampler node and
     the CLI run before sampling.
 
@@ -294,6 +294,8 @@ def plan_sampling(size: ModelSize, width: int, height: int, num_frames: int, fre
         passes: :func:`~fantasyportrait_core.sampling.flow.guidance_passes` of the step with the most passes.
         people: characters; storage, offload: as :func:`plan_memory`;
         long_video: ``"auto"``, ``"one_pass"`` or ``"windows"``; context_frames: window length.
+        shards: processes the tokens of a forward are split over (``--parallel sequence``; each
+            holds ``1/shards`` of them).
     Returns:
         ``(window, plan)``: window length in pixel frames (``None`` = one pass) and the
         :class:`MemoryPlan` for one forward over it.
@@ -304,7 +306,8 @@ def plan_sampling(size: ModelSize, width: int, height: int, num_frames: int, fre
 
     def plan_for(window):
         frames = num_frames if window is None else min(num_frames, window + 4 * bool(anchored))
-        return plan_memory(size, tokens_per_forward(width, height, frames), free_bytes, passes=len(passes),
+        tokens = -(-tokens_per_forward(width, height, frames) // shards)
+        return plan_memory(size, tokens, free_bytes, passes=len(passes),
                            people=people, portrait_passes=sum(bool(w) for _, w in passes), storage=storage,
                            offload=offload)
 

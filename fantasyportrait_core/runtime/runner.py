@@ -329,9 +329,19 @@ def prepare_model(models: Models, job: Job, width: int, height: int, num_frames:
         models._speed_set = True
     storage = "fp8" if any(isinstance(m, ScaledFP8Linear) for m in tr.modules()) else "bf16"
     offload = "block" if getattr(models, "_offloaded", False) else m.offload
+    passes, parallel = guidance_passes(sampling.cfg, sampling.portrait_cfg), getattr(models, "parallel", None)
+    if parallel is not None and parallel.mode == "cfg":  # this rank's share of the passes
+        passes = parallel.share(sorted(passes, key=lambda p: not p[1])) or passes[:1]
+    shards = parallel.world if parallel is not None and parallel.mode == "sequence" else 1
     window, plan = plan_sampling(measured_size(tr, models.adapter), width, height, num_frames,
-                                 free_vram_bytes(device), guidance_passes(sampling.cfg, sampling.portrait_cfg), people,
-                                 storage, offload, m.long_video, m.context_frames, m.window_anchor == "reference")
+                                 free_vram_bytes(device), passes, people,
+                                 storage, offload, m.long_video, m.context_frames, m.window_anchor == "reference",
+                                 shards=shards)
+    if shards > 1:
+        from fantasyportrait_core.runtime.memory import tokens_per_forward
+
+        frames = num_frames if window is None else min(num_frames, window + 4 * (m.window_anchor == "reference"))
+        parallel.check_tokens(tokens_per_forward(width, height, frames), f"{width}x{height}, {frames} frames")
     log.info("[FantasyPortrait] %s", plan.describe())
     if plan.offload == "block" and device.type == "cuda" and not getattr(models, "_offloaded", False):
         enable_block_offload(tr, device, available_ram_bytes(), adapter=models.adapter)
