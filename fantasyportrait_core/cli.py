@@ -397,7 +397,9 @@ def cmd_batch(args) -> int:
     out_dir = os.path.abspath(args.out_dir)
     if os.path.isfile(out_dir):
         raise InputError(f"--out '{args.out_dir}' is a file; give the folder the outputs go to")
-    dist = Distributed.from_env(args.device)
+    # gloo: the ranks only exchange the report (no GPU collective); a week's timeout: ranks that finish
+    # early wait for the slowest at the end.
+    dist = Distributed.from_env(args.device, backend="gloo", timeout_s=7 * 24 * 3600)
     try:
         if dist is not None:
             args.device = dist.device_for(args.device)

@@ -3,11 +3,8 @@ the latent equals the single-process one within fp32 round-off, with two charact
 portrait branch) and a shard boundary in the middle of a latent frame; the sharded portrait branch
 equals the whole-sequence one slice by slice."""
 
-import copy
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from fantasyportrait_core.faces.regions import token_person_ids
 from fantasyportrait_core.runtime.parallel import ParallelRun, choose_mode
 from fantasyportrait_core.validate import InputError
 
-from .conftest import ROOT, data_path
+from .conftest import data_path
 
 F_LAT, H, W = 3, 4, 4  # 9 frames of 32x32 px: 3 latent frames of 2x2 = 4 tokens; 12 tokens, 6 per rank
 
@@ -136,43 +133,23 @@ def test_auto_mode_and_refusals(capsys):
     assert rc == 2 and "torchrun --nproc-per-node N" in capsys.readouterr().err
 
 
-def _cli_worker(rank: int, world: int, port: int, argv: list, out_dir: str):
-    """One rank of ``cli run --parallel``, with the environment torchrun would give it."""
-    from fantasyportrait_core import cli
-
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import logging
-
-    logger = logging.getLogger("FantasyPortrait")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(logging.FileHandler(os.path.join(out_dir, f"log{rank}")))
-    rc = cli.main(argv)
-    with open(os.path.join(out_dir, f"rc{rank}"), "w") as f:
-        f.write(str(rc))
-
-
 def test_cli_run_parallel_sequence_writes_the_single_process_video_once(tmp_path, capfd):
     """``run --parallel sequence`` on 2 gloo ranks (the environment of torchrun --nproc-per-node 2):
     each rank's memory plan holds half the tokens, rank 0 alone writes, and the frames are those of
     the single-process run (same seed and model) up to round-off."""
     import numpy as np
-    import torch.multiprocessing as mp
 
     from fantasyportrait_core import cli
     from fantasyportrait_core.media.video import read_video
 
-    from .test_batch import FAST, _performance
+    from .test_batch import FAST, _performance, run_ranks
 
     perf = _performance(tmp_path / "take.safetensors")
     common = ["run", "--image", data_path("man.jpeg"), "--expression", perf] + FAST + ["--steps", "2"]
     argv = common + ["--out", str(tmp_path / "par.mp4"), "--parallel", "sequence"]
-    mp.start_processes(_cli_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
-    assert [(tmp_path / f"rc{r}").read_text() for r in range(2)] == ["0", "0"]
+    rcs, logs = run_ranks(argv, tmp_path)
+    assert rcs == [0, 0]
     out = capfd.readouterr()
-    logs = [(tmp_path / f"log{r}").read_text() for r in range(2)]
     assert out.out.count('"output":') == 1 and "ParallelRun(sequence, rank 1 of 2)" in logs[1]
     assert all("(16 tokens," in text for text in logs)  # each rank's memory plan: half of the 32 tokens
     assert cli.main(common + ["--out", str(tmp_path / "one.mp4")]) == 0

@@ -294,7 +294,8 @@ def run_batch(jobs: list[BatchJob], jobs_file: str, out_dir: str, load_models, s
 
     Args:
         jobs: from :func:`build_jobs`.
-        load_models: ``load_models(job) -> Models``, called once, for the first job this rank runs.
+        load_models: ``load_models(job) -> Models``, called once, before the first job this rank runs
+            (its errors end the batch: no job could run).
         stop: the :class:`Stop` checked after each sampling step and between jobs.
         dist: a :class:`~fantasyportrait_core.runtime.parallel.Distributed` (``torchrun``) or ``None``.
     Returns:
@@ -311,8 +312,11 @@ def run_batch(jobs: list[BatchJob], jobs_file: str, out_dir: str, load_models, s
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     pending = []
+    done = {b.line for b in jobs if finished(b.out)}
+    if world > 1:  # machines without a shared folder: finished where any rank sees it; every rank deals alike
+        done = set(dist.gather_rows(sorted(done)))
     for b in jobs:
-        if finished(b.out):
+        if b.line in done:
             if rank == 0:
                 rows.append(dict(line=b.line, out=b.out, status="skipped", seconds=0.0,
                                  error=None, rank=rank, note="output already there"))
@@ -322,7 +326,8 @@ def run_batch(jobs: list[BatchJob], jobs_file: str, out_dir: str, load_models, s
     part = os.path.join(out_dir, f".batch_report.rank{rank}.json") if world > 1 else os.path.join(out_dir, REPORT_NAME)
     log.info("[FantasyPortrait] batch: %d job(s), %d already done, %d to run here%s", len(jobs),
              len(jobs) - len(pending), len(mine), f" (rank {rank} of {world})" if world > 1 else "")
-    models = None
+    # A model that cannot be loaded is no job's fault: that ends the batch (before any job).
+    models = load_models(mine[0].job) if mine else None
     with tqdm(total=len(mine), desc="jobs" + (f" rank {rank}" if world > 1 else ""), unit="job",
               file=sys.stderr, dynamic_ncols=True, position=0) as bar:
         for i, b in enumerate(mine):
@@ -336,8 +341,6 @@ def run_batch(jobs: list[BatchJob], jobs_file: str, out_dir: str, load_models, s
                 from fantasyportrait_core.runtime.plan import plan_run
 
                 plan = plan_run(b.job)
-                if models is None:
-                    models = load_models(b.job)
                 report = run_job(b.job, models, plan, stop=stop.check)
                 if report.get("output") is None:
                     row.update(status="failed", error=f"could not write the video ({report.get('error')}); frames in "

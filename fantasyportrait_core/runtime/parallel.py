@@ -57,9 +57,11 @@ class Distributed:
     _gloo = None
 
     @classmethod
-    def from_env(cls, device: str) -> "Distributed | None":
+    def from_env(cls, device: str, backend: str | None = None, timeout_s: float | None = None) -> "Distributed | None":
         """The process group of a ``torchrun`` launch (``WORLD_SIZE`` > 1), initialised here when it is
-        not yet: NCCL for a CUDA ``device``, gloo otherwise. ``None`` for a plain single process.
+        not yet: ``backend``, else NCCL for a CUDA ``device`` and gloo otherwise. ``None`` for a plain
+        single process. ``timeout_s``: how long a collective may wait (a batch's ranks wait for the
+        slowest at the end: hours, not torch's default 10-30 minutes).
 
         Raises:
             InputError: a CUDA device with fewer GPUs on this machine than ``LOCAL_RANK`` needs.
@@ -78,7 +80,10 @@ class Distributed:
                                  f"GPU(s); use --nproc-per-node {torch.cuda.device_count()} or fewer")
             torch.cuda.set_device(local)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            from datetime import timedelta
+
+            kw = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+            dist.init_process_group(backend or ("nccl" if cuda else "gloo"), **kw)
             owned = True
         return cls(dist.get_rank(), dist.get_world_size(), local, owned)
 
