@@ -328,13 +328,6 @@ def portrait_rows(batch: int, transformer_options: dict) -> torch.Tensor | None 
     return torch.tensor([j * chunk + r for j in on for r in range(chunk)], dtype=torch.long)
 
 
-def select_frames(cond: PortraitCondition, frames: list[int]) -> PortraitCondition:
-    """The expression windows and person map of the given latent frames (in that order)."""
-    idx = torch.as_tensor(frames, dtype=torch.long, device=cond.windows.device)
-    lp = None if cond.latent_person is None else cond.latent_person[idx.to(cond.latent_person.device)]
-    return PortraitCondition(cond.windows[:, idx], cond.token_person, lp, cond.scale)
-
-
 class NativePortrait:
     """The ``DIFFUSION_MODEL`` wrapper of a patched MODEL: what its cross-attention adds, per forward.
 
@@ -390,10 +383,10 @@ class NativePortrait:
             self._cond, self._windows = (key, moved), {}
         cond = self._cond[1]
         if frames is None:
-            return cond if cond.windows.shape[1] == f_lat else select_frames(cond, list(range(f_lat)))
+            return cond if cond.windows.shape[1] == f_lat else cond.select_frames(range(f_lat))
         k = tuple(frames)
         if k not in self._windows:
-            self._windows[k] = select_frames(cond, list(frames))
+            self._windows[k] = cond.select_frames(frames)
         return self._windows[k]
 
     def __call__(self, executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={},

@@ -17,7 +17,8 @@ from fantasyportrait_core.faces.face import Face
 from fantasyportrait_core.runtime.job import SamplingOptions
 from fantasyportrait_core.model.geometry import VAE_SPATIAL_STRIDE, pixel_frames
 from fantasyportrait_core.weights.lora import apply_loras
-from fantasyportrait_core.runtime.memory import GIB, activation_bytes, measured_size, module_bytes, plan_sampling
+from fantasyportrait_core.runtime.memory import (GIB, NODE_KNOBS, activation_bytes, measured_size, module_bytes, oom_advice,
+                                                plan_sampling)
 from fantasyportrait_core.model.build import denormalize_latent, normalize_latent
 from fantasyportrait_core.runtime.restore import restored
 from fantasyportrait_core.sampling.flow import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
@@ -286,7 +287,8 @@ class FantasyPortraitSampler:
             # Re-raise the very OOM error (ComfyUI's ``model_management.OOM_EXCEPTION``): ComfyUI then
             # unloads every model and shows its OOM tips. What to change goes into its message (shown
             # in the UI), the exception notes (tracebacks) and the log.
-            advice = oom_message(tr, width, height, num_frames, context_frames, model.offload, plan.describe())
+            advice = oom_message(tr, width, height, num_frames, context_frames, model.offload, plan.describe(),
+                                 model.storage == "fp8")
             log.error("[FantasyPortrait] %s", advice)
             add_advice(e, advice)
             raise
@@ -342,11 +344,9 @@ def add_advice(error: BaseException, advice: str) -> None:
 
 
 def oom_message(transformer, width: int, height: int, num_frames: int, context_frames: int, offload: str,
-                plan: str = "") -> str:
-    """What to change when sampling ran out of GPU memory, with the numbers that were tried."""
-    weights_gib = module_bytes(transformer) / 2**30
-    tried = f"; {plan}" if plan else ""
-    return (f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
-            f"{num_frames} frames, context_frames {context_frames}, offload {offload}{tried}). In FantasyPortrait "
-            f"Model Loader set storage = fp8_e4m3fn (halves the weights) and/or offload = block (weights stay in CPU "
-            f"RAM), or lower the size, length or context_frames (long_video = windows).")
+                plan: str = "", fp8: bool = False) -> str:
+    """:func:`~fantasyportrait_core.runtime.memory.oom_advice` in the nodes' widget names, with the
+    numbers that were tried."""
+    tried = (f"{module_bytes(transformer) / 2**30:.1f} GiB of transformer weights, {width}x{height}, {num_frames} "
+             f"frames, context_frames {context_frames}, offload {offload}{f'; {plan}' if plan else ''}")
+    return oom_advice(tried, NODE_KNOBS, fp8)

@@ -381,9 +381,13 @@ def test_out_of_memory_messages_name_the_fix(tmp_path, capsys, fast_models, monk
     monkeypatch.setattr(P, "generate_latent", oom)
     assert _run(tmp_path, image="man.jpeg", driving=("jgz.mp4",)) == 3
     err = capsys.readouterr().err
-    assert "out of GPU memory at --max-size 128, --frames 1" in err and "--fp8" in err
+    assert "ran out of GPU memory (--max-size 128, --frames 1," in err and "set --fp8" in err
+    assert "--offload block" in err and "lower --max-size, --frames or --context-frames" in err
     msg = sampler.oom_message(torch.nn.Linear(1024, 1024), 832, 480, 81, 81, "none")
     assert "832x480, 81 frames" in msg and "storage = fp8_e4m3fn" in msg and "offload = block" in msg
+    # already fp8: the advice does not suggest fp8 again
+    msg = sampler.oom_message(torch.nn.Linear(1024, 1024), 832, 480, 81, 81, "none", fp8=True)
+    assert "fp8_e4m3fn" not in msg and "offload = block" in msg
 
 
 def test_nan_latent_is_an_error_not_a_video(tiny, monkeypatch):

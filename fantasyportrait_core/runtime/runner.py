@@ -21,6 +21,7 @@ from fantasyportrait_core.model.attention import attach_portrait_processors, set
 from fantasyportrait_core.model.denoiser import I2VConditioning
 from fantasyportrait_core.faces.detectors import make_detector
 from fantasyportrait_core.runtime.job import Job
+from fantasyportrait_core.runtime.memory import CLI_KNOBS, oom_advice
 from fantasyportrait_core.model.build import DTYPES
 from fantasyportrait_core.runtime.plan import RunPlan, plan_run
 from fantasyportrait_core.faces.preview import add_caption, detector_label, draw_faces
@@ -318,12 +319,10 @@ def prepare_model(models: Models, job: Job, width: int, height: int, num_frames:
 
 
 def oom_message(job: Job) -> str:
-    """The one-line out-of-GPU-memory advice for ``job`` (what to lower, in the CLI's option names)."""
-    return (f"out of GPU memory at --max-size {job.max_size}, --frames {job.frames}, --context-frames "
-            f"{job.memory.context_frames}{', --fp8' if job.memory.fp8 else ''}: add --fp8 (halves the "
-            f"transformer weights), lower --max-size or --context-frames (e.g. 480 / 49), or run on a larger GPU")
-
-
+    """The out-of-GPU-memory advice for ``job`` in the CLI's option names (:func:`~fantasyportrait_core.runtime.memory.oom_advice`)."""
+    tried = (f"--max-size {job.max_size}, --frames {job.frames}, --context-frames {job.memory.context_frames}"
+             f"{', --fp8' if job.memory.fp8 else ''}")
+    return oom_advice(tried, CLI_KNOBS, job.memory.fp8)
 
 
 def run_job(job: Job, models: Models | None = None, plan: RunPlan | None = None) -> dict:
