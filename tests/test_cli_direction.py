@@ -76,7 +76,7 @@ def test_held_head_pose_and_relative_motion_reach_the_condition(tmp_path, captur
 
 @pytest.mark.parametrize("extra, words", [
     (["--strength", "nose=0"], ["--strength", "unknown channel 'nose'"]),
-    (["--strength", "mouth=3"], ["outside [0, 2]"]),
+    (["--strength", "mouth=3"], ["between 0 and 2, got 3"]),
     (["--strength-keys", "mouth=0:1,8:0.5,4:1"], ["must increase"]),
     (["--strength-keys", "mouth=0:1,40:0.5"], ["key at frame 40 is outside", "generate more frames"]),
     (["--motion", "relative", "--neutral-frame", "9"], ["neutral frame 9 is outside"]),

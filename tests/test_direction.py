@@ -116,12 +116,12 @@ def test_cli_specs_address_characters():
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(strength=["nose=1"]), ["--strength", "unknown channel 'nose'", "head_pose, eyes, emotion, mouth"]),
-    (dict(strength=["mouth=2.5"]), ["--strength", "outside [0, 2]"]),
-    (dict(strength=["mouth=-0.1"]), ["outside [0, 2]"]),
-    (dict(strength=["mouth=nan"]), ["outside [0, 2]"]),
+    (dict(strength=["mouth=2.5"]), ["--strength", "between 0 and 2, got 2.5", "1 follows the driver"]),
+    (dict(strength=["mouth=-0.1"]), ["between 0 and 2, got -0.1"]),
+    (dict(strength=["mouth=nan"]), ["strength must be a finite number"]),
     (dict(strength=["mouth"]), ["not CHANNEL=S"]),
     (dict(strength_keys=["mouth=0:1,40:0.3,20:1"]), ["--strength-keys", "must increase"]),
-    (dict(strength_keys=["mouth=0:1,4:3"]), ["outside [0, 2]"]),
+    (dict(strength_keys=["mouth=0:1,4:3"]), ["between 0 and 2, got 3"]),
     (dict(strength_keys=["mouth=0:1,x:3"]), ["not FRAME:S"]),
     (dict(strength=["2:mouth=1"]), ["character 2", "fix the 'C:' prefix"]),
     (dict(motion=["sideways"]), ["--motion", "absolute or relative"]),
