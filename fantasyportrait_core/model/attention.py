@@ -110,9 +110,10 @@ class PortraitCondition:
         Raises:
             IndexError: for a frame outside ``0 .. F_lat-1``.
         """
-        idx = torch.as_tensor(list(frames), dtype=torch.long)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.windows.shape[1]):
-            raise IndexError(f"latent frames {idx.tolist()[:4]}... outside the condition's {self.windows.shape[1]}")
+        frames = [int(f) for f in frames]
+        if any(not 0 <= f < self.windows.shape[1] for f in frames):
+            raise IndexError(f"latent frames {frames[:4]}... outside the condition's {self.windows.shape[1]}")
+        idx = torch.as_tensor(frames, dtype=torch.long)
         lp = None if self.latent_person is None else self.latent_person[idx.to(self.latent_person.device)]
         return PortraitCondition(self.windows[:, idx.to(self.windows.device)], self.token_person, lp, self.scale)
 

@@ -289,7 +289,7 @@ def prepare_model(models: Models, job: Job, width: int, height: int, num_frames:
     (:func:`~fantasyportrait_core.runtime.memory.plan_sampling`): one pass or windows (--long-video), guidance
     passes per forward, and block offload (diffusers group offload, next block on a side CUDA stream)
     when the plan needs it. Returns ``(window, plan)``: window in pixel frames (``None``: one pass)."""
-    from fantasyportrait_core.model.fp8 import ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
+    from fantasyportrait_core.runtime.assemble import set_speed_options, weight_storage
     from fantasyportrait_core.runtime.memory import measured_size, plan_sampling
     from fantasyportrait_core.runtime.residency import available_ram_bytes, enable_block_offload, free_vram_bytes
     from fantasyportrait_core.sampling.flow import guidance_passes
@@ -298,15 +298,10 @@ def prepare_model(models: Models, job: Job, width: int, height: int, num_frames:
     sampling = sampling or job.sampling.resolve()
     tr, device = models.transformer, torch.device(m.device)
     if not getattr(models, "_speed_set", False):
-        set_attention_backend(tr, m.attention)
-        if m.fast:
-            if not any(isinstance(m, ScaledFP8Linear) for m in tr.modules()):
-                quantize_model_fp8(tr)
-            log.info("[FantasyPortrait] fast mode: %s", set_fp8_compute(tr, "scaled_mm", device))
-        if m.compile:
-            tr.compile_repeated_blocks()
+        speed = set_speed_options(tr, device, m.attention, fast=m.fast, compile=m.compile)
+        log.info("[FantasyPortrait] model: %s", ", ".join(speed.notes))
         models._speed_set = True
-    storage = "fp8" if any(isinstance(m, ScaledFP8Linear) for m in tr.modules()) else "bf16"
+    storage = weight_storage(tr)
     offload = "block" if getattr(models, "_offloaded", False) else m.offload
     window, plan = plan_sampling(measured_size(tr, models.adapter), width, height, num_frames,
                                  free_vram_bytes(device), guidance_passes(sampling.cfg, sampling.portrait_cfg), people,
