@@ -314,7 +314,7 @@ def print_reference_video_gap(args, det):
 
     files = [os.path.join(args.detector_dir, f) for f in D.OFFICIAL_FILES]
     ref = R.CameraDemo(R.FaceAlignment(files[1], files[0]))
-    from fantasyportrait_core.pipeline import one_euro_landmarks
+    from fantasyportrait_core.drive.filters import one_euro_landmarks
 
     print(f"\nOfficial points against the reference's video path (det_landmarks), first {args.reference_video} "
           f"frames of each clip: our raw per-frame points (`raw`) and the pipeline's (`one_euro`: after its "

@@ -32,7 +32,7 @@ docs/COMPATIBILITY.md):
   (:func:`check_wan_i2v`) and in every forward (each block added its term once).
 * The latent grid (frames, height, width in tokens) is read from ``x`` in that wrapper; the
   per-person latent maps are built for it with :func:`nodes.sampler.portrait_layout` /
-  ``pipeline.portrait_condition``, the code our sampler uses, and cached for the sampling run.
+  ``drive.condition.portrait_condition``, the code our sampler uses, and cached for the sampling run.
   Under ComfyUI's context windows (WAN Context Windows (Manual); ``transformer_options
   ["context_window"]``) each window gets the expression windows and person map of its own latent
   frames (:func:`window_frames`: ``index_list``, with newer ComfyUI's causal anchor frame in front),
@@ -55,7 +55,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive.condition import portrait_condition
+from fantasyportrait_core.drive.encode import frames_for
 from fantasyportrait_core.model.geometry import TOKEN_STRIDE, latent_frames, pixel_frames
 from fantasyportrait_core.model.attention import PortraitCondition, apply_portrait
 from fantasyportrait_core.weights.checkpoints import load_adapter
@@ -339,7 +340,7 @@ class NativePortrait:
 
     def __init__(self, portrait, adapter, kv_blocks):
         self.portrait, self.adapter, self.kv_blocks = portrait, adapter, kv_blocks
-        self.available = P.frames_for(portrait.drivers)  # pixel frames (4k+1) every driver covers
+        self.available = frames_for(portrait.drivers)  # pixel frames (4k+1) every driver covers
         self._cond: tuple | None = None  # (key, PortraitCondition) of the current sampling run
         self._windows: dict = {}  # context-window frames -> PortraitCondition
 
@@ -375,7 +376,7 @@ class NativePortrait:
         if self._cond is None or self._cond[0] != key:
             layout = portrait_layout(self.portrait, w * TOKEN_STRIDE, h * TOKEN_STRIDE, num_frames)
             with torch.no_grad():
-                c = P.portrait_condition(self.adapter, self.portrait.drivers, num_frames, layout, self.portrait.scale)
+                c = portrait_condition(self.adapter, self.portrait.drivers, num_frames, layout, self.portrait.scale)
             moved = PortraitCondition(
                 c.windows.to(device=device, dtype=dtype),
                 None if c.token_person is None else c.token_person.to(device),

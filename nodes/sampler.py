@@ -9,7 +9,10 @@ import time
 import numpy as np
 import torch
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.sampling import generate
+from fantasyportrait_core.drive.condition import portrait_condition
+from fantasyportrait_core.drive.encode import frames_for
+from fantasyportrait_core.faces.layout import ReferenceLayout, reference_layout
 from fantasyportrait_core.model.attention import TEXT_CONTEXT_TOKENS
 from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES
 from fantasyportrait_core.model.denoiser import I2VConditioning
@@ -58,15 +61,15 @@ def map_mask(mask: torch.Tensor, scale: float, off_x: float, off_y: float, dst_w
     return torch.nn.functional.interpolate(m[:, None], size=(dst_h, dst_w), mode="nearest")[:, 0]
 
 
-def portrait_layout(portrait, width: int, height: int, num_frames: int) -> P.ReferenceLayout:
+def portrait_layout(portrait, width: int, height: int, num_frames: int) -> ReferenceLayout:
     """Per-character regions and latent person map of FP_PORTRAIT at the generated size: faces and
     user masks are taken from reference pixels through WanImageToVideo's centre crop
-    (:func:`center_crop_map`), then :func:`fantasyportrait_core.pipeline.reference_layout`. Used by this
+    (:func:`center_crop_map`), then :func:`fantasyportrait_core.faces.layout.reference_layout`. Used by this
     sampler and by the patch on ComfyUI's own Wan MODEL (``nodes/native.py``)."""
     scale, ox, oy = center_crop_map(portrait.ref_width, portrait.ref_height, width, height)
     faces = [map_face(f, scale, ox, oy) for f in portrait.faces]
     masks = [None if m is None else map_mask(m, scale, ox, oy, width, height) for m in portrait.user_masks]
-    return P.reference_layout(faces, portrait.drivers, width, height, num_frames, masks or None)
+    return reference_layout(faces, portrait.drivers, width, height, num_frames, masks or None)
 
 
 def conditioning_parts(positive, negative, cfg: float):
@@ -235,7 +238,7 @@ class FantasyPortraitSampler:
         shortest = min(d.num_frames for d in portrait.drivers)
         if shortest < num_frames:
             raise InputError(f"the latent is {num_frames} frames long but a driving expression has only {shortest}; "
-                             f"set WanImageToVideo length to at most {P.frames_for(portrait.drivers)}")
+                             f"set WanImageToVideo length to at most {frames_for(portrait.drivers)}")
         text_pos, text_neg, image_ctx, y = conditioning_parts(positive, negative, cfg)
         tc = model.transformer.config
         if text_pos.shape[-1] != tc.text_dim:
@@ -276,12 +279,13 @@ class FantasyPortraitSampler:
             # Whatever happens inside (Cancel, out of memory, an error), the model leaves as it came: no
             # condition attached, processors and hooks as loaded, every weight where it was (offload too).
             with restored(tr, model.state), model.home.guard():
-                cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
+                cond = portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
                 i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
-                out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
-                                        callback=callback, context_frames=window, context_overlap=context_overlap,
-                                        window_anchor=window_anchor, init_latent=init,
-                                        batch_passes=plan.batch_passes, device=device, resolved=resolved)
+                out = generate.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
+                                               callback=callback, context_frames=window,
+                                               context_overlap=context_overlap, window_anchor=window_anchor,
+                                               init_latent=init,
+                                               batch_passes=plan.batch_passes, device=device, resolved=resolved)
         except torch.cuda.OutOfMemoryError as e:
             model.resident.detach()
             # Re-raise the very OOM error (ComfyUI's ``model_management.OOM_EXCEPTION``): ComfyUI then

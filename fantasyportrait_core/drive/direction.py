@@ -255,7 +255,7 @@ def baseline_features(encoder, image: np.ndarray, faces: list) -> torch.Tensor:
 
 
 def direct(driver, direction: Direction, baseline: torch.Tensor):
-    """A copy of a :class:`~.pipeline.DrivingExpression` with directed features (the same object when
+    """A copy of a :class:`~.drive.encode.DrivingExpression` with directed features (the same object when
     ``direction`` changes nothing)."""
     if direction.is_identity:
         return driver
