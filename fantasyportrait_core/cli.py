@@ -357,7 +357,7 @@ def cmd_evaluate(args) -> int:
         kw["min_face_size"] = args.min_face_size or max(20, shortest // 10)
     encoder, random_encoder = None, False
     if args.pd_fpg:
-        from fantasyportrait_core.weights.checkpoints import load_expression_encoder
+        from fantasyportrait_core.weights.load import load_expression_encoder
 
         encoder = load_expression_encoder(args.pd_fpg, device=args.device)
     elif args.tiny_random:

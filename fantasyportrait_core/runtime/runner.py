@@ -84,7 +84,7 @@ def real_models(job: Job) -> Models:
     """The real Wan2.1-I2V transformer, VAE, text/image encoders, adapter and PD-FGC encoder of ``job``."""
     from diffusers import AutoencoderKLWan
 
-    from fantasyportrait_core.weights.checkpoints import load_adapter, load_expression_encoder, load_transformer
+    from fantasyportrait_core.weights.load import load_adapter, load_expression_encoder, load_transformer
     from fantasyportrait_core.model.encoders import WanConditioners
 
     m = job.memory
