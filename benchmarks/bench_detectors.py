@@ -49,7 +49,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fantasyportrait_core.faces import detectors as D  # noqa: E402
+from fantasyportrait_core.faces import detect as D  # noqa: E402
 from fantasyportrait_core.model.expression import ALIGN_TEMPLATE, CROP_SIZE, umeyama  # noqa: E402
 from fantasyportrait_core.faces.face import detect_video, order_points  # noqa: E402
 from fantasyportrait_core.media.video import read_image, read_video  # noqa: E402

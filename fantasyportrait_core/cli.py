@@ -27,7 +27,8 @@ import torch
 from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.model.attention import ATTENTION_BACKENDS
 from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES
-from fantasyportrait_core.faces.detectors import BACKENDS, BackendUnavailable, make_detector
+from fantasyportrait_core.faces.detect import BACKENDS, make_detector
+from fantasyportrait_core.faces.packages import BackendUnavailable
 from fantasyportrait_core.runtime.job import Job, MemoryOptions, SamplingOptions, check_numbers
 from fantasyportrait_core.model.build import DTYPES
 from fantasyportrait_core.runtime.plan import check_sampling, plan_job, plan_run

@@ -10,7 +10,8 @@ import torch
 
 from fantasyportrait_core.model.attention import ATTENTION_BACKENDS, PortraitState, attach_portrait_processors, set_attention_backend
 from fantasyportrait_core.weights.load import load_adapter, load_expression_encoder, load_transformer
-from fantasyportrait_core.faces.detectors import make_detector, missing_packages
+from fantasyportrait_core.faces.detect import make_detector
+from fantasyportrait_core.faces.packages import missing_packages
 from fantasyportrait_core.model.fp8 import FP8, ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
 from fantasyportrait_core.runtime.memory import choose_storage, measured_size
 from fantasyportrait_core.model.build import DTYPES

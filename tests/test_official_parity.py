@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 import pytest
 
-from fantasyportrait_core.faces import detectors as D
+from fantasyportrait_core.faces import official as D
+from fantasyportrait_core.faces.packages import missing_packages
 from fantasyportrait_core.model.expression import ALIGN_TEMPLATE, align_face, umeyama
 from fantasyportrait_core.faces.face import order_points
 
@@ -110,7 +111,7 @@ def _official_files():
     if not all(os.path.isfile(f) for f in files):
         pytest.skip(f"the official face_det.onnx + face_landmark.onnx are not in {OFFICIAL_DIR} "
                     f"(set FANTASYPORTRAIT_OFFICIAL_DIR to the folder holding them)")
-    if D.missing_packages("official"):
+    if missing_packages("official"):
         pytest.skip("onnxruntime is not installed (pip install onnxruntime)")
     return files
 

@@ -19,7 +19,7 @@ import torch
 from fantasyportrait_core import pipeline as P
 from fantasyportrait_core.model.attention import attach_portrait_processors, set_attention_backend
 from fantasyportrait_core.model.denoiser import I2VConditioning
-from fantasyportrait_core.faces.detectors import make_detector
+from fantasyportrait_core.faces.detect import make_detector
 from fantasyportrait_core.runtime.job import Job
 from fantasyportrait_core.model.build import DTYPES
 from fantasyportrait_core.runtime.plan import RunPlan, plan_run
