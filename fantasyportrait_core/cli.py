@@ -29,7 +29,8 @@ from fantasyportrait_core.faces.assign import ASSIGN_MODES
 from fantasyportrait_core.validate import parse_face_order
 from fantasyportrait_core.model.attention import ATTENTION_BACKENDS
 from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES
-from fantasyportrait_core.faces.detectors import BACKENDS, BackendUnavailable, make_detector
+from fantasyportrait_core.faces.detect import BACKENDS, make_detector
+from fantasyportrait_core.faces.packages import BackendUnavailable
 from fantasyportrait_core.runtime.job import Job, MemoryOptions, SamplingOptions, check_numbers
 from fantasyportrait_core.model.build import DTYPES
 from fantasyportrait_core.runtime.plan import check_sampling, plan_job, plan_run
@@ -359,7 +360,7 @@ def cmd_evaluate(args) -> int:
         kw["min_face_size"] = args.min_face_size or max(20, shortest // 10)
     encoder, random_encoder = None, False
     if args.pd_fpg:
-        from fantasyportrait_core.weights.checkpoints import load_expression_encoder
+        from fantasyportrait_core.weights.load import load_expression_encoder
 
         encoder = load_expression_encoder(args.pd_fpg, device=args.device)
     elif args.tiny_random:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from fantasyportrait_core.model.attention import ATTENTION_BACKENDS, PortraitState, attach_portrait_processors
-from fantasyportrait_core.weights.checkpoints import load_adapter, load_expression_encoder, load_transformer
-from fantasyportrait_core.faces.detectors import make_detector, missing_packages
+from fantasyportrait_core.weights.load import load_adapter, load_expression_encoder, load_transformer
+from fantasyportrait_core.faces.detect import make_detector
+from fantasyportrait_core.faces.packages import missing_packages
 from fantasyportrait_core.model.fp8 import FP8, quantize_model_fp8
 from fantasyportrait_core.runtime.assemble import set_speed_options
 from fantasyportrait_core.runtime.memory import choose_storage, measured_size
@@ -121,7 +122,8 @@ def build_portrait_model(transformer, adapter, dtype, offload: str = "none", fas
 
 def stored_as_fp8(path: str) -> bool:
     """Whether a transformer file keeps its block weights in fp8 (fp8 or fp8-scaled releases)."""
-    from fantasyportrait_core.weights.checkpoints import TensorSource, detect_transformer_format
+    from fantasyportrait_core.weights.files import TensorSource
+    from fantasyportrait_core.weights.keys import detect_transformer_format
 
     try:
         source = TensorSource(path)

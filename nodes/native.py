@@ -4,7 +4,7 @@ management).
 Three nodes:
 
 * **FantasyPortrait Adapter Loader** → ``FANTASYPORTRAIT_ADAPTER``: the adapter alone
-  (``fantasyportrait_core.weights.checkpoints.load_adapter``).
+  (``fantasyportrait_core.weights.load.load_adapter``).
 * **FantasyPortrait Patch Model** (MODEL + adapter + FP_PORTRAIT → MODEL): a clone of the MODEL
   whose every block's cross-attention adds the portrait term before its output projection, as the
   reference ``SingleStreamBlockProcessor`` does (FantasyPortrait §3.2–3.3). The term is
@@ -59,7 +59,7 @@ from fantasyportrait_core.drive.condition import portrait_condition
 from fantasyportrait_core.drive.encode import frames_for
 from fantasyportrait_core.model.geometry import TOKEN_STRIDE, latent_frames, pixel_frames
 from fantasyportrait_core.model.attention import PortraitCondition, apply_portrait
-from fantasyportrait_core.weights.checkpoints import load_adapter
+from fantasyportrait_core.weights.load import load_adapter
 from fantasyportrait_core.sampling.flow import combine_guidance, guidance_passes
 
 from . import host

@@ -14,7 +14,8 @@ from fantasyportrait_core.drive.condition import portrait_condition
 from fantasyportrait_core.faces.assign import assign_faces
 from fantasyportrait_core.faces.layout import generation_size, reference_layout
 from fantasyportrait_core.model.attention import attach_portrait_processors
-from fantasyportrait_core.faces.detectors import decode_gfl, letterbox_matrix, make_detector
+from fantasyportrait_core.faces.detect import make_detector
+from fantasyportrait_core.faces.official import decode_gfl, letterbox_matrix
 from fantasyportrait_core.faces.face import Face, FaceTrack
 from fantasyportrait_core.media.video import read_image
 
@@ -168,8 +169,8 @@ def test_gfl_decoding_and_letterbox():
 
 
 def test_missing_backend_models_name_the_folder(tmp_path, monkeypatch):
-    from fantasyportrait_core.faces import detectors
-    monkeypatch.setattr(detectors, "_importable", lambda module: True)  # the files are what is missing
+    from fantasyportrait_core.faces import packages
+    monkeypatch.setattr(packages, "_importable", lambda module: True)  # the files are what is missing
     with pytest.raises(FileNotFoundError, match="face_det.onnx"):
         make_detector("official", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=os.path.join("models", "buffalo_l")):

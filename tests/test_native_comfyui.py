@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from fantasyportrait_core.drive.encode import DrivingExpression
-from fantasyportrait_core.weights.checkpoints import load_adapter, load_transformer
+from fantasyportrait_core.weights.load import load_adapter, load_transformer
 from fantasyportrait_core.faces.face import Face, FaceTrack
 from fantasyportrait_core.sampling.flow import flow_sigmas
 from nodes.loaders import build_portrait_model
@@ -241,7 +241,7 @@ def write_wan_gguf(transformer, gguf_path: str, dequantized_path: str):
     ``comfy.gguf.orig_shape`` record), and a safetensors file holding its dequantised values."""
     import gguf
 
-    from fantasyportrait_core.weights.checkpoints import transformer_state_dict_original
+    from fantasyportrait_core.weights.keys import transformer_state_dict_original
 
     q8 = gguf.GGMLQuantizationType.Q8_0
     writer = gguf.GGUFWriter(gguf_path, arch="wan")

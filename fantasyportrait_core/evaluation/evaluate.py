@@ -547,7 +547,7 @@ def evaluate(detector, driving: list[np.ndarray], generated: np.ndarray, people:
     """Expression-fidelity metrics of ``generated`` against its driving video(s).
 
     Args:
-        detector: a face detector (:func:`~.detectors.make_detector`); its embeddings, if any
+        detector: a face detector (:func:`~fantasyportrait_core.faces.detect.make_detector`); its embeddings, if any
             (insightface), give the identity metric.
         driving: one uint8 ``[F, H, W, 3]`` RGB clip per character, or one clip showing ``people``
             characters; all at the generated video's frame rate (:func:`resample_frames`).

@@ -24,7 +24,7 @@ from fantasyportrait_core.faces.layout import generation_size, reference_layout,
 from fantasyportrait_core.runtime.residency import on_device
 from fantasyportrait_core.model.attention import attach_portrait_processors, set_attention_backend
 from fantasyportrait_core.model.denoiser import I2VConditioning
-from fantasyportrait_core.faces.detectors import make_detector
+from fantasyportrait_core.faces.detect import make_detector
 from fantasyportrait_core.runtime.job import Job
 from fantasyportrait_core.runtime.memory import CLI_KNOBS, oom_advice
 from fantasyportrait_core.model.build import DTYPES
@@ -90,7 +90,7 @@ def real_models(job: Job) -> Models:
     """The real Wan2.1-I2V transformer, VAE, text/image encoders, adapter and PD-FGC encoder of ``job``."""
     from diffusers import AutoencoderKLWan
 
-    from fantasyportrait_core.weights.checkpoints import load_adapter, load_expression_encoder, load_transformer
+    from fantasyportrait_core.weights.load import load_adapter, load_expression_encoder, load_transformer
     from fantasyportrait_core.model.encoders import WanConditioners
 
     m = job.memory
