@@ -49,7 +49,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fantasyportrait_core.faces import detectors as D  # noqa: E402
+from fantasyportrait_core.faces import detect as D  # noqa: E402
 from fantasyportrait_core.model.expression import ALIGN_TEMPLATE, CROP_SIZE, umeyama  # noqa: E402
 from fantasyportrait_core.faces.face import detect_video, order_points  # noqa: E402
 from fantasyportrait_core.media.video import read_image, read_video  # noqa: E402
@@ -306,46 +306,6 @@ def print_official_landmarks(found, clips, labels):
               f"{cell(rel)} | {px.mean():.1f} | {shift.mean():.1f} / {shift.max():.1f} | {', '.join(names)} |")
 
 
-def print_reference_video_gap(args, det):
-    """Our per-frame official landmarks against the reference's ``det_landmarks`` (which seeds each
-    frame's landmark crop from the previous frame's One-Euro-smoothed points and keeps whichever of
-    the tracked and the freshly detected point sets spans the larger box) on consecutive frames."""
-    from tests import reference_face as R
-
-    files = [os.path.join(args.detector_dir, f) for f in D.OFFICIAL_FILES]
-    ref = R.CameraDemo(R.FaceAlignment(files[1], files[0]))
-    from fantasyportrait_core.pipeline import one_euro_landmarks
-
-    print(f"\nOfficial points against the reference's video path (det_landmarks), first {args.reference_video} "
-          f"frames of each clip: our raw per-frame points (`raw`) and the pipeline's (`one_euro`: after its "
-          f"default One-Euro filter). Frames with identical points; 5-point distance in px and in inter-pupil "
-          f"distances, crop shift in 224² px, mean |crop difference| in /255 (each mean / max over frames)\n")
-    print("| clip | points | frames | identical | 5 points, px | 5 points, IPD | crop shift, px | crop |diff| /255 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in ("jgz.mp4", "biden.mp4", "trump.mp4"):
-        rgb = read_video(os.path.join(args.data, name), max_frames=args.reference_video).frames
-        bgr = [np.ascontiguousarray(f[..., ::-1]) for f in rgb]
-        _, ref_pts, _ = R.det_landmarks(ref, bgr)
-        faces = [max(det.detect(f), key=lambda f: f.area) for f in rgb]
-        raw = np.stack([f.landmarks for f in faces])
-        filtered = one_euro_landmarks(raw, np.array([f.box[2] - f.box[0] for f in faces]))
-        for label, ours in (("raw", raw), ("one_euro", filtered)):
-            px, rel, shift, diff = [], [], [], []
-            for frame, five_ours, pts222 in zip(bgr, ours, ref_pts):
-                five = order_points(pts222[R.PT5_IDX])
-                d = np.linalg.norm(five_ours - five, axis=1)
-                px.append(d.mean())
-                rel.append(d.mean() / np.linalg.norm(five[1] - five[0]))
-                shift.append(crop_shift(five_ours, five))
-                m = umeyama(five_ours, ALIGN_TEMPLATE * CROP_SIZE)
-                crop = cv2.warpAffine(frame, m, (CROP_SIZE, CROP_SIZE), flags=cv2.INTER_CUBIC)
-                diff.append(np.abs(crop.astype(int) - R.warp_face_pd_fgc(frame, pts222)).mean())
-            px, rel = np.array(px), np.array(rel)
-            print(f"| {name} | {label} | {len(px)} | {(px < 1e-3).sum()} | {px.mean():.2f} / {px.max():.2f} | "
-                  f"{rel.mean():.3f} / {rel.max():.3f} | {np.mean(shift):.2f} / {np.max(shift):.2f} | "
-                  f"{np.mean(diff):.2f} / {np.max(diff):.2f} |", flush=True)
-
-
 def print_pairwise_landmarks(found, clips, measured):
     """Landmark agreement between mtcnn and the next measured backend, on faces both found."""
     pairs = [(a, b) for a in measured for b in measured if a.startswith("mtcnn") and not b.startswith("mtcnn")]
@@ -380,10 +340,6 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=3, help="use every n-th video frame")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and onnxruntime CPU threads (default: their own)")
-    ap.add_argument("--reference-video", type=int, default=0, metavar="N",
-                    help="also compare our per-frame official landmarks with the reference's video path "
-                         "(det_landmarks: tracking + smoothing, literal port in tests/reference_face.py) on the "
-                         "first N frames of each single-face clip")
     ap.add_argument("--dump", default=None, help="save the matched faces of every backend here (.npz)")
     ap.add_argument("--save-scenes", default=None, help="write the composed scenes (with true boxes) here")
     ap.add_argument("--inputs", choices=("all", "shared", "scenes"), default="all",
@@ -462,8 +418,6 @@ def main(argv=None) -> int:
         print_official_landmarks(found, clips, [m for m in measured if m != "official onnx"])
     else:  # no reference points: how far the offline backends are from each other
         print_pairwise_landmarks(found, clips, measured)
-    if args.reference_video and "official onnx" in measured:
-        print_reference_video_gap(args, dict((lbl, d) for lbl, d, _ in dets)["official onnx"])
     if args.dump:
         dump = {}
         for (name, label), rows in found.items():

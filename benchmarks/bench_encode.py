@@ -22,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fantasyportrait_core.faces.detectors import MtcnnDetector  # noqa: E402
+from fantasyportrait_core.faces.mtcnn import MtcnnDetector  # noqa: E402
 from fantasyportrait_core.model.expression import FanEncoder, align_face, encode_expressions  # noqa: E402
 from fantasyportrait_core.faces.face import detect_video, track_faces  # noqa: E402
 from fantasyportrait_core.media.video import read_video  # noqa: E402

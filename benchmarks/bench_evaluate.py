@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fantasyportrait_core.evaluation import evaluate as E  # noqa: E402
-from fantasyportrait_core.faces.detectors import MtcnnDetector  # noqa: E402
+from fantasyportrait_core.faces.mtcnn import MtcnnDetector  # noqa: E402
 from fantasyportrait_core.model.expression import CROP_SIZE, FanEncoder, align_face, encode_expressions  # noqa: E402
 from fantasyportrait_core.faces.face import detect_video, track_faces  # noqa: E402
 from fantasyportrait_core.media.video import read_video  # noqa: E402

@@ -54,12 +54,13 @@ def status():
 
 t0 = time.time()
 if mode.startswith("ours"):
-    from fantasyportrait_core.weights.checkpoints import load_transformer
+    from fantasyportrait_core.weights.load import load_transformer
     storage = torch.float8_e4m3fn if mode == "ours_fp8" else None
     m = load_transformer(path, dtype=torch.bfloat16, device=device, storage_dtype=storage)
 else:
     from safetensors.torch import load_file
-    from fantasyportrait_core.weights.checkpoints import TensorSource, wan_original_to_diffusers
+    from fantasyportrait_core.weights.files import TensorSource
+    from fantasyportrait_core.weights.keys import wan_original_to_diffusers
     from fantasyportrait_core.model.build import TINY_TRANSFORMER, WAN21_I2V_14B, build_transformer
     sd = {}
     for f in TensorSource(path).paths:
@@ -121,7 +122,7 @@ def write_checkpoint(folder: str, layers: int, fmt: str, config: dict | None = N
     import torch
     from safetensors.torch import save_file
 
-    from fantasyportrait_core.weights.checkpoints import COMFY_PREFIX, transformer_state_dict_original
+    from fantasyportrait_core.weights.keys import COMFY_PREFIX, transformer_state_dict_original
     from fantasyportrait_core.model.fp8 import quantize_fp8
     from fantasyportrait_core.model.build import WAN21_I2V_14B, build_transformer
 

@@ -26,7 +26,7 @@ What it does, against the ComfyUI checkout at the given path (nothing is downloa
    ``--node-path`` or NODE_PATH, and Chromium through ``--chromium`` or CHROMIUM);
 6. removes the links and temporary files and prints a summary (non-zero exit on failure).
 
-Before the server starts it runs ``tests/test_comfy_contract.py``'s probe in ComfyUI's python (every
+Before the server starts it runs ``scripts/comfy_contract.py`` in ComfyUI's python (every
 ComfyUI symbol the pack uses binds, the resident model is a real ModelPatcher that core loads and
 frees, the patched WanModel runs, other Wan classes are refused; ``--no-contract`` skips it). With
 ``--beside DIR...`` other packs (e.g. ComfyUI-WanVideoWrapper, which registers a FantasyPortrait
@@ -190,7 +190,7 @@ def write_performance(path: str, frames: int = 97):
 
     from fantasyportrait_core.faces.face import FaceTrack
     from fantasyportrait_core.drive.performance import save_performance
-    from fantasyportrait_core.pipeline import DrivingExpression
+    from fantasyportrait_core.drive.encode import DrivingExpression
 
     g = torch.Generator().manual_seed(0)
     lm = np.array([[200, 220], [300, 220], [250, 280], [210, 340], [290, 340]], dtype=float)
@@ -475,7 +475,7 @@ def main(argv=None) -> int:
     ap.add_argument("--beside", nargs="*", default=[], metavar="PACK_DIR",
                     help="other node packs to install beside this one for the check (e.g. a ComfyUI-WanVideoWrapper "
                          "checkout): every node id of ours must still be served by this pack")
-    ap.add_argument("--no-contract", action="store_true", help="skip tests/test_comfy_contract.py's probe")
+    ap.add_argument("--no-contract", action="store_true", help="skip the contract probe (scripts/comfy_contract.py)")
     args = ap.parse_args(argv)
     comfy = os.path.abspath(args.comfyui_dir)
     py = resolve_python(comfy, args.python)
@@ -524,10 +524,10 @@ def check_saved_performance(out_dir: str, res: dict, summary: list, wf_name: str
 
 
 def contract(comfy: str, py: str, summary: list) -> bool:
-    """tests/test_comfy_contract.py's probe in ComfyUI's python: every ComfyUI symbol the pack uses
+    """scripts/comfy_contract.py in ComfyUI's python: every ComfyUI symbol the pack uses
     binds, the resident model is a ModelPatcher core loads and frees, the patched WanModel runs."""
     out = os.path.join(tempfile.mkdtemp(prefix="fp_contract_"), "probe.json")
-    run = subprocess.run([py, os.path.join(ROOT, "tests", "test_comfy_contract.py"), "--probe", comfy, out],
+    run = subprocess.run([py, os.path.join(ROOT, "scripts", "comfy_contract.py"), comfy, out],
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     if run.returncode != 0 or not os.path.isfile(out):
         summary.append("contract probe FAILED to run: " + run.stderr.strip()[-800:])

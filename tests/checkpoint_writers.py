@@ -12,7 +12,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from fantasyportrait_core.weights.checkpoints import COMFY_PREFIX, transformer_state_dict_original
+from fantasyportrait_core.weights.keys import COMFY_PREFIX, transformer_state_dict_original
 from fantasyportrait_core.weights.tiny import (LORA_LAYERS, TINY_NATIVE_TRANSFORMER,  # noqa: F401
                                                    contiguous_state_dict,
                                                    tiny_native_models, write_adapter_repacked, write_pd_fpg,

@@ -20,19 +20,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def context_window_args(execute, model, length: int, overlap: int) -> dict:
-    """Keyword arguments for ComfyUI's ``WanContextWindowsManualNode.execute`` of the version at hand,
-    bound by name (newer versions added ``freenoise``, ``causal_window_fix``, ``retain_first_frame``,
-    ... and changed the order): the same schedule and fusion as our sampler's windows, FreeNoise off,
-    the version's own defaults for everything else. ``length`` / ``overlap`` are pixel frames."""
-    import inspect
-
-    params = inspect.signature(execute).parameters
-    args = dict(model=model, context_length=length, context_overlap=overlap, context_schedule="standard_static",
-                context_stride=1, closed_loop=False, fuse_method="pyramid", freenoise=False)
-    return {k: v for k, v in args.items() if k in params}
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from comfy_contract import context_window_args  # noqa: E402
 
 
 def main(job_path: str, out_path: str):

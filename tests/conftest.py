@@ -29,7 +29,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def detector():
-    from fantasyportrait_core.faces.detectors import MtcnnDetector
+    from fantasyportrait_core.faces.mtcnn import MtcnnDetector
 
     det = MtcnnDetector()
     yield det

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fantasyportrait_core import cli
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.sampling import generate as P
 from fantasyportrait_core.runtime import runner
 
 from .conftest import data_path

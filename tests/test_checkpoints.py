@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fantasyportrait_core.weights.checkpoints import (COMFY_PREFIX, CheckpointError, detect_transformer_format, load_adapter,
-                                              load_expression_encoder, load_transformer, wan_original_to_diffusers)
+from fantasyportrait_core.weights.keys import COMFY_PREFIX, detect_transformer_format, wan_original_to_diffusers
+from fantasyportrait_core.weights.files import CheckpointError
+from fantasyportrait_core.weights.load import load_adapter, load_expression_encoder, load_transformer
 from fantasyportrait_core.model.build import TINY_ADAPTER
 
 from . import checkpoint_writers as W
@@ -130,7 +131,7 @@ def test_expression_encoder_pth(tmp_path, tiny):
 
 
 def test_missing_extra_and_wrong_shape_keys(tmp_path, bf16_transformer):
-    from fantasyportrait_core.weights.checkpoints import transformer_state_dict_original
+    from fantasyportrait_core.weights.keys import transformer_state_dict_original
 
     sd = {k: v.contiguous() for k, v in transformer_state_dict_original(bf16_transformer).items()}
     cases = {

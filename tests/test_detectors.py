@@ -7,7 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from fantasyportrait_core.faces import detectors as D
+from fantasyportrait_core.faces import detect as D
+from fantasyportrait_core.faces import packages as PK
+from fantasyportrait_core.faces.mtcnn import MtcnnDetector
 from .conftest import data_path
 
 onnx = pytest.importorskip("onnx")
@@ -68,8 +70,8 @@ def write_official_pair(folder):
 
 
 def _no(*modules):
-    """A stand-in for detectors._importable where ``modules`` are not installed."""
-    real = D._importable
+    """A stand-in for packages._importable where ``modules`` are not installed."""
+    real = PK._importable
     return lambda m: m not in modules and real(m)
 
 
@@ -80,13 +82,13 @@ def test_auto_without_the_onnx_files_runs_mtcnn(tmp_path):
     (tmp_path / "face_det.onnx").write_bytes(b"x")  # one of the two is not enough
     assert D.choose_auto_backend(str(tmp_path)) == ("mtcnn", f"no face_landmark.onnx in {tmp_path}")
     det = D.make_detector("auto", str(tmp_path / "empty"))
-    assert det.name == "mtcnn" and isinstance(det, D.MtcnnDetector)
+    assert det.name == "mtcnn" and isinstance(det, MtcnnDetector)
     assert det.info == f"mtcnn (auto: no face_det.onnx / face_landmark.onnx in {tmp_path / 'empty'})"
 
 
 def test_auto_with_the_onnx_files_but_no_onnxruntime_runs_mtcnn(tmp_path, monkeypatch):
     d = write_official_pair(tmp_path)
-    monkeypatch.setattr(D, "_importable", _no("onnxruntime"))
+    monkeypatch.setattr(PK, "_importable", _no("onnxruntime"))
     backend, why = D.choose_auto_backend(d)
     assert backend == "mtcnn" and "onnxruntime is not installed" in why and "pip install onnxruntime-gpu" in why
     assert D.make_detector("auto", d).name == "mtcnn"
@@ -106,7 +108,7 @@ def test_broken_onnxruntime_install_is_named_with_the_repair(tmp_path, monkeypat
     backend, why = D.choose_auto_backend(d)
     assert backend == "mtcnn" and "onnxruntime is installed but broken (AttributeError" in why
     assert "pip uninstall -y onnxruntime onnxruntime-gpu" in why
-    with pytest.raises(D.BackendUnavailable, match="pip uninstall -y onnxruntime onnxruntime-gpu"):
+    with pytest.raises(PK.BackendUnavailable, match="pip uninstall -y onnxruntime onnxruntime-gpu"):
         D.make_detector("official", d)
 
 
@@ -150,9 +152,9 @@ def test_official_pair_that_onnxruntime_cannot_read_is_named(tmp_path):
     ("mtcnn", "facenet_pytorch", "pip install facenet-pytorch==2.5.3"),
 ])
 def test_missing_backend_package_names_the_pip_command(backend, module, command, tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "_importable", _no(module))
+    monkeypatch.setattr(PK, "_importable", _no(module))
     write_official_pair(tmp_path)  # files present: the package is what is missing
-    with pytest.raises(D.BackendUnavailable) as err:
+    with pytest.raises(PK.BackendUnavailable) as err:
         D.make_detector(backend, str(tmp_path))
     message = str(err.value)
     assert "\n" not in message and f"'{backend}'" in message and module in message and command in message
@@ -168,15 +170,15 @@ def test_detector_node_keeps_stored_option_strings_and_defaults_to_auto(tmp_path
     assert {"mtcnn (offline)", "mediapipe (offline)", "insightface buffalo_l", "insightface antelopev2",
             "official onnx"} <= set(options)
     assert spec["default"] == "auto"
-    monkeypatch.setattr(D, "_importable", _no("mediapipe"))
+    monkeypatch.setattr(PK, "_importable", _no("mediapipe"))
     assert "Not installed: mediapipe (needs mediapipe)" in cls.INPUT_TYPES()["required"]["backend"][1]["tooltip"]
     # Outside ComfyUI the node looks in ./models/fantasyportrait.
     monkeypatch.chdir(tmp_path)
     (det,) = cls().load("auto")
     assert det.name == "mtcnn" and "models/fantasyportrait" in det.info.replace(os.sep, "/")
-    with pytest.raises(D.BackendUnavailable, match="pip install mediapipe"):
+    with pytest.raises(PK.BackendUnavailable, match="pip install mediapipe"):
         cls().load("mediapipe (offline)")
-    if D._importable("onnxruntime"):
+    if PK._importable("onnxruntime"):
         write_official_pair(tmp_path / "models" / "fantasyportrait")
         (det,) = cls().load("auto")
         assert det.name == "official"
@@ -215,7 +217,7 @@ def test_face_masks_preview_and_cli_report_name_the_detector(tmp_path, capsys):
 def test_cli_missing_backend_is_one_line(tmp_path, monkeypatch, capsys):
     from fantasyportrait_core.cli import main
 
-    monkeypatch.setattr(D, "_importable", _no("mediapipe"))
+    monkeypatch.setattr(PK, "_importable", _no("mediapipe"))
     rc = main(["run", "--tiny-random", "--image", data_path("man.jpeg"), "--driving", data_path("jgz.mp4"),
                "--out", str(tmp_path / "x.mp4"), "--frames", "5", "--max-size", "64", "--steps", "1",
                "--detector", "mediapipe"])

@@ -32,7 +32,7 @@ JGZ_OPENING = slice(0, 10)
 
 @pytest.fixture(scope="module")
 def det():
-    from fantasyportrait_core.faces.detectors import MtcnnDetector
+    from fantasyportrait_core.faces.mtcnn import MtcnnDetector
 
     # The shared clips show faces of 150+ px: skipping the small pyramid scales is 5x faster on CPU.
     return MtcnnDetector(min_face_size=80)

@@ -5,7 +5,9 @@ dequantised weights; LoRAs work on them."""
 import pytest
 import torch
 
-from fantasyportrait_core.weights.checkpoints import CheckpointError, load_transformer, wan_original_to_diffusers
+from fantasyportrait_core.weights.files import CheckpointError
+from fantasyportrait_core.weights.load import load_transformer
+from fantasyportrait_core.weights.keys import wan_original_to_diffusers
 from fantasyportrait_core.model.build import TINY_TRANSFORMER, build_transformer
 
 from . import checkpoint_writers as W

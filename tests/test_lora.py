@@ -117,7 +117,7 @@ def tiny_base(model, state):
 def test_fp8_storage_applies_the_delta_at_matmul_time_and_unloads_exactly(tiny, tmp_path):
     """Scaled-fp8 linears get the LoRA as a bf16/fp32 low-rank delta: the output matches the
     dequantised fp8 weights plus the exact LoRA, and removing it leaves the fp8 bits untouched."""
-    from fantasyportrait_core.weights.checkpoints import load_transformer
+    from fantasyportrait_core.weights.load import load_transformer
     from fantasyportrait_core.model.fp8 import ScaledFP8Linear
 
     ckpt = W.write_wan_original(tiny[0], str(tmp_path / "wan.safetensors"), dtype=torch.float32)

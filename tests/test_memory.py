@@ -135,7 +135,7 @@ def test_weights_return_to_the_tensors_they_were_loaded_as(tmp_path, tiny):
     points every tensor at the very tensor it was loaded as (same data pointer: the loader's
     memory-mapped or assigned tensor, never a new RAM copy), where ``module.to("cpu")`` would copy.
     Tensors added later (e.g. LoRA layers) are tracked."""
-    from fantasyportrait_core.weights.checkpoints import load_transformer
+    from fantasyportrait_core.weights.load import load_transformer
 
     from . import checkpoint_writers as W
 

@@ -45,7 +45,7 @@ def _problem(seed: int = 0):
 
 
 def _latent(transformer, state, cond, portrait, batch_passes=None):
-    from fantasyportrait_core import pipeline as P
+    from fantasyportrait_core.sampling import generate as P
 
     return P.generate_latent(transformer, state, cond, portrait, 9, W * 8, H * 8, steps=2, seed=1, cfg=2.0,
                              portrait_cfg=3.0, batch_passes=batch_passes)

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import nodes
-from fantasyportrait_core.weights.checkpoints import CheckpointError, load_adapter, load_transformer
+from fantasyportrait_core.weights.files import CheckpointError
+from fantasyportrait_core.weights.load import load_adapter, load_transformer
 from fantasyportrait_core.faces.face import Face, FaceTrack
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive.encode import DrivingExpression
 from fantasyportrait_core.validate import InputError
 from nodes.portrait import ReferenceFaces
 
@@ -114,7 +115,7 @@ def test_damaged_adapter_checkpoints(tiny, ckpt_dir, mutation, pickled):
 @BOUNDED
 @given(mutation=MUTATIONS)
 def test_damaged_transformer_checkpoints(tiny, ckpt_dir, mutation):
-    from fantasyportrait_core.weights.checkpoints import transformer_state_dict_original, wan_original_to_diffusers
+    from fantasyportrait_core.weights.keys import transformer_state_dict_original, wan_original_to_diffusers
 
     sd = _mutate(transformer_state_dict_original(tiny[0]), mutation)
     path = str(ckpt_dir / "wan.safetensors")
@@ -134,7 +135,7 @@ def test_damaged_transformer_checkpoints(tiny, ckpt_dir, mutation):
 def test_reshaped_transformer_keys(tiny, tmp_path, key):
     """The cases a random search may not reach: a damaged patch embedding (once an IndexError) and a
     text projection of another width (loads as what the file says; the sampler then names the mismatch)."""
-    from fantasyportrait_core.weights.checkpoints import transformer_state_dict_original, wan_original_to_diffusers
+    from fantasyportrait_core.weights.keys import transformer_state_dict_original, wan_original_to_diffusers
 
     sd = transformer_state_dict_original(tiny[0])
     sd[key] = sd[key].flatten(1)[:, :-1].contiguous()
@@ -191,7 +192,8 @@ def test_face_masks_node_on_odd_images(detector, b, h, w, c, fill, seed):
 
 def _static(box, n=5):
     box = np.asarray(box, float)
-    return P.DrivingExpression(torch.zeros(n, 554), FaceTrack(np.tile(box, (n, 1)), np.zeros((n, 5, 2)), np.ones(n, bool)))
+    return DrivingExpression(torch.zeros(n, 554),
+                             FaceTrack(np.tile(box, (n, 1)), np.zeros((n, 5, 2)), np.ones(n, bool)))
 
 
 REF = ReferenceFaces([Face(np.array([10.0, 10, 40, 40]), np.zeros((5, 2)), 1.0),
@@ -234,7 +236,7 @@ def test_conditioning_masks_property(layout, n, size, fill, seed):
 
 def test_text_to_video_transformer_is_named(tiny, tmp_path):
     """Wan2.1 T2V (no CLIP image branch) instead of I2V: a one-line error saying which model is needed."""
-    from fantasyportrait_core.weights.checkpoints import transformer_state_dict_original
+    from fantasyportrait_core.weights.keys import transformer_state_dict_original
 
     sd = {k: v for k, v in transformer_state_dict_original(tiny[0]).items() if "img" not in k}
     path = str(tmp_path / "t2v.safetensors")

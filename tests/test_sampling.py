@@ -113,7 +113,7 @@ def test_denoiser_combines_three_passes(tiny):
 def test_bf16_model_denoises_like_fp32(tmp_path, tiny, storage):
     """bf16 weights (diffusers keeps some modules fp32) and scaled fp8 storage run a 3-pass guided
     step and stay close to the fp32 model on the same inputs."""
-    from fantasyportrait_core.weights.checkpoints import load_transformer
+    from fantasyportrait_core.weights.load import load_transformer
 
     from . import checkpoint_writers as W
 

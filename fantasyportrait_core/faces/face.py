@@ -1,6 +1,6 @@
 """Faces: the :class:`Face` record, box geometry, and per-person face tracks for driving videos.
 
-Detector backends live in :mod:`fantasyportrait_core.faces.detectors`. Faces are numbered in reading order
+Detector backends live in :mod:`fantasyportrait_core.faces.detect`. Faces are numbered in reading order
 (:func:`reading_order`: rows top to bottom, left to right inside a row), the numbers the face
 preview shows and ``face_order`` takes; a driving video yields one :class:`FaceTrack` per person in
 the same order, always one entry per frame: frames where that person's face was not found are

@@ -241,7 +241,7 @@ def check_numbers(job: Job, label=cli_name) -> None:
         torch.device(m.device)
     except (RuntimeError, TypeError):
         raise InputError(f"{label('device')} '{m.device}' is not a torch device; use cuda, cuda:1 or cpu") from None
-    from fantasyportrait_core.faces.detectors import check_detector_files
+    from fantasyportrait_core.faces.detect import check_detector_files
 
     check_detector_files(job.detector, job.detector_dir, label("detector_dir"))
 

@@ -39,7 +39,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from fantasyportrait_core.weights.checkpoints import CheckpointError, TensorSource, wan_original_to_diffusers, _original_name
+from fantasyportrait_core.weights.files import CheckpointError, TensorSource
+from fantasyportrait_core.weights.keys import wan_diffusers_to_original, wan_original_to_diffusers
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -219,7 +220,7 @@ def _convert_wan_style(raw: dict, layout: str, targets: dict, transformer) -> tu
     part through diffusers' ``WanLoraLoaderMixin.lora_state_dict``."""
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
-    musubi_names = {_original_name(t + ".weight")[: -len(".weight")].replace(".", "_"): t for t in targets}
+    musubi_names = {wan_diffusers_to_original(t + ".weight")[: -len(".weight")].replace(".", "_"): t for t in targets}
     parsed = []  # (raw key, original module, diffusers module or None, kind)
     unmatched = []
     for key in raw:
@@ -229,7 +230,7 @@ def _convert_wan_style(raw: dict, layout: str, targets: dict, transformer) -> tu
                 unmatched.append(key)
                 continue
             module = musubi_names.get(m["mod"])
-            parsed.append((key, _original_name(module + ".weight")[:-7] if module else m["mod"], module, m["kind"]))
+            parsed.append((key, wan_diffusers_to_original(module + ".weight")[:-7] if module else m["mod"], module, m["kind"]))
             continue
         body = key.removeprefix("model.").removeprefix("diffusion_model.") if layout == "diffusion_model" else key
         if (m := _DIFF_M.match(body)) is not None:  # modulation table delta (lightx2v)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
-from fantasyportrait_core.weights.checkpoints import transformer_state_dict_original
+from fantasyportrait_core.weights.keys import transformer_state_dict_original
 
 
 def contiguous_state_dict(sd):
@@ -80,7 +80,7 @@ def tiny_native_models(seed: int = 0):
     return transformer, adapter
 # --------------------------------------------------------------------------------------------
 # LoRAs in the published layouts (tiny dims, real key names). The name table is written out here,
-# independently of the key maps in lora.py / checkpoints.py, so the tests check those maps too.
+# independently of the key maps in lora.py / keys.py, so the tests check those maps too.
 
 LORA_LAYERS = {  # original Wan module -> diffusers module, per block (N)
     "blocks.N.self_attn.q": "blocks.N.attn1.to_q",
