@@ -349,6 +349,9 @@ def cmd_run(args) -> int:
     """``run``: one job (:func:`~fantasyportrait_core.runtime.runner.run_job`); prints the report."""
     from fantasyportrait_core.runtime.parallel import TORCHRUN_HINT, Distributed, setup_parallel
 
+    if args.parallel == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(f"run under torchrun ({os.environ['WORLD_SIZE']} processes) needs --parallel cfg|sequence|auto "
+                         f"to split the video over them (else each would render it); for many clips use batch")
     dist = Distributed.from_env(args.device) if args.parallel != "none" else None
     if dist is None and args.parallel in ("cfg", "sequence"):
         raise InputError(f"--parallel {args.parallel} spreads one video over the processes of a torchrun launch: "

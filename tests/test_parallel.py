@@ -118,7 +118,7 @@ def test_sharded_portrait_branch_is_the_whole_branch_sliced(tiny, rows):
         assert whole.abs().max() > 0
 
 
-def test_auto_mode_and_refusals(capsys):
+def test_auto_mode_and_refusals(capsys, monkeypatch):
     assert choose_mode("auto", 2, 2, 40) == "cfg" and choose_mode("auto", 3, 3, 40) == "cfg"
     assert choose_mode("auto", 2, 3, 40) == "sequence" and choose_mode("auto", 4, 2, 40) == "sequence"
     assert choose_mode("auto", 3, 2, 40) == "cfg"  # 40 heads cannot be split 3 ways
@@ -131,6 +131,9 @@ def test_auto_mode_and_refusals(capsys):
 
     rc = main(["run", "--tiny-random", "--image", "x.png", "--driving", "y.mp4", "--out", "z.mp4", "--parallel", "cfg"])
     assert rc == 2 and "torchrun --nproc-per-node N" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun without --parallel: every rank would render the same video
+    rc = main(["run", "--tiny-random", "--image", "x.png", "--driving", "y.mp4", "--out", "z.mp4"])
+    assert rc == 2 and "needs --parallel cfg|sequence|auto" in capsys.readouterr().err
 
 
 def test_cli_run_parallel_sequence_writes_the_single_process_video_once(tmp_path, capfd):
