@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fantasyportrait_core.runtime.job import widget_range
 from fantasyportrait_core.drive.condition import portrait_condition
 from fantasyportrait_core.drive.encode import frames_for
 from fantasyportrait_core.model.geometry import TOKEN_STRIDE, latent_frames, pixel_frames
@@ -589,10 +590,10 @@ class FantasyPortraitGuider:
             "model": ("MODEL", {"tooltip": "From FantasyPortrait Patch Model."}),
             "positive": ("CONDITIONING", {"tooltip": "From WanImageToVideo."}),
             "negative": ("CONDITIONING", {"tooltip": "From WanImageToVideo; used only when cfg != 1."}),
-            "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
+            "cfg": ("FLOAT", {"default": 1.0, **widget_range("cfg"), "step": 0.1,
                               "tooltip": "Text guidance; 1 = off (the reference setting, saves a pass; also use 1 "
                                          "with the lightx2v step-distill LoRA)."}),
-            "portrait_cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1,
+            "portrait_cfg": ("FLOAT", {"default": 4.0, **widget_range("portrait_cfg"), "step": 0.1,
                                        "tooltip": "Portrait guidance; 1 or less = off (as the reference). The reference "
                                                   "uses 4."}),
         }}

@@ -43,6 +43,15 @@ def cli_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def widget_range(name: str, step: float | None = None) -> dict:
+    """``{"min": ..., "max": ...}`` of a node widget for :data:`BOUNDS` ``[name]``, so a node accepts exactly
+    what the CLI accepts (an open lower bound becomes ``low + step``)."""
+    lo, hi, lo_open, _ = BOUNDS[name]
+    if lo_open:
+        lo = lo + (step or 0.01)
+    return {"min": lo, "max": hi}
+
+
 def check_bound(name: str, value, label: str | None = None):
     """``value`` checked against :data:`BOUNDS` ``[name]``; ``label`` names it in the error.
 
