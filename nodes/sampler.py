@@ -20,8 +20,8 @@ from fantasyportrait_core.weights.lora import apply_loras
 from fantasyportrait_core.runtime.memory import GIB, activation_bytes, measured_size, module_bytes, plan_sampling
 from fantasyportrait_core.model.build import denormalize_latent, normalize_latent
 from fantasyportrait_core.runtime.restore import restored
-from fantasyportrait_core.sampling.flow import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
-                                           guidance_passes, parse_step_ranges)
+from fantasyportrait_core.sampling.flow import DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS
+from fantasyportrait_core.sampling.guidance import guidance_passes, parse_step_ranges
 from fantasyportrait_core.validate import InputError
 
 from . import host, residency

@@ -291,7 +291,7 @@ def prepare_model(models: Models, job: Job, width: int, height: int, num_frames:
     from fantasyportrait_core.model.fp8 import ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
     from fantasyportrait_core.runtime.memory import measured_size, plan_sampling
     from fantasyportrait_core.runtime.residency import available_ram_bytes, enable_block_offload, free_vram_bytes
-    from fantasyportrait_core.sampling.flow import guidance_passes
+    from fantasyportrait_core.sampling.guidance import guidance_passes
 
     m = job.memory
     sampling = sampling or job.sampling.resolve()
