@@ -16,7 +16,7 @@ from fantasyportrait_core.model.denoiser import I2VConditioning
 from fantasyportrait_core.faces.face import Face
 from fantasyportrait_core.runtime.job import SamplingOptions
 from fantasyportrait_core.model.geometry import VAE_SPATIAL_STRIDE, pixel_frames
-from fantasyportrait_core.weights.lora import apply_loras
+from fantasyportrait_core.weights.lora_apply import apply_loras
 from fantasyportrait_core.runtime.memory import GIB, activation_bytes, measured_size, module_bytes, plan_sampling
 from fantasyportrait_core.model.build import denormalize_latent, normalize_latent
 from fantasyportrait_core.runtime.restore import restored

@@ -31,9 +31,10 @@ log = logging.getLogger("FantasyPortrait")
 
 
 def apply_lora_specs(transformer, specs: list[str]) -> list:
-    """Read and apply ``FILE[:STRENGTH]`` LoRA specs (:func:`~fantasyportrait_core.weights.lora.apply_loras`);
+    """Read and apply ``FILE[:STRENGTH]`` LoRA specs (:func:`~fantasyportrait_core.weights.lora_apply.apply_loras`);
     returns the summaries for the report."""
-    from fantasyportrait_core.weights.lora import apply_loras, parse_lora_arg, read_lora
+    from fantasyportrait_core.weights.lora import parse_lora_arg, read_lora
+    from fantasyportrait_core.weights.lora_apply import apply_loras
 
     loras = []
     for spec in specs:
