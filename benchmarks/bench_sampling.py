@@ -81,7 +81,7 @@ def full_size(args):
     from fantasyportrait_core.model.denoiser import I2VConditioning
     from fantasyportrait_core.model.fp8 import fp8_linear_names, quantize_fp8, swap_in_fp8_linears
     from fantasyportrait_core.model.build import TINY_ADAPTER, TINY_TRANSFORMER, WAN21_I2V_14B, build_adapter, build_transformer
-    from fantasyportrait_core.pipeline import generate_latent
+    from fantasyportrait_core.sampling.generate import generate_latent
 
     device = torch.device(args.device)
     width, height = (int(v) for v in args.size.split("x"))

@@ -24,7 +24,9 @@ import sys
 
 import torch
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive.encode import LANDMARK_FILTERS
+from fantasyportrait_core.faces.assign import ASSIGN_MODES
+from fantasyportrait_core.validate import parse_face_order
 from fantasyportrait_core.model.attention import ATTENTION_BACKENDS
 from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES
 from fantasyportrait_core.faces.detect import BACKENDS, make_detector
@@ -63,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--detector-dir", default=None,
                        help="folder with face_det.onnx + face_landmark.onnx (default models/fantasyportrait), "
                             "or for insightface its root holding models/buffalo_l")
-        p.add_argument("--landmark-filter", choices=P.LANDMARK_FILTERS, default="one_euro",
+        p.add_argument("--landmark-filter", choices=LANDMARK_FILTERS, default="one_euro",
                        help="landmark filter before alignment: one_euro (the reference's) or none")
         p.add_argument("--smooth", type=float, default=0.0,
                        help="extra Gaussian landmark smoothing, sigma in frames (0 = none, as the reference)")
@@ -110,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--people", type=int, nargs="+", default=None,
                      help="people to animate from each driving video: one number for every video, or one number "
                           "per video (default: 1 each); they are taken in reading order")
-    run.add_argument("--assign", choices=P.ASSIGN_MODES, default="left_to_right",
+    run.add_argument("--assign", choices=ASSIGN_MODES, default="left_to_right",
                      help="which reference face each character animates")
     run.add_argument("--face-order", default="",
                      help="face number (as on the _faces.png preview, reading order from 0) per character, e.g. 1,0; "
@@ -198,7 +200,7 @@ def _evaluate_parser(sub):
     ev.add_argument("--generated", required=True, help="the generated video")
     ev.add_argument("--people", type=int, default=None, help="characters in a single driving video")
     ev.add_argument("--image", default=None, help="reference image (identity target; default: first generated frame)")
-    ev.add_argument("--assign", choices=P.ASSIGN_MODES, default="left_to_right",
+    ev.add_argument("--assign", choices=ASSIGN_MODES, default="left_to_right",
                     help="the assignment the generation used (which face each character animates)")
     ev.add_argument("--face-order", default="", help="the --face-order the generation used, e.g. 1,0")
     ev.add_argument("--frames", type=int, default=None, help="compare at most this many frames (default: all)")
@@ -371,7 +373,7 @@ def cmd_evaluate(args) -> int:
     try:
         ev = E.evaluate(detector, [v.frames for v in videos], gen_frames, people=args.people, encoder=encoder,
                         reference=read_image(args.image) if args.image else None, assign=args.assign,
-                        face_order=P.parse_face_order(args.face_order, "--face-order"), landmarks=args.landmarks,
+                        face_order=parse_face_order(args.face_order, "--face-order"), landmarks=args.landmarks,
                         encoder_random=random_encoder)
     finally:
         detector.close()

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive.encode import DrivingExpression
+from fantasyportrait_core.runtime.residency import on_device
 from fantasyportrait_core.drive.direction import CHANNELS, MAX_STRENGTH, MOTION_MODES, Direction, Strength, baseline_features
 from fantasyportrait_core.drive.direction import parse_keys
 from fantasyportrait_core.drive.performance import EXTENSION, LOOP_MODES, load_performance, retime, save_performance
@@ -42,7 +43,7 @@ def face_key(face) -> tuple:
 
 
 @dataclass
-class DirectedExpression(P.DrivingExpression):
+class DirectedExpression(DrivingExpression):
     """A driving expression with directions still to apply: the face it animates is only known when
     Conditioning pairs characters with reference faces, so the portrait's baseline of every reference
     face is computed here and the right one taken there (:func:`resolve_directions`).
@@ -57,7 +58,7 @@ class DirectedExpression(P.DrivingExpression):
 
 
 def _plain_fields(d) -> dict:
-    return {f.name: getattr(d, f.name) for f in dataclasses.fields(P.DrivingExpression)}
+    return {f.name: getattr(d, f.name) for f in dataclasses.fields(DrivingExpression)}
 
 
 def resolve_directions(drivers: list, faces: list) -> list:
@@ -83,7 +84,7 @@ def resolve_directions(drivers: list, faces: list) -> list:
         feats = d.features
         for direction in d.directions:
             feats = direction.apply(feats, base)
-        out.append(P.DrivingExpression(**{**_plain_fields(d), "features": feats}))
+        out.append(DrivingExpression(**{**_plain_fields(d), "features": feats}))
     return out
 
 
@@ -169,7 +170,7 @@ class FantasyPortraitDirectExpression:
             raise InputError("faces must come from Face Masks (the reference image and its faces)")
         if direction.is_identity:
             return (drivers, "all channels 1, absolute: the expression is unchanged")
-        with P.on_device(expression_encoder, host.torch_device()):
+        with on_device(expression_encoder, host.torch_device()):
             base = baseline_features(expression_encoder, faces.image, faces.faces)
         baselines = {face_key(f): b for f, b in zip(faces.faces, base)}
         out = list(drivers)

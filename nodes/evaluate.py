@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 from fantasyportrait_core.evaluation import evaluate as E
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.faces.assign import ASSIGN_MODES
+from fantasyportrait_core.runtime.residency import on_device
+from fantasyportrait_core.validate import parse_face_order
 from . import host
 
 CATEGORY = "FantasyPortrait"
@@ -42,8 +44,8 @@ class FantasyPortraitEvaluate:
             "people": ("INT", {"default": 1, "min": 1, "max": 8,
                                "tooltip": "Characters taken from the 'driving' video (left to right), as on "
                                           "Encode Expression."}),
-            "assignment": (list(P.ASSIGN_MODES), {"default": "left_to_right",
-                                                  "tooltip": "The assignment the Conditioning node used."}),
+            "assignment": (list(ASSIGN_MODES), {"default": "left_to_right",
+                                                "tooltip": "The assignment the Conditioning node used."}),
             "face_order": ("STRING", {"default": "", "tooltip": "The face_order the Conditioning node used."}),
             "landmarks": (list(E.LANDMARK_SOURCES), {
                 "default": "auto", "tooltip": "Eye/mouth curves: auto = MediaPipe Face Mesh when installed with its "
@@ -76,10 +78,10 @@ class FantasyPortraitEvaluate:
         if driving_fps and generated_fps and abs(driving_fps - generated_fps) > 1e-3:
             clips = [E.resample_frames(c, driving_fps, generated_fps) for c in clips]
         ref = host.image_to_uint8(reference)[0] if reference is not None else None
-        order = P.parse_face_order(face_order)
+        order = parse_face_order(face_order)
         count = people if len(clips) == 1 else len(clips)
         if expression_encoder is not None:
-            with P.on_device(expression_encoder, host.torch_device()):
+            with on_device(expression_encoder, host.torch_device()):
                 ev = E.evaluate(face_detector, clips, gen, count, expression_encoder, ref, assignment, order, landmarks)
         else:
             ev = E.evaluate(face_detector, clips, gen, count, None, ref, assignment, order, landmarks)

@@ -298,7 +298,7 @@ def check_latent(latent, name: str = "latent") -> torch.Tensor:
 @contextlib.contextmanager
 def progress(desc: str, total: int | None):
     """A ComfyUI progress bar as a ``progress(desc, total)`` context yielding ``update(n)`` (the
-    form :func:`fantasyportrait_core.pipeline.encode_driving` takes); inactive outside ComfyUI."""
+    form :func:`fantasyportrait_core.drive.encode.encode_driving` takes); inactive outside ComfyUI."""
     bar = Progress(max(int(total or 1), 1))
     done = [0]
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from fantasyportrait_core.model.attention import ATTENTION_BACKENDS, PortraitState, attach_portrait_processors, set_attention_backend
+from fantasyportrait_core.model.attention import ATTENTION_BACKENDS, PortraitState, attach_portrait_processors
 from fantasyportrait_core.weights.load import load_adapter, load_expression_encoder, load_transformer
 from fantasyportrait_core.faces.detect import make_detector
 from fantasyportrait_core.faces.packages import missing_packages
-from fantasyportrait_core.model.fp8 import FP8, ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
+from fantasyportrait_core.model.fp8 import FP8, quantize_model_fp8
+from fantasyportrait_core.runtime.assemble import set_speed_options
 from fantasyportrait_core.runtime.memory import choose_storage, measured_size
 from fantasyportrait_core.model.build import DTYPES
 from fantasyportrait_core.runtime import residency
@@ -86,14 +86,6 @@ def enable_block_offload(model: PortraitModel) -> None:
     model.resident.offload_active = True
 
 
-def compile_available(device) -> str | None:
-    """Why ``torch.compile`` cannot run on ``device`` (a one-line reason), or ``None`` when it can:
-    on CUDA inductor needs Triton (``triton``, or ``triton-windows`` on Windows)."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is None:
-        return "torch.compile on CUDA needs Triton (pip install triton; on Windows: pip install triton-windows)"
-    return None
-
-
 FAST_MODES = ("off", "fp8 matmul", "fp8 matmul + compile")
 
 
@@ -108,31 +100,19 @@ def build_portrait_model(transformer, adapter, dtype, offload: str = "none", fas
             optionally ``torch.compile`` of the transformer blocks (diffusers regional compilation).
         attention: a key of :data:`~fantasyportrait_core.model.attention.ATTENTION_BACKENDS`.
     Raises:
-        ValueError: unknown options, or fast mode on weights that are not fp8.
+        ValueError: unknown options. Fast mode on bf16 weights stores them as scaled fp8 first
+            (the Model Loader refuses that combination with storage = same before loading).
     """
     if offload not in ("none", "block", "auto"):
         raise ValueError(f"offload {offload!r} is unknown; choose none, block or auto")
     if fast_mode not in FAST_MODES:
         raise ValueError(f"fast_mode {fast_mode!r} is unknown; choose one of {FAST_MODES}")
     state = attach_portrait_processors(transformer, adapter)
-    set_attention_backend(transformer, attention)
-    storage = "fp8" if any(isinstance(m, ScaledFP8Linear) for m in transformer.modules()) else "bf16"
-    device = host.torch_device()
-    model = PortraitModel(transformer, adapter, state, dtype, offload=offload, storage=storage)
-    notes = [f"{storage} weights", f"attention {attention}"]
-    if fast_mode != "off":
-        model.fp8_compute = set_fp8_compute(transformer, "scaled_mm", device)
-        notes.append("fp8 matmul" if model.fp8_compute == "scaled_mm" else
-                     f"fp8 matmul unavailable on {device} (needs a CUDA GPU of compute capability 8.9+): bf16 matmul")
-    if fast_mode.endswith("compile"):
-        why_not = compile_available(device)
-        if why_not:
-            log.warning("[FantasyPortrait] %s; running without it", why_not)
-            notes.append("not compiled (no Triton)")
-        else:
-            transformer.compile_repeated_blocks()
-            model.compiled = True
-            notes.append("blocks compiled (the first prompt compiles: slower)")
+    speed = set_speed_options(transformer, host.torch_device(), attention, fast=fast_mode != "off",
+                              compile=fast_mode.endswith("compile"))
+    model = PortraitModel(transformer, adapter, state, dtype, offload=offload, storage=speed.storage,
+                          fp8_compute=speed.fp8_compute, compiled=speed.compiled)
+    notes = speed.notes
     if offload == "block":
         enable_block_offload(model)
     model.info = "model: " + ", ".join(notes)

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive import encode as drive_encode
+from fantasyportrait_core.faces.assign import ASSIGN_MODES, assign_faces, detect_reference, driver_embedding, face_roles
+from fantasyportrait_core.runtime.residency import on_device
+from fantasyportrait_core.validate import parse_face_order
 from fantasyportrait_core.faces.face import Face
 from fantasyportrait_core.faces.regions import box_masks
 from fantasyportrait_core.faces.preview import add_caption, detector_label, draw_faces
@@ -75,7 +78,7 @@ class PortraitInputs:
     """
 
     faces: list[Face]
-    drivers: list[P.DrivingExpression]
+    drivers: list[drive_encode.DrivingExpression]
     ref_width: int
     ref_height: int
     scale: float = 1.0
@@ -123,7 +126,7 @@ class FantasyPortraitEncodeExpression:
                                             "the landmark filter, for a jittery detector; it blurs fast moves "
                                             "too. 0 = none (the reference applies only the One-Euro filter)."}),
         }, "optional": {  # newer inputs: optional, so API prompts saved by earlier versions still validate
-            "landmark_filter": (list(P.LANDMARK_FILTERS), {"default": "one_euro", "tooltip":
+            "landmark_filter": (list(drive_encode.LANDMARK_FILTERS), {"default": "one_euro", "tooltip":
                                 "one_euro: the reference's adaptive One-Euro filter on the landmarks (holds a "
                                 "still face still, follows fast moves at once), as the model was trained. "
                                 "none: raw detector landmarks."}),
@@ -180,10 +183,10 @@ class FantasyPortraitEncodeExpression:
         drivers = _EXPRESSION_CACHE.get(key)
         if drivers is None:
             device = host.torch_device()
-            with P.on_device(expression_encoder, device):
-                drivers = P.encode_driving(face_detector, expression_encoder, frames, people=people, smooth=smooth,
-                                           landmark_filter=landmark_filter, source=source, fps=float(fps),
-                                           progress=host.progress)
+            with on_device(expression_encoder, device):
+                drivers = drive_encode.encode_driving(face_detector, expression_encoder, frames, people=people,
+                                                      smooth=smooth, landmark_filter=landmark_filter, source=source,
+                                                      fps=float(fps), progress=host.progress)
             _EXPRESSION_CACHE[key] = drivers
             while len(_EXPRESSION_CACHE) > _EXPRESSION_CACHE_SIZE:
                 _EXPRESSION_CACHE.popitem(last=False)
@@ -223,7 +226,7 @@ class FantasyPortraitFaceMasks:
     def detect(self, face_detector, image):
         ref = host.image_to_uint8(image[:1] if isinstance(image, torch.Tensor) and image.ndim == 4 else image,
                                   "image (reference)")[0]
-        faces = P.detect_reference(face_detector, ref)
+        faces = detect_reference(face_detector, ref)
         if not faces:
             raise InputError("no face found in the reference image; use a clearer, larger or more frontal face")
         h, w = ref.shape[:2]
@@ -248,7 +251,7 @@ class FantasyPortraitConditioning:
             "expression": ("FP_EXPRESSION", {"tooltip": "First character(s): from Encode Expression."}),
             "portrait_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.05,
                                          "tooltip": "Strength of the expression branch inside the transformer."}),
-            "assignment": (list(P.ASSIGN_MODES), {"default": "left_to_right", "tooltip":
+            "assignment": (list(ASSIGN_MODES), {"default": "left_to_right", "tooltip":
                            "Which face each character animates: left_to_right (one character: the largest face), "
                            "right_to_left, largest_first, or identity (closest-looking face; needs the insightface "
                            "detector)."}),
@@ -281,15 +284,15 @@ class FantasyPortraitConditioning:
 
     def condition(self, faces, expression, portrait_scale=1.0, assignment="left_to_right", face_order="", masks=None,
                   **more):
-        order = P.parse_face_order(face_order)
+        order = parse_face_order(face_order)
         user_masks_in = None if masks is None else host.masks_to_tensor(masks, "masks")
         drivers = list(expression)
         for i in range(2, 2 + MAX_EXTRA_EXPRESSIONS):
             drivers += list(more.get(f"expression_{i}") or [])
         if not drivers:
             raise InputError("expression holds no character; connect Encode Expression")
-        chosen = P.assign_faces(faces.faces, len(drivers), order, assignment,
-                                [P.driver_embedding(d) for d in drivers])
+        chosen = assign_faces(faces.faces, len(drivers), order, assignment,
+                              [driver_embedding(d) for d in drivers])
         from .direct import resolve_directions  # Direct Expression: applied against the face each character animates
 
         drivers = resolve_directions(drivers, chosen)
@@ -308,7 +311,7 @@ class FantasyPortraitConditioning:
         if len(rates) > 1:
             raise InputError(f"the drivers come at different frame rates {rates} fps: set the same fps on every "
                              f"Encode Expression")
-        numbers, unused, shown, labels = P.face_roles(chosen, faces.faces, drivers)
+        numbers, unused, shown, labels = face_roles(chosen, faces.faces, drivers)
         if unused:
             log.warning("[FantasyPortrait] reference face(s) %s have no driving expression and stay as in the image",
                         ", ".join(f"#{k}" for k in unused))

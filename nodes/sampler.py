@@ -9,7 +9,10 @@ import time
 import numpy as np
 import torch
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.sampling import generate
+from fantasyportrait_core.drive.condition import portrait_condition
+from fantasyportrait_core.drive.encode import frames_for
+from fantasyportrait_core.faces.layout import ReferenceLayout, reference_layout
 from fantasyportrait_core.model.attention import TEXT_CONTEXT_TOKENS
 from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES
 from fantasyportrait_core.model.denoiser import I2VConditioning
@@ -17,7 +20,8 @@ from fantasyportrait_core.faces.face import Face
 from fantasyportrait_core.runtime.job import SamplingOptions
 from fantasyportrait_core.model.geometry import VAE_SPATIAL_STRIDE, pixel_frames
 from fantasyportrait_core.weights.lora_apply import apply_loras
-from fantasyportrait_core.runtime.memory import GIB, activation_bytes, measured_size, module_bytes, plan_sampling
+from fantasyportrait_core.runtime.memory import (GIB, NODE_KNOBS, activation_bytes, measured_size, module_bytes, oom_advice,
+                                                plan_sampling)
 from fantasyportrait_core.model.build import denormalize_latent, normalize_latent
 from fantasyportrait_core.runtime.restore import restored
 from fantasyportrait_core.sampling.flow import DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS
@@ -57,15 +61,15 @@ def map_mask(mask: torch.Tensor, scale: float, off_x: float, off_y: float, dst_w
     return torch.nn.functional.interpolate(m[:, None], size=(dst_h, dst_w), mode="nearest")[:, 0]
 
 
-def portrait_layout(portrait, width: int, height: int, num_frames: int) -> P.ReferenceLayout:
+def portrait_layout(portrait, width: int, height: int, num_frames: int) -> ReferenceLayout:
     """Per-character regions and latent person map of FP_PORTRAIT at the generated size: faces and
     user masks are taken from reference pixels through WanImageToVideo's centre crop
-    (:func:`center_crop_map`), then :func:`fantasyportrait_core.pipeline.reference_layout`. Used by this
+    (:func:`center_crop_map`), then :func:`fantasyportrait_core.faces.layout.reference_layout`. Used by this
     sampler and by the patch on ComfyUI's own Wan MODEL (``nodes/native.py``)."""
     scale, ox, oy = center_crop_map(portrait.ref_width, portrait.ref_height, width, height)
     faces = [map_face(f, scale, ox, oy) for f in portrait.faces]
     masks = [None if m is None else map_mask(m, scale, ox, oy, width, height) for m in portrait.user_masks]
-    return P.reference_layout(faces, portrait.drivers, width, height, num_frames, masks or None)
+    return reference_layout(faces, portrait.drivers, width, height, num_frames, masks or None)
 
 
 def conditioning_parts(positive, negative, cfg: float):
@@ -234,7 +238,7 @@ class FantasyPortraitSampler:
         shortest = min(d.num_frames for d in portrait.drivers)
         if shortest < num_frames:
             raise InputError(f"the latent is {num_frames} frames long but a driving expression has only {shortest}; "
-                             f"set WanImageToVideo length to at most {P.frames_for(portrait.drivers)}")
+                             f"set WanImageToVideo length to at most {frames_for(portrait.drivers)}")
         text_pos, text_neg, image_ctx, y = conditioning_parts(positive, negative, cfg)
         tc = model.transformer.config
         if text_pos.shape[-1] != tc.text_dim:
@@ -275,18 +279,20 @@ class FantasyPortraitSampler:
             # Whatever happens inside (Cancel, out of memory, an error), the model leaves as it came: no
             # condition attached, processors and hooks as loaded, every weight where it was (offload too).
             with restored(tr, model.state), model.home.guard():
-                cond = P.portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
+                cond = portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
                 i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
-                out = P.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
-                                        callback=callback, context_frames=window, context_overlap=context_overlap,
-                                        window_anchor=window_anchor, init_latent=init,
-                                        batch_passes=plan.batch_passes, device=device, resolved=resolved)
+                out = generate.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
+                                               callback=callback, context_frames=window,
+                                               context_overlap=context_overlap, window_anchor=window_anchor,
+                                               init_latent=init,
+                                               batch_passes=plan.batch_passes, device=device, resolved=resolved)
         except torch.cuda.OutOfMemoryError as e:
             model.resident.detach()
             # Re-raise the very OOM error (ComfyUI's ``model_management.OOM_EXCEPTION``): ComfyUI then
             # unloads every model and shows its OOM tips. What to change goes into its message (shown
             # in the UI), the exception notes (tracebacks) and the log.
-            advice = oom_message(tr, width, height, num_frames, context_frames, model.offload, plan.describe())
+            advice = oom_message(tr, width, height, num_frames, context_frames, model.offload, plan.describe(),
+                                 model.storage == "fp8")
             log.error("[FantasyPortrait] %s", advice)
             add_advice(e, advice)
             raise
@@ -342,11 +348,9 @@ def add_advice(error: BaseException, advice: str) -> None:
 
 
 def oom_message(transformer, width: int, height: int, num_frames: int, context_frames: int, offload: str,
-                plan: str = "") -> str:
-    """What to change when sampling ran out of GPU memory, with the numbers that were tried."""
-    weights_gib = module_bytes(transformer) / 2**30
-    tried = f"; {plan}" if plan else ""
-    return (f"FantasyPortrait ran out of GPU memory ({weights_gib:.1f} GiB of transformer weights, {width}x{height}, "
-            f"{num_frames} frames, context_frames {context_frames}, offload {offload}{tried}). In FantasyPortrait "
-            f"Model Loader set storage = fp8_e4m3fn (halves the weights) and/or offload = block (weights stay in CPU "
-            f"RAM), or lower the size, length or context_frames (long_video = windows).")
+                plan: str = "", fp8: bool = False) -> str:
+    """:func:`~fantasyportrait_core.runtime.memory.oom_advice` in the nodes' widget names, with the
+    numbers that were tried."""
+    tried = (f"{module_bytes(transformer) / 2**30:.1f} GiB of transformer weights, {width}x{height}, {num_frames} "
+             f"frames, context_frames {context_frames}, offload {offload}{f'; {plan}' if plan else ''}")
+    return oom_advice(tried, NODE_KNOBS, fp8)

@@ -190,7 +190,7 @@ def write_performance(path: str, frames: int = 97):
 
     from fantasyportrait_core.faces.face import FaceTrack
     from fantasyportrait_core.drive.performance import save_performance
-    from fantasyportrait_core.pipeline import DrivingExpression
+    from fantasyportrait_core.drive.encode import DrivingExpression
 
     g = torch.Generator().manual_seed(0)
     lm = np.array([[200, 220], [300, 220], [250, 280], [210, 340], [290, 340]], dtype=float)

@@ -238,14 +238,14 @@ def run_probe(comfy_dir: str, out_path: str) -> None:  # noqa: C901 - one flat l
 
     from fantasyportrait_pack.nodes.portrait import PortraitInputs
     import numpy as np
-    from fantasyportrait_core import pipeline as P
+    from fantasyportrait_core.drive.encode import DrivingExpression
     from fantasyportrait_core.faces.face import Face, FaceTrack
 
     def portrait(scale):
         g = torch.Generator().manual_seed(3)
         box = np.array([4.0, 4, 28, 28])
-        d = P.DrivingExpression(torch.randn(9, 554, generator=g),
-                                FaceTrack(np.tile(box, (9, 1)), np.zeros((9, 5, 2)), np.ones(9, bool)))
+        d = DrivingExpression(torch.randn(9, 554, generator=g),
+                              FaceTrack(np.tile(box, (9, 1)), np.zeros((9, 5, 2)), np.ones(9, bool)))
         return PortraitInputs([Face(box, np.zeros((5, 2)), 0.9)], [d], 32, 32, scale, [None])
 
     def forward(model, runtime):

@@ -12,7 +12,7 @@ from fantasyportrait_core import cli
 from fantasyportrait_core.runtime import runner
 from fantasyportrait_core.runtime.job import Job, MemoryOptions
 from fantasyportrait_core.runtime.plan import plan_run
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.sampling import generate
 from fantasyportrait_core.drive.performance import load_performance
 
 from .conftest import data_path
@@ -22,7 +22,7 @@ from .conftest import data_path
 def captured(monkeypatch):
     """Every latent and portrait condition the CLI samples."""
     seen = {"latents": [], "windows": []}
-    real = P.generate_latent
+    real = generate.generate_latent
 
     def spy(transformer, state, cond, portrait, *a, **k):
         seen["windows"].append(portrait.windows.clone())
@@ -30,7 +30,7 @@ def captured(monkeypatch):
         seen["latents"].append(out.clone())
         return out
 
-    monkeypatch.setattr(P, "generate_latent", spy)
+    monkeypatch.setattr(generate, "generate_latent", spy)
     return seen
 
 
@@ -76,7 +76,7 @@ def test_held_head_pose_and_relative_motion_reach_the_condition(tmp_path, captur
 
 @pytest.mark.parametrize("extra, words", [
     (["--strength", "nose=0"], ["--strength", "unknown channel 'nose'"]),
-    (["--strength", "mouth=3"], ["outside [0, 2]"]),
+    (["--strength", "mouth=3"], ["between 0 and 2, got 3"]),
     (["--strength-keys", "mouth=0:1,8:0.5,4:1"], ["must increase"]),
     (["--strength-keys", "mouth=0:1,40:0.5"], ["key at frame 40 is outside", "generate more frames"]),
     (["--motion", "relative", "--neutral-frame", "9"], ["neutral frame 9 is outside"]),

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.sampling import generate
+from fantasyportrait_core.drive.condition import portrait_condition
+from fantasyportrait_core.drive.encode import DrivingExpression
 from fantasyportrait_core.model.attention import attach_portrait_processors
 from fantasyportrait_core.sampling.windows import context_windows, window_weights
 from fantasyportrait_core.model.denoiser import I2VConditioning
@@ -33,17 +35,17 @@ def test_161_frames_without_seams(tiny):
     g = torch.Generator().manual_seed(0)
     feats = torch.cumsum(torch.randn(num_frames, 554, generator=g) * 0.1, 0)  # smooth expression motion
     track = FaceTrack(np.tile([0.0, 0, 32, 32], (num_frames, 1)), np.zeros((num_frames, 5, 2)), np.ones(num_frames, bool))
-    portrait = P.portrait_condition(adapter, [P.DrivingExpression(feats, track)], num_frames, None)
+    portrait = portrait_condition(adapter, [DrivingExpression(feats, track)], num_frames, None)
     c = model.config
     f_lat = 41
     y = torch.cat([torch.zeros(1, 4, f_lat, h, w), torch.randn(1, 16, f_lat, h, w, generator=g)], 1)
     y[:, :4, 0] = 1
     cond = I2VConditioning(torch.randn(1, 8, c.text_dim, generator=g), None,
                            torch.randn(1, 257, c.image_dim, generator=g), y)
-    latent = P.generate_latent(model, state, cond, portrait, num_frames, w * 8, h * 8, steps=3, seed=1,
-                               context_frames=81, context_overlap=16)
+    latent = generate.generate_latent(model, state, cond, portrait, num_frames, w * 8, h * 8, steps=3, seed=1,
+                                      context_frames=81, context_overlap=16)
     assert latent.shape == (1, 16, f_lat, h, w)
-    frames = P.decode_latent(vae, latent)
+    frames = generate.decode_latent(vae, latent)
     assert frames.shape[0] == 161
     step = np.abs(np.diff(latent[0].numpy(), axis=1)).mean(axis=(0, 2, 3))  # change between latent frames
     windows = context_windows(41, 21, 4)
@@ -86,7 +88,7 @@ def _long_setup(tiny, num_frames=161, h=4, w=4):
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(num_frames, 554, generator=g)
     track = FaceTrack(np.tile([0.0, 0, 32, 32], (num_frames, 1)), np.zeros((num_frames, 5, 2)), np.ones(num_frames, bool))
-    portrait = P.portrait_condition(adapter, [P.DrivingExpression(feats, track)], num_frames, None)
+    portrait = portrait_condition(adapter, [DrivingExpression(feats, track)], num_frames, None)
     c = model.config
     f_lat = (num_frames - 1) // 4 + 1
     y = torch.cat([torch.zeros(1, 4, f_lat, h, w), torch.randn(1, 16, f_lat, h, w, generator=g)], 1)
@@ -110,8 +112,8 @@ def test_windows_after_the_first_are_anchored_on_the_reference(tiny):
     model, state, portrait, cond, calls = _long_setup(tiny)
     ref_latent = cond.image_latent[:, 4:, 0]
     assert ref_latent.abs().sum() > 0
-    P.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1, context_frames=81,
-                      context_overlap=16, window_anchor="reference", batch_passes=1)
+    generate.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1, context_frames=81,
+                             context_overlap=16, window_anchor="reference", batch_passes=1)
     # one step, cfg 1 + portrait cfg 4: 2 passes per window (one per forward here); windows start at latent 0, 10, 20
     assert [c[0].shape[2] for c in calls] == [21, 21, 22, 22, 22, 22]
     x0 = calls[0][0][:, :16, 0]  # latent frame 0 as the first window sees it
@@ -126,15 +128,15 @@ def test_windows_after_the_first_are_anchored_on_the_reference(tiny):
     assert windows[1][0] > 0 and calls[2][1] is not None
 
     calls.clear()
-    P.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1, context_frames=81,
-                      context_overlap=16, window_anchor="none", batch_passes=1)
+    generate.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1, context_frames=81,
+                             context_overlap=16, window_anchor="none", batch_passes=1)
     assert [c[0].shape[2] for c in calls] == [21] * 6
     assert all((hidden[:, 16:20] == 0).all() for hidden, _ in calls[2:]), "the old input: no reference"
 
 
 def test_one_pass_is_the_default(tiny):
     model, state, portrait, cond, calls = _long_setup(tiny)
-    latent = P.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1)
+    latent = generate.generate_latent(model, state, cond, portrait, 161, 32, 32, steps=1, seed=1)
     assert latent.shape[2] == 41 and [tuple(c[0].shape[:3:2]) for c in calls] == [(2, 41)]  # both passes, one forward
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive import encode as drive_encode
+from fantasyportrait_core.sampling import generate
+from fantasyportrait_core.drive.condition import portrait_condition
 from fantasyportrait_core.model.adapter import TOKENS_PER_FRAME
 from fantasyportrait_core.model.attention import attach_portrait_processors
 from fantasyportrait_core.model.denoiser import I2VConditioning
@@ -29,8 +31,8 @@ def _driver(frames=F, seed=0, fps=25.0):
     lm = np.tile(np.array([[27, 26], [37, 26], [32, 32], [28, 38], [36, 38]], dtype=float), (frames, 1, 1))
     detected = np.ones(frames, bool)
     detected[[i for i in (2, 5) if i < frames]] = False
-    return P.DrivingExpression(feats, FaceTrack(boxes, lm, detected), source="/videos/take3.mp4", track_index=1,
-                               fps=fps, people_seen=2)
+    return drive_encode.DrivingExpression(feats, FaceTrack(boxes, lm, detected), source="/videos/take3.mp4",
+                                          track_index=1, fps=fps, people_seen=2)
 
 
 def _baseline(seed=7):
@@ -116,12 +118,12 @@ def test_cli_specs_address_characters():
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(strength=["nose=1"]), ["--strength", "unknown channel 'nose'", "head_pose, eyes, emotion, mouth"]),
-    (dict(strength=["mouth=2.5"]), ["--strength", "outside [0, 2]"]),
-    (dict(strength=["mouth=-0.1"]), ["outside [0, 2]"]),
-    (dict(strength=["mouth=nan"]), ["outside [0, 2]"]),
+    (dict(strength=["mouth=2.5"]), ["--strength", "between 0 and 2, got 2.5", "1 follows the driver"]),
+    (dict(strength=["mouth=-0.1"]), ["between 0 and 2, got -0.1"]),
+    (dict(strength=["mouth=nan"]), ["strength must be a finite number"]),
     (dict(strength=["mouth"]), ["not CHANNEL=S"]),
     (dict(strength_keys=["mouth=0:1,40:0.3,20:1"]), ["--strength-keys", "must increase"]),
-    (dict(strength_keys=["mouth=0:1,4:3"]), ["outside [0, 2]"]),
+    (dict(strength_keys=["mouth=0:1,4:3"]), ["between 0 and 2, got 3"]),
     (dict(strength_keys=["mouth=0:1,x:3"]), ["not FRAME:S"]),
     (dict(strength=["2:mouth=1"]), ["character 2", "fix the 'C:' prefix"]),
     (dict(motion=["sideways"]), ["--motion", "absolute or relative"]),
@@ -160,7 +162,7 @@ def test_baseline_is_the_encoding_of_the_face_aligned_as_drivers_are(tiny):
             return [copy.deepcopy(face)]
 
     base = baseline_features(encoder, image, [face])
-    drivers = P.encode_driving(Still(), encoder, np.stack([image] * 3))
+    drivers = drive_encode.encode_driving(Still(), encoder, np.stack([image] * 3))
     assert base.shape == (1, 554)
     torch.testing.assert_close(base[0], drivers[0].features[0], rtol=0, atol=1e-5)
 
@@ -248,8 +250,8 @@ def _latent(tiny, drivers, frames=5, steps=2):
     y[:, :4, 0] = 1
     cond = I2VConditioning(torch.randn(1, 8, c.text_dim, generator=g), None,
                            torch.randn(1, 257, c.image_dim, generator=g), y)
-    portrait = P.portrait_condition(adapter, drivers, frames, None)
-    return P.generate_latent(model, state, cond, portrait, frames, w * 8, h * 8, steps=steps, seed=1)
+    portrait = portrait_condition(adapter, drivers, frames, None)
+    return generate.generate_latent(model, state, cond, portrait, frames, w * 8, h * 8, steps=steps, seed=1)
 
 
 def test_saved_and_reloaded_performance_gives_the_identical_latent(tiny, tmp_path):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import nodes
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive import encode as drive_encode
 from fantasyportrait_core.faces.face import Face
-from fantasyportrait_core.pipeline import one_euro_landmarks, smooth_over_time
+from fantasyportrait_core.drive.filters import one_euro_landmarks, smooth_over_time
 
 FACE = np.array([[60, 70], [100, 70], [80, 95], [65, 120], [95, 120]], float)  # eyes, nose, mouth corners
 
@@ -70,7 +70,7 @@ def _stamped(seconds, fps):
 
 
 def test_drivers_at_15_and_30_fps_come_out_frame_aligned_at_25(monkeypatch):
-    monkeypatch.setattr(P, "encode_expressions", lambda enc, crops: torch.zeros(len(crops), 554))
+    monkeypatch.setattr(drive_encode, "encode_expressions", lambda enc, crops: torch.zeros(len(crops), 554))
     node = nodes.NODE_CLASS_MAPPINGS["FantasyPortraitEncodeExpression"]()
     encoder = torch.nn.Linear(1, 1)
     out = {}
@@ -126,7 +126,7 @@ def test_labels_name_the_video_and_track_driving_each_face(monkeypatch):
             return [Face(np.array([0.0, 0, 40, 40]), FACE * 0.25, 1.0),
                     Face(np.array([70.0, 0, 110, 40]), FACE * 0.25 + [70, 0], 1.0)]
 
-    monkeypatch.setattr(P, "encode_expressions", lambda enc, crops: torch.zeros(len(crops), 554))
+    monkeypatch.setattr(drive_encode, "encode_expressions", lambda enc, crops: torch.zeros(len(crops), 554))
     images = torch.zeros(5, 64, 128, 3)
     enc = nodes.NODE_CLASS_MAPPINGS["FantasyPortraitEncodeExpression"]()
     expr, _, info = enc.encode(torch.nn.Linear(1, 1), TwoFaces(), images, people=2, prompt=prompt, unique_id="3")

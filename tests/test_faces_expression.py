@@ -129,7 +129,7 @@ def test_detects_two_faces_left_to_right(detector):
 
 
 def test_driving_video_gives_full_length_track(detector, tiny):
-    from fantasyportrait_core.pipeline import encode_driving
+    from fantasyportrait_core.drive.encode import encode_driving
 
     video = read_video(data_path("jgz.mp4"), max_frames=9)
     (drv,) = encode_driving(detector, tiny[3], video.frames, people=1)

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive import encode as drive_encode
+from fantasyportrait_core.drive.condition import portrait_condition
+from fantasyportrait_core.faces.assign import assign_faces
+from fantasyportrait_core.faces.layout import generation_size, reference_layout
 from fantasyportrait_core.model.attention import attach_portrait_processors
 from fantasyportrait_core.faces.detect import make_detector
 from fantasyportrait_core.faces.official import decode_gfl, letterbox_matrix
@@ -29,11 +32,11 @@ def tiled(n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
 
-def static_driver(face_box, features: torch.Tensor) -> P.DrivingExpression:
+def static_driver(face_box, features: torch.Tensor) -> drive_encode.DrivingExpression:
     f = features.shape[0]
     boxes = np.tile(np.asarray(face_box, float), (f, 1))
     track = FaceTrack(boxes, np.zeros((f, 5, 2)), np.ones(f, bool))
-    return P.DrivingExpression(features, track)
+    return drive_encode.DrivingExpression(features, track)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
@@ -44,13 +47,13 @@ def test_each_character_depends_only_on_its_own_driver(n, detector, tiny):
     xs = [f.center[0] for f in faces]
     assert xs == sorted(xs)
 
-    width, height = P.generation_size(image.shape[1], image.shape[0], max_size=512)
+    width, height = generation_size(image.shape[1], image.shape[0], max_size=512)
     k = width / image.shape[1]
     gen_faces = [Face(f.box * k, f.landmarks * k, f.score) for f in faces]
     num_frames = 5
     g = torch.Generator().manual_seed(n)
     drivers = [static_driver(f.box, torch.randn(num_frames, 554, generator=g)) for f in gen_faces]
-    layout = P.reference_layout(P.assign_faces(gen_faces, n), drivers, width, height, num_frames)
+    layout = reference_layout(assign_faces(gen_faces, n), drivers, width, height, num_frames)
     ids = layout.latent_person.reshape(-1)
     for person in range(1, n + 1):
         assert (ids == person).any(), f"character {person - 1} has no latent tokens"
@@ -64,7 +67,7 @@ def test_each_character_depends_only_on_its_own_driver(n, detector, tiny):
     hidden = torch.randn(1, ids.numel(), dim, generator=g)
     context = torch.randn(1, 257 + 512, dim, generator=g)
     with torch.no_grad():
-        state.condition = P.portrait_condition(adapter, drivers, num_frames, layout)
+        state.condition = portrait_condition(adapter, drivers, num_frames, layout)
         base = attn(hidden, context)
         state.condition = None
         plain = attn(hidden, context)
@@ -72,7 +75,7 @@ def test_each_character_depends_only_on_its_own_driver(n, detector, tiny):
         for victim in range(n):
             moved = list(drivers)
             moved[victim] = static_driver(drivers[victim].track.boxes[0], drivers[victim].features + 3.0)
-            state.condition = P.portrait_condition(adapter, moved, num_frames, layout)
+            state.condition = portrait_condition(adapter, moved, num_frames, layout)
             out = attn(hidden, context)
             delta = (out - base).abs().sum(-1)[0]
             assert delta[ids == victim + 1].min() > 0
@@ -90,7 +93,7 @@ def _faces_with_embeddings():
 
 def test_assignment_modes_give_documented_order():
     faces, embs = _faces_with_embeddings()
-    pick = lambda **kw: [faces.index(f) for f in P.assign_faces(faces, **kw)]
+    pick = lambda **kw: [faces.index(f) for f in assign_faces(faces, **kw)]
     assert pick(count=3) == [0, 1, 2]
     assert pick(count=2, mode="right_to_left") == [2, 1]
     assert pick(count=3, mode="largest_first") == [1, 2, 0]
@@ -106,34 +109,34 @@ def test_assignment_modes_give_documented_order():
 def test_assignment_errors():
     faces, _ = _faces_with_embeddings()
     with pytest.raises(ValueError, match="no face"):
-        P.assign_faces([], 1)
+        assign_faces([], 1)
     with pytest.raises(ValueError, match="shows 3 face.*4 driving"):
-        P.assign_faces(faces, 4)
+        assign_faces(faces, 4)
     with pytest.raises(ValueError, match="distinct"):
-        P.assign_faces(faces, 2, order=[1, 1])
+        assign_faces(faces, 2, order=[1, 1])
     with pytest.raises(ValueError, match="insightface"):
-        P.assign_faces([Face(f.box, f.landmarks, f.score) for f in faces], 2, mode="identity",
-                       driver_embeddings=[None, None])
+        assign_faces([Face(f.box, f.landmarks, f.score) for f in faces], 2, mode="identity",
+                     driver_embeddings=[None, None])
     with pytest.raises(ValueError, match="unknown assignment"):
-        P.assign_faces(faces, 2, mode="random")
+        assign_faces(faces, 2, mode="random")
 
 
 def test_driving_video_without_any_face(detector, tiny):
     frames = np.zeros((5, 64, 64, 3), np.uint8)
     with pytest.raises(ValueError, match="no face was found in any of its 5 frame"):
-        P.encode_driving(detector, tiny[3], frames)
+        drive_encode.encode_driving(detector, tiny[3], frames)
 
 
 def test_one_video_with_two_people(detector, tiny):
     from fantasyportrait_core.media.video import read_video
 
     frames = read_video(data_path("two_person.mp4"), max_frames=9).frames
-    drivers = P.encode_driving(detector, tiny[3], frames, people=2, smooth=1.0)
+    drivers = drive_encode.encode_driving(detector, tiny[3], frames, people=2, smooth=1.0)
     assert len(drivers) == 2 and all(d.num_frames == 9 for d in drivers)
     assert drivers[0].track.boxes[:, 0].mean() < drivers[1].track.boxes[:, 0].mean()
     assert all(not d.track.missing for d in drivers)
     with pytest.raises(ValueError, match="shows 2 face.*3 character"):
-        P.encode_driving(detector, tiny[3], frames, people=3)
+        drive_encode.encode_driving(detector, tiny[3], frames, people=3)
 
 
 def test_user_mask_replaces_region():
@@ -141,7 +144,7 @@ def test_user_mask_replaces_region():
     drivers = [static_driver(f.box, torch.zeros(5, 554)) for f in faces]
     user = torch.zeros(64, 128)
     user[32:64, 96:128] = 1.0  # character 1's region moved to the bottom-right corner
-    layout = P.reference_layout(faces, drivers, 128, 64, 5, [None, user])
+    layout = reference_layout(faces, drivers, 128, 64, 5, [None, user])
     grid = layout.latent_person[0].view(4, 8)
     assert grid[0:2, 0:2].eq(1).all()  # character 0 keeps its box
     assert grid[2:4, 6:8].eq(2).all() and not grid[0:2, 4:6].eq(2).any()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import nodes
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive.condition import portrait_condition
+from fantasyportrait_core.drive.encode import DrivingExpression
 from fantasyportrait_core.model.attention import apply_portrait
 from fantasyportrait_core.faces.face import Face, FaceTrack
 from nodes import native
@@ -24,8 +25,8 @@ from . import checkpoint_writers as W
 def _portrait(n: int, frames: int = 13, ref=(192, 128)) -> PortraitInputs:
     g = torch.Generator().manual_seed(n)
     boxes = [np.array([10.0, 20, 60, 80]), np.array([120.0, 30, 170, 90])][:n]
-    drivers = [P.DrivingExpression(torch.randn(frames, 554, generator=g),
-                                   FaceTrack(np.tile(b, (frames, 1)), np.zeros((frames, 5, 2)), np.ones(frames, bool)))
+    drivers = [DrivingExpression(torch.randn(frames, 554, generator=g),
+                                 FaceTrack(np.tile(b, (frames, 1)), np.zeros((frames, 5, 2)), np.ones(frames, bool)))
                for b in boxes]
     return PortraitInputs([Face(b, np.zeros((5, 2)), 0.9) for b in boxes], drivers, ref[0], ref[1], 1.0, [None] * n)
 
@@ -52,7 +53,7 @@ def test_condition_is_the_samplers_for_the_grid(adapter):
     f_lat, h, w = 3, 4, 6  # 9 frames, 96x64 pixels
     cond = run.condition((f_lat, h, w), None, torch.device("cpu"))
     layout = portrait_layout(portrait, 96, 64, 9)
-    ref = P.portrait_condition(adapter, portrait.drivers, 9, layout, 1.0)
+    ref = portrait_condition(adapter, portrait.drivers, 9, layout, 1.0)
     assert torch.equal(cond.windows, ref.windows) and torch.equal(cond.latent_person, ref.latent_person)
     assert torch.equal(cond.token_person, ref.token_person)
     assert set(cond.latent_person.unique().tolist()) == {0, 1, 2}
@@ -60,7 +61,7 @@ def test_condition_is_the_samplers_for_the_grid(adapter):
     # a context window (any frames, any order) gets exactly those frames of the whole clip
     frames = [2, 1]
     win = run.condition((2, h, w), frames, torch.device("cpu"))
-    full = P.portrait_condition(adapter, portrait.drivers, 13, portrait_layout(portrait, 96, 64, 13), 1.0)
+    full = portrait_condition(adapter, portrait.drivers, 13, portrait_layout(portrait, 96, 64, 13), 1.0)
     assert torch.equal(win.windows, full.windows[:, frames]) and torch.equal(win.latent_person, full.latent_person[frames])
     assert torch.equal(full.windows[:, :f_lat], ref.windows)  # a frame's window does not depend on the length
     with pytest.raises(ValueError, match="at most 13"):
@@ -275,7 +276,7 @@ def test_condition_of_an_anchored_window_is_its_frames(adapter):
     run(_Executor(SimpleNamespace(blocks=blocks), forward), torch.zeros(1, 36, 3, 4, 4), None, None, None, None,
         {"context_window": window})
     (frames, cond), = seen["cond"].items()
-    full = P.portrait_condition(adapter, portrait.drivers, 13, portrait_layout(portrait, 32, 32, 13), 1.0)
+    full = portrait_condition(adapter, portrait.drivers, 13, portrait_layout(portrait, 32, 32, 13), 1.0)
     assert frames == (0, 2, 3) and torch.equal(cond.windows, full.windows[:, [0, 2, 3]])
 
 

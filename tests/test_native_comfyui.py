@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive.encode import DrivingExpression
 from fantasyportrait_core.weights.load import load_adapter, load_transformer
 from fantasyportrait_core.faces.face import Face, FaceTrack
 from fantasyportrait_core.sampling.flow import flow_sigmas
@@ -52,10 +52,10 @@ def comfy_python() -> str:
     return py if os.path.exists(py) else sys.executable
 
 
-def _driver(box, frames: int, g) -> P.DrivingExpression:
+def _driver(box, frames: int, g) -> DrivingExpression:
     boxes = np.tile(np.asarray(box, float), (frames, 1))
-    return P.DrivingExpression(torch.randn(frames, 554, generator=g), FaceTrack(boxes, np.zeros((frames, 5, 2)),
-                                                                                np.ones(frames, bool)))
+    return DrivingExpression(torch.randn(frames, 554, generator=g), FaceTrack(boxes, np.zeros((frames, 5, 2)),
+                                                                              np.ones(frames, bool)))
 
 
 def _portraits():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import nodes
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.sampling import generate
+from fantasyportrait_core.drive.encode import DrivingExpression
 from fantasyportrait_core.faces.face import Face, FaceTrack
 from fantasyportrait_core.validate import InputError
 from fantasyportrait_core.media.video import read_video
@@ -102,7 +103,8 @@ def test_encode_expression_encodes_only_the_frames_asked(detector, tiny):
 
 def _static(box, n=5):
     box = np.asarray(box, float)
-    return P.DrivingExpression(torch.zeros(n, 554), FaceTrack(np.tile(box, (n, 1)), np.zeros((n, 5, 2)), np.ones(n, bool)))
+    return DrivingExpression(torch.zeros(n, 554),
+                             FaceTrack(np.tile(box, (n, 1)), np.zeros((n, 5, 2)), np.ones(n, bool)))
 
 
 @pytest.fixture
@@ -188,7 +190,7 @@ def _cond(model, f_lat=2, h=4, w=4):
     (torch.zeros(1, 4, 2, 4, 4), "must be a Wan2.1 video latent"),
 ])
 def test_bad_latents_fail_before_sampling(model, two_faces, monkeypatch, samples, message):
-    monkeypatch.setattr(P, "generate_latent", lambda *a, **k: pytest.fail("sampled a bad latent"))
+    monkeypatch.setattr(generate, "generate_latent", lambda *a, **k: pytest.fail("sampled a bad latent"))
     portrait, _ = _condition(two_faces, None)
     pos = _cond(model)
     with pytest.raises(InputError, match=message):
@@ -196,7 +198,7 @@ def test_bad_latents_fail_before_sampling(model, two_faces, monkeypatch, samples
 
 
 def test_nan_in_conditioning_fails_before_sampling(model, two_faces, monkeypatch):
-    monkeypatch.setattr(P, "generate_latent", lambda *a, **k: pytest.fail("sampled NaN conditions"))
+    monkeypatch.setattr(generate, "generate_latent", lambda *a, **k: pytest.fail("sampled NaN conditions"))
     portrait, _ = _condition(two_faces, None)
     pos = _cond(model)
     pos[0][1]["concat_latent_image"][0, 0, 0, 0, 0] = float("inf")
@@ -220,7 +222,7 @@ def test_sampler_failure_leaves_the_model_as_loaded(model, two_faces, monkeypatc
         transformer.blocks[0].register_forward_pre_hook(lambda *x: None)
         raise RuntimeError("driver crashed")
 
-    monkeypatch.setattr(P, "generate_latent", crash)
+    monkeypatch.setattr(generate, "generate_latent", crash)
     portrait, _ = _condition(two_faces, None)
     with pytest.raises(RuntimeError, match="driver crashed"):
         node("FantasyPortraitSampler")(model, portrait, _cond(model), _cond(model),
@@ -239,7 +241,7 @@ def test_sampler_oom_names_the_loader_settings(model, two_faces, monkeypatch, ca
     def oom(*a, **k):
         raise raised
 
-    monkeypatch.setattr(P, "generate_latent", oom)
+    monkeypatch.setattr(generate, "generate_latent", oom)
     portrait, _ = _condition(two_faces, None)
     with caplog.at_level("ERROR", logger="FantasyPortrait"), \
             pytest.raises(torch.cuda.OutOfMemoryError, match="ran out of GPU memory .*32x32, 5 frames.*storage = "
@@ -285,7 +287,7 @@ def test_loaders_take_only_files_in_comfy_model_folders(fake_comfy_folders):
 
 
 def test_conditioning_from_another_model_is_named(model, two_faces, monkeypatch):
-    monkeypatch.setattr(P, "generate_latent", lambda *a, **k: pytest.fail("sampled foreign conditioning"))
+    monkeypatch.setattr(generate, "generate_latent", lambda *a, **k: pytest.fail("sampled foreign conditioning"))
     portrait, _ = _condition(two_faces, None)
     pos = _cond(model)
     pos[0][0] = torch.zeros(1, 8, 4096 + 1)

@@ -225,10 +225,10 @@ def test_expression_cache_across_prompts(loaded, monkeypatch):
     model, encoder, detector = loaded
     frames = read_video(data_path("jgz.mp4"), max_frames=15).frames[8:13]  # not encoded by other tests
     calls = []
-    import fantasyportrait_core.pipeline as pipeline
+    from fantasyportrait_core.drive import encode as drive_encode
 
-    real = pipeline.encode_driving
-    monkeypatch.setattr(pipeline, "encode_driving", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = drive_encode.encode_driving
+    monkeypatch.setattr(drive_encode, "encode_driving", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
                 images=as_image(frames), people=1, smooth=0.0)[0]
     again = run("FantasyPortraitEncodeExpression", expression_encoder=encoder, face_detector=detector,
@@ -248,14 +248,14 @@ def test_expression_cache_never_serves_a_freed_encoders_features(loaded, monkeyp
     import copy
     import gc
 
-    import fantasyportrait_core.pipeline as pipeline
+    from fantasyportrait_core.drive import encode as drive_encode
     import nodes.portrait as portrait
 
     _, encoder, detector = loaded
     frames = read_video(data_path("jgz.mp4"), max_frames=20).frames[14:17]  # not encoded by other tests
     calls = []
-    real = pipeline.encode_driving
-    monkeypatch.setattr(pipeline, "encode_driving", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = drive_encode.encode_driving
+    monkeypatch.setattr(drive_encode, "encode_driving", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(portrait, "id", lambda obj: 1, raising=False)
 
     first_encoder = copy.deepcopy(encoder)

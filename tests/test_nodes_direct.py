@@ -74,7 +74,7 @@ def test_direct_node_reaches_the_sampler_against_the_portraits_face(setup, ref, 
 def test_direct_node_bad_input(ref, tiny):
     encoder = tiny[3]
     assert "must increase" in FantasyPortraitDirectExpression.VALIDATE_INPUTS(mouth_keys="0:1, 40:0.3, 20:1")
-    assert "outside [0, 2]" in FantasyPortraitDirectExpression.VALIDATE_INPUTS(eyes_keys="0:1, 4:2.5")
+    assert "between 0 and 2, got 2.5" in FantasyPortraitDirectExpression.VALIDATE_INPUTS(eyes_keys="0:1, 4:2.5")
     assert FantasyPortraitDirectExpression.VALIDATE_INPUTS(mouth_keys="0:1, 4:0.3") is True
     with pytest.raises(InputError, match="key at frame 40 is outside character 0's expression"):
         _direct(encoder, ref, [_driver(5)], mouth_keys="0:1, 40:0.3")

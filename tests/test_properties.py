@@ -15,7 +15,7 @@ import nodes
 from fantasyportrait_core.weights.files import CheckpointError
 from fantasyportrait_core.weights.load import load_adapter, load_transformer
 from fantasyportrait_core.faces.face import Face, FaceTrack
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive.encode import DrivingExpression
 from fantasyportrait_core.validate import InputError
 from nodes.portrait import ReferenceFaces
 
@@ -192,7 +192,8 @@ def test_face_masks_node_on_odd_images(detector, b, h, w, c, fill, seed):
 
 def _static(box, n=5):
     box = np.asarray(box, float)
-    return P.DrivingExpression(torch.zeros(n, 554), FaceTrack(np.tile(box, (n, 1)), np.zeros((n, 5, 2)), np.ones(n, bool)))
+    return DrivingExpression(torch.zeros(n, 554),
+                             FaceTrack(np.tile(box, (n, 1)), np.zeros((n, 5, 2)), np.ones(n, bool)))
 
 
 REF = ReferenceFaces([Face(np.array([10.0, 10, 40, 40]), np.zeros((5, 2)), 1.0),

@@ -14,7 +14,9 @@ import torch
 from fantasyportrait_core import cli
 
 from fantasyportrait_core.runtime import runner
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive import encode as drive_encode
+from fantasyportrait_core.sampling import generate
+from fantasyportrait_core.faces.assign import assign_faces, detect_reference
 from fantasyportrait_core.faces.face import Face, reading_order
 from fantasyportrait_core.validate import InputError
 from fantasyportrait_core.media.video import (VideoStream, load_frames, probe_video, read_video, resample_fps, save_video,
@@ -148,7 +150,8 @@ def test_cli_refuses_tiny_and_non_images(tmp_path, capsys, no_models):
 def test_face_order_and_counts_fail_before_driving_frames(tmp_path, capsys, fast_models, monkeypatch):
     """Face count and face order need the reference faces (one image); the driving videos are
     never touched."""
-    monkeypatch.setattr(P, "encode_driving", lambda *a, **k: pytest.fail("driving video encoded before the check"))
+    monkeypatch.setattr(drive_encode, "encode_driving",
+                        lambda *a, **k: pytest.fail("driving video encoded before the check"))
     assert _run(tmp_path, "--face-order", "0,5") == 2
     assert "--face-order uses face 5 but the reference image has 2 face(s)" in capsys.readouterr().err
     assert _run(tmp_path, "--people", "2") == 2
@@ -305,8 +308,8 @@ def test_stream_decodes_only_the_frames_it_yields(monkeypatch):
 def test_encode_driving_streams_a_video(detector, tiny):
     """A VideoStream gives the same expressions as the frames in memory (two passes, same frames)."""
     stream = VideoStream(data_path("jgz.mp4"), max_frames=3)
-    from_stream = P.encode_driving(detector, tiny[3], stream, source="jgz")
-    in_memory = P.encode_driving(detector, tiny[3], stream.read().frames)
+    from_stream = drive_encode.encode_driving(detector, tiny[3], stream, source="jgz")
+    in_memory = drive_encode.encode_driving(detector, tiny[3], stream.read().frames)
     assert from_stream[0].num_frames == 3 and from_stream[0].source == "jgz"
     torch.testing.assert_close(from_stream[0].features, in_memory[0].features)
 
@@ -337,10 +340,10 @@ def test_reading_order_column_and_tolerance():
 def test_shared_two_person_inputs_keep_their_order(detector):
     from fantasyportrait_core.media.video import read_image
 
-    faces = P.detect_reference(detector, read_image(data_path("two_person.png")))
+    faces = detect_reference(detector, read_image(data_path("two_person.png")))
     assert len(faces) == 2 and faces[0].center[0] < faces[1].center[0]
     frame = read_video(data_path("two_person.mp4"), max_frames=1).frames[0]
-    faces = P.detect_reference(detector, frame)  # faces at quite different heights
+    faces = detect_reference(detector, frame)  # faces at quite different heights
     assert len(faces) == 2 and faces[0].center[0] < faces[1].center[0]
 
 
@@ -378,32 +381,36 @@ def test_out_of_memory_messages_name_the_fix(tmp_path, capsys, fast_models, monk
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(P, "generate_latent", oom)
+    monkeypatch.setattr(generate, "generate_latent", oom)
     assert _run(tmp_path, image="man.jpeg", driving=("jgz.mp4",)) == 3
     err = capsys.readouterr().err
-    assert "out of GPU memory at --max-size 128, --frames 1" in err and "--fp8" in err
+    assert "ran out of GPU memory (--max-size 128, --frames 1," in err and "set --fp8" in err
+    assert "--offload block" in err and "lower --max-size, --frames or --context-frames" in err
     msg = sampler.oom_message(torch.nn.Linear(1024, 1024), 832, 480, 81, 81, "none")
     assert "832x480, 81 frames" in msg and "storage = fp8_e4m3fn" in msg and "offload = block" in msg
+    # already fp8: the advice does not suggest fp8 again
+    msg = sampler.oom_message(torch.nn.Linear(1024, 1024), 832, 480, 81, 81, "none", fp8=True)
+    assert "fp8_e4m3fn" not in msg and "offload = block" in msg
 
 
 def test_nan_latent_is_an_error_not_a_video(tiny, monkeypatch):
     from fantasyportrait_core.model.attention import attach_portrait_processors
     from fantasyportrait_core.model.denoiser import I2VConditioning
 
-    monkeypatch.setattr(P, "sample", lambda *a, **k: torch.full((1, 16, 2, 2, 2), float("nan")))
+    monkeypatch.setattr(generate, "sample", lambda *a, **k: torch.full((1, 16, 2, 2, 2), float("nan")))
     transformer = copy.deepcopy(tiny[0])
     state = attach_portrait_processors(transformer, copy.deepcopy(tiny[1]))
     c = transformer.config
     cond = I2VConditioning(torch.zeros(1, 4, c.text_dim), None, torch.zeros(1, 257, c.image_dim),
                            torch.zeros(1, 20, 2, 2, 2))
     with pytest.raises(FloatingPointError, match="8 NaN/infinite latent value"):
-        P.generate_latent(transformer, state, cond, None, 5, 16, 16, steps=1)
+        generate.generate_latent(transformer, state, cond, None, 5, 16, 16, steps=1)
 
 
 def test_assignment_errors_are_input_errors():
     faces = [Face(np.array(_box(100, 100)), np.zeros((5, 2)), 1.0)]
-    for call in (lambda: P.assign_faces([], 1), lambda: P.assign_faces(faces, 2),
-                 lambda: P.assign_faces(faces, 1, order=[3]), lambda: P.assign_faces(faces, 1, mode="nope")):
+    for call in (lambda: assign_faces([], 1), lambda: assign_faces(faces, 2),
+                 lambda: assign_faces(faces, 1, order=[3]), lambda: assign_faces(faces, 1, mode="nope")):
         with pytest.raises(InputError):
             call()
 

@@ -76,7 +76,7 @@ def test_previews_have_the_room_the_frontend_gives_them():
 @pytest.mark.parametrize("build, image, drivers", [(M.single, "man.jpeg", 1), (M.multi, "two_person.png", 2)])
 def test_reference_sizes_prompts_and_shown_info(build, image, drivers):
     from fantasyportrait_core.model.encoders import DEFAULT_NEGATIVE_PROMPT
-    from fantasyportrait_core.pipeline import generation_size
+    from fantasyportrait_core.faces.layout import generation_size
     from fantasyportrait_core.media.video import read_image
 
     from .conftest import data_path

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from fantasyportrait_core.model.adapter import EMOTION_TOKENS, EXPRESSION_DIM, FEATURE_SPLIT, MOUTH_TOKENS, PROJ_TOKENS
-from fantasyportrait_core.validate import InputError
+from fantasyportrait_core.validate import InputError, check_float
 
 CHANNELS = ("head_pose", "eyes", "emotion", "mouth")
 MOTION_MODES = ("absolute", "relative")
@@ -71,15 +71,11 @@ def check_channel(name: str, option: str) -> str:
 
 
 def check_strength(value, option: str) -> float:
-    """A strength as a float in ``[0, MAX_STRENGTH]``; InputError naming ``option`` otherwise."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{option}: strength '{value}' is not a number; give a value from 0 to {MAX_STRENGTH:g}") from None
-    if not (0.0 <= v <= MAX_STRENGTH):  # also rejects NaN
-        raise InputError(f"{option}: strength {value} is outside [0, {MAX_STRENGTH:g}]; 0 holds the portrait's own "
-                         f"value, 1 follows the driver, up to {MAX_STRENGTH:g} exaggerates")
-    return v
+    """A strength as a float in ``[0, MAX_STRENGTH]`` (:func:`~fantasyportrait_core.validate.check_float`);
+    InputError naming ``option`` otherwise."""
+    return check_float(f"{option}: strength", value, 0.0, MAX_STRENGTH,
+                       fix="0 holds the portrait's own value, 1 follows the driver, "
+                           f"up to {MAX_STRENGTH:g} exaggerates")
 
 
 @dataclass(frozen=True)
@@ -259,7 +255,7 @@ def baseline_features(encoder, image: np.ndarray, faces: list) -> torch.Tensor:
 
 
 def direct(driver, direction: Direction, baseline: torch.Tensor):
-    """A copy of a :class:`~.pipeline.DrivingExpression` with directed features (the same object when
+    """A copy of a :class:`~.drive.encode.DrivingExpression` with directed features (the same object when
     ``direction`` changes nothing)."""
     if direction.is_identity:
         return driver

@@ -1,10 +1,10 @@
 """Saved performances: one character's encoded expression sequence in a ``.safetensors`` file.
 
-A performance is what :func:`~.pipeline.encode_driving` gives for one person of a driving video:
+A performance is what :func:`~.drive.encode.encode_driving` gives for one person of a driving video:
 the four PD-FGC channels per frame (:data:`~.direction.CHANNELS`), the face track (boxes and
 landmarks per frame, which frames had no face) and where it came from (video, person, frame
 rate). Saved, it is reused and shared without the video, the face detector or the expression
-encoder: :func:`load_performance` gives back a :class:`~.pipeline.DrivingExpression` that the rest of
+encoder: :func:`load_performance` gives back a :class:`~.drive.encode.DrivingExpression` that the rest of
 the pipeline takes in place of an encoded driving video, bit for bit the same features.
 
 File layout (safetensors, all tensors float32 unless noted; ``F`` frames):
@@ -43,7 +43,7 @@ def save_performance(path: str, driver) -> str:
     """Write one character's sequence to ``path`` (a ``.safetensors`` file; the folder is created).
 
     Args:
-        driver: :class:`~.pipeline.DrivingExpression` (``features [F, 554]``, ``track``, ``fps``,
+        driver: :class:`~.drive.encode.DrivingExpression` (``features [F, 554]``, ``track``, ``fps``,
             ``source``, ``track_index``, ``people_seen``).
     Returns:
         The absolute path written (via a temporary file: never a half-written performance).
@@ -87,7 +87,7 @@ def load_performance(path: str, name: str = "performance"):
     """Read a file written by :func:`save_performance`.
 
     Returns:
-        :class:`~.pipeline.DrivingExpression` with float32 ``features [F, 554]``, the saved track
+        :class:`~.drive.encode.DrivingExpression` with float32 ``features [F, 554]``, the saved track
         (``track.missing`` = the frames without a face), ``fps``, ``source`` (the original video's
         name), ``track_index`` and ``people_seen``; ``crops`` is ``None`` (not stored).
     Raises:
@@ -98,7 +98,7 @@ def load_performance(path: str, name: str = "performance"):
     from safetensors import SafetensorError, safe_open
 
     from fantasyportrait_core.faces.face import FaceTrack
-    from fantasyportrait_core.pipeline import DrivingExpression
+    from fantasyportrait_core.drive.encode import DrivingExpression
 
     check_input_file(path, name, f"saved performance ({EXTENSION})")
     bad = f"{name} '{path}' is not a saved FantasyPortrait performance"
@@ -193,7 +193,7 @@ def retime_indices(num_frames: int, fps: float, out_fps: float, speed: float = 1
 
 def retime(driver, out_fps: float | None = None, speed: float = 1.0, start: int = 0, end: int | None = None,
            frames: int | None = None, loop: str = "none", name: str = "performance"):
-    """A trimmed, retimed, looped copy of a :class:`~.pipeline.DrivingExpression` (features and
+    """A trimmed, retimed, looped copy of a :class:`~.drive.encode.DrivingExpression` (features and
     track taken at :func:`retime_indices`; ``fps`` becomes ``out_fps``). The same object when nothing
     changes."""
     import dataclasses

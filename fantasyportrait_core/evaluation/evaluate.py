@@ -4,7 +4,7 @@ Both videos go through the same face pipeline as generation (:func:`~.faces.dete
 :func:`~.faces.track_faces`, the 5-point alignment of :mod:`.expression`), frame ``i`` of the
 generated video is compared with frame ``i`` of the driving video (after resampling both to one
 frame rate), and each character's generated face is matched to its driver by the assignment the
-generation used (:func:`~.pipeline.assign_faces`). Per character:
+generation used (:func:`~.faces.assign.assign_faces`). Per character:
 
 ========================  =====================================================================
 metric                    definition (source)
@@ -48,7 +48,7 @@ import torch
 
 from fantasyportrait_core.model.expression import ALIGN_TEMPLATE, CROP_SIZE, encode_expressions, umeyama
 from fantasyportrait_core.faces.face import Face, FaceTrack, detect_video, fill_missing, track_faces
-from fantasyportrait_core.pipeline import ASSIGN_MODES, assign_faces
+from fantasyportrait_core.faces.assign import ASSIGN_MODES, assign_faces
 from fantasyportrait_core.media.video import Video, resample_fps
 
 log = logging.getLogger("FantasyPortrait")
@@ -296,7 +296,7 @@ def face_motion(frames: np.ndarray, track: FaceTrack, encoder=None, mesh=None,
     """Measure one tracked face in ``frames`` (uint8 ``[F, H, W, 3]``, ``F == len(track)``).
 
     PD-FGC features come from the 224×224 crops of :func:`~.expression.align_face`, as in
-    generation (:func:`~.pipeline.encode_driving`), unless given as ``features [F, 554]`` (e.g. the
+    generation (:func:`~.drive.encode.encode_driving`), unless given as ``features [F, 554]`` (e.g. the
     ones the generation itself computed); curves from :data:`MEASURE_SIZE` crops, by ``mesh``
     (:class:`MeshLandmarker`) or else :func:`crop_curves`.
     """
@@ -445,7 +445,7 @@ def resample_frames(frames: np.ndarray, fps: float, to_fps: float) -> np.ndarray
 
 def _track_face(track: FaceTrack) -> Face:
     """A :class:`Face` standing for ``track`` in the generated video's first frame (for
-    :func:`~.pipeline.assign_faces`, which sees the generation's reference the same way)."""
+    :func:`~.faces.assign.assign_faces`, which sees the generation's reference the same way)."""
     emb = np.mean(track.embeddings, axis=0) if track.embeddings else None
     return Face(box=track.boxes[0].copy(), landmarks=track.landmarks[0].copy(), score=1.0, embedding=emb)
 
@@ -454,7 +454,7 @@ def match_generated_faces(tracks: list[FaceTrack], count: int, order: list[int] 
                           mode: str = "left_to_right", driver_embeddings: list | None = None) -> list[FaceTrack]:
     """The generated-face track of each of ``count`` characters, by the generation's own rule.
 
-    Generation gives character ``i`` the reference face :func:`~.pipeline.assign_faces` picks; the
+    Generation gives character ``i`` the reference face :func:`~.faces.assign.assign_faces` picks; the
     generated video's first frame is that reference, so the same call on the generated faces (left
     to right, at frame 0) with the same ``order`` / ``mode`` picks the same faces. Tracks seen in
     fewer than half the frames are dropped first (detector noise).
@@ -558,7 +558,7 @@ def evaluate(detector, driving: list[np.ndarray], generated: np.ndarray, people:
             "not measured").
         reference: optional uint8 ``[H, W, 3]`` reference image: the identity target (else the
             generated face in the first frame).
-        assign, face_order: how generation paired characters with faces (:func:`~.pipeline.assign_faces`).
+        assign, face_order: how generation paired characters with faces (:func:`~.faces.assign.assign_faces`).
         landmarks: ``auto`` (Face Mesh if mediapipe ships it, else the crop measurement),
             ``mesh`` or ``crop``.
         encoder_random: the encoder has random weights: the report says PD-FGC values are not meaningful.

@@ -98,6 +98,25 @@ class PortraitCondition:
         return PreparedPortrait(base.windows, base.mask, base.foreground,
                                 torch.full((), float(value), device=device, dtype=torch.float32), rows)
 
+    def select_frames(self, frames) -> "PortraitCondition":
+        """The condition of the given latent frames, in that order (a context window's frames).
+
+        Args:
+            frames: latent frame indices (ints, repeats allowed, e.g. ``[0, 8, 9, ...]`` for a window
+                anchored on frame 0).
+        Returns:
+            a new :class:`PortraitCondition`: ``windows[:, frames]`` and ``latent_person[frames]``;
+            token ids and scale unchanged.
+        Raises:
+            IndexError: for a frame outside ``0 .. F_lat-1``.
+        """
+        frames = [int(f) for f in frames]
+        if any(not 0 <= f < self.windows.shape[1] for f in frames):
+            raise IndexError(f"latent frames {frames[:4]}... outside the condition's {self.windows.shape[1]}")
+        idx = torch.as_tensor(frames, dtype=torch.long)
+        lp = None if self.latent_person is None else self.latent_person[idx.to(self.latent_person.device)]
+        return PortraitCondition(self.windows[:, idx.to(self.windows.device)], self.token_person, lp, self.scale)
+
 
 @dataclass(frozen=True)
 class PreparedPortrait:

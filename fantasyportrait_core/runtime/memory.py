@@ -312,3 +312,36 @@ def plan_sampling(size: ModelSize, width: int, height: int, num_frames: int, fre
     window = plan_context(num_frames, long_video, context_frames,
                           None if free_bytes is None else (lambda _frames: whole.fits))
     return window, (whole if window is None else plan_for(window))
+
+
+@dataclass(frozen=True)
+class MemoryKnobs:
+    """How a host names the settings that lower GPU memory (the CLI's flags, the nodes' widgets), so
+    :func:`oom_advice` says what to change in the user's own words."""
+
+    fp8: str
+    offload: str
+    size: str
+    length: str
+    context: str
+
+
+CLI_KNOBS = MemoryKnobs("--fp8", "--offload block", "--max-size", "--frames", "--context-frames")
+NODE_KNOBS = MemoryKnobs("in FantasyPortrait Model Loader storage = fp8_e4m3fn", "offload = block",
+                         "the size", "the length", "context_frames (long_video = windows)")
+
+
+def oom_advice(tried: str, knobs: MemoryKnobs, fp8: bool = False) -> str:
+    """The one message for a generation that ran out of GPU memory: what was tried, what to change.
+
+    Args:
+        tried: the settings that ran out, in the host's words (e.g. ``"--max-size 720, --frames 81"``).
+        knobs: the host's names of the memory settings (:data:`CLI_KNOBS`, :data:`NODE_KNOBS`).
+        fp8: whether the weights were already stored in fp8 (then fp8 is not suggested again).
+    Returns:
+        one line: ``"FantasyPortrait ran out of GPU memory (<tried>): set ..., or lower ..."``.
+    """
+    first = "" if fp8 else f"{knobs.fp8} (halves the transformer weights) and/or "
+    return (f"FantasyPortrait ran out of GPU memory ({tried}): set {first}{knobs.offload} (weights stay in CPU "
+            f"RAM), or lower {knobs.size}, {knobs.length} or {knobs.context}, or use a larger GPU")
+

@@ -123,6 +123,22 @@ class WeightHome:
             raise
 
 
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device):
+    """Put ``module`` on ``device`` for a stage and back where it was afterwards (frees VRAM between
+    stages on small cards). Going back re-points each weight at the tensor it had before
+    (:class:`~fantasyportrait_core.runtime.residency.WeightHome`): memory-mapped weights are not copied
+    into RAM, as ``module.to("cpu")`` would."""
+    home = WeightHome(module)
+    home.to(device)
+    try:
+        yield module
+    finally:
+        home.go_home()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are the same one, as ``torch.device`` equality is not: ``"cuda"`` (index
     ``None``: the current device) and ``"cuda:0"`` compare unequal although they name one GPU

@@ -16,11 +16,17 @@ import time
 import numpy as np
 import torch
 
-from fantasyportrait_core import pipeline as P
+from fantasyportrait_core.drive import encode as drive_encode
+from fantasyportrait_core.sampling import generate
+from fantasyportrait_core.drive.condition import portrait_condition
+from fantasyportrait_core.faces.assign import assign_faces, detect_reference, driver_embedding, face_roles
+from fantasyportrait_core.faces.layout import generation_size, reference_layout, resize_image
+from fantasyportrait_core.runtime.residency import on_device
 from fantasyportrait_core.model.attention import attach_portrait_processors, set_attention_backend
 from fantasyportrait_core.model.denoiser import I2VConditioning
 from fantasyportrait_core.faces.detect import make_detector
 from fantasyportrait_core.runtime.job import Job
+from fantasyportrait_core.runtime.memory import CLI_KNOBS, oom_advice
 from fantasyportrait_core.model.build import DTYPES
 from fantasyportrait_core.runtime.plan import RunPlan, plan_run
 from fantasyportrait_core.faces.preview import add_caption, detector_label, draw_faces
@@ -58,7 +64,7 @@ def init_latent_from_video(vae, path: str, num_frames: int, width: int, height: 
     video = read_video(path, max_frames=num_frames)
     if len(video.frames) < num_frames:
         raise ValueError(f"--init-video {path} has {len(video.frames)} frames; {num_frames} are generated")
-    frames = np.stack([P.resize_image(f, width, height) for f in video.frames])
+    frames = np.stack([resize_image(f, width, height) for f in video.frames])
     x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
     p = next(vae.parameters())
     return normalize_latent(vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float()).cpu()
@@ -135,30 +141,30 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
     report["detector"] = detector_label(detector)
     try:
         # Reference side (one image): face count and order are checked before any driving frame.
-        width, height = P.generation_size(image.shape[1], image.shape[0], job.max_size)
-        ref = P.resize_image(image, width, height)
-        faces = P.detect_reference(detector, ref)
+        width, height = generation_size(image.shape[1], image.shape[0], job.max_size)
+        ref = resize_image(image, width, height)
+        faces = detect_reference(detector, ref)
         report["reference_faces"] = [{"face": k, "box": [round(float(v), 1) for v in f.box],
                                       "score": round(f.score, 3)} for k, f in enumerate(faces)]
         chosen = None
         if plan.face_order is not None or mode != "identity":
-            chosen = P.assign_faces(faces, plan.characters, plan.face_order, mode, order_name="--face-order")
+            chosen = assign_faces(faces, plan.characters, plan.face_order, mode, order_name="--face-order")
         else:
-            P.assign_faces(faces, plan.characters, list(range(plan.characters)))  # counts only
+            assign_faces(faces, plan.characters, list(range(plan.characters)))  # counts only
 
         # Driving side: streams, only the frames that will be used.
         drivers = []
-        with P.on_device(models.encoder, device):
+        with on_device(models.encoder, device):
             for video, people in zip(plan.videos, plan.people):
-                drivers += P.encode_driving(detector, models.encoder, video, people=people, smooth=job.smooth,
-                                            landmark_filter=job.landmark_filter,
-                                            source=video.path, fps=plan.fps, progress=tqdm_progress)
+                drivers += drive_encode.encode_driving(detector, models.encoder, video, people=people,
+                                                       smooth=job.smooth, landmark_filter=job.landmark_filter,
+                                                       source=video.path, fps=plan.fps, progress=tqdm_progress)
         drivers += plan.performances  # --expression: saved performances instead of videos
         if chosen is None:
-            chosen = P.assign_faces(faces, len(drivers), None, mode, [P.driver_embedding(d) for d in drivers])
-        num_frames = P.frames_for(drivers, job.frames)
+            chosen = assign_faces(faces, len(drivers), None, mode, [driver_embedding(d) for d in drivers])
+        num_frames = drive_encode.frames_for(drivers, job.frames)
         drivers = direct_drivers(models, ref, chosen, drivers, plan, job, num_frames, report)
-        numbers, unused, shown, labels = P.face_roles(chosen, faces, drivers)
+        numbers, unused, shown, labels = face_roles(chosen, faces, drivers)
         rates = {v.path: v.source_fps for v in plan.videos}
         report["characters"] = [{"character": i, "face": numbers[i], "video": os.path.basename(d.source),
                                  "person_in_video": d.track_index, "people_in_video": d.people_seen,
@@ -176,11 +182,11 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
             if seen > n:
                 report.setdefault("notes", []).append(
                     f"{os.path.basename(v.path)} shows {seen} people; {n} animated (--people)")
-        layout = P.reference_layout(chosen, drivers, width, height, num_frames)
+        layout = reference_layout(chosen, drivers, width, height, num_frames)
     finally:
         detector.close()
 
-    portrait = P.portrait_condition(models.adapter.to(device), drivers, num_frames, layout, opts.portrait_scale)
+    portrait = portrait_condition(models.adapter.to(device), drivers, num_frames, layout, opts.portrait_scale)
     # One numbering everywhere: the face numbers --face-order takes, next to the character each drives.
     preview = draw_faces(ref, shown, layout.regions,
                          layout.latent_person if len(drivers) > 1 else None, labels)
@@ -189,8 +195,8 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
     _write_png(preview_path, cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
 
     # Conditions: text + CLIP image (real encoders) or seeded stand-ins (random tiny model).
-    with P.on_device(models.vae, device):
-        y = P.encode_reference_latent(models.vae, ref, num_frames)
+    with on_device(models.vae, device):
+        y = generate.encode_reference_latent(models.vae, ref, num_frames)
     cfg_t = models.transformer.config
     if models.conditioners is not None:
         from fantasyportrait_core.model.encoders import DEFAULT_NEGATIVE_PROMPT
@@ -208,24 +214,24 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job) -> dict:
 
     init = None
     if job.init_video:
-        with P.on_device(models.vae, device):
+        with on_device(models.vae, device):
             init = init_latent_from_video(models.vae, job.init_video, num_frames, width, height)
     t1, c1 = time.time(), time.process_time()
     window, memory_plan = prepare_model(models, job, width, height, num_frames, len(drivers), sampling)
     report["memory_plan"] = memory_plan.describe()
     report["context"] = "one pass" if window is None else f"windows of {window} frames"
-    placed = contextlib.nullcontext() if memory_plan.offload == "block" else P.on_device(models.transformer, device)
+    placed = contextlib.nullcontext() if memory_plan.offload == "block" else on_device(models.transformer, device)
     # Whatever happens inside (Ctrl-C, out of memory, an error), the model leaves as it came.
     with tqdm_progress("sampling", sampling.steps, unit="step") as update, placed, \
             restored(models.transformer, models.state):
-        latent = P.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
-                                   seed=opts.seed, callback=lambda info: update(1), context_frames=window,
-                                   context_overlap=job.memory.context_overlap,
-                                   window_anchor=job.memory.window_anchor, init_latent=init,
-                                   batch_passes=memory_plan.batch_passes, device=device, resolved=sampling)
+        latent = generate.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
+                                          seed=opts.seed, callback=lambda info: update(1), context_frames=window,
+                                          context_overlap=job.memory.context_overlap,
+                                          window_anchor=job.memory.window_anchor, init_latent=init,
+                                          batch_passes=memory_plan.batch_passes, device=device, resolved=sampling)
     t2, c2 = time.time(), time.process_time()
-    with P.on_device(models.vae, device):
-        frames = P.decode_latent(models.vae, latent)
+    with on_device(models.vae, device):
+        frames = generate.decode_latent(models.vae, latent)
     saved = save_video(plan.out, frames, plan.fps, audio_from=plan.videos[0].path if plan.videos else None)
     report.update(faces_png=preview_path, sampling_s=round(t2 - t1, 2), sampling_cpu_s=round(c2 - c1, 2),
                   fps=round(plan.fps, 3))
@@ -262,7 +268,7 @@ def direct_drivers(models: Models, ref: np.ndarray, chosen: list, drivers: list,
         return drivers
     for d in directions:
         d.check(num_frames, f"the {num_frames} generated frames")
-    with P.on_device(models.encoder, job.memory.device):
+    with on_device(models.encoder, job.memory.device):
         baselines = baseline_features(models.encoder, ref, chosen)
     report["direction"] = [{"character": i, "settings": d.describe()} for i, d in enumerate(directions)]
     return [direct(drv, d, b) for drv, d, b in zip(drivers, directions, baselines)]
@@ -289,7 +295,7 @@ def prepare_model(models: Models, job: Job, width: int, height: int, num_frames:
     (:func:`~fantasyportrait_core.runtime.memory.plan_sampling`): one pass or windows (--long-video), guidance
     passes per forward, and block offload (diffusers group offload, next block on a side CUDA stream)
     when the plan needs it. Returns ``(window, plan)``: window in pixel frames (``None``: one pass)."""
-    from fantasyportrait_core.model.fp8 import ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
+    from fantasyportrait_core.runtime.assemble import set_speed_options, weight_storage
     from fantasyportrait_core.runtime.memory import measured_size, plan_sampling
     from fantasyportrait_core.runtime.residency import available_ram_bytes, enable_block_offload, free_vram_bytes
     from fantasyportrait_core.sampling.guidance import guidance_passes
@@ -298,15 +304,10 @@ def prepare_model(models: Models, job: Job, width: int, height: int, num_frames:
     sampling = sampling or job.sampling.resolve()
     tr, device = models.transformer, torch.device(m.device)
     if not getattr(models, "_speed_set", False):
-        set_attention_backend(tr, m.attention)
-        if m.fast:
-            if not any(isinstance(m, ScaledFP8Linear) for m in tr.modules()):
-                quantize_model_fp8(tr)
-            log.info("[FantasyPortrait] fast mode: %s", set_fp8_compute(tr, "scaled_mm", device))
-        if m.compile:
-            tr.compile_repeated_blocks()
+        speed = set_speed_options(tr, device, m.attention, fast=m.fast, compile=m.compile)
+        log.info("[FantasyPortrait] model: %s", ", ".join(speed.notes))
         models._speed_set = True
-    storage = "fp8" if any(isinstance(m, ScaledFP8Linear) for m in tr.modules()) else "bf16"
+    storage = weight_storage(tr)
     offload = "block" if getattr(models, "_offloaded", False) else m.offload
     window, plan = plan_sampling(measured_size(tr, models.adapter), width, height, num_frames,
                                  free_vram_bytes(device), guidance_passes(sampling.cfg, sampling.portrait_cfg), people,
@@ -319,12 +320,10 @@ def prepare_model(models: Models, job: Job, width: int, height: int, num_frames:
 
 
 def oom_message(job: Job) -> str:
-    """The one-line out-of-GPU-memory advice for ``job`` (what to lower, in the CLI's option names)."""
-    return (f"out of GPU memory at --max-size {job.max_size}, --frames {job.frames}, --context-frames "
-            f"{job.memory.context_frames}{', --fp8' if job.memory.fp8 else ''}: add --fp8 (halves the "
-            f"transformer weights), lower --max-size or --context-frames (e.g. 480 / 49), or run on a larger GPU")
-
-
+    """The out-of-GPU-memory advice for ``job`` in the CLI's option names (:func:`~fantasyportrait_core.runtime.memory.oom_advice`)."""
+    tried = (f"--max-size {job.max_size}, --frames {job.frames}, --context-frames {job.memory.context_frames}"
+             f"{', --fp8' if job.memory.fp8 else ''}")
+    return oom_advice(tried, CLI_KNOBS, job.memory.fp8)
 
 
 def run_job(job: Job, models: Models | None = None, plan: RunPlan | None = None) -> dict:

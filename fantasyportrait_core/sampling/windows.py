@@ -109,13 +109,11 @@ def window_weights(windows: list[tuple[int, int]], num_latent: int) -> torch.Ten
 
 def slice_portrait(portrait: PortraitCondition | None, start: int, end: int,
                    anchored: bool = False) -> PortraitCondition | None:
-    """The expression-token windows and latent person map of latent frames ``[start, end)``,
-    preceded by those of frame 0 when ``anchored``."""
+    """The condition of latent frames ``[start, end)``, preceded by frame 0 when ``anchored``
+    (:meth:`PortraitCondition.select_frames`)."""
     if portrait is None:
         return None
-    idx = ([0] if anchored else []) + list(range(start, end))
-    lp = None if portrait.latent_person is None else portrait.latent_person[idx]
-    return PortraitCondition(portrait.windows[:, idx], portrait.token_person, lp, portrait.scale)
+    return portrait.select_frames(([0] if anchored else []) + list(range(start, end)))
 
 
 def slice_conditioning(cond: I2VConditioning, start: int, end: int, anchored: bool = False) -> I2VConditioning:
