@@ -230,7 +230,7 @@ def job_from_args(args) -> Job:
     Raises:
         InputError: naming the option, for unparsable --sigmas, --portrait-scale-steps or --face-order.
     """
-    from fantasyportrait_core.sampling.flow import parse_step_ranges
+    from fantasyportrait_core.sampling.guidance import parse_step_ranges
 
     sigmas = None
     if args.sigmas:

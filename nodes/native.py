@@ -14,8 +14,8 @@ Three nodes:
   ``comfy_attention`` of quantized checkpoints), LoRA weight patches, GGUF dequantisation and fp8
   casting apply exactly as in an unpatched MODEL.
 * **FantasyPortrait Guider** (→ GUIDER for SamplerCustomAdvanced): dual guidance, the 1–3 passes of
-  :func:`fantasyportrait_core.sampling.flow.guidance_passes` combined by
-  :func:`~fantasyportrait_core.sampling.flow.combine_guidance` exactly as our sampler does. With a plain
+  :func:`fantasyportrait_core.sampling.guidance.guidance_passes` combined by
+  :func:`~fantasyportrait_core.sampling.guidance.combine_guidance` exactly as our sampler does. With a plain
   KSampler (or any other guider) the portrait branch is on in every pass.
 
 How it hooks into ComfyUI (``comfy/ldm/wan/model.py``; chosen by feature detection, see
@@ -61,7 +61,7 @@ from fantasyportrait_core.drive.encode import frames_for
 from fantasyportrait_core.model.geometry import TOKEN_STRIDE, latent_frames, pixel_frames
 from fantasyportrait_core.model.attention import PortraitCondition, apply_portrait
 from fantasyportrait_core.weights.load import load_adapter
-from fantasyportrait_core.sampling.flow import combine_guidance, guidance_passes
+from fantasyportrait_core.sampling.guidance import combine_guidance, guidance_passes
 
 from . import host
 from .sampler import portrait_layout

@@ -19,13 +19,13 @@ from fantasyportrait_core.model.denoiser import I2VConditioning
 from fantasyportrait_core.faces.face import Face
 from fantasyportrait_core.runtime.job import SamplingOptions, widget_range
 from fantasyportrait_core.model.geometry import VAE_SPATIAL_STRIDE, pixel_frames
-from fantasyportrait_core.weights.lora import apply_loras
+from fantasyportrait_core.weights.lora_apply import apply_loras
 from fantasyportrait_core.runtime.memory import (GIB, NODE_KNOBS, activation_bytes, measured_size, module_bytes, oom_advice,
                                                 plan_sampling)
 from fantasyportrait_core.model.build import denormalize_latent, normalize_latent
 from fantasyportrait_core.runtime.restore import restored
-from fantasyportrait_core.sampling.flow import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
-                                           guidance_passes, parse_step_ranges)
+from fantasyportrait_core.sampling.flow import DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS
+from fantasyportrait_core.sampling.guidance import guidance_passes, parse_step_ranges
 from fantasyportrait_core.validate import InputError
 
 from . import host, residency

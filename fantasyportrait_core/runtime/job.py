@@ -3,7 +3,7 @@
 :class:`SamplingOptions` (steps, shift, guidance, sampler, preset, schedule, denoise, guidance
 intervals) is what every host (CLI ``run``/``demo``, the Sampler node, the benchmarks) hands the
 core; :meth:`SamplingOptions.resolve` applies a preset (e.g. lightx2v: its sampler, schedule and
-cfg 1) once and builds the per-step :class:`~fantasyportrait_core.sampling.flow.GuidanceSchedule` once
+cfg 1) once and builds the per-step :class:`~fantasyportrait_core.sampling.guidance.GuidanceSchedule` once
 per run. :class:`Job` adds the inputs (reference image, driving videos or saved performances,
 output), face options, directions (``--strength``/``--motion``, :mod:`.direction`), memory choices
 and checkpoints. :data:`BOUNDS` is the one table of numeric bounds; :func:`check_numbers` checks a
@@ -73,7 +73,7 @@ class ResolvedSampling:
         sampler: solver name (:data:`~fantasyportrait_core.sampling.flow.SAMPLERS`).
         cfg, portrait_cfg: guidance scales (the preset's cfg when one is set).
         schedule: float32 sigmas ``[steps + 1]`` from <= 1 down to 0.
-        guidance: the per-step :class:`~fantasyportrait_core.sampling.flow.GuidanceSchedule`.
+        guidance: the per-step :class:`~fantasyportrait_core.sampling.guidance.GuidanceSchedule`.
     """
 
     sampler: str
@@ -126,7 +126,8 @@ class SamplingOptions:
         Raises:
             ValueError: an unknown preset or sampler, bad sigmas, guidance ranges or step ranges.
         """
-        from fantasyportrait_core.sampling.flow import PRESETS, SAMPLERS, GuidanceSchedule, schedule_sigmas
+        from fantasyportrait_core.sampling.flow import PRESETS, SAMPLERS, schedule_sigmas
+        from fantasyportrait_core.sampling.guidance import GuidanceSchedule
 
         sampler, cfg = self.sampler, self.cfg
         if self.preset is not None:
