@@ -41,20 +41,6 @@ from fantasyportrait_core.media.video import OUTPUT_FPS, Video, load_frames, rea
 
 log = logging.getLogger("FantasyPortrait")
 
-BATCH_HELP = """Many clips on one model load. JOBS holds one job a line: .jsonl (a JSON object a line) or .csv
-(a header row; list values separated by ';'). Keys are the run options without dashes; the options
-given here are every job's defaults. 'out' is relative to --out DIR (default IMAGE__DRIVERS.mp4).
-
-  {"image": "anna.png", "driving": ["take1.mp4"], "steps": 4, "out": "anna_take1.mp4"}
-  {"image": "duo.png", "driving": ["a.mp4", "b.mp4"], "portrait_cfg": 3.5, "seed": 7}
-
-Every line is checked before the first job (refused with its line number). A job whose output
-exists is skipped, so a rerun resumes; a failing job is logged, reported in DIR/batch_report.json
-(status, seconds, error) and the batch goes on. Ctrl-C stops after the current step. Model options
-(checkpoints, --lora, --dtype, --fp8, --device...) apply to the whole batch. Under
-torchrun --nproc-per-node N the jobs are shared over the N GPUs (see docs/SCALING.md).
-"""
-
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fantasyportrait", description=__doc__,
@@ -76,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                           "fantasyportrait_core.cli run --parallel ...): cfg = the guidance passes of a step on "
                           "different GPUs, sequence = the tokens split over the GPUs (diffusers context "
                           "parallelism), auto = cfg when N divides the passes, else sequence; docs/SCALING.md")
+
+    from fantasyportrait_core.runtime.batch import BATCH_HELP
 
     batch = sub.add_parser("batch", help="many jobs from a .jsonl/.csv file on one model load (resumable; "
                                          "torchrun shares the jobs over GPUs)",
@@ -393,43 +381,11 @@ def _line_parser():
 
 
 def cmd_batch(args) -> int:
-    """``batch``: every line of JOBS built as ``run`` builds its job (:func:`job_from_args`), checked
-    (:func:`~fantasyportrait_core.runtime.plan.plan_run`), then run on one model load
-    (:func:`~fantasyportrait_core.runtime.batch.run_batch`); under torchrun the jobs are shared over the
-    ranks. Returns 0 (all done or skipped), 1 (a job failed), 130 (stopped)."""
-    from fantasyportrait_core.runtime import batch as B
-    from fantasyportrait_core.runtime.parallel import Distributed
+    """``batch``: :func:`~fantasyportrait_core.runtime.batch.main` with the ``run`` line parser and
+    :func:`job_from_args` (every line built as ``run`` builds its job)."""
+    from fantasyportrait_core.runtime import batch
 
-    out_dir = os.path.abspath(args.out_dir)
-    if os.path.isfile(out_dir):
-        raise InputError(f"--out '{args.out_dir}' is a file; give the folder the outputs go to")
-    # gloo: the ranks only exchange the report (no GPU collective); a week's timeout: ranks that finish
-    # early wait for the slowest at the end.
-    dist = Distributed.from_env(args.device, backend="gloo", timeout_s=7 * 24 * 3600)
-    try:
-        if dist is not None:
-            args.device = dist.device_for(args.device)
-        defaults = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("jobs", "out_dir")})
-        jobs = B.build_jobs(args.jobs, out_dir, defaults, _line_parser(), job_from_args)
-
-        def load_models(job):
-            if job.tiny_random or not any((job.wan_dir, job.adapter, job.transformer)):
-                print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real "
-                      "animation).")
-                return runner.tiny_random_models(args.seed)
-            return runner.real_models(job)
-
-        stop = B.Stop()
-        with stop.installed():
-            report = B.run_batch(jobs, args.jobs, out_dir, load_models, stop=stop, dist=dist)
-    finally:
-        if dist is not None:
-            dist.close()
-    summary = ", ".join(f"{n} {status}" for status, n in sorted(report["summary"].items()))
-    print(f"batch: {summary}; report {os.path.join(out_dir, B.REPORT_NAME)}")
-    if stop.requested:
-        return 130
-    return 1 if report["summary"].get("failed") else 0
+    return batch.main(args, _line_parser(), job_from_args)
 
 
 def cmd_encode(args) -> int:

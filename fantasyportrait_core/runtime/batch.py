@@ -43,6 +43,20 @@ log = logging.getLogger("FantasyPortrait")
 
 REPORT_NAME = "batch_report.json"
 
+BATCH_HELP = """Many clips on one model load. JOBS holds one job a line: .jsonl (a JSON object a line) or .csv
+(a header row; list values separated by ';'). Keys are the run options without dashes; the options
+given here are every job's defaults. 'out' is relative to --out DIR (default IMAGE__DRIVERS.mp4).
+
+  {"image": "anna.png", "driving": ["take1.mp4"], "steps": 4, "out": "anna_take1.mp4"}
+  {"image": "duo.png", "driving": ["a.mp4", "b.mp4"], "portrait_cfg": 3.5, "seed": 7}
+
+Every line is checked before the first job (refused with its line number). A job whose output
+exists is skipped, so a rerun resumes; a failing job is logged, reported in DIR/batch_report.json
+(status, seconds, error) and the batch goes on. Ctrl-C stops after the current step. Model options
+(checkpoints, --lora, --dtype, --fp8, --device...) apply to the whole batch. Under
+torchrun --nproc-per-node N the jobs are shared over the N GPUs (see docs/SCALING.md).
+"""
+
 # Options of the model every job shares (one load): only on the command line, never per line.
 MODEL_KEYS = ("transformer", "wan_dir", "adapter", "pd_fpg", "dtype", "fp8", "fast", "compile", "attention",
               "lora", "tiny_random", "device", "offload", "parallel")
@@ -383,5 +397,50 @@ def run_batch(jobs: list[BatchJob], jobs_file: str, out_dir: str, load_models, s
     return report
 
 
-__all__ = ["BatchJob", "MODEL_KEYS", "REPORT_NAME", "RefusingParser", "Stop", "build_jobs", "default_name", "finished", "line_tokens",
-           "merge_report", "read_entries", "run_batch"]
+def main(args: argparse.Namespace, line_parser: argparse.ArgumentParser, build) -> int:
+    """``cli batch``: every line of ``args.jobs`` built (:func:`build_jobs` with ``line_parser`` and
+    ``build``, the CLI's ``run`` parser and ``job_from_args``), then run on one model load
+    (:func:`run_batch`), shared over the ranks under torchrun.
+
+    Returns:
+        0 (every job done or skipped), 1 (a job failed), 130 (stopped by Ctrl-C / SIGTERM).
+    Raises:
+        InputError: ``--out`` is a file, or malformed lines (all of them, with line numbers).
+    """
+    from fantasyportrait_core.runtime import runner
+    from fantasyportrait_core.runtime.parallel import Distributed
+
+    out_dir = os.path.abspath(args.out_dir)
+    if os.path.isfile(out_dir):
+        raise InputError(f"--out '{args.out_dir}' is a file; give the folder the outputs go to")
+    # gloo: the ranks only exchange the report (no GPU collective); a week's timeout: ranks that finish
+    # early wait for the slowest at the end.
+    dist = Distributed.from_env(args.device, backend="gloo", timeout_s=7 * 24 * 3600)
+    try:
+        if dist is not None:
+            args.device = dist.device_for(args.device)
+        defaults = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("jobs", "out_dir")})
+        jobs = build_jobs(args.jobs, out_dir, defaults, line_parser, build)
+
+        def load_models(job):
+            if job.tiny_random or not any((job.wan_dir, job.adapter, job.transformer)):
+                print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real "
+                      "animation).")
+                return runner.tiny_random_models(args.seed)
+            return runner.real_models(job)
+
+        stop = Stop()
+        with stop.installed():
+            report = run_batch(jobs, args.jobs, out_dir, load_models, stop=stop, dist=dist)
+    finally:
+        if dist is not None:
+            dist.close()
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(report["summary"].items()))
+    print(f"batch: {summary}; report {os.path.join(out_dir, REPORT_NAME)}")
+    if stop.requested:
+        return 130
+    return 1 if report["summary"].get("failed") else 0
+
+
+__all__ = ["BATCH_HELP", "BatchJob", "MODEL_KEYS", "REPORT_NAME", "RefusingParser", "Stop", "build_jobs",
+           "default_name", "finished", "line_tokens", "main", "merge_report", "read_entries", "run_batch"]

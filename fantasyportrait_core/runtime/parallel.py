@@ -7,9 +7,9 @@
 * :class:`ParallelRun`: one video on every rank (``cli run --parallel``):
 
   - ``cfg``: the 2–3 guidance passes of a step (FantasyPortrait §3.4 dual guidance;
-    :func:`~fantasyportrait_core.sampling.flow.guidance_passes`) run on different ranks, pass ``i`` on
+    :func:`~fantasyportrait_core.sampling.guidance.guidance_passes`) run on different ranks, pass ``i`` on
     rank ``i mod N``; the velocities are exchanged with one all-gather and every rank combines them
-    (:func:`~fantasyportrait_core.sampling.flow.combine_guidance`) into the same next latent.
+    (:func:`~fantasyportrait_core.sampling.guidance.combine_guidance`) into the same next latent.
   - ``sequence``: the transformer's tokens are split across the ranks with diffusers' context
     parallelism (``ContextParallelConfig``, Ulysses attention: an all-to-all before and after each
     self-attention; ``WanTransformer3DModel._cp_plan`` splits the tokens after the patch embedding
@@ -225,7 +225,7 @@ def setup_parallel(models, requested: str, dist: Distributed, job) -> ParallelRu
     Returns:
         The :class:`ParallelRun`, also set as ``models.parallel`` and ``models.state.parallel``.
     """
-    from fantasyportrait_core.sampling.flow import guidance_passes
+    from fantasyportrait_core.sampling.guidance import guidance_passes
 
     s = job.sampling.resolve()
     passes = len(guidance_passes(s.cfg, s.portrait_cfg))
