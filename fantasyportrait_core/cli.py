@@ -117,9 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--face-order", default="",
                      help="face number (as on the _faces.png preview, reading order from 0) per character, e.g. 1,0; "
                           "overrides --assign")
-    run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards, folder or .gguf (any supported format)")
+    run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards, folder or .gguf (any supported format); "
+                          "FlashPortrait: its transformer.pt (detected from its emo_k_proj keys)")
     run.add_argument("--wan-dir", help="diffusers Wan2.1-I2V folder (VAE, umT5, CLIP; transformer if not given)")
-    run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors")
+    run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors; with FlashPortrait's "
+                                         "transformer: its portrait_encoder.pt")
     run.add_argument("--pd-fpg", help="pd_fpg.pth (default: the pd_fpg.* keys of a repacked adapter)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     run.add_argument("--fp8", action="store_true", help="store transformer weights in fp8 (bf16 compute)")

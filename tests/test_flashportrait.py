@@ -221,3 +221,55 @@ def test_each_character_reaches_only_its_face_with_normalization(flash):
     assert delta[ids == 2].min() > 0
     assert delta[ids != 2].max() == 0
     torch.testing.assert_close(base[0, ids == 0], none[0, ids == 0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Our sampler through the CLI's real-model path, two characters
+
+
+def test_cli_runs_flashportrait_release_with_two_characters(tmp_path, flash, tiny, monkeypatch, capsys):
+    """transformer.pt + portrait_encoder.pt + pd_fpg.pth as released, two characters, our masks:
+    the normalised block runs in every block of every portrait pass."""
+    import json as _json
+
+    import fantasyportrait_core.model.attention as attention
+    import fantasyportrait_core.model.encoders as enc
+    from fantasyportrait_core.cli import main
+
+    from .conftest import data_path
+
+    t, a, encoder = flash
+    vae = tiny[2]
+    files = write_flashportrait(t, a, str(tmp_path / "flash"), encoder=encoder)
+    wan_dir = tmp_path / "wan"
+    vae.save_pretrained(str(wan_dir / "vae"))
+
+    class StandIn:
+        def __init__(self, *args):
+            pass
+
+        def text(self, prompt):
+            return torch.randn(1, 7, t.config.text_dim)
+
+        def image(self, image):
+            return torch.randn(1, 257, t.config.image_dim)
+
+    monkeypatch.setattr(enc, "WanConditioners", StandIn)
+    calls = []
+    real = attention.normalize_expression
+
+    def counting(branch, base, persons=None):
+        calls.append(persons is not None)
+        return real(branch, base, persons)
+
+    monkeypatch.setattr(attention, "normalize_expression", counting)
+    out = str(tmp_path / "flash.mp4")
+    rc = main(["run", "--image", data_path("two_person.png"), "--driving", data_path("biden.mp4"),
+               data_path("trump.mp4"), "--out", out, "--wan-dir", str(wan_dir), "--transformer", files["transformer"],
+               "--adapter", files["adapter"], "--pd-fpg", files["pd_fpg"], "--dtype", "fp32", "--frames", "5",
+               "--max-size", "128", "--steps", "1", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    report = _json.loads((txt := capsys.readouterr().out)[txt.index("{"):])
+    assert len(report["reference_faces"]) == 2 and report["frames"] == 5
+    assert calls and all(calls), "every portrait pass normalises, per character"
+    assert len(calls) % t.config.num_layers == 0

@@ -325,6 +325,23 @@ def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", k
     return adapter.eval().requires_grad_(False)
 
 
+def load_adapter_for(transformer, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                     transformer_name: str = "transformer", adapter_name: str | None = None):
+    """The portrait adapter that goes with a loaded transformer, for either family: FantasyPortrait's
+    adapter on a plain Wan2.1 DiT, or FlashPortrait's portrait encoder on FlashPortrait's DiT (K/V read
+    from the transformer's file, ``transformer.portrait_kv_paths``, or from ``path`` when it is the
+    single-file repack). The one loader the Model Loader node and the CLI call.
+
+    Raises:
+        CheckpointError: as :func:`load_adapter`, or a one-line family mismatch (:func:`check_family`).
+    """
+    adapter_name = adapter_name or os.path.basename(os.fspath(path))
+    kv_from = getattr(transformer, "portrait_kv_paths", None)
+    adapter = load_adapter(path, dtype=dtype, device=device, kv_from=kv_from)
+    check_family(transformer, adapter, transformer_name, adapter_name)
+    return adapter
+
+
 def load_flash_adapter(source: TensorSource | str, dtype: torch.dtype = torch.bfloat16, device="cpu", kv_from=None,
                        **overrides):
     """FlashPortrait's portrait side as a :class:`~fantasyportrait_core.model.adapter.PortraitAdapter`
