@@ -74,11 +74,13 @@ def _parser() -> argparse.ArgumentParser:
                             "multi-character script; its single-character script keeps the driver's rate)")
         p.add_argument("--long-video", choices=CONTEXT_MODES, default="auto",
                        help="auto: one pass (as the reference) when it fits in free memory, else windows; "
-                            "one_pass; windows")
+                            "one_pass; windows; flashportrait: FlashPortrait's windows (201/120 frames = 51/30 latent, "
+                            "its anchor and blend; overrides --context-frames/--context-overlap/--window-anchor)")
         p.add_argument("--context-frames", type=int, default=81, help="window length when windows are used")
         p.add_argument("--context-overlap", type=int, default=16, help="frames shared by neighbouring windows")
         p.add_argument("--window-anchor", choices=ANCHORS, default="reference",
-                       help="reference: later windows also see the first frame with the reference condition")
+                       help="reference: later windows also see the first frame with the reference condition; "
+                            "flashportrait: every window conditioned like the first, as FlashPortrait")
         _sampling_options(p)
         p.add_argument("--fast", action="store_true",
                        help="fast mode: fp8 weights multiplied in fp8 (torch._scaled_mm) on GPUs of compute capability "

@@ -84,3 +84,50 @@ def flash_guidance_step(transformer, latent, emo, text_cfg_scale, emo_cfg_scale,
         noise_pred_no_text = transformer(latent, "negative", emo, ip_scale)
         return noise_pred_no_text + text_cfg_scale * (noise_pred_posi - noise_pred_no_text)
     return noise_pred_posi
+
+
+# ------------------------------------------------------------------------------------------------
+# Long videos: pipeline_wan_long.py's context_scheduler (step 0, stride 1) + last-window fix, and
+# its window-after-window blend of the step outputs.
+
+def _ordered_halving(val):
+    bin_str = f"{val:064b}"
+    return int(bin_str[::-1], 2) / (1 << 64)
+
+
+def flash_context_windows(num_frames, context_size=51, context_overlap=30):
+    """``global_context`` of ``WanI2VLongPipeline.__call__`` (lists of latent frame indices)."""
+    import numpy as np
+
+    queue = []
+    if num_frames <= context_size:
+        queue.append(list(range(num_frames)))
+    else:
+        stride = min(1, int(np.ceil(np.log2(num_frames / context_size))) + 1)
+        for context_step in 1 << np.arange(stride):
+            pad = int(round(num_frames * _ordered_halving(0)))
+            for j in range(int(_ordered_halving(0) * context_step) + pad, num_frames + pad - context_overlap,
+                           context_size * context_step - context_overlap):
+                queue.append([e % num_frames for e in range(j, j + context_size * context_step, context_step)])
+    step = min(1, int(np.ceil(np.log2(num_frames / context_size))) + 1)
+    queue[-1] = [e % num_frames for e in range(num_frames - context_size * step, num_frames, step)]
+    return queue
+
+
+def flash_blend(preds, windows, num_frames, context_size=51):
+    """The loop body's blend (``i != 0``): ``preds[i]`` ``[1, C, len(window_i), ...]`` -> ``[1, C, F, ...]``."""
+    out = torch.zeros((1, preds[0].shape[1], num_frames) + tuple(preds[0].shape[3:]), dtype=preds[0].dtype)
+    for i_index, context_index in enumerate(windows):
+        sub = preds[i_index].clone()
+        if i_index != 0:
+            prev = windows[i_index - 1]
+            n = len(set(context_index) & set(prev))
+            cur_idx = [ii % context_size for ii in range(0, n)]
+            prev_idx = [prev[ii] for ii in range(context_size - n, context_size)]
+            weight = torch.zeros(1, 1, n, 1, 1, dtype=sub.dtype)
+            for j in range(n):
+                weight[:, :, j] = j / (n - 1)
+            sub[:, :, cur_idx] = sub[:, :, cur_idx] * weight + out[:, :, prev_idx] * (1 - weight)
+        for j, c in enumerate(context_index):
+            out[:, :, c] = sub[:, :, j]
+    return out

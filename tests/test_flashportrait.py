@@ -273,3 +273,64 @@ def test_cli_runs_flashportrait_release_with_two_characters(tmp_path, flash, tin
     assert len(report["reference_faces"]) == 2 and report["frames"] == 5
     assert calls and all(calls), "every portrait pass normalises, per character"
     assert len(calls) % t.config.num_layers == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Window preset 51/30
+
+
+@pytest.mark.parametrize("num_latent", [51 + 2 * 21, 51 + 4 * 21])
+def test_flashportrait_windows_and_blend_match_its_pipeline(num_latent):
+    from fantasyportrait_core.sampling.windows import context_windows, sequential_blend_weights
+
+    ref = R.flash_context_windows(num_latent)
+    ours = context_windows(num_latent, 51, 30)
+    assert [list(range(s, e)) for s, e in ours] == ref
+    g = torch.Generator().manual_seed(0)
+    preds = [torch.randn(1, 2, 51, 1, 1, generator=g, dtype=torch.float64) for _ in ours]
+    w = sequential_blend_weights(ours, num_latent).double()
+    mine = torch.zeros(1, 2, num_latent, 1, 1, dtype=torch.float64)
+    for (s, e), p, wi in zip(ours, preds, w):
+        mine[:, :, s:e] += p * wi[s:e].view(1, 1, -1, 1, 1)
+    torch.testing.assert_close(mine, R.flash_blend(preds, ref, num_latent), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.sum(0), torch.ones(num_latent, dtype=torch.float64))
+
+
+def test_later_window_condition_is_flashportraits_fresh_split():
+    """A window starting at latent frame c: FlashPortrait re-splits the tokens of pixel frames 4c .. 4(c+n-1)
+    as a clip of its own; ours restarts the first frame of the global windows: identical, per character."""
+    from fantasyportrait_core.model.adapter import TOKENS_PER_FRAME as T
+    from fantasyportrait_core.model.adapter import window_tokens
+    from fantasyportrait_core.sampling.windows import slice_portrait
+
+    frames, c, n = 33, 3, 4  # 9 latent frames, a window of 4 starting at latent 3
+    g = torch.Generator().manual_seed(1)
+    people = [torch.randn(1, frames * T, 8, generator=g) for _ in range(2)]
+    windows = torch.cat([window_tokens(t, frames) for t in people], dim=2)
+    cond = PortraitCondition(windows, token_person_ids(2, window_length()), torch.ones(9, 4, dtype=torch.long))
+    part = slice_portrait(cond, c, c + n, restart=True)
+    sub = 4 * (n - 1) + 1
+    expected = torch.cat([window_tokens(t[:, 4 * c * T:(4 * c + sub) * T], sub) for t in people], dim=2)
+    assert torch.equal(part.windows, expected)
+
+
+def test_flashportrait_preset_reaches_the_denoiser(flash):
+    from fantasyportrait_core.runtime.job import MemoryOptions
+    from fantasyportrait_core.sampling.windows import ContextWindowDenoiser, plan_context, window_preset
+
+    assert window_preset("flashportrait", 81, 16, "reference") == ("windows", 201, 120, "flashportrait")
+    m = MemoryOptions(long_video="flashportrait")
+    assert (m.long_video, m.context_frames, m.context_overlap, m.window_anchor) == ("windows", 201, 120, "flashportrait")
+    assert plan_context(201 + 2 * 84, "flashportrait") == 201 and plan_context(201, "flashportrait") is None
+    t, a, _ = flash
+    model = copy.deepcopy(t)
+    state = attach_portrait_processors(model, a)
+    c = model.config
+    f_lat = 93
+    cond = I2VConditioning(torch.randn(1, 3, c.text_dim), None, torch.randn(1, 257, c.image_dim),
+                           torch.randn(1, 20, f_lat, 2, 2))
+    den = ContextWindowDenoiser(model, state, cond, PortraitCondition(torch.randn(1, f_lat, 97, a.proj_dim)), 1.0, 4.0,
+                                window=51, overlap=30, anchor="flashportrait")
+    assert den.windows == [(0, 51), (21, 72), (42, 93)]
+    for part in den.parts:  # every window carries the first window's I2V condition
+        assert torch.equal(part.cond.image_latent, cond.image_latent[:, :, :51])

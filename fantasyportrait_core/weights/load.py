@@ -404,9 +404,35 @@ def load_flash_adapter(source: TensorSource | str, dtype: torch.dtype = torch.bf
     sd.update({t: kv_source.get(s).to(device=device, dtype=dtype) for t, s in kv_map.items()})
     missing, unexpected = adapter.load_state_dict(sd, strict=False, assign=True)
     assert not unexpected and not missing, (missing[:4], unexpected[:4])
+    # A small fingerprint of FlashPortrait's fine-tuned DiT (block 0's cross-attention output bias) so
+    # the native patch can tell its MODEL from a plain Wan2.1 one (check_flash_dit).
+    probe = next((k for k in kv_source.keys() if k.endswith("blocks.0.cross_attn.o.bias")), None)
+    adapter.dit_fingerprint = None if probe is None else kv_source.get(probe).float().clone()
     log.info("[FantasyPortrait] loaded FlashPortrait portrait encoder %s [%s] (%d blocks of K/V)", name, fmt,
              cfg["num_layers"])
     return adapter.eval().requires_grad_(False)
+
+
+def check_flash_dit(dit_bias: torch.Tensor | None, adapter, model_name: str = "model") -> None:
+    """For a FlashPortrait adapter: refuse a DiT whose block-0 cross-attention output bias is not the
+    fingerprint recorded from FlashPortrait's transformer file (:func:`load_flash_adapter`), i.e. a plain
+    Wan2.1 DiT (FlashPortrait fine-tuned every attention parameter). A difference within bf16/fp16
+    storage rounding (relative 2^-7) counts as the same weights. No fingerprint or no bias: no check.
+
+    Raises:
+        CheckpointError: one line naming the fix.
+    """
+    fp = getattr(adapter, "dit_fingerprint", None)
+    if getattr(adapter, "family", None) != "flashportrait" or fp is None or dit_bias is None:
+        return
+    b = dit_bias.detach().float().cpu().reshape(-1)
+    if b.shape != fp.shape:
+        return
+    off = ((b - fp).abs() > fp.abs() * 2 ** -7 + 1e-6).float().mean().item()
+    if off > 0.01:
+        raise CheckpointError(f"{model_name} is not FlashPortrait's transformer ({off:.0%} of a fingerprint differs): load "
+                              f"FlashPortrait's transformer.pt in Load Diffusion Model for this FlashPortrait adapter, "
+                              f"or use a FantasyPortrait adapter with plain Wan2.1-I2V")
 
 
 # --------------------------------------------------------------------------------------------
