@@ -131,3 +131,20 @@ def flash_blend(preds, windows, num_frames, context_size=51):
         for j, c in enumerate(context_index):
             out[:, :, c] = sub[:, :, j]
     return out
+
+
+def flash_step_distill_sigmas(denoising_step_list=(1000, 750, 500, 250), shift=5.0, num_train_timesteps=1000):
+    """``StepDistillScheduler.set_timesteps`` (wan/utils/step_distill_scheduler.py) -> its ``sigmas``."""
+    sigmas = torch.linspace(1.0, 0.0, num_train_timesteps + 1)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    index = [num_train_timesteps - x for x in denoising_step_list]
+    return torch.cat([sigmas[index], torch.tensor([0.0])])
+
+
+def flash_step_distill_step(flow_pred, sigmas, i, latents):
+    """``StepDistillScheduler.step``: x0 = x − σ·v, then x0 + σ_next·v (none after the last step)."""
+    sigma = sigmas[i].item()
+    denoised = latents - sigma * flow_pred
+    if i + 1 < len(sigmas) - 1:
+        return denoised + flow_pred * sigmas[i + 1].item()
+    return denoised

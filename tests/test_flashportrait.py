@@ -334,3 +334,25 @@ def test_flashportrait_preset_reaches_the_denoiser(flash):
     assert den.windows == [(0, 51), (21, 72), (42, 93)]
     for part in den.parts:  # every window carries the first window's I2V condition
         assert torch.equal(part.cond.image_latent, cond.image_latent[:, :, :51])
+
+
+def test_fast_mode_preset_is_flashportraits_step_distill_schedule():
+    """preset flashportrait_fast: the sigmas of FlashPortrait's StepDistillScheduler and its step rule
+    (literal port) on a velocity field, through our sampler."""
+    from fantasyportrait_core.sampling.flow import PRESETS, sample, schedule_sigmas
+
+    sig = schedule_sigmas(preset="flashportrait_fast")
+    ref = R.flash_step_distill_sigmas()
+    torch.testing.assert_close(sig, ref.float(), rtol=1e-6, atol=1e-6)
+    assert PRESETS["flashportrait_fast"].cfg == 1.0 and len(sig) == 5
+    g = torch.Generator().manual_seed(0)
+    target, x = torch.randn(1, 4, 2, 2, 2, generator=g), torch.randn(1, 4, 2, 2, 2, generator=g)
+
+    def velocity(x, sigma):  # some smooth field
+        return torch.tanh(x) - target * (1 + sigma)
+
+    ours = sample(lambda x, s: x - s * velocity(x, s), x.clone(), sig, PRESETS["flashportrait_fast"].sampler)
+    theirs = x.clone()
+    for i in range(4):
+        theirs = R.flash_step_distill_step(velocity(theirs, float(ref[i])), ref, i, theirs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -57,6 +57,12 @@ def combine_guidance(
     with the portrait branch in both passes, ``neg_portrait + cfg·(pos_portrait − neg_portrait)``
     (then ``v_negative`` is that pass and ``v_positive`` is unused).
 
+    FlashPortrait's guidance (``pipeline_wan_long.py`` ~L773-801, Francis-Rings/FlashPortrait c72d9de) is
+    this same combination: its passes without expression run with ``ip_scale = 0`` (our passes without
+    the portrait branch), ``uncond + text_cfg·(no_emo − uncond) + emo_cfg·(pos − no_emo)`` when
+    ``emo_cfg > 1`` and text cfg ≠ 1, and text cfg alone with the expression in both passes otherwise;
+    checked against a literal port of that loop (tests/test_flashportrait.py).
+
     Raises:
         ValueError: if a pass the scales require is missing.
     """
@@ -220,6 +226,13 @@ class Preset:
 PRESETS = {
     "lightx2v": Preset("lightx2v", "lcm", tuple(timestep_sigmas([1000, 750, 500, 250], 5.0).tolist()), 1.0,
                        "lightx2v step distill: 4 steps, timesteps 1000/750/500/250 at shift 5, lcm sampler, cfg 1"),
+    # FlashPortrait's fast mode (Francis-Rings/FlashPortrait c72d9de, fast_infer.py + wan/utils/
+    # step_distill_scheduler.py): the same timesteps at shift 5, but its StepDistillScheduler steps
+    # x0 + σ_next·v, i.e. Euler (no fresh noise); text cfg 1, emotion cfg unchanged (4). Pair it with its
+    # step-distill LoRA fast_lora_rank64.safetensors through the LoRA option.
+    "flashportrait_fast": Preset("flashportrait_fast", "euler", tuple(timestep_sigmas([1000, 750, 500, 250], 5.0).tolist()),
+                                 1.0, "FlashPortrait fast mode (with its fast_lora_rank64 LoRA): 4 steps, timesteps "
+                                      "1000/750/500/250 at shift 5, Euler, cfg 1"),
 }
 
 
