@@ -356,3 +356,21 @@ def test_fast_mode_preset_is_flashportraits_step_distill_schedule():
     for i in range(4):
         theirs = R.flash_step_distill_step(velocity(theirs, float(ref[i])), ref, i, theirs)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_model_loader_node_detects_the_family(tmp_path, flash, tiny):
+    """Our Model Loader node with FlashPortrait's released files: the K/V come from transformer.pt and every
+    block's processor normalises; a FantasyPortrait adapter beside FlashPortrait's DiT is one line."""
+    from .test_nodes import run
+
+    t, a, _ = flash
+    files = write_flashportrait(t, a, str(tmp_path))
+    (model,) = run("FantasyPortraitWanModelLoader", transformer=files["transformer"], adapter=files["adapter"],
+                   weight_dtype="fp32", storage="same", offload="none")
+    assert model.adapter.family == "flashportrait"
+    assert all(b.attn2.processor.normalize for b in model.transformer.blocks)
+    fantasy = write_adapter_repacked(tiny[1], str(tmp_path / "fantasy.safetensors"))
+    with pytest.raises(CheckpointError, match="FantasyPortrait adapter but the transformer is FlashPortrait") as e:
+        run("FantasyPortraitWanModelLoader", transformer=files["transformer"], adapter=fantasy, weight_dtype="fp32",
+            storage="same", offload="none")
+    assert "\n" not in str(e.value)
