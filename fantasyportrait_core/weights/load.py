@@ -185,7 +185,7 @@ def _transformer_family(source: TensorSource) -> str:
     the transformer raises a one-line :class:`CheckpointError` saying where it goes instead."""
     keys = source.keys()
     family = portrait_family(keys)
-    has_dit = any(is_transformer_key(k, p) for k in keys[:4000] for p in ("", "model.diffusion_model."))
+    has_dit = any(is_transformer_key(k, p) for k in keys for p in ("", "model.diffusion_model."))
     name = os.path.basename(source.paths[0])
     if not has_dit and family == "fantasyportrait":
         raise CheckpointError(f"{name} is a FantasyPortrait adapter (ip_adapter K/V), not a transformer: choose it as the "
