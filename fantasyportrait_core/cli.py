@@ -109,11 +109,13 @@ def _common_options(p):
                         "multi-character script; its single-character script keeps the driver's rate)")
     p.add_argument("--long-video", choices=CONTEXT_MODES, default="auto",
                    help="auto: one pass (as the reference) when it fits in free memory, else windows; "
-                        "one_pass; windows")
+                        "one_pass; windows; flashportrait: FlashPortrait's windows (201/120 frames = 51/30 latent, "
+                        "its anchor and blend; overrides --context-frames/--context-overlap/--window-anchor)")
     p.add_argument("--context-frames", type=int, default=81, help="window length when windows are used")
     p.add_argument("--context-overlap", type=int, default=16, help="frames shared by neighbouring windows")
     p.add_argument("--window-anchor", choices=ANCHORS, default="reference",
-                   help="reference: later windows also see the first frame with the reference condition")
+                   help="reference: later windows also see the first frame with the reference condition; "
+                        "flashportrait: every window conditioned like the first, as FlashPortrait")
     _sampling_options(p)
     p.add_argument("--fast", action="store_true",
                    help="fast mode: fp8 weights multiplied in fp8 (torch._scaled_mm) on GPUs of compute capability "
@@ -150,9 +152,11 @@ def _run_arguments(run, batch: bool = False, out: bool = True):
     run.add_argument("--face-order", default="",
                      help="face number (as on the _faces.png preview, reading order from 0) per character, e.g. 1,0; "
                           "overrides --assign")
-    run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards, folder or .gguf (any supported format)")
+    run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards, folder or .gguf (any supported format); "
+                          "FlashPortrait: its transformer.pt (detected from its emo_k_proj keys)")
     run.add_argument("--wan-dir", help="diffusers Wan2.1-I2V folder (VAE, umT5, CLIP; transformer if not given)")
-    run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors")
+    run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors; with FlashPortrait's "
+                                         "transformer: its portrait_encoder.pt")
     run.add_argument("--pd-fpg", help="pd_fpg.pth (default: the pd_fpg.* keys of a repacked adapter)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     run.add_argument("--fp8", action="store_true", help="store transformer weights in fp8 (bf16 compute)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fantasyportrait_core.model.attention import ATTENTION_BACKENDS, PortraitState, attach_portrait_processors
-from fantasyportrait_core.weights.load import load_adapter, load_expression_encoder, load_transformer
+from fantasyportrait_core.weights.load import load_adapter_for, load_expression_encoder, load_transformer
 from fantasyportrait_core.faces.detect import make_detector
 from fantasyportrait_core.faces.packages import missing_packages
 from fantasyportrait_core.model.fp8 import FP8, quantize_model_fp8
@@ -146,10 +146,13 @@ class FantasyPortraitModelLoader:
                 "tooltip": "Wan2.1-I2V-14B (480P or 720P) transformer from models/diffusion_models: original Wan "
                            "keys, the Comfy-Org repack, fp8 / fp8-scaled files, a sharded release (pick any "
                            "one shard, e.g. diffusion_pytorch_model-00001-of-00007: all shards are loaded), or a "
-                           "GGUF quantisation (city96 Q4_K_M … Q8_0; keep storage = same)."}),
+                           "GGUF quantisation (city96 Q4_K_M … Q8_0; keep storage = same). FlashPortrait: its "
+                           "transformer.pt (a whole fine-tuned DiT, detected from its emo_k_proj keys) or our "
+                           "single-file repack."}),
             "adapter": (host.list_models(host.MODEL_FOLDER), {
                 "tooltip": "fantasyportrait_model.ckpt or Wan2_1_FantasyPortrait_fp16.safetensors from "
-                           "models/fantasyportrait."}),
+                           "models/fantasyportrait; with a FlashPortrait transformer: FlashPortrait's "
+                           "portrait_encoder.pt (or the single-file repack)."}),
             "weight_dtype": (list(DTYPES), {"default": "bf16", "tooltip": "Compute dtype of the weights."}),
             "storage": (["same", "fp8_e4m3fn", "auto"], {
                 "default": "auto",
@@ -190,7 +193,9 @@ class FantasyPortraitModelLoader:
             raise ValueError("fast_mode multiplies in fp8 and needs fp8 weights: set storage to auto or fp8_e4m3fn")
         fp8 = storage == "fp8_e4m3fn" or (storage == "auto" and (fast_mode != "off" or stored_as_fp8(path)))
         model = load_transformer(path, dtype=dtype, device=host.offload_device(), storage_dtype=FP8 if fp8 else None)
-        portrait = load_adapter(host.model_path(host.MODEL_FOLDER, adapter), dtype=dtype, device=host.offload_device())
+        # FlashPortrait: transformer.pt (emo_k_proj) + portrait_encoder.pt, K/V into the adapter (load_adapter_for)
+        portrait = load_adapter_for(model, host.model_path(host.MODEL_FOLDER, adapter), dtype=dtype,
+                                    device=host.offload_device(), transformer_name=transformer, adapter_name=adapter)
         why = ""
         if storage == "auto" and not fp8:
             plan = choose_storage(measured_size(model, portrait), vram_available(host.torch_device()))

@@ -60,7 +60,7 @@ from fantasyportrait_core.drive.condition import portrait_condition
 from fantasyportrait_core.drive.encode import frames_for
 from fantasyportrait_core.model.geometry import TOKEN_STRIDE, latent_frames, pixel_frames
 from fantasyportrait_core.model.attention import PortraitCondition, apply_portrait
-from fantasyportrait_core.weights.load import load_adapter
+from fantasyportrait_core.weights.load import check_flash_dit, load_adapter
 from fantasyportrait_core.sampling.guidance import combine_guidance, guidance_passes
 
 from . import host
@@ -137,6 +137,7 @@ class NativeAdapter:
 
     adapter: torch.nn.Module
     path: str
+    kv_from: str | None = None  # FlashPortrait: the transformer file holding emo_{k,v}_proj (if not in ``path``)
     _tokens: object = field(default=None, repr=False)
     _kv: dict = field(default_factory=dict, repr=False)  # dtype -> (ModelPatcher, ip_adapter blocks)
 
@@ -156,7 +157,7 @@ class NativeAdapter:
                 blocks = self.adapter.ip_adapter
             else:
                 log.info("[FantasyPortrait] adapter K/V %s -> %s to follow the MODEL's compute dtype", loaded, dtype)
-                blocks = load_adapter(self.path, dtype=dtype, device=host.offload_device()).ip_adapter
+                blocks = load_adapter(self.path, dtype=dtype, device=host.offload_device(), kv_from=self.kv_from).ip_adapter
             self._kv[dtype] = (_patcher(blocks), blocks)
         return self._kv[dtype]
 
@@ -198,6 +199,13 @@ class FantasyPortraitAdapterLoader:
                 "tooltip": "dtype of the per-block K/V projections (1.7 GB in bf16 for 14B). auto: the dtype "
                            "ComfyUI computes Wan in on this device. At patch time they follow the MODEL's "
                            "compute dtype anyway; the expression-token path stays fp32 (reference)."}),
+        }, "optional": {
+            "flashportrait_transformer": (["none"] + host.transformer_list(), {
+                "default": "none",
+                "tooltip": "FlashPortrait only, with its portrait_encoder.pt as the adapter: FlashPortrait's "
+                           "transformer.pt (the same file Load Diffusion Model loads), from which only the per-block "
+                           "emo_k_proj / emo_v_proj are read. none: FantasyPortrait, or FlashPortrait's single-file "
+                           "repack as the adapter."}),
         }}
 
     RETURN_TYPES = ("FANTASYPORTRAIT_ADAPTER",)
@@ -210,12 +218,17 @@ class FantasyPortraitAdapterLoader:
                    "native Load Diffusion Model or a GGUF loader). ComfyUI loads and offloads its weights "
                    "together with the MODEL.")
 
-    def load(self, adapter, weight_dtype="auto"):
+    def load(self, adapter, weight_dtype="auto", flashportrait_transformer="none"):
         if weight_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"weight_dtype '{weight_dtype}' is not one of {list(ADAPTER_DTYPES)}")
         path = host.model_path(host.MODEL_FOLDER, adapter)
         dtype = ADAPTER_DTYPES[weight_dtype] or default_adapter_dtype()
-        return (NativeAdapter(load_adapter(path, dtype=dtype, device=host.offload_device()), path),)
+        kv_from = None if flashportrait_transformer in (None, "", "none") else host.transformer_path(flashportrait_transformer)
+        loaded = load_adapter(path, dtype=dtype, device=host.offload_device(), kv_from=kv_from)
+        if kv_from is not None and loaded.family != "flashportrait":
+            raise ValueError(f"flashportrait_transformer is set but {adapter} is a FantasyPortrait adapter: set it to "
+                             f"none, or choose FlashPortrait's portrait_encoder.pt as the adapter")
+        return (NativeAdapter(loaded, path, kv_from),)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,10 +252,12 @@ class PortraitHooks:
         kv: ``block index -> (k_proj, v_proj)`` of the adapter.
         state: ``(PortraitCondition, rows)`` of this forward (see :func:`add_portrait`).
         tokens: video tokens of this forward (``F · h · w`` of the latent grid).
+        normalize: FlashPortrait family: the term is rescaled to the block's text + image output (the
+            input of ``o``), :func:`~fantasyportrait_core.model.attention.normalize_expression`.
     """
 
-    def __init__(self, blocks, kv, state, tokens: int):
-        self.blocks, self.kv, self.state, self.tokens = blocks, kv, state, tokens
+    def __init__(self, blocks, kv, state, tokens: int, normalize: bool = False):
+        self.blocks, self.kv, self.state, self.tokens, self.normalize = blocks, kv, state, tokens, normalize
         self.q: dict[int, torch.Tensor] = {}
         self.calls = [[0, 0] for _ in blocks]  # per block: norm_q outputs kept, portrait terms added
 
@@ -261,7 +276,7 @@ class PortraitHooks:
                              f"{self.tokens}; another patch or input adds tokens the portrait condition does not cover")
         self.calls[i][1] += 1
         ca = self.blocks[i].cross_attn
-        return (add_portrait(out, q, self.state, ca.num_heads, *self.kv(i)),) + tuple(args[1:])
+        return (add_portrait(out, q, self.state, ca.num_heads, *self.kv(i), normalize=self.normalize),) + tuple(args[1:])
 
     @contextlib.contextmanager
     def attach(self):
@@ -291,19 +306,23 @@ def missing_hook_message(attn, what: str) -> str:
             f"Sampler, or report the ComfyUI version")
 
 
-def add_portrait(out: torch.Tensor, q: torch.Tensor, state, heads: int, k_proj, v_proj) -> torch.Tensor:
+def add_portrait(out: torch.Tensor, q: torch.Tensor, state, heads: int, k_proj, v_proj,
+                 normalize: bool = False) -> torch.Tensor:
     """``out + apply_portrait(q)`` on the batch rows of ``state = (condition, rows)``.
 
     Args:
-        out, q: ``[B, L, H·D]`` attention output and normalised query.
+        out, q: ``[B, L, H·D]`` attention output (text + image, the input of ``o``) and normalised query.
         rows: long ``[R]`` batch rows that get the portrait term, or ``None`` for all.
+        normalize: FlashPortrait: rescale the term to ``out``'s statistics (``base=`` of ``apply_portrait``).
     """
     cond, rows = state
     b, length, width = q.shape
     if rows is None:
-        term = apply_portrait(q.view(b, length, heads, width // heads), cond, k_proj, v_proj)
+        term = apply_portrait(q.view(b, length, heads, width // heads), cond, k_proj, v_proj,
+                              base=out if normalize else None)
         return out if term is None else out + term
-    term = apply_portrait(q[rows].view(len(rows), length, heads, width // heads), cond, k_proj, v_proj)
+    term = apply_portrait(q[rows].view(len(rows), length, heads, width // heads), cond, k_proj, v_proj,
+                          base=out[rows] if normalize else None)
     return out if term is None else out.index_add(0, rows, term.to(out.dtype))
 
 
@@ -412,7 +431,8 @@ class NativePortrait:
         if len(blocks) != self.adapter.num_layers:
             raise ValueError(f"the adapter has {self.adapter.num_layers} blocks, this MODEL {len(blocks)}")
         hooks = PortraitHooks(blocks, self.kv_projections, (cond, None if rows is None else rows.to(x.device)),
-                              f_lat * (lat_h // 2) * (lat_w // 2))
+                              f_lat * (lat_h // 2) * (lat_w // 2),
+                              normalize=getattr(self.adapter, "normalize_expression", False))
         with hooks.attach():
             return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
 
@@ -528,6 +548,8 @@ class FantasyPortraitPatchModel:
         if not hasattr(portrait, "drivers") or not portrait.drivers:
             raise ValueError("portrait must come from FantasyPortrait Conditioning")
         check_wan_i2v(model.get_model_object("diffusion_model"), adapter.adapter)
+        attn0 = model.get_model_object("diffusion_model").blocks[0].cross_attn
+        check_flash_dit(getattr(attn0.o, "bias", None), adapter.adapter, "model")
         kv_patcher, kv_blocks = adapter.kv_for(compute_dtype(model))
         runtime = NativePortrait(portrait, adapter.adapter, kv_blocks)
         patched = model.clone()

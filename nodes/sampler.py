@@ -14,7 +14,7 @@ from fantasyportrait_core.drive.condition import portrait_condition
 from fantasyportrait_core.drive.encode import frames_for
 from fantasyportrait_core.faces.layout import ReferenceLayout, reference_layout
 from fantasyportrait_core.model.attention import TEXT_CONTEXT_TOKENS
-from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES
+from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES, window_preset
 from fantasyportrait_core.model.denoiser import I2VConditioning
 from fantasyportrait_core.faces.face import Face
 from fantasyportrait_core.runtime.job import SamplingOptions, widget_range
@@ -176,11 +176,16 @@ class FantasyPortraitSampler:
             "long_video": (list(CONTEXT_MODES), {"default": "auto", "tooltip":
                            "auto: the whole video in one pass, as the reference, when it fits in the free memory "
                            "(201 frames at 720x416 take ~6.5 GB on top of the weights), else windows of "
-                           "context_frames. one_pass: always one pass. windows: always windows."}),
+                           "context_frames. one_pass: always one pass. windows: always windows. flashportrait: "
+                           "FlashPortrait's windows (51 latent frames = 201, overlap 30 = 120, blended window after "
+                           "window, every window conditioned on the reference; overrides context_frames, "
+                           "context_overlap and window_anchor)."}),
             "window_anchor": (list(ANCHORS), {"default": "reference", "tooltip":
                               "reference: every window after the first also sees the first frame with the "
                               "reference image as its condition, as in training (keeps the identity; ~5 % more "
-                              "work per window). none: later windows see no reference."}),
+                              "work per window). none: later windows see no reference. flashportrait: every "
+                              "window is conditioned like the first (reference at its own first frame), as "
+                              "FlashPortrait."}),
         }}
 
     RETURN_TYPES = ("LATENT", "STRING")
@@ -216,6 +221,8 @@ class FantasyPortraitSampler:
         msg = self.VALIDATE_INPUTS(context_frames, context_overlap)
         if msg is not True:
             raise InputError(msg)
+        long_video, context_frames, context_overlap, window_anchor = window_preset(
+            long_video, context_frames, context_overlap, window_anchor)  # e.g. FlashPortrait's 51/30 windows
         preset = None if preset in (None, "none") else preset
         if preset is not None and preset in PRESETS and cfg != PRESETS[preset].cfg:
             log.info("[FantasyPortrait] preset %s: cfg %s -> %s", preset, cfg, PRESETS[preset].cfg)

@@ -146,6 +146,12 @@ def write_models(models_dir: str, comfy_dir: str, comfy_python: str) -> dict:
     names["lora"] = "tiny_lightx2v_step_distill.safetensors"
     W.write_wan_lora(transformer, os.path.join(models_dir, "loras", names["lora"]), lightx2v=True)
     subprocess.run([comfy_python, "-c", MAKE_VAE, comfy_dir, os.path.join(models_dir, "vae", names["vae"])], check=True)
+    # FlashPortrait's release layout (transformer.pt with emo_{k,v}_proj + portrait_encoder.pt) in subfolders
+    flash = W.write_flashportrait(transformer, adapter, os.path.join(models_dir, "diffusion_models", "tiny_flashportrait"))
+    os.makedirs(os.path.join(models_dir, "fantasyportrait", "tiny_flashportrait"), exist_ok=True)
+    os.replace(flash["adapter"], os.path.join(models_dir, "fantasyportrait", "tiny_flashportrait", "portrait_encoder.pt"))
+    names["flash_transformer"] = "tiny_flashportrait/transformer.pt"
+    names["flash_adapter"] = "tiny_flashportrait/portrait_encoder.pt"
     names["text_dim"] = transformer.config.text_dim
     names["image_dim"] = transformer.config.image_dim
     names.update(write_native_models(models_dir))
@@ -271,7 +277,8 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
         elif ct == "CLIPVisionEncode":
             ct, inp = "FPCheckClipVisionEncode", {"image": inp["image"], "dim": names["image_dim"]}
         elif ct == "FantasyPortraitWanModelLoader":
-            inp.update(transformer=transformer, adapter=names["adapter"], weight_dtype="bf16", storage="fp8_e4m3fn")
+            adapter = names["flash_adapter"] if transformer == names.get("flash_transformer") else names["adapter"]
+            inp.update(transformer=transformer, adapter=adapter, weight_dtype="bf16", storage="fp8_e4m3fn")
         elif ct == "FantasyPortraitExpressionEncoderLoader":
             inp["encoder"] = names["pd_fpg"]
         elif ct == "VAELoader":
@@ -590,7 +597,9 @@ def check_session(session, length: int, wanted: list[str], summary: list, timeou
             ("fantasyportrait_directed.json", (64, 64), names["transformer"], False),  # saved performance, directed
             # ComfyUI's own Wan MODEL (Load Diffusion Model), as shipped (LoRA bypassed) and with the LoRA on
             ("fantasyportrait_native.json", (64, 64), names["native_unet"], False),
-            ("fantasyportrait_native.json", (64, 64), names["native_unet"], True))
+            ("fantasyportrait_native.json", (64, 64), names["native_unet"], True),
+            # FlashPortrait's transformer.pt + portrait_encoder.pt, two characters
+            ("fantasyportrait_flash.json", (112, 64), names["flash_transformer"], False))
     runs = [r for r in runs if not wanted or any(w in r[0] for w in wanted)]
     for wf_name, size, transformer, lora_on in runs:
         loader = ("UNETLoader", "unet_name") if "native" in wf_name else ("FantasyPortraitWanModelLoader", "transformer")

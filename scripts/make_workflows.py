@@ -494,6 +494,29 @@ def native() -> Graph:
     return g
 
 
+def flash() -> Graph:
+    """Two characters with FlashPortrait (Francis-Rings/FlashPortrait): its whole fine-tuned DiT
+    (transformer.pt) and portrait encoder in our Model Loader, the same masks and assignment as the
+    multi graph (FlashPortrait itself animates one person), its window preset for long videos
+    (51 latent frames, overlap 30) and its defaults (30 steps, cfg 1, portrait cfg 4, shift 5)."""
+    g = Graph(["Models and prompts", "Reference portrait", "Driving video A (leftmost face)",
+               "Driving video B (next face to the right)"])
+    common(g, "two_person.png", 720, 416, 201)
+    model = g.node("model")
+    model["title"] = "FlashPortrait: transformer.pt + portrait_encoder.pt"
+    model["widgets_values"] = widgets("FantasyPortraitWanModelLoader", transformer="FlashPortrait/transformer.pt",
+                                      adapter="FlashPortrait/portrait_encoder.pt")
+    sampler = g.node("sampler")
+    sampler["title"] = "Sampler: FlashPortrait windows (51/30 latent frames)"
+    sampler["widgets_values"] = widgets("FantasyPortraitSampler", long_video="flashportrait")
+    driving(g, "A", "biden.mp4", 2, size=(432, 432), frames=201)
+    driving(g, "B", "trump.mp4", 3, size=(416, 416), frames=201)
+    g.link("A_expr", "expression", "cond", "expression")
+    g.link("B_expr", "expression", "cond", "expression_2")
+    g.link("A_parts", "audio", "create", "audio")
+    return g
+
+
 MOUTH_KEYS = "0:1, 40:0.3, 80:1"  # the directed graph's mouth curve: full, down to 0.3 at frame 40, back at 80
 SAVED_PERFORMANCE = "jgz_performance.safetensors"  # in ComfyUI's input folder (Save Performance makes one)
 
@@ -530,6 +553,7 @@ def directed() -> Graph:
 WORKFLOWS = {"fantasyportrait_single.json": single, "fantasyportrait_multi.json": multi,
              "fantasyportrait_fast.json": fast, "fantasyportrait_native.json": native}
 WORKFLOWS["fantasyportrait_directed.json"] = directed
+WORKFLOWS["fantasyportrait_flash.json"] = flash
 
 
 def main():

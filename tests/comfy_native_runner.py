@@ -68,7 +68,11 @@ def main(job_path: str, out_path: str):
             # picked by file name from models/fantasyportrait, as in the UI (paths are refused there)
             folder_paths.add_model_folder_path("fantasyportrait", os.path.dirname(job["adapter"]))
             name = os.path.basename(job["adapter"])
-            adapters[dtype] = native.FantasyPortraitAdapterLoader().load(name, dtype)[0]
+            kv = job.get("flashportrait_transformer")  # FlashPortrait: its transformer.pt, by name as in the UI
+            if kv:
+                folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(kv))
+            adapters[dtype] = native.FantasyPortraitAdapterLoader().load(
+                name, dtype, **({"flashportrait_transformer": os.path.basename(kv)} if kv else {}))[0]
         return adapters[dtype]
 
     (noise,) = custom.RandomNoise().get_noise(job["seed"])
@@ -103,7 +107,11 @@ def main(job_path: str, out_path: str):
             (model,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)
         if run.get("portrait"):
             adapter = adapter_in(run.get("adapter_dtype", "auto"))
-            (model,) = native.FantasyPortraitPatchModel().patch(model, adapter, portraits[run["portrait"]])
+            try:
+                (model,) = native.FantasyPortraitPatchModel().patch(model, adapter, portraits[run["portrait"]])
+            except ValueError as e:  # a refused MODEL/adapter pair: reported to the test, which decides
+                results[run["name"]] = f"{type(e).__name__}: {e}"
+                continue
         if run.get("context"):
             # (pixel frames, latent overlap): 4·k pixel frames of overlap is k latent frames under both
             # ComfyUI 0.3.64's rounding ((o - 1) // 4 + 1) and newer ComfyUI's (o // 4)

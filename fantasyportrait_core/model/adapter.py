@@ -34,6 +34,11 @@ MOUTH_TOKENS = 16
 EMOTION_TOKENS = 4
 TOKENS_PER_FRAME = PROJ_TOKENS + MOUTH_TOKENS + EMOTION_TOKENS  # 24
 
+# Model families sharing this adapter layout: FantasyPortrait (arXiv 2507.12956) and FlashPortrait
+# (arXiv 2512.16900, Francis-Rings/FlashPortrait).
+FAMILIES = ("fantasyportrait", "flashportrait")
+
+
 def window_length(tokens_per_frame: int = TOKENS_PER_FRAME) -> int:
     """Tokens in one latent frame's window: 4 frames of tokens + 1 overlap token (97 for 24)."""
     return VAE_TEMPORAL_STRIDE * tokens_per_frame + 1
@@ -174,6 +179,14 @@ class PortraitAdapter(nn.Module):
         num_layers: transformer blocks (40 for 14B); one K/V pair per block.
         proj_dim: expression-token width (2048 released).
         resampler_dim, resampler_depth, resampler_heads: resampler sizes (1280, 4, 20 released).
+        family: ``"fantasyportrait"`` (default) or ``"flashportrait"``. FlashPortrait
+            (Francis-Rings/FlashPortrait) ships a whole fine-tuned DiT whose blocks carry
+            ``cross_attn.emo_{k,v}_proj.weight`` ``[dim, proj_dim]`` (no bias) and a
+            ``portrait_encoder.pt`` with this token path's key names; its ``emo_{k,v}_proj`` play the
+            role of the K/V projections here and are loaded into the same slots
+            (``ip_adapter.blocks.N.cross_attn.ip_adapter_single_stream_{k,v}_proj``), so one adapter
+            object serves both families; the family switches on the normalised expression block
+            (:attr:`normalize_expression`).
     """
 
     def __init__(
@@ -185,15 +198,24 @@ class PortraitAdapter(nn.Module):
         resampler_depth: int = 4,
         resampler_heads: int = 20,
         resampler_dim_head: int = 64,
+        family: str = "fantasyportrait",
     ):
         super().__init__()
-        self.dim, self.num_layers, self.proj_dim = dim, num_layers, proj_dim
+        if family not in FAMILIES:
+            raise ValueError(f"adapter family {family!r} is unknown; choose one of {FAMILIES}")
+        self.dim, self.num_layers, self.proj_dim, self.family = dim, num_layers, proj_dim, family
         common = dict(dim=resampler_dim, depth=resampler_depth, dim_head=resampler_dim_head, heads=resampler_heads,
                       output_dim=proj_dim, ff_mult=4)
         self.proj_model = ExpressionProjection(proj_dim)
         self.mouth_proj_model = Resampler(num_queries=MOUTH_TOKENS, embedding_dim=MOUTH_DIM, **common)
         self.emo_proj_model = Resampler(num_queries=EMOTION_TOKENS, embedding_dim=EMOTION_DIM, **common)
         self.ip_adapter = _BlockList(num_layers, proj_dim, dim)
+
+    @property
+    def normalize_expression(self) -> bool:
+        """True for FlashPortrait: the portrait branch is rescaled to the text + image output
+        (:func:`fantasyportrait_core.model.attention.normalize_expression`)."""
+        return self.family == "flashportrait"
 
     def kv_projections(self, block: int) -> tuple[nn.Linear, nn.Linear]:
         """The (K, V) projections, ``proj_dim -> dim`` without bias, that block ``block`` adds to its cross-attention."""

@@ -8,6 +8,11 @@ branches before the output projection. With several characters a boolean mask le
 token see only the tokens of the person whose face region holds it. Unlike the reference (whose
 mask lets background tokens see every person's tokens), background tokens get no portrait branch.
 
+FlashPortrait (arXiv 2512.16900) is the same branch with one family option: its "Normalized Facial
+Expression Block" rescales the branch to the statistics of the text + image output
+(:func:`normalize_expression`, ``base=`` of :func:`apply_portrait`); its per-block ``emo_{k,v}_proj``
+sit in the adapter's K/V slots (:mod:`fantasyportrait_core.model.adapter`).
+
 The processor keeps no weights of its own: the K/V projections live in
 :class:`~fantasyportrait_core.model.adapter.PortraitAdapter`, so the transformer's state dict is the
 plain Wan one and the adapter's is the published one.
@@ -80,23 +85,25 @@ class PortraitCondition:
         base = self._prepared.get(key)
         if base is None:
             windows = self.windows.to(device=device, dtype=proj_dtype)
-            mask = foreground = None
+            mask = foreground = persons = None
             if self.token_person is not None:
                 latent_person = self.latent_person.to(device)
                 mask = portrait_attention_mask(latent_person, self.token_person.to(device))
                 mask = mask.repeat(rows, 1, 1, 1) if rows > 1 else mask.contiguous()
                 foreground = (latent_person.reshape(1, -1, 1) > 0).to(dtype)
+                people = int(self.token_person.max())
+                persons = F.one_hot(latent_person.reshape(-1), people + 1)[:, 1:].to(torch.float32)[None]
                 # Window length (N·97) varies with the character count: keep it symbolic under
                 # torch.compile so a new count does not recompile (see PERFORMANCE.md).
                 torch._dynamo.maybe_mark_dynamic(mask, 3)
             torch._dynamo.maybe_mark_dynamic(windows, 2)
-            base = PreparedPortrait(windows, mask, foreground, torch.ones((), device=device), rows)
+            base = PreparedPortrait(windows, mask, foreground, torch.ones((), device=device), rows, persons)
             if len(self._prepared) >= 4:  # a few layouts (e.g. batched and single passes), not a leak
                 self._prepared.clear()
             self._prepared[key] = base
         value = self.scale if scale is None else scale
         return PreparedPortrait(base.windows, base.mask, base.foreground,
-                                torch.full((), float(value), device=device, dtype=torch.float32), rows)
+                                torch.full((), float(value), device=device, dtype=torch.float32), rows, base.persons)
 
     def select_frames(self, frames) -> "PortraitCondition":
         """The condition of the given latent frames, in that order (a context window's frames).
@@ -132,6 +139,8 @@ class PreparedPortrait:
         foreground: ``[1, F_lat·S, 1]`` 1 for face tokens, 0 for background (compute dtype), or ``None``.
         scale: float32 0-d tensor.
         rows: leading batch rows of the forward that get the branch.
+        persons: float32 one-hot ``[1, F_lat·S, N]`` of each latent token's person (zero rows for the
+            background), or ``None`` (one person); used by the FlashPortrait normalisation.
     """
 
     windows: torch.Tensor
@@ -139,6 +148,7 @@ class PreparedPortrait:
     foreground: torch.Tensor | None
     scale: torch.Tensor
     rows: int
+    persons: torch.Tensor | None = None
 
 
 class PortraitState:
@@ -168,8 +178,57 @@ def projection_dtype(proj: torch.nn.Module, fallback: torch.dtype) -> torch.dtyp
     return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() and w.element_size() > 1 else fallback
 
 
-def _branch(query: torch.Tensor, cond: PreparedPortrait, k_proj: torch.nn.Module, v_proj: torch.nn.Module) -> torch.Tensor:
-    """Unscaled portrait branch for ``query [rows, F_lat·S, H, D]`` (see :func:`portrait_branch`)."""
+# FlashPortrait's Normalized Facial Expression Block divides by ``std + 1e-5``
+# (``wan/models/wan_transformer3d.py`` ``WanI2VCrossAttention.forward``, Francis-Rings/FlashPortrait c72d9de).
+EXPRESSION_NORM_EPS = 1e-5
+
+
+def normalize_expression(branch: torch.Tensor, base: torch.Tensor, persons: torch.Tensor | None = None) -> torch.Tensor:
+    """FlashPortrait's Normalized Facial Expression Block (arXiv 2512.16900; reference
+    ``WanI2VCrossAttention.forward`` in FlashPortrait ``wan/models/wan_transformer3d.py``): the expression
+    attention output is rescaled, per batch row, to the mean and standard deviation of the text +
+    image attention output::
+
+        branch' = (branch − mean(branch)) · std(base) / (std(branch) + 1e-5) + mean(base)
+
+    with mean/std over all tokens and channels of the row (``dim=(1, 2)``; unbiased std, as
+    ``torch.std``). Statistics are taken in float32 and the result is cast back to ``branch``'s dtype
+    (fp32 inputs give the reference's numbers; bf16 inputs get fp32 accumulation).
+
+    Several characters (ours; FlashPortrait has one): ``mean(branch)``/``std(branch)`` are taken per
+    character over that character's face tokens (``persons``), so one character's expression tokens
+    cannot change another character's region through the statistics; ``mean(base)``/``std(base)``
+    stay whole-row. Background tokens get an arbitrary value here and are zeroed by the caller.
+
+    Args:
+        branch: ``[B, L, C]`` unscaled expression attention output.
+        base: ``[B, L, C]`` text + image cross-attention output of the same rows (before ``o``).
+        persons: float32 one-hot ``[1, L, N]`` person of each token (all-zero row = background), or
+            ``None`` for one character (whole-row statistics, FlashPortrait's formula).
+    Returns:
+        ``[B, L, C]`` in ``branch``'s dtype.
+    """
+    b32, x32 = branch.float(), base.float()
+    mean_x, std_x = x32.mean(dim=(1, 2), keepdim=True), x32.std(dim=(1, 2), keepdim=True)
+    if persons is None:
+        mean_b, std_b = b32.mean(dim=(1, 2), keepdim=True), b32.std(dim=(1, 2), keepdim=True)
+    else:  # per-character mean / unbiased std over its tokens and channels, scattered back per token
+        persons = persons.to(b32.device)
+        count = (persons.sum(dim=1) * b32.shape[2]).clamp_min(2.0)  # [1, N] elements per character
+        mean_p = torch.einsum("bl,bln->bn", b32.sum(dim=2), persons.expand(b32.shape[0], -1, -1)) / count
+        mean_b = torch.einsum("bn,ln->bl", mean_p, persons[0])[..., None]
+        sq = ((b32 - mean_b) ** 2).sum(dim=2)
+        std_p = (torch.einsum("bl,bln->bn", sq, persons.expand(b32.shape[0], -1, -1)) / (count - 1)).sqrt()
+        background = 1.0 - persons[0].sum(dim=1)  # [L]: keeps background values small (zeroed later)
+        std_b = (torch.einsum("bn,ln->bl", std_p, persons[0]) + background)[..., None]
+    return ((b32 - mean_b) * (std_x / (std_b + EXPRESSION_NORM_EPS)) + mean_x).to(branch.dtype)
+
+
+def _branch(query: torch.Tensor, cond: PreparedPortrait, k_proj: torch.nn.Module, v_proj: torch.nn.Module,
+            base: torch.Tensor | None = None) -> torch.Tensor:
+    """Unscaled portrait branch for ``query [rows, F_lat·S, H, D]`` (see :func:`portrait_branch`);
+    with ``base`` (``[rows, F_lat·S, H·D]`` text + image output) normalised by
+    :func:`normalize_expression` before the background is zeroed."""
     b, seq, heads, head_dim = query.shape
     windows = cond.windows
     f_lat, lk = windows.shape[1], windows.shape[2]
@@ -187,6 +246,10 @@ def _branch(query: torch.Tensor, cond: PreparedPortrait, k_proj: torch.nn.Module
     q = query.reshape(b * f_lat, s, heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=cond.mask)
     out = out.transpose(1, 2).reshape(b, seq, heads * head_dim)
+    if base is not None:
+        # One character: statistics over every latent token of the row (FlashPortrait's block);
+        # several: per character over its face tokens, the background is zeroed below.
+        out = normalize_expression(out, base, cond.persons)
     if cond.foreground is not None:
         out = out * cond.foreground
     return out
@@ -265,7 +328,8 @@ def _shard_branch(query: torch.Tensor, cond: PreparedPortrait, k_proj, v_proj, s
 
 
 def apply_portrait(query: torch.Tensor, cond: PortraitCondition | PreparedPortrait | None, k_proj: torch.nn.Module,
-                   v_proj: torch.nn.Module, shard: tuple[int, int] | None = None) -> torch.Tensor | None:
+                   v_proj: torch.nn.Module, shard: tuple[int, int] | None = None,
+                   base: torch.Tensor | None = None) -> torch.Tensor | None:
     """The portrait term one block adds to its cross-attention output before the output projection:
     ``scale · portrait_branch(query, ...)``, or ``None`` when there is no condition.
 
@@ -278,9 +342,13 @@ def apply_portrait(query: torch.Tensor, cond: PortraitCondition | PreparedPortra
             on first use and cached; scale 0 returns ``None``), its :class:`PreparedPortrait` form
             (the leading ``cond.rows`` rows get the branch; no Python-level branching, so it
             compiles to one graph), or ``None``.
-        k_proj, v_proj: that block's adapter projections.
+        k_proj, v_proj: that block's adapter projections (FantasyPortrait's
+            ``ip_adapter_single_stream_{k,v}_proj`` or FlashPortrait's ``emo_{k,v}_proj``).
         shard: ``(start, total)`` when ``query`` holds only tokens ``start .. start + L - 1`` of
             ``total`` (diffusers context parallelism, :func:`sequence_shard`); ``None``: all tokens.
+        base: FlashPortrait family only: ``[B or rows, L, H·D]`` text + image attention output of the
+            block (before ``o``); the branch is then rescaled to its statistics
+            (:func:`normalize_expression`). ``None`` (FantasyPortrait) leaves the branch as is.
     Returns:
         ``[rows, L, H·D]`` in ``query``'s dtype for the leading ``rows`` batch rows (all ``B`` rows
         for a plain :class:`PortraitCondition`), or ``None``.
@@ -293,9 +361,14 @@ def apply_portrait(query: torch.Tensor, cond: PortraitCondition | PreparedPortra
         cond = cond.prepared(query.device, query.dtype, projection_dtype(k_proj, query.dtype), rows=query.shape[0])
     if cond.rows != query.shape[0]:
         query = query[:cond.rows]
+    if base is not None and base.shape[0] != cond.rows:
+        base = base[:cond.rows]
     if shard is not None:
+        if base is not None:
+            raise ValueError("FlashPortrait's normalized expression block needs the statistics of every token; "
+                             "sequence parallelism splits them: use --parallel cfg with FlashPortrait")
         return _shard_branch(query, cond, k_proj, v_proj, *shard) * cond.scale
-    return _branch(query, cond, k_proj, v_proj) * cond.scale
+    return _branch(query, cond, k_proj, v_proj, base) * cond.scale
 
 
 # Attention backends offered to users -> diffusers ``AttentionBackendName`` values. "sdpa" lets
@@ -367,13 +440,15 @@ class PortraitAttnProcessor:
     Args:
         k_proj, v_proj: this block's adapter projections (``PortraitAdapter.kv_projections``).
         state: shared :class:`PortraitState` read at call time.
+        normalize: FlashPortrait family: rescale the portrait term to the text + image output
+            (:func:`normalize_expression`) before adding it.
     """
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, k_proj: torch.nn.Module, v_proj: torch.nn.Module, state: PortraitState):
-        self.k_proj, self.v_proj, self.state = k_proj, v_proj, state
+    def __init__(self, k_proj: torch.nn.Module, v_proj: torch.nn.Module, state: PortraitState, normalize: bool = False):
+        self.k_proj, self.v_proj, self.state, self.normalize = k_proj, v_proj, state, normalize
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         """hidden_states ``[B, L, dim]``; encoder_hidden_states ``[B, 257 + 512, dim]`` (image, text)."""
@@ -396,7 +471,8 @@ class PortraitAttnProcessor:
             out = out + out_img.flatten(2, 3).type_as(query)
 
         shard = None if self._parallel_config is None else sequence_shard(self._parallel_config, query.shape[1])
-        portrait = apply_portrait(query, self.state.condition, self.k_proj, self.v_proj, shard)
+        portrait = apply_portrait(query, self.state.condition, self.k_proj, self.v_proj, shard,
+                                  base=out if self.normalize else None)
         if portrait is not None:
             rows = portrait.shape[0]
             out = out + portrait if rows == out.shape[0] else torch.cat([out[:rows] + portrait, out[rows:]])
@@ -413,6 +489,9 @@ def attach_portrait_processors(transformer, adapter) -> PortraitState:
         adapter: :class:`~fantasyportrait_core.model.adapter.PortraitAdapter` with one K/V pair per block.
     Returns:
         The :class:`PortraitState` the processors share.
+    The adapter's family decides the math: FlashPortrait adapters (``adapter.normalize_expression``)
+    get the Normalized Facial Expression Block, FantasyPortrait's the plain additive branch.
+
     Raises:
         ValueError: if block counts or widths disagree.
     """
@@ -423,7 +502,8 @@ def attach_portrait_processors(transformer, adapter) -> PortraitState:
     if inner != adapter.dim:
         raise ValueError(f"portrait adapter width {adapter.dim} does not match transformer width {inner}")
     state = PortraitState()
+    normalize = getattr(adapter, "normalize_expression", False)
     for i, block in enumerate(blocks):
         k_proj, v_proj = adapter.kv_projections(i)
-        block.attn2.set_processor(PortraitAttnProcessor(k_proj, v_proj, state))
+        block.attn2.set_processor(PortraitAttnProcessor(k_proj, v_proj, state, normalize=normalize))
     return state

@@ -152,9 +152,11 @@ class MemoryOptions:
         fp8: store transformer weights in fp8 (bf16 compute); fast: fp8 matmul (implies fp8).
         compile: ``torch.compile`` the repeated blocks; attention: backend name.
         offload: ``auto`` (memory plan), ``none`` or ``block``.
-        long_video: ``auto``, ``one_pass`` or ``windows``.
+        long_video: ``auto``, ``one_pass``, ``windows`` or a window preset (``flashportrait``: replaced
+            on construction by windows of 201/120 frames with the ``flashportrait`` anchor,
+            :func:`~fantasyportrait_core.sampling.windows.window_preset`).
         context_frames, context_overlap: window length and overlap in pixel frames.
-        window_anchor: ``reference`` or ``none``.
+        window_anchor: ``reference``, ``none`` or ``flashportrait``.
     """
 
     device: str = "cpu"
@@ -168,6 +170,12 @@ class MemoryOptions:
     context_frames: int = 81
     context_overlap: int = 16
     window_anchor: str = "reference"
+
+    def __post_init__(self):
+        from fantasyportrait_core.sampling.windows import window_preset
+
+        self.long_video, self.context_frames, self.context_overlap, self.window_anchor = window_preset(
+            self.long_video, self.context_frames, self.context_overlap, self.window_anchor)
 
 
 @dataclass

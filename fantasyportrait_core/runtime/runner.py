@@ -92,14 +92,14 @@ def real_models(job: Job) -> Models:
     """The real Wan2.1-I2V transformer, VAE, text/image encoders, adapter and PD-FGC encoder of ``job``."""
     from diffusers import AutoencoderKLWan
 
-    from fantasyportrait_core.weights.load import load_adapter, load_expression_encoder, load_transformer
+    from fantasyportrait_core.weights.load import load_adapter_for, load_expression_encoder, load_transformer
     from fantasyportrait_core.model.encoders import WanConditioners
 
     m = job.memory
     dtype = DTYPES[m.dtype]
     transformer = load_transformer(job.transformer or os.path.join(job.wan_dir, "transformer"), dtype=dtype,
                                    device="cpu", storage_dtype=torch.float8_e4m3fn if m.fp8 or m.fast else None)
-    adapter = load_adapter(job.adapter, dtype=dtype)
+    adapter = load_adapter_for(transformer, job.adapter, dtype=dtype, transformer_name=job.transformer or job.wan_dir)
     encoder = load_expression_encoder(job.pd_fpg or job.adapter)
     vae = AutoencoderKLWan.from_pretrained(os.path.join(job.wan_dir, "vae"), torch_dtype=torch.float32).eval()
     return Models(transformer, adapter, vae, encoder, WanConditioners(job.wan_dir, dtype, m.device))

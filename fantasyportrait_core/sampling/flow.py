@@ -165,6 +165,13 @@ class Preset:
 PRESETS = {
     "lightx2v": Preset("lightx2v", "lcm", tuple(timestep_sigmas([1000, 750, 500, 250], 5.0).tolist()), 1.0,
                        "lightx2v step distill: 4 steps, timesteps 1000/750/500/250 at shift 5, lcm sampler, cfg 1"),
+    # FlashPortrait's fast mode (Francis-Rings/FlashPortrait c72d9de, fast_infer.py + wan/utils/
+    # step_distill_scheduler.py): the same timesteps at shift 5, but its StepDistillScheduler steps
+    # x0 + σ_next·v, i.e. Euler (no fresh noise); text cfg 1, emotion cfg unchanged (4). Pair it with its
+    # step-distill LoRA fast_lora_rank64.safetensors through the LoRA option.
+    "flashportrait_fast": Preset("flashportrait_fast", "euler", tuple(timestep_sigmas([1000, 750, 500, 250], 5.0).tolist()),
+                                 1.0, "FlashPortrait fast mode (with its fast_lora_rank64 LoRA): 4 steps, timesteps "
+                                      "1000/750/500/250 at shift 5, Euler, cfg 1"),
 }
 
 

@@ -30,6 +30,12 @@ def combine_guidance(
     with the portrait branch in both passes, ``neg_portrait + cfg·(pos_portrait − neg_portrait)``
     (then ``v_negative`` is that pass and ``v_positive`` is unused).
 
+    FlashPortrait's guidance (``pipeline_wan_long.py`` ~L773-801, Francis-Rings/FlashPortrait c72d9de) is
+    this same combination: its passes without expression run with ``ip_scale = 0`` (our passes without
+    the portrait branch), ``uncond + text_cfg·(no_emo − uncond) + emo_cfg·(pos − no_emo)`` when
+    ``emo_cfg > 1`` and text cfg ≠ 1, and text cfg alone with the expression in both passes otherwise;
+    checked against a literal port of that loop (tests/test_flashportrait.py).
+
     Raises:
         ValueError: if a pass the scales require is missing.
     """

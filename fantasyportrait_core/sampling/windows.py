@@ -43,8 +43,25 @@ from fantasyportrait_core.model.geometry import floor_to_4k1
 from fantasyportrait_core.model.attention import PortraitCondition
 from fantasyportrait_core.model.denoiser import I2VConditioning, PortraitDenoiser
 
-ANCHORS = ("reference", "none")
-CONTEXT_MODES = ("auto", "one_pass", "windows")
+ANCHORS = ("reference", "none", "flashportrait")
+CONTEXT_MODES = ("auto", "one_pass", "windows", "flashportrait")
+
+# FlashPortrait's long-video windows (Francis-Rings/FlashPortrait c72d9de, infer.py: context_size 51,
+# context_overlap 30 latent frames; pipeline_wan_long.py: windows every 21 latent frames, the overlap
+# blended linearly window after window, every window conditioned like the first one). In pixel
+# frames for our options: 51 latent = 201 frames, 30 latent = 120 frames.
+WINDOW_PRESETS = {"flashportrait": dict(context_frames=201, context_overlap=120, window_anchor="flashportrait")}
+
+
+def window_preset(long_video: str, context_frames: int, context_overlap: int, window_anchor: str):
+    """``(long_video, context_frames, context_overlap, window_anchor)`` with a window preset applied:
+    ``long_video="flashportrait"`` becomes windows of 201 frames (51 latent) overlapping by 120 (30
+    latent) with FlashPortrait's anchor and blend (``window_anchor="flashportrait"``); any other mode
+    is returned unchanged. Videos up to 201 frames run in one pass, as in FlashPortrait."""
+    if long_video in WINDOW_PRESETS:
+        p = WINDOW_PRESETS[long_video]
+        return "windows", p["context_frames"], p["context_overlap"], p["window_anchor"]
+    return long_video, context_frames, context_overlap, window_anchor
 
 
 def plan_context(num_frames: int, mode: str = "auto", context_frames: int = 81, fits=None) -> int | None:
@@ -62,6 +79,8 @@ def plan_context(num_frames: int, mode: str = "auto", context_frames: int = 81, 
     """
     if mode not in CONTEXT_MODES:
         raise ValueError(f"context mode {mode!r}: choose one of {CONTEXT_MODES}")
+    if mode in WINDOW_PRESETS:
+        mode, context_frames, _, _ = window_preset(mode, context_frames, 0, "reference")
     window = floor_to_4k1(int(context_frames))
     if mode != "one_pass" and window < 5:
         raise ValueError(f"context_frames {context_frames}: windows need at least 5 frames")
@@ -107,19 +126,70 @@ def window_weights(windows: list[tuple[int, int]], num_latent: int) -> torch.Ten
     return w / w.sum(0, keepdim=True)
 
 
+def sequential_blend_weights(windows: list[tuple[int, int]], num_latent: int) -> torch.Tensor:
+    """FlashPortrait's blend as weights ``[len(windows), num_latent]`` (columns sum to 1).
+
+    ``pipeline_wan_long.py`` (FlashPortrait c72d9de) writes the windows in order into one prediction;
+    where window i overlaps window i−1 (``n`` frames) it writes
+    ``w_j·pred_i + (1 − w_j)·pred_so_far`` with ``w_j = j / (n − 1)``, ``j = 0..n−1`` along the overlap,
+    elsewhere ``pred_i``. The chain is linear, so it is one weight per window and frame. (FlashPortrait
+    skips the blend at its very first step, overwriting instead; not copied.) Blending x0 is the same as
+    blending its Euler step output, since every window steps from the same latent with the same sigmas.
+    """
+    w = torch.zeros(len(windows), num_latent, dtype=torch.float64)
+    for i, (s, e) in enumerate(windows):
+        n = 0 if i == 0 else max(0, windows[i - 1][1] - s)
+        for t in range(s, e):
+            j = t - s
+            if j < n:
+                a = j / (n - 1) if n > 1 else 1.0
+                w[:, t] *= 1 - a
+                w[i, t] += a
+            else:
+                w[:, t] = 0
+                w[i, t] = 1
+    return w.float()
+
+
+def restart_first_window(portrait: PortraitCondition, tokens_per_frame: int) -> PortraitCondition:
+    """The condition as FlashPortrait builds it for a window that starts later in the video: each
+    window re-splits its own frames' tokens (``split_audio_adapter_sequence`` on the window's pixel
+    frames), so its first latent frame sees only its own pixel frame's tokens followed by zero pads,
+    like latent frame 0 of a clip. Per character block of ``4·T + 1`` tokens: the last ``T`` tokens
+    (that pixel frame's) move to the front, the rest become zeros."""
+    win = portrait.windows.clone()
+    block = 4 * tokens_per_frame + 1
+    first = win[:, 0].unflatten(1, (-1, block))  # [B, N, 97, C]
+    restarted = torch.zeros_like(first)
+    restarted[:, :, :tokens_per_frame] = first[:, :, -tokens_per_frame:]
+    win[:, 0] = restarted.flatten(1, 2)
+    return PortraitCondition(win, portrait.token_person, portrait.latent_person, portrait.scale)
+
+
 def slice_portrait(portrait: PortraitCondition | None, start: int, end: int,
-                   anchored: bool = False) -> PortraitCondition | None:
+                   anchored: bool = False, restart: bool = False) -> PortraitCondition | None:
     """The condition of latent frames ``[start, end)``, preceded by frame 0 when ``anchored``
-    (:meth:`PortraitCondition.select_frames`)."""
+    (:meth:`PortraitCondition.select_frames`); ``restart`` (FlashPortrait anchor, ``start > 0``): its
+    first frame's tokens as :func:`restart_first_window`."""
     if portrait is None:
         return None
-    return portrait.select_frames(([0] if anchored else []) + list(range(start, end)))
+    part = portrait.select_frames(([0] if anchored else []) + list(range(start, end)))
+    if restart and start > 0:
+        from fantasyportrait_core.model.adapter import TOKENS_PER_FRAME
+
+        part = restart_first_window(part, TOKENS_PER_FRAME)
+    return part
 
 
-def slice_conditioning(cond: I2VConditioning, start: int, end: int, anchored: bool = False) -> I2VConditioning:
+def slice_conditioning(cond: I2VConditioning, start: int, end: int, anchored: bool = False,
+                       restart: bool = False) -> I2VConditioning:
     """The I2V condition of latent frames ``[start, end)``; when ``anchored``, that of a fresh clip
     of ``1 + end - start`` latent frames starting at the reference (the first window's condition:
-    first-frame mask + reference latent at frame 0)."""
+    first-frame mask + reference latent at frame 0); when ``restart`` (FlashPortrait: every window
+    gets the same reference latent), the first window's condition for ``end - start`` frames."""
+    if restart:
+        y = cond.image_latent[:, :, :end - start]
+        return I2VConditioning(cond.text_positive, cond.text_negative, cond.image_context, y)
     y = cond.image_latent[:, :, :1 + end - start] if anchored else cond.image_latent[:, :, start:end]
     return I2VConditioning(cond.text_positive, cond.text_negative, cond.image_context, y)
 
@@ -131,7 +201,11 @@ class ContextWindowDenoiser:
         window, overlap: in latent frames (21 and 4 ≈ 81 and 16 pixel frames).
         guidance: optional per-step :class:`~fantasyportrait_core.sampling.guidance.GuidanceSchedule`, shared by the windows.
         anchor: ``"reference"`` (default): windows after the first also see latent frame 0 with the
-            reference condition; ``"none"``: plain slices (later windows get no reference).
+            reference condition; ``"none"``: plain slices (later windows get no reference);
+            ``"flashportrait"``: FlashPortrait's windows: every window conditioned as the first one
+            (reference image latent at its own first frame, :func:`slice_conditioning` ``restart``), its
+            first frame's expression tokens restarted (:func:`restart_first_window`) and the overlaps
+            blended window after window (:func:`sequential_blend_weights`).
         batch_passes: guidance passes per forward (see ``PortraitDenoiser``).
         Other arguments as :class:`~fantasyportrait_core.model.denoiser.PortraitDenoiser`.
     Raises:
@@ -145,10 +219,11 @@ class ContextWindowDenoiser:
             raise ValueError(f"window anchor {anchor!r}: choose one of {ANCHORS}")
         num_latent = cond.image_latent.shape[2]
         self.windows = context_windows(num_latent, window, overlap)
-        self.weights = window_weights(self.windows, num_latent)
+        restart = anchor == "flashportrait"
+        self.weights = (sequential_blend_weights if restart else window_weights)(self.windows, num_latent)
         self.anchored = [anchor == "reference" and s > 0 for s, _ in self.windows]
-        self.parts = [PortraitDenoiser(transformer, state, slice_conditioning(cond, s, e, a),
-                                       slice_portrait(portrait, s, e, a), cfg=cfg, portrait_cfg=portrait_cfg,
+        self.parts = [PortraitDenoiser(transformer, state, slice_conditioning(cond, s, e, a, restart),
+                                       slice_portrait(portrait, s, e, a, restart), cfg=cfg, portrait_cfg=portrait_cfg,
                                        guidance=guidance, batch_passes=batch_passes)
                       for (s, e), a in zip(self.windows, self.anchored)]
         self.device = self.parts[0].device

@@ -127,3 +127,58 @@ def adapter_key_map(keys: list[str]) -> tuple[str, dict[str, str]]:
         raise CheckpointError(f"not a FantasyPortrait adapter checkpoint (unknown format); first keys: {keys[:5]}")
     return fmt, key_map
 
+
+
+# --------------------------------------------------------------------------------------------
+# FlashPortrait (Francis-Rings/FlashPortrait @ c72d9de; manifests: tests/data/flashportrait_*_keys.json)
+#
+# Released files: ``transformer.pt`` = the whole fine-tuned Wan2.1-I2V DiT, original Wan keys, no
+# prefix, plus ``blocks.N.cross_attn.emo_{k,v}_proj.weight`` ``[dim, 2048]`` (no bias);
+# ``portrait_encoder.pt`` = ``proj_model.*``, ``mouth_proj_model.*``, ``emo_proj_model.*`` (FantasyPortrait's
+# names); ``pd_fpg.pth`` as FantasyPortrait's. Single-file safetensors repack (ours, like the
+# FantasyPortrait repack): the DiT keys (optionally under ``model.diffusion_model.``) with the
+# ``emo_{k,v}_proj`` weights, plus the encoder groups and optionally ``pd_fpg.*``, in one file.
+
+FLASH_KV_KEY = re.compile(r"^(?:model\.diffusion_model\.)?blocks\.(\d+)\.cross_attn\.emo_([kv])_proj\.weight$")
+ENCODER_GROUPS = ("proj_model.", "mouth_proj_model.", "emo_proj_model.")
+_WAN_TOP = ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "blocks.", "head.", "img_emb.",
+            "condition_embedder.", "proj_out.", "scale_shift_table", "rope.", "scaled_fp8")
+
+
+def portrait_family(keys: Iterable[str]) -> str | None:
+    """Which portrait model a checkpoint's keys belong to: ``"flashportrait"`` when any block has
+    FlashPortrait's ``cross_attn.emo_k_proj.weight``, ``"fantasyportrait"`` for FantasyPortrait's
+    ``ip_adapter.*`` K/V, ``"flashportrait encoder"`` for encoder groups without any K/V (FlashPortrait's
+    ``portrait_encoder.pt``), else ``None`` (a plain Wan transformer or something else)."""
+    keys = list(keys)
+    if any(FLASH_KV_KEY.match(k) for k in keys):
+        return "flashportrait"
+    if any(k.startswith("ip_adapter.") for k in keys):
+        return "fantasyportrait"
+    if any(k.startswith(ENCODER_GROUPS) for k in keys):
+        return "flashportrait encoder"
+    return None
+
+
+def is_transformer_key(key: str, prefix: str = "") -> bool:
+    """True for a Wan DiT key (after ``prefix``) other than FlashPortrait's ``emo_{k,v}_proj``: the
+    keys a single-file FlashPortrait repack carries for the transformer loader."""
+    return key.startswith(prefix) and key[len(prefix):].startswith(_WAN_TOP) and not FLASH_KV_KEY.match(key)
+
+
+def is_portrait_key(key: str) -> bool:
+    """True for the portrait side of a FlashPortrait file (``emo_{k,v}_proj``, encoder groups,
+    ``pd_fpg.*``): keys the transformer loader leaves to the adapter / expression-encoder loaders."""
+    return bool(FLASH_KV_KEY.match(key)) or key.startswith(ENCODER_GROUPS + ("pd_fpg.",))
+
+
+def flash_kv_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """FlashPortrait's per-block K/V -> the adapter's K/V slots: ``{adapter key: file key}`` with
+    ``blocks.N.cross_attn.emo_k_proj.weight -> ip_adapter.blocks.N.cross_attn.ip_adapter_single_stream_k_proj.weight``
+    (same for v). Empty when the keys hold none."""
+    out = {}
+    for k in keys:
+        m = FLASH_KV_KEY.match(k)
+        if m:
+            out[f"ip_adapter.blocks.{m.group(1)}.cross_attn.ip_adapter_single_stream_{m.group(2)}_proj.weight"] = k
+    return out

@@ -35,7 +35,9 @@ import torch
 from fantasyportrait_core.weights.config import check_i2v, infer_transformer_config
 from fantasyportrait_core.weights.files import (FLOAT_DTYPES, GGUF_EXT, CheckpointError, TensorSource,
                                                 gguf_tensor_shapes)
-from fantasyportrait_core.weights.keys import adapter_key_map, detect_transformer_format, wan_original_to_diffusers
+from fantasyportrait_core.weights.keys import (ENCODER_GROUPS, adapter_key_map, detect_transformer_format, flash_kv_key_map,
+                                               is_portrait_key, is_transformer_key, portrait_family,
+                                               wan_original_to_diffusers)
 
 log = logging.getLogger("FantasyPortrait")
 
@@ -118,10 +120,11 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
                              f"'same' (CLI: drop --fp8); fp8 storage is for bf16/fp16/fp32 checkpoints")
         return load_transformer_gguf(os.fspath(paths), dtype=dtype, device=device, num_heads=num_heads)
     source = TensorSource(paths)
+    family = _transformer_family(source)
     fmt, prefix, scaled = detect_transformer_format(source.keys())
     key_map = {}
     for k in source.keys():
-        if not k.startswith(prefix):
+        if not k.startswith(prefix) or is_portrait_key(k):  # FlashPortrait's K/V and encoder: load_adapter
             continue
         body = k[len(prefix):]
         if body == "scaled_fp8" or body.endswith(".scale_weight") or body.endswith(".scale_input"):
@@ -168,9 +171,48 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
         sd[target] = t.to(device=device, dtype=torch.float32 if keep32 else dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     assert not unexpected and not missing, (missing[:4], unexpected[:4])
-    log.info("[FantasyPortrait] loaded transformer %s [%s] (%d layers, dim %d%s)", where, fmt, config["num_layers"],
+    # FlashPortrait: the file's emo_{k,v}_proj belong to the adapter; remember where they are.
+    model.portrait_family = family
+    model.portrait_kv_paths = list(source.paths) if family == "flashportrait" else None
+    log.info("[FantasyPortrait] loaded transformer %s [%s%s] (%d layers, dim %d%s)", where, fmt,
+             ", FlashPortrait" if family == "flashportrait" else "", config["num_layers"],
              config["num_attention_heads"] * config["attention_head_dim"], ", fp8 scaled" if fp8_weights else "")
     return model.eval().requires_grad_(False)
+
+
+def _transformer_family(source: TensorSource) -> str:
+    """``"flashportrait"`` (the file has ``emo_k_proj``) or ``"wan"``; a portrait-only file given as
+    the transformer raises a one-line :class:`CheckpointError` saying where it goes instead."""
+    keys = source.keys()
+    family = portrait_family(keys)
+    has_dit = any(is_transformer_key(k, p) for k in keys for p in ("", "model.diffusion_model."))
+    name = os.path.basename(source.paths[0])
+    if not has_dit and family == "fantasyportrait":
+        raise CheckpointError(f"{name} is a FantasyPortrait adapter (ip_adapter K/V), not a transformer: choose it as the "
+                              f"adapter and a Wan2.1-I2V-14B checkpoint as the transformer")
+    if not has_dit and family in ("flashportrait", "flashportrait encoder"):
+        raise CheckpointError(f"{name} is FlashPortrait's portrait encoder, not a transformer: choose it as the adapter "
+                              f"and FlashPortrait's transformer.pt as the transformer")
+    return "flashportrait" if family == "flashportrait" else "wan"
+
+
+def check_family(transformer, adapter, transformer_name: str = "transformer", adapter_name: str = "adapter") -> None:
+    """Refuse a FantasyPortrait adapter on FlashPortrait's DiT and a FlashPortrait adapter on a plain
+    Wan DiT (either would run with the wrong attention weights and give a silently wrong video).
+
+    Raises:
+        CheckpointError: one line naming both files and the fix.
+    """
+    t_family = getattr(transformer, "portrait_family", "wan")
+    a_family = getattr(adapter, "family", "fantasyportrait")
+    if t_family == "flashportrait" and a_family != "flashportrait":
+        raise CheckpointError(f"{transformer_name} is FlashPortrait's transformer but {adapter_name} is a FantasyPortrait "
+                              f"adapter: choose FlashPortrait's portrait_encoder.pt as the adapter, or the plain "
+                              f"Wan2.1-I2V transformer with this adapter")
+    if t_family != "flashportrait" and a_family == "flashportrait":
+        raise CheckpointError(f"{adapter_name} is a FlashPortrait portrait encoder but {transformer_name} is not "
+                              f"FlashPortrait's transformer: choose FlashPortrait's transformer.pt (a whole fine-tuned "
+                              f"DiT) as the transformer, or a FantasyPortrait adapter")
 
 
 def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", num_heads: int | None = None):
@@ -228,8 +270,12 @@ def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device
 # Portrait adapter
 
 
-def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", **overrides):
-    """Load the FantasyPortrait adapter (official ``.ckpt`` or repacked ``.safetensors``).
+def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", kv_from=None, **overrides):
+    """Load the FantasyPortrait adapter (official ``.ckpt`` or repacked ``.safetensors``) or FlashPortrait's
+    portrait encoder + per-block K/V (family detected from the keys, see :func:`load_flash_adapter`).
+
+    ``kv_from``: FlashPortrait only: the transformer file(s) holding ``emo_{k,v}_proj`` (what
+    :func:`load_transformer` records as ``model.portrait_kv_paths``) when ``path`` has none.
 
     ``dtype`` applies to the per-block K/V projections; the expression-token path is kept in fp32.
 
@@ -246,6 +292,13 @@ def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", *
     from fantasyportrait_core.model.build import parameters_on_meta
 
     source = TensorSource(path)
+    family = portrait_family(source.keys())
+    if family in ("flashportrait", "flashportrait encoder"):
+        return load_flash_adapter(source, dtype=dtype, device=device, kv_from=kv_from, **overrides)
+    if family == "fantasyportrait" and kv_from:
+        raise CheckpointError(f"{os.path.basename(path)} is a FantasyPortrait adapter but the transformer is "
+                              f"FlashPortrait's: choose FlashPortrait's portrait_encoder.pt as the adapter, or the plain "
+                              f"Wan2.1-I2V transformer with this adapter")
     fmt, key_map = adapter_key_map(source.keys())
     shapes = {t: source.shape(s) for t, s in key_map.items()}
     try:
@@ -270,6 +323,116 @@ def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", *
     # where it runs outside autocast; the per-block K/V projections take the transformer's dtype.
     _assign(adapter, source, key_map, device, lambda k, t: dtype if k.startswith("ip_adapter.") else torch.float32)
     return adapter.eval().requires_grad_(False)
+
+
+def load_adapter_for(transformer, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                     transformer_name: str = "transformer", adapter_name: str | None = None):
+    """The portrait adapter that goes with a loaded transformer, for either family: FantasyPortrait's
+    adapter on a plain Wan2.1 DiT, or FlashPortrait's portrait encoder on FlashPortrait's DiT (K/V read
+    from the transformer's file, ``transformer.portrait_kv_paths``, or from ``path`` when it is the
+    single-file repack). The one loader the Model Loader node and the CLI call.
+
+    Raises:
+        CheckpointError: as :func:`load_adapter`, or a one-line family mismatch (:func:`check_family`).
+    """
+    adapter_name = adapter_name or os.path.basename(os.fspath(path))
+    kv_from = getattr(transformer, "portrait_kv_paths", None)
+    adapter = load_adapter(path, dtype=dtype, device=device, kv_from=kv_from)
+    check_family(transformer, adapter, transformer_name, adapter_name)
+    return adapter
+
+
+def load_flash_adapter(source: TensorSource | str, dtype: torch.dtype = torch.bfloat16, device="cpu", kv_from=None,
+                       **overrides):
+    """FlashPortrait's portrait side as a :class:`~fantasyportrait_core.model.adapter.PortraitAdapter`
+    with ``family="flashportrait"``.
+
+    The token path comes from the file's ``proj_model.*`` / ``mouth_proj_model.*`` /
+    ``emo_proj_model.*`` (``portrait_encoder.pt``: FantasyPortrait's names, FlashPortrait's weights); the
+    per-block ``blocks.N.cross_attn.emo_{k,v}_proj.weight`` ``[dim, proj_dim]`` of FlashPortrait's DiT go
+    into the adapter's K/V slots (``ip_adapter.blocks.N.cross_attn.ip_adapter_single_stream_{k,v}_proj``),
+    read from the same file (single-file repack) or from ``kv_from`` (``transformer.pt``). Every key is
+    accounted for: encoder groups and K/V strictly (missing/unexpected named), ``pd_fpg.*`` belongs
+    to the expression encoder, Wan DiT keys to the transformer loader; anything else is unexpected.
+
+    Raises:
+        CheckpointError: no K/V anywhere (one line saying which file holds them), a FlashPortrait
+            transformer without its encoder, or keys/shapes that do not fit.
+    """
+    from fantasyportrait_core.model.adapter import PortraitAdapter
+    from fantasyportrait_core.model.build import parameters_on_meta
+
+    source = source if isinstance(source, TensorSource) else TensorSource(source)
+    path = source.paths[0]
+    name = os.path.basename(path)
+    keys = source.keys()
+    prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in keys) else ""
+    if not any(k.startswith(ENCODER_GROUPS) for k in keys):
+        raise CheckpointError(f"{name} is FlashPortrait's transformer (emo_k_proj), not its portrait encoder: choose it "
+                              f"as the transformer (native path: Load Diffusion Model) and portrait_encoder.pt as the adapter")
+    key_map = {k: k for k in keys if not is_transformer_key(k, prefix) and not k.startswith("pd_fpg.")
+               and not flash_kv_key_map([k])}
+    kv_map, kv_source = flash_kv_key_map(keys), source
+    fmt = "FlashPortrait single file" if kv_map else "FlashPortrait portrait_encoder"
+    if not kv_map and kv_from:
+        kv_source = TensorSource(kv_from)
+        kv_map = flash_kv_key_map(kv_source.keys())
+    if not kv_map:
+        raise CheckpointError(f"{name} is FlashPortrait's portrait encoder; its per-block K/V (emo_k_proj/emo_v_proj) are "
+                              f"in FlashPortrait's transformer.pt: load that as the transformer (native path: name it "
+                              f"in flashportrait_transformer)")
+    shapes = {t: source.shape(s) for t, s in key_map.items()}
+    kv_shapes = {t: kv_source.shape(s) for t, s in kv_map.items()}
+    try:
+        k0 = kv_shapes["ip_adapter.blocks.0.cross_attn.ip_adapter_single_stream_k_proj.weight"]
+        cfg = dict(
+            dim=k0[0], proj_dim=k0[1], num_layers=1 + max(int(t.split(".")[2]) for t in kv_shapes),
+            resampler_dim=shapes["mouth_proj_model.latents"][2],
+            resampler_depth=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("mouth_proj_model.layers.")),
+            resampler_dim_head=64, family="flashportrait",
+        )
+        cfg["resampler_heads"] = shapes["mouth_proj_model.layers.0.0.to_q.weight"][0] // cfg["resampler_dim_head"]
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{name} [{fmt}]: incomplete FlashPortrait portrait encoder or K/V (missing {e})") from e
+    cfg.update(overrides)
+    with parameters_on_meta():
+        adapter = PortraitAdapter(**cfg)
+    _check_keys(name, fmt, {k: tuple(v.shape) for k, v in adapter.state_dict().items()}, {**shapes, **kv_shapes})
+    _check_dtypes(name, fmt, source, key_map)
+    _check_dtypes(name, fmt, kv_source, kv_map)
+    sd = {t: source.get(s).to(device=device, dtype=torch.float32) for t, s in key_map.items()}
+    sd.update({t: kv_source.get(s).to(device=device, dtype=dtype) for t, s in kv_map.items()})
+    missing, unexpected = adapter.load_state_dict(sd, strict=False, assign=True)
+    assert not unexpected and not missing, (missing[:4], unexpected[:4])
+    # A small fingerprint of FlashPortrait's fine-tuned DiT (block 0's cross-attention output bias) so
+    # the native patch can tell its MODEL from a plain Wan2.1 one (check_flash_dit).
+    probe = next((k for k in kv_source.keys() if k.endswith("blocks.0.cross_attn.o.bias")), None)
+    adapter.dit_fingerprint = None if probe is None else kv_source.get(probe).float().clone()
+    log.info("[FantasyPortrait] loaded FlashPortrait portrait encoder %s [%s] (%d blocks of K/V)", name, fmt,
+             cfg["num_layers"])
+    return adapter.eval().requires_grad_(False)
+
+
+def check_flash_dit(dit_bias: torch.Tensor | None, adapter, model_name: str = "model") -> None:
+    """For a FlashPortrait adapter: refuse a DiT whose block-0 cross-attention output bias is not the
+    fingerprint recorded from FlashPortrait's transformer file (:func:`load_flash_adapter`), i.e. a plain
+    Wan2.1 DiT (FlashPortrait fine-tuned every attention parameter). A difference within bf16/fp16
+    storage rounding (relative 2^-7) counts as the same weights. No fingerprint or no bias: no check.
+
+    Raises:
+        CheckpointError: one line naming the fix.
+    """
+    fp = getattr(adapter, "dit_fingerprint", None)
+    if getattr(adapter, "family", None) != "flashportrait" or fp is None or dit_bias is None:
+        return
+    b = dit_bias.detach().float().cpu().reshape(-1)
+    if b.shape != fp.shape:
+        return
+    off = ((b - fp).abs() > fp.abs() * 2 ** -7 + 1e-6).float().mean().item()
+    if off > 0.01:
+        raise CheckpointError(f"{model_name} is not FlashPortrait's transformer ({off:.0%} of a fingerprint differs): load "
+                              f"FlashPortrait's transformer.pt in Load Diffusion Model for this FlashPortrait adapter, "
+                              f"or use a FantasyPortrait adapter with plain Wan2.1-I2V")
 
 
 # --------------------------------------------------------------------------------------------

@@ -157,3 +157,50 @@ def write_wan_lora(model, path, layout="diffusion_model", rank=4, alpha=2.0, see
 
 __all__ = ["LORA_LAYERS", "TINY_NATIVE_TRANSFORMER", "contiguous_state_dict", "tiny_native_models", "write_adapter_repacked", "write_pd_fpg",
            "write_wan_lora", "write_wan_original"]
+
+
+def flashportrait_state_dicts(transformer, adapter) -> tuple[dict, dict]:
+    """(``transformer.pt`` dict, ``portrait_encoder.pt`` dict) of a FlashPortrait release built from our
+    modules: the DiT under original Wan names plus ``blocks.N.cross_attn.emo_{k,v}_proj.weight`` (the
+    adapter's per-block K/V), and the adapter's token path (``proj_model.*``, ``mouth_proj_model.*``,
+    ``emo_proj_model.*``). Key names: ``tests/data/flashportrait_*_keys.json`` (FlashPortrait c72d9de)."""
+    dit = dict(transformer_state_dict_original(transformer))
+    for i in range(adapter.num_layers):
+        k, v = adapter.kv_projections(i)
+        dit[f"blocks.{i}.cross_attn.emo_k_proj.weight"] = k.weight
+        dit[f"blocks.{i}.cross_attn.emo_v_proj.weight"] = v.weight
+    enc = {k: v for k, v in adapter.state_dict().items() if not k.startswith("ip_adapter.")}
+    return dit, enc
+
+
+def write_flashportrait(transformer, adapter, folder, layout="released", encoder=None, dtype=torch.bfloat16,
+                        prefix=""):
+    """Write a tiny FlashPortrait checkpoint set.
+
+    Args:
+        layout: ``"released"``: ``transformer.pt`` + ``portrait_encoder.pt`` (+ ``pd_fpg.pth`` from
+            ``encoder``) as ``torch.save`` dicts, unprefixed (``bin_convert_pt.py``); ``"single_file"``:
+            one ``flashportrait.safetensors`` with the DiT keys (under ``prefix``), the encoder groups and
+            ``pd_fpg.*``.
+    Returns:
+        ``{"transformer": path, "adapter": path, "pd_fpg": path or None}``.
+    """
+    import os
+
+    dit, enc = flashportrait_state_dicts(transformer, adapter)
+    os.makedirs(folder, exist_ok=True)
+    if layout == "released":
+        t_path, a_path = os.path.join(folder, "transformer.pt"), os.path.join(folder, "portrait_encoder.pt")
+        torch.save(contiguous_state_dict({k: v.to(dtype) for k, v in dit.items()}), t_path)
+        torch.save(contiguous_state_dict(enc), a_path)
+        p_path = write_pd_fpg(encoder, os.path.join(folder, "pd_fpg.pth")) if encoder is not None else None
+        return {"transformer": t_path, "adapter": a_path, "pd_fpg": p_path}
+    if layout != "single_file":
+        raise ValueError(f"layout must be 'released' or 'single_file', got {layout!r}")
+    sd = {prefix + k: v.to(dtype) for k, v in dit.items()}
+    sd.update({k: v.to(dtype) for k, v in enc.items()})
+    if encoder is not None:
+        sd.update({"pd_fpg." + k: v for k, v in encoder.state_dict().items()})
+    path = os.path.join(folder, "flashportrait.safetensors")
+    save_file(contiguous_state_dict(sd), path)
+    return {"transformer": path, "adapter": path, "pd_fpg": path if encoder is not None else None}
