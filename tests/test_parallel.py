@@ -122,6 +122,10 @@ def test_auto_mode_and_refusals(capsys, monkeypatch):
     assert choose_mode("auto", 2, 2, 40) == "cfg" and choose_mode("auto", 3, 3, 40) == "cfg"
     assert choose_mode("auto", 2, 3, 40) == "sequence" and choose_mode("auto", 4, 2, 40) == "sequence"
     assert choose_mode("auto", 3, 2, 40) == "cfg"  # 40 heads cannot be split 3 ways
+    # FlashPortrait's normalized block needs every token's statistics: never split the sequence
+    assert choose_mode("auto", 4, 2, 40, whole_sequence=True) == "cfg"
+    with pytest.raises(InputError, match="FlashPortrait's normalized expression block"):
+        choose_mode("sequence", 2, 2, 40, whole_sequence=True)
     with pytest.raises(InputError, match="--nproc-per-node 2 or 4 or 5 or 8 or 10"):
         choose_mode("sequence", 3, 3, 40)
     run = ParallelRun("sequence", 0, 4)

@@ -110,15 +110,24 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def choose_mode(requested: str, world: int, passes: int, heads: int) -> str:
+def choose_mode(requested: str, world: int, passes: int, heads: int, whole_sequence: bool = False) -> str:
     """The parallel mode for ``world`` ranks: ``requested`` unless ``auto``, which takes ``cfg`` when
     ``world`` divides the guidance ``passes`` (each rank a whole share of the passes), else
     ``sequence`` when ``world`` divides the attention ``heads`` (Ulysses), else ``cfg``.
 
+    ``whole_sequence``: the model needs statistics over every token of a block (FlashPortrait's
+    normalized expression block), so the tokens cannot be split: ``auto`` takes ``cfg``.
+
     Raises:
         InputError: ``sequence`` with a rank count that does not divide the heads, naming the counts
-            that do (the 14B model: 40 heads -> 2, 4, 5, 8, 10...).
+            that do (the 14B model: 40 heads -> 2, 4, 5, 8, 10...), or ``sequence`` with
+            ``whole_sequence``.
     """
+    if whole_sequence:
+        if requested == "sequence":
+            raise InputError("--parallel sequence splits the tokens, but FlashPortrait's normalized expression block "
+                             "needs the statistics of all of them: use --parallel cfg (or auto)")
+        return "cfg"
     if requested == "auto":
         if passes >= world and passes % world == 0:
             return "cfg"
@@ -230,7 +239,8 @@ def setup_parallel(models, requested: str, dist: Distributed, job) -> ParallelRu
     s = job.sampling.resolve()
     passes = len(guidance_passes(s.cfg, s.portrait_cfg))
     heads = models.transformer.config.num_attention_heads
-    mode = choose_mode(requested, dist.world, passes, heads)
+    mode = choose_mode(requested, dist.world, passes, heads,
+                       whole_sequence=getattr(models.adapter, "normalize_expression", False))
     run = ParallelRun(mode, dist.rank, dist.world)
     if mode == "cfg" and passes < dist.world:
         log.warning("[FantasyPortrait] --parallel cfg: %d guidance pass(es) on %d ranks; %d rank(s) wait each step "
