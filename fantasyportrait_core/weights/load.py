@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from fantasyportrait_core.weights.config import check_i2v, infer_transformer_config
+from fantasyportrait_core.weights.config import WAN22_I2V_EXPERT, check_i2v, check_wan22_expert, infer_transformer_config
 from fantasyportrait_core.weights.files import (FLOAT_DTYPES, GGUF_EXT, CheckpointError, TensorSource,
                                                 gguf_tensor_shapes)
 from fantasyportrait_core.weights.keys import adapter_key_map, detect_transformer_format, wan_original_to_diffusers
@@ -87,8 +87,12 @@ def _assign(module: torch.nn.Module, source: TensorSource, key_map: dict[str, st
 _FP32_MODULES = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
 
+def _check_family(where, fmt: str, config: dict, family: str):
+    (check_wan22_expert if family == WAN22_I2V_EXPERT else check_i2v)(where, fmt, config)
+
+
 def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", storage_dtype: torch.dtype | None = None,
-                     num_heads: int | None = None):
+                     num_heads: int | None = None, family: str = "Wan2.1-I2V"):
     """Load a Wan2.1-I2V transformer from any supported format into diffusers ``WanTransformer3DModel``.
 
     Args:
@@ -101,10 +105,13 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
             others are quantised per tensor) and upcasts them to ``dtype`` per matmul; ``None``
             stores everything in ``dtype`` (fp8-scaled files are dequantised).
         num_heads: attention heads when not ``dim // 128``.
+        family: what the file must hold: ``"Wan2.1-I2V"`` (default) or
+            :data:`~fantasyportrait_core.weights.config.WAN22_I2V_EXPERT` (one Wan2.2-I2V-A14B expert, no
+            CLIP image branch; both experts: :func:`load_wan22_experts`).
     Returns:
         The model in eval mode on ``device``.
     Raises:
-        CheckpointError: unreadable file, unknown format, or keys/shapes that do not match.
+        CheckpointError: unreadable file, unknown format, another model family, or keys/shapes that do not match.
         ValueError: an unsupported ``storage_dtype``.
     """
     from fantasyportrait_core.model.fp8 import FP8, fp8_linear_names, quantize_fp8, swap_in_fp8_linears
@@ -116,7 +123,7 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
         if storage_dtype is not None:
             raise ValueError(f"{os.path.basename(os.fspath(paths))} is a GGUF file, already quantised: set storage to "
                              f"'same' (CLI: drop --fp8); fp8 storage is for bf16/fp16/fp32 checkpoints")
-        return load_transformer_gguf(os.fspath(paths), dtype=dtype, device=device, num_heads=num_heads)
+        return load_transformer_gguf(os.fspath(paths), dtype=dtype, device=device, num_heads=num_heads, family=family)
     source = TensorSource(paths)
     fmt, prefix, scaled = detect_transformer_format(source.keys())
     key_map = {}
@@ -134,7 +141,7 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{where} [{fmt}]: incomplete or damaged Wan transformer, cannot infer its config "
                               f"({type(e).__name__}: {e}); download it again") from e
-    check_i2v(where, fmt, config)
+    _check_family(where, fmt, config, family)
     model = build_transformer(config, empty=True)
     _check_keys(where, fmt + (" fp8-scaled" if scaled else ""), {k: tuple(v.shape) for k, v in model.state_dict().items()},
                 shapes)
@@ -173,7 +180,8 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     return model.eval().requires_grad_(False)
 
 
-def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", num_heads: int | None = None):
+def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", num_heads: int | None = None,
+                          family: str = "Wan2.1-I2V"):
     """Load a GGUF Wan2.1-I2V transformer (city96 layout) through diffusers' GGUF support.
 
     The key names and shapes are checked strictly against the model first (same messages as the
@@ -206,7 +214,7 @@ def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{path} [gguf {fmt}]: incomplete or damaged Wan transformer, cannot infer its config "
                               f"({type(e).__name__}: {e})") from e
-    check_i2v(path, f"gguf {fmt}", config)
+    _check_family(path, f"gguf {fmt}", config, family)
     empty = build_transformer(config, empty=True)
     _check_keys(path, f"gguf {fmt}", {k: tuple(v.shape) for k, v in empty.state_dict().items()}, shapes)
     del empty
@@ -301,3 +309,84 @@ def load_expression_encoder(path: str, dtype: torch.dtype = torch.float32, devic
     sd = {t: source.get(s) for t, s in key_map.items()}
     encoder.load_state_dict(sd, strict=False)
     return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# Wan2.2-I2V-A14B: two experts
+
+
+def _expert_hint(path: str) -> str | None:
+    """"high" / "low" where a file or folder name says which expert it holds (Comfy-Org
+    ``wan2.2_i2v_high_noise_14B_fp16``, GGUF ``Wan2.2-I2V-A14B-HighNoise-Q4_K_M``, diffusers
+    ``transformer`` / ``transformer_2``), else ``None``."""
+    parts = [p.lower().replace("-", "_") for p in os.path.normpath(os.fspath(path)).split(os.sep)[-2:]]
+    name = "_".join(parts)
+    if "high_noise" in name or "highnoise" in name:
+        return "high"
+    if "low_noise" in name or "lownoise" in name or parts[-1] == "transformer_2":
+        return "low"
+    if parts[-1] == "transformer":
+        return "high"
+    return None
+
+
+def wan22_expert_paths(high, low=None) -> tuple:
+    """The (high-noise, low-noise) checkpoints of Wan2.2-I2V-A14B.
+
+    Args:
+        high: the high-noise expert (file, shards, GGUF, diffusers ``transformer`` folder) or a
+            diffusers pipeline folder holding ``transformer/`` (high noise) and ``transformer_2/``
+            (low noise; Wan-AI/Wan2.2-I2V-A14B-Diffusers).
+        low: the low-noise expert; ``None`` only with a pipeline folder.
+    Raises:
+        CheckpointError: one line for a single expert, the same file twice, or names saying the
+            experts are swapped.
+    """
+    if low is None and isinstance(high, (str, os.PathLike)) and os.path.isdir(high):
+        first, second = os.path.join(high, "transformer"), os.path.join(high, "transformer_2")
+        if os.path.isdir(first) and os.path.isdir(second):
+            return first, second
+        if os.path.isdir(first):
+            raise CheckpointError(f"{high}: has transformer/ but no transformer_2/: that is one model (Wan2.1 or a single "
+                                  f"expert); Wan2.2-I2V-A14B needs both experts")
+    if low is None:
+        raise CheckpointError(f"{high}: one transformer given; Wan2.2-I2V-A14B needs two experts: the high-noise file as "
+                              f"transformer and the low-noise file as second transformer")
+    if isinstance(high, (str, os.PathLike)) and isinstance(low, (str, os.PathLike)) and \
+            os.path.realpath(high) == os.path.realpath(low):
+        raise CheckpointError(f"{high}: the same file for both experts; give the high-noise and the low-noise file")
+    hints = (_expert_hint(high) if isinstance(high, (str, os.PathLike)) else None,
+             _expert_hint(low) if isinstance(low, (str, os.PathLike)) else None)
+    if hints == ("low", "high") or hints == ("low", "low") or hints == ("high", "high"):
+        raise CheckpointError(f"the expert files look {'swapped' if hints == ('low', 'high') else 'alike'} "
+                              f"({os.path.basename(os.fspath(high))} as high-noise, {os.path.basename(os.fspath(low))} as "
+                              f"low-noise): the high-noise expert goes first (transformer), the low-noise one second")
+    return high, low
+
+
+def load_wan22_experts(high, low=None, **kwargs):
+    """Both Wan2.2-I2V-A14B experts, each loaded strictly by :func:`load_transformer` with
+    ``family=WAN22_I2V_EXPERT`` (any layout it reads: Comfy-Org repack fp16 / fp8_scaled, GGUF,
+    diffusers ``transformer`` + ``transformer_2``; manifests in ``tests/data/wan22_i2v_a14b_*``).
+
+    Experimental: the FantasyPortrait adapter was trained on Wan2.1; nobody has measured its quality
+    on Wan2.2.
+
+    Args:
+        high, low: see :func:`wan22_expert_paths`.
+        **kwargs: passed to :func:`load_transformer` (dtype, device, storage_dtype, num_heads).
+    Returns:
+        ``(high_noise_model, low_noise_model)``: diffusers ``WanTransformer3DModel`` without image branch.
+    Raises:
+        CheckpointError: a single expert, a Wan2.1 file where an expert is expected, experts of different
+            sizes, or any load error of :func:`load_transformer`.
+    """
+    high, low = wan22_expert_paths(high, low)
+    first = load_transformer(high, family=WAN22_I2V_EXPERT, **kwargs)
+    second = load_transformer(low, family=WAN22_I2V_EXPERT, **kwargs)
+    a, b = dict(first.config), dict(second.config)
+    if any(a[k] != b[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim")):
+        raise CheckpointError(f"the two experts differ in size ({a['num_layers']} vs {b['num_layers']} blocks, width "
+                              f"{a['num_attention_heads'] * a['attention_head_dim']} vs "
+                              f"{b['num_attention_heads'] * b['attention_head_dim']}): give both files of Wan2.2-I2V-A14B")
+    return first, second
