@@ -69,6 +69,9 @@ class ExpertPair:
         adapter_on: ``"both"``, ``"high"`` or ``"low"``: which experts run the portrait branch.
         offload_device: where the expert not in use waits (``"cpu"``); ``None`` leaves both where they
             are (e.g. block offload, whose hooks move the weights themselves).
+        on_switch: ``on_switch(outgoing name or None, incoming name)`` places the weights instead of
+            the plain moves (the nodes: through ComfyUI's model management, which unloads the outgoing
+            expert when the incoming one needs the room); ``offload_device`` is then not used.
         trace: ``(sigma, expert name)`` of every denoiser call of the last sampling run, in order
             (what ran where; filled by :class:`ExpertSwitch`).
     """
@@ -78,6 +81,7 @@ class ExpertPair:
     boundary: float = WAN22_I2V_BOUNDARY
     adapter_on: str = "both"
     offload_device: object = "cpu"
+    on_switch: Callable | None = None
     trace: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -108,7 +112,9 @@ class ExpertSwitch:
     _denoisers: dict = field(default_factory=dict)
 
     def _switch_to(self, name: str):
-        if self.pair.offload_device is not None:
+        if self.pair.on_switch is not None:
+            self.pair.on_switch(self._current, name)
+        elif self.pair.offload_device is not None:
             if self._current is not None:  # out first: never both on the device
                 self.pair[self._current].transformer.to(self.pair.offload_device)
             self.pair[name].transformer.to(self.device)
@@ -130,6 +136,6 @@ class ExpertSwitch:
 
     def release(self):
         """Send the expert in use back to the offload device (end of sampling)."""
-        if self._current is not None and self.pair.offload_device is not None:
+        if self._current is not None and self.pair.offload_device is not None and self.pair.on_switch is None:
             self.pair[self._current].transformer.to(self.pair.offload_device)
         self._current = None
