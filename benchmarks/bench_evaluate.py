@@ -1,4 +1,4 @@
-"""Cost of the expression-fidelity evaluation (``fantasyportrait_core.evaluation.evaluate``), stage by stage.
+"""Cost of the expression-fidelity evaluation (``fantasyportrait_core.evaluation``), stage by stage.
 
     python benchmarks/bench_evaluate.py                      # 81 frames of biden.mp4 vs itself 2 frames later, CPU
     python benchmarks/bench_evaluate.py --frames 81 --device cuda
@@ -24,7 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fantasyportrait_core.evaluation import evaluate as E  # noqa: E402
+from fantasyportrait_core.evaluation.compare import compare, evaluate  # noqa: E402
+from fantasyportrait_core.evaluation.measure import (FaceMotion, aligned_measure_crops, crop_curves,  # noqa: E402
+                                                     mouth_width)
+from fantasyportrait_core.evaluation.report import plot  # noqa: E402
 from fantasyportrait_core.faces.mtcnn import MtcnnDetector  # noqa: E402
 from fantasyportrait_core.model.expression import CROP_SIZE, FanEncoder, align_face, encode_expressions  # noqa: E402
 from fantasyportrait_core.faces.face import detect_video, track_faces  # noqa: E402
@@ -69,15 +72,15 @@ def main(argv=None) -> int:
                       lambda: track_faces(detect_video(det, frames), max_people=1)[0])
         feats = stage(f"{side}: align 224² + PD-FGC encode", lambda: encode_expressions(
             encoder, np.stack([align_face(f, lm, CROP_SIZE) for f, lm in zip(frames, track.landmarks)])))
-        crops, points = stage(f"{side}: align 448²", lambda: E.aligned_measure_crops(frames, track.landmarks))
-        eye, mouth = stage(f"{side}: eye/mouth curves from the crop", lambda: E.crop_curves(crops, points))
-        motions.append(E.FaceMotion(track, feats, {"eye_openness": eye, "mouth_opening": mouth,
-                                                   "mouth_width": E.mouth_width(points)}))
-    ev = stage("compare (metrics)", lambda: E.compare(motions[:1], motions[1:]))
-    stage("plot (matplotlib Agg)", lambda: E.plot(ev))
+        crops, points = stage(f"{side}: align 448²", lambda: aligned_measure_crops(frames, track.landmarks))
+        eye, mouth = stage(f"{side}: eye/mouth curves from the crop", lambda: crop_curves(crops, points))
+        motions.append(FaceMotion(track, feats, {"eye_openness": eye, "mouth_opening": mouth,
+                                                 "mouth_width": mouth_width(points)}))
+    ev = stage("compare (metrics)", lambda: compare(motions[:1], motions[1:]))
+    stage("plot (matplotlib Agg)", lambda: plot(ev))
     total_w, total_c = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    stage("evaluate() end to end", lambda: E.evaluate(det, [driving], generated, encoder=encoder, encoder_random=True,
-                                                      landmarks="crop"))
+    stage("evaluate() end to end", lambda: evaluate(det, [driving], generated, encoder=encoder, encoder_random=True,
+                                                    landmarks="crop"))
     load1 = os.getloadavg()[0]
 
     print(f"\n{len(driving)} frames {driving.shape[2]}x{driving.shape[1]} of {os.path.basename(args.video)} vs the "

@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fantasyportrait_core.runtime.job import Job, MemoryOptions, SamplingOptions  # noqa: E402
-from fantasyportrait_core.weights.lora import apply_loras, read_lora, remove_loras  # noqa: E402
+from fantasyportrait_core.weights.lora import read_lora  # noqa: E402
+from fantasyportrait_core.weights.lora_apply import apply_loras, remove_loras  # noqa: E402
 from fantasyportrait_core.runtime.runner import run_job, tiny_random_models  # noqa: E402
 from fantasyportrait_core.weights.tiny import write_wan_lora  # noqa: E402
 

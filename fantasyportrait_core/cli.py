@@ -201,7 +201,7 @@ def _evaluate_parser(sub):
     ev = sub.add_parser("evaluate", help="how faithfully a generated video follows its driving video(s)",
                         description="Expression-fidelity metrics per character (PD-FGC expression and head-pose "
                                     "distances, eye/mouth curves, identity with insightface) and an overall score "
-                                    "in [0, 1]; see fantasyportrait_core/evaluation/evaluate.py and the README.")
+                                    "in [0, 1]; see fantasyportrait_core/evaluation/ and the README.")
     ev.add_argument("--driving", nargs="+", required=True,
                     help="the driving video(s) the generation used: one per character, or one with --people N")
     ev.add_argument("--generated", required=True, help="the generated video")
@@ -237,7 +237,7 @@ def job_from_args(args) -> Job:
     Raises:
         InputError: naming the option, for unparsable --sigmas, --portrait-scale-steps or --face-order.
     """
-    from fantasyportrait_core.sampling.flow import parse_step_ranges
+    from fantasyportrait_core.sampling.guidance import parse_step_ranges
 
     sigmas = None
     if args.sigmas:
@@ -342,10 +342,11 @@ def cmd_encode(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """``evaluate``: read the videos, resample the driving ones to the generated video's rate,
-    measure (:func:`fantasyportrait_core.evaluation.evaluate.evaluate`), print the table, write JSON / PNG."""
+    measure (:func:`fantasyportrait_core.evaluation.compare.evaluate`), print the table, write JSON / PNG."""
     import cv2
 
-    from fantasyportrait_core.evaluation import evaluate as E
+    from fantasyportrait_core.evaluation.compare import evaluate
+    from fantasyportrait_core.evaluation.report import format_table, json_ready, plot
     check_input_file(args.generated, "--generated", "generated video")
     for v in args.driving:
         check_input_file(v, "--driving", "driving video")
@@ -379,24 +380,24 @@ def cmd_evaluate(args) -> int:
         print("RANDOM PD-FGC encoder: expression and head-pose distances are not meaningful.")
     detector = make_detector(args.detector, args.detector_dir, **kw)
     try:
-        ev = E.evaluate(detector, [v.frames for v in videos], gen_frames, people=args.people, encoder=encoder,
-                        reference=read_image(args.image) if args.image else None, assign=args.assign,
-                        face_order=parse_face_order(args.face_order, "--face-order"), landmarks=args.landmarks,
-                        encoder_random=random_encoder)
+        ev = evaluate(detector, [v.frames for v in videos], gen_frames, people=args.people, encoder=encoder,
+                      reference=read_image(args.image) if args.image else None, assign=args.assign,
+                      face_order=parse_face_order(args.face_order, "--face-order"), landmarks=args.landmarks,
+                      encoder_random=random_encoder)
     finally:
         detector.close()
     report = {"generated": args.generated, "driving": list(args.driving), "fps": round(generated.fps, 3),
               "offset": args.offset, **ev.report}
-    print(E.format_table(report))
+    print(format_table(report))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(E.json_ready(report), f, indent=1)
+            json.dump(json_ready(report), f, indent=1)
         print(f"metrics: {args.json}")
     if args.plot:
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         title = os.path.basename(args.generated) + (f" (offset {args.offset})" if args.offset else "")
-        if not cv2.imwrite(args.plot, cv2.cvtColor(E.plot(ev, title), cv2.COLOR_RGB2BGR)):
+        if not cv2.imwrite(args.plot, cv2.cvtColor(plot(ev, title), cv2.COLOR_RGB2BGR)):
             raise InputError(f"cannot write the plot to {args.plot} (use a .png name in a writable folder)")
         print(f"plot: {args.plot}")
     return 0

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from fantasyportrait_core.evaluation import evaluate as E
+from fantasyportrait_core.evaluation import compare
+from fantasyportrait_core.evaluation.match import resample_frames
+from fantasyportrait_core.evaluation.measure import LANDMARK_SOURCES
+from fantasyportrait_core.evaluation.report import format_table, json_ready, plot
 from fantasyportrait_core.faces.assign import ASSIGN_MODES
 from fantasyportrait_core.runtime.residency import on_device
 from fantasyportrait_core.validate import parse_face_order
@@ -47,7 +50,7 @@ class FantasyPortraitEvaluate:
             "assignment": (list(ASSIGN_MODES), {"default": "left_to_right",
                                                 "tooltip": "The assignment the Conditioning node used."}),
             "face_order": ("STRING", {"default": "", "tooltip": "The face_order the Conditioning node used."}),
-            "landmarks": (list(E.LANDMARK_SOURCES), {
+            "landmarks": (list(LANDMARK_SOURCES), {
                 "default": "auto", "tooltip": "Eye/mouth curves: auto = MediaPipe Face Mesh when installed with its "
                                               "models, else measured in the aligned face crop."}),
         }, "optional": optional}
@@ -76,14 +79,15 @@ class FantasyPortraitEvaluate:
                              f"connected set people to 1 (one character per video)")
         gen = host.image_to_uint8(generated)
         if driving_fps and generated_fps and abs(driving_fps - generated_fps) > 1e-3:
-            clips = [E.resample_frames(c, driving_fps, generated_fps) for c in clips]
+            clips = [resample_frames(c, driving_fps, generated_fps) for c in clips]
         ref = host.image_to_uint8(reference)[0] if reference is not None else None
         order = parse_face_order(face_order)
         count = people if len(clips) == 1 else len(clips)
         if expression_encoder is not None:
             with on_device(expression_encoder, host.torch_device()):
-                ev = E.evaluate(face_detector, clips, gen, count, expression_encoder, ref, assignment, order, landmarks)
+                ev = compare.evaluate(face_detector, clips, gen, count, expression_encoder, ref, assignment, order,
+                                      landmarks)
         else:
-            ev = E.evaluate(face_detector, clips, gen, count, None, ref, assignment, order, landmarks)
-        return (E.format_table(ev.report), host.uint8_to_image(E.plot(ev)),
-                json.dumps(E.json_ready(ev.report), indent=1))
+            ev = compare.evaluate(face_detector, clips, gen, count, None, ref, assignment, order, landmarks)
+        return (format_table(ev.report), host.uint8_to_image(plot(ev)),
+                json.dumps(json_ready(ev.report), indent=1))

@@ -14,8 +14,8 @@ Three nodes:
   ``comfy_attention`` of quantized checkpoints), LoRA weight patches, GGUF dequantisation and fp8
   casting apply exactly as in an unpatched MODEL.
 * **FantasyPortrait Guider** (→ GUIDER for SamplerCustomAdvanced): dual guidance, the 1–3 passes of
-  :func:`fantasyportrait_core.sampling.flow.guidance_passes` combined by
-  :func:`~fantasyportrait_core.sampling.flow.combine_guidance` exactly as our sampler does. With a plain
+  :func:`fantasyportrait_core.sampling.guidance.guidance_passes` combined by
+  :func:`~fantasyportrait_core.sampling.guidance.combine_guidance` exactly as our sampler does. With a plain
   KSampler (or any other guider) the portrait branch is on in every pass.
 
 How it hooks into ComfyUI (``comfy/ldm/wan/model.py``; chosen by feature detection, see
@@ -55,12 +55,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fantasyportrait_core.runtime.job import widget_range
 from fantasyportrait_core.drive.condition import portrait_condition
 from fantasyportrait_core.drive.encode import frames_for
 from fantasyportrait_core.model.geometry import TOKEN_STRIDE, latent_frames, pixel_frames
 from fantasyportrait_core.model.attention import PortraitCondition, apply_portrait
 from fantasyportrait_core.weights.load import load_adapter
-from fantasyportrait_core.sampling.flow import combine_guidance, guidance_passes
+from fantasyportrait_core.sampling.guidance import combine_guidance, guidance_passes
 
 from . import host
 from .sampler import portrait_layout
@@ -624,10 +625,10 @@ class FantasyPortraitGuider:
             "model": ("MODEL", {"tooltip": "From FantasyPortrait Patch Model."}),
             "positive": ("CONDITIONING", {"tooltip": "From WanImageToVideo."}),
             "negative": ("CONDITIONING", {"tooltip": "From WanImageToVideo; used only when cfg != 1."}),
-            "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
+            "cfg": ("FLOAT", {"default": 1.0, **widget_range("cfg"), "step": 0.1,
                               "tooltip": "Text guidance; 1 = off (the reference setting, saves a pass; also use 1 "
                                          "with the lightx2v step-distill LoRA)."}),
-            "portrait_cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1,
+            "portrait_cfg": ("FLOAT", {"default": 4.0, **widget_range("portrait_cfg"), "step": 0.1,
                                        "tooltip": "Portrait guidance; 1 or less = off (as the reference). The reference "
                                                   "uses 4."}),
         }}

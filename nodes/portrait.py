@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fantasyportrait_core.runtime.job import widget_range
 from fantasyportrait_core.drive import encode as drive_encode
 from fantasyportrait_core.faces.assign import ASSIGN_MODES, assign_faces, detect_reference, driver_embedding, face_roles
 from fantasyportrait_core.runtime.residency import on_device
@@ -121,7 +122,7 @@ class FantasyPortraitEncodeExpression:
             "images": ("IMAGE", {"tooltip": "Driving video frames (e.g. from Load Video → Get Video Components)."}),
             "people": ("INT", {"default": 1, "min": 1, "max": 8,
                                "tooltip": "How many faces to take from this video, ordered left to right."}),
-            "smooth": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5.0, "step": 0.1,
+            "smooth": ("FLOAT", {"default": 0.0, **widget_range("smooth"), "step": 0.1,
                                  "tooltip": "Extra Gaussian smoothing of the face landmarks (sigma in frames) after "
                                             "the landmark filter, for a jittery detector; it blurs fast moves "
                                             "too. 0 = none (the reference applies only the One-Euro filter)."}),
@@ -249,7 +250,7 @@ class FantasyPortraitConditioning:
         return {"required": {
             "faces": ("FP_FACES", {"tooltip": "Reference faces from Face Masks."}),
             "expression": ("FP_EXPRESSION", {"tooltip": "First character(s): from Encode Expression."}),
-            "portrait_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.05,
+            "portrait_scale": ("FLOAT", {"default": 1.0, **widget_range("portrait_scale"), "step": 0.05,
                                          "tooltip": "Strength of the expression branch inside the transformer."}),
             "assignment": (list(ASSIGN_MODES), {"default": "left_to_right", "tooltip":
                            "Which face each character animates: left_to_right (one character: the largest face), "

@@ -20,15 +20,15 @@ from fantasyportrait_core.sampling.experts import (ADAPTER_ON, EXPERIMENTAL, WAN
                                                    check_expert_options)
 from fantasyportrait_core.model.denoiser import I2VConditioning
 from fantasyportrait_core.faces.face import Face
-from fantasyportrait_core.runtime.job import SamplingOptions
+from fantasyportrait_core.runtime.job import SamplingOptions, widget_range
 from fantasyportrait_core.model.geometry import VAE_SPATIAL_STRIDE, pixel_frames
-from fantasyportrait_core.weights.lora import apply_loras
+from fantasyportrait_core.weights.lora_apply import apply_loras
 from fantasyportrait_core.runtime.memory import (GIB, NODE_KNOBS, activation_bytes, measured_size, module_bytes, oom_advice,
                                                 plan_sampling)
 from fantasyportrait_core.model.build import denormalize_latent, normalize_latent
 from fantasyportrait_core.runtime.restore import restored
-from fantasyportrait_core.sampling.flow import (DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS,
-                                           guidance_passes, parse_step_ranges)
+from fantasyportrait_core.sampling.flow import DEFAULT_SHIFT, DEFAULT_STEPS, PRESETS, SAMPLER_HELP, SAMPLERS
+from fantasyportrait_core.sampling.guidance import guidance_passes, parse_step_ranges
 from fantasyportrait_core.validate import InputError
 
 from . import host, residency
@@ -140,18 +140,18 @@ class FantasyPortraitSampler:
             "positive": ("CONDITIONING", {"tooltip": "From WanImageToVideo (text + reference image + CLIP)."}),
             "negative": ("CONDITIONING", {"tooltip": "From WanImageToVideo; used only when cfg != 1."}),
             "latent": ("LATENT", {"tooltip": "From WanImageToVideo: sets size and length (frames = 4k+1)."}),
-            "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+            "seed": ("INT", {"default": 42, **widget_range("seed"), "control_after_generate": True,
                              "tooltip": "Noise seed; the same seed gives the same video on any device."}),
-            "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200,
+            "steps": ("INT", {"default": DEFAULT_STEPS, **widget_range("steps"),
                               "tooltip": "Sampling steps (reference: 30)."}),
-            "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
+            "cfg": ("FLOAT", {"default": 1.0, **widget_range("cfg"), "step": 0.1,
                               "tooltip": "Text guidance; 1 = off (the reference setting, saves a pass)."}),
-            "portrait_cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1,
+            "portrait_cfg": ("FLOAT", {"default": 4.0, **widget_range("portrait_cfg"), "step": 0.1,
                                        "tooltip": "Portrait guidance; 1 or less = off (as the reference). The reference "
                                                   "uses 4."}),
-            "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.5, "max": 20.0, "step": 0.1,
+            "shift": ("FLOAT", {"default": DEFAULT_SHIFT, **widget_range("shift", 0.1), "step": 0.1,
                                 "tooltip": "Flow-matching sigma shift (reference: 5)."}),
-            "context_frames": ("INT", {"default": 81, "min": 5, "max": 1001, "step": 4, "tooltip":
+            "context_frames": ("INT", {"default": 81, **widget_range("context_frames"), "step": 4, "tooltip":
                                        "Window length when a long video is denoised in overlapping windows "
                                        "(see long_video; Wan2.1 is trained on 81)."}),
             "context_overlap": ("INT", {"default": 16, "min": 4, "max": 80, "step": 4, "tooltip":

@@ -148,7 +148,7 @@ def test_plan_one_pass_when_it_fits():
     from fantasyportrait_core.sampling.windows import plan_context
     from fantasyportrait_core.runtime.memory import model_size, plan_sampling
     from fantasyportrait_core.model.build import WAN21_I2V_14B
-    from fantasyportrait_core.sampling.flow import guidance_passes
+    from fantasyportrait_core.sampling.guidance import guidance_passes
 
     size, gib = model_size(WAN21_I2V_14B), 2**30
     passes = guidance_passes(1.0, 4.0)  # the reference guidance: 2 passes per step

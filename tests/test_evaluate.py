@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from fantasyportrait_core.evaluation import evaluate as E
+from fantasyportrait_core.evaluation.compare import compare, evaluate
+from fantasyportrait_core.evaluation.measure import (CURVES, MEASURE_SIZE, crop_curves, face_motion, measure_driving,
+                                                     mesh_curves, mouth_width)
+from fantasyportrait_core.evaluation.metrics import (EXPRESSION, POSE, curve_metrics, feature_metrics, identity_metrics,
+                                                     overall_score)
+from fantasyportrait_core.model.expression import ALIGN_TEMPLATE
 from fantasyportrait_core.media.video import read_video
 
 from .conftest import data_path
@@ -56,9 +61,9 @@ def performers(det, encoder):
     out = {}
     for name in ("biden.mp4", "trump.mp4"):
         frames = _clip(name, CLIP)
-        (motion,) = E.measure_driving(det, [frames])
+        (motion,) = measure_driving(det, [frames])
         short = motion.frames(slice(0, FEATURE_FRAMES + 2))
-        featured = E.face_motion(frames[:FEATURE_FRAMES + 2], short.track, encoder)
+        featured = face_motion(frames[:FEATURE_FRAMES + 2], short.track, encoder)
         out[name] = (motion, featured)
     return out
 
@@ -70,12 +75,12 @@ def _metrics(ev):
 
 def test_video_against_itself_scores_perfectly(det, encoder):
     frames = _clip("jgz.mp4", 5)
-    ev = E.evaluate(det, [frames], frames.copy(), encoder=encoder, encoder_random=True)
+    ev = evaluate(det, [frames], frames.copy(), encoder=encoder, encoder_random=True)
     ch = _metrics(ev)
     assert ev.report["frames_compared"] == 5
     for key in ("expression", "head_pose"):
         assert ch[key]["distance"] == 0.0 and ch[key]["score"] == 1.0
-    for key in E.CURVES:
+    for key in CURVES:
         assert ch[key]["mae"] == 0.0
         assert ch[key]["pearson"] == pytest.approx(1.0, abs=1e-12)
     assert ch["overall"] == 1.0 and ev.report["overall"] == 1.0
@@ -87,20 +92,20 @@ def test_shifted_copy_scores_worse_and_another_performer_worse_still(performers)
     biden, biden_f = performers["biden.mp4"]
     trump, trump_f = performers["trump.mp4"]
     n = CLIP - 4
-    same = E.compare([biden.frames(slice(0, n))], [biden.frames(slice(0, n))])
-    shifted = E.compare([biden.frames(slice(0, n))], [biden.frames(slice(2, n + 2))])  # 80 ms later
-    other = E.compare([biden.frames(slice(0, n))], [trump.frames(slice(0, n))])
+    same = compare([biden.frames(slice(0, n))], [biden.frames(slice(0, n))])
+    shifted = compare([biden.frames(slice(0, n))], [biden.frames(slice(2, n + 2))])  # 80 ms later
+    other = compare([biden.frames(slice(0, n))], [trump.frames(slice(0, n))])
     s, sh, o = _metrics(same), _metrics(shifted), _metrics(other)
     assert s["overall"] == 1.0 > sh["overall"] > o["overall"]
-    for key in E.CURVES:
+    for key in CURVES:
         assert s[key]["mae"] == 0 < sh[key]["mae"] < o[key]["mae"], key
         assert sh[key]["pearson"] > o[key]["pearson"], key
     assert sh["mouth_opening"]["pearson"] > 0.5 > o["mouth_opening"]["pearson"]
 
     # PD-FGC distances (random encoder: only their order is checked).
     k = FEATURE_FRAMES
-    shifted_f = _metrics(E.compare([biden_f.frames(slice(0, k))], [biden_f.frames(slice(2, k + 2))]))
-    other_f = _metrics(E.compare([biden_f.frames(slice(0, k))], [trump_f.frames(slice(0, k))]))
+    shifted_f = _metrics(compare([biden_f.frames(slice(0, k))], [biden_f.frames(slice(2, k + 2))]))
+    other_f = _metrics(compare([biden_f.frames(slice(0, k))], [trump_f.frames(slice(0, k))]))
     for key in ("expression", "head_pose"):
         assert 0 < shifted_f[key]["distance"] < other_f[key]["distance"], key
         assert shifted_f[key]["score"] > other_f[key]["score"], key
@@ -108,7 +113,7 @@ def test_shifted_copy_scores_worse_and_another_performer_worse_still(performers)
 
 def test_reversed_clip_gives_negative_mouth_correlation(det):
     frames = _clip("jgz.mp4", JGZ_OPENING.stop)[JGZ_OPENING]
-    ev = E.evaluate(det, [frames], frames[::-1].copy())
+    ev = evaluate(det, [frames], frames[::-1].copy())
     ch = _metrics(ev)
     mouth_driving = ev.series[0]["mouth_opening"][0]
     # The segment really is an opening: the last frames' mouth is far wider than the first ones'.
@@ -117,10 +122,10 @@ def test_reversed_clip_gives_negative_mouth_correlation(det):
     assert ch["overall"] < 0.7
 
 
-def _synthetic_face(mouth_open: float, eye_open: float, size: int = E.MEASURE_SIZE):
+def _synthetic_face(mouth_open: float, eye_open: float, size: int = MEASURE_SIZE):
     """A flat skin-coloured face on the alignment template with a dark mouth and eyes of the given
     heights (in inter-ocular distances) and its 5 landmarks."""
-    pts = E.ALIGN_TEMPLATE * size
+    pts = ALIGN_TEMPLATE * size
     iod = np.linalg.norm(pts[1] - pts[0])
     img = np.zeros((size, size, 3), np.uint8)
     img[:] = (205, 160, 135)  # skin
@@ -142,7 +147,7 @@ def test_crop_measure_reads_the_opening_height():
     crops = np.stack([f[0] for f in faces])
     points = np.stack([f[1] for f in faces])
     iod = faces[0][2]
-    eye, mouth = E.crop_curves(crops, points)
+    eye, mouth = crop_curves(crops, points)
     np.testing.assert_allclose(mouth, heights, atol=3 / iod)
     # Eye window is ±0.10 IOD: openings beyond 0.2 IOD are clipped there.
     np.testing.assert_allclose(eye, np.minimum(np.array(heights) / 2, 0.2), atol=3 / iod)
@@ -154,45 +159,45 @@ def test_mesh_curves_are_lid_and_lip_gaps_over_interocular_distance():
     mesh[0, 159], mesh[0, 145] = (100, 95), (100, 105)  # 10 px
     mesh[0, 386], mesh[0, 374] = (200, 96), (200, 102)  # 6 px
     mesh[0, 13], mesh[0, 14] = (150, 195), (150, 225)  # 30 px
-    eye, mouth = E.mesh_curves(mesh, pts5)
+    eye, mouth = mesh_curves(mesh, pts5)
     assert eye[0] == pytest.approx(8 / 100) and mouth[0] == pytest.approx(30 / 100)
-    assert E.mouth_width(pts5)[0] == pytest.approx(60 / 100)
+    assert mouth_width(pts5)[0] == pytest.approx(60 / 100)
 
 
 def test_metric_definitions_on_hand_made_curves():
     d = np.array([0.1, 0.2, 0.4, 0.3])
-    m = E.curve_metrics(d, 2 * d + 0.05)  # same shape, other scale and offset
+    m = curve_metrics(d, 2 * d + 0.05)  # same shape, other scale and offset
     assert m["pearson"] == pytest.approx(1.0)
     assert m["mae"] == pytest.approx(0.3)  # mean of d + 0.05
     assert m["relative"] == pytest.approx(0.3 / 0.1)  # spread: mean |d - 0.25| = 0.1
     assert m["score"] == pytest.approx(1 / (1 + 3.0))
     # deviations (-.15, -.05, .15, .05) vs (.05, .15, -.05, -.15): -0.03 / 0.05
-    assert E.curve_metrics(d, d[::-1])["pearson"] == pytest.approx(-0.6)
-    assert E.curve_metrics(np.ones(4), np.ones(4))["pearson"] is None  # undefined, not 0 or 1
+    assert curve_metrics(d, d[::-1])["pearson"] == pytest.approx(-0.6)
+    assert curve_metrics(np.ones(4), np.ones(4))["pearson"] is None  # undefined, not 0 or 1
     with pytest.raises(ValueError, match="length"):
-        E.curve_metrics(d, d[:3])
+        curve_metrics(d, d[:3])
 
     drv = torch.zeros(3, 554)
     drv[:, 0] = torch.tensor([0.0, 1.0, 2.0])  # head pose moves by 0, 1, 2
     gen = drv.clone()
     gen[:, 1] += 3.0  # 3 off in every frame
-    pose = E.feature_metrics(drv, gen, E.POSE)
+    pose = feature_metrics(drv, gen, POSE)
     assert pose["distance"] == pytest.approx(3.0)
     assert pose["relative"] == pytest.approx(3.0 / (2 / 3))  # spread: mean |pose - 1| = 2/3
-    assert E.feature_metrics(drv, gen, E.EXPRESSION)["distance"] == 0.0
+    assert feature_metrics(drv, gen, EXPRESSION)["distance"] == 0.0
 
     ch = {"expression": {"score": 0.5}, "head_pose": "not measured", "eye_openness": {"score": 1.0},
           "mouth_opening": {"score": 0.3}, "mouth_width": {"score": 0.2}, "identity": {"cosine_mean": 0.1}}
-    assert E.overall_score(ch) == pytest.approx(np.mean([0.5, 1.0, 0.3, 0.2]))
+    assert overall_score(ch) == pytest.approx(np.mean([0.5, 1.0, 0.3, 0.2]))
 
 
 def test_identity_is_arcface_cosine_to_the_reference_or_not_measured():
     ref = np.array([1.0, 0.0, 0.0])
     gen = np.array([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
-    m = E.identity_metrics(ref, gen)
+    m = identity_metrics(ref, gen)
     assert m["cosine_mean"] == pytest.approx((1 + 2 ** -0.5) / 2) and m["cosine_min"] == pytest.approx(2 ** -0.5)
-    assert E.identity_metrics(None, gen).startswith("not measured")
-    assert E.identity_metrics(ref, np.zeros((0, 0))).startswith("not measured")
+    assert identity_metrics(None, gen).startswith("not measured")
+    assert identity_metrics(ref, np.zeros((0, 0))).startswith("not measured")
 
 
 class _EmbeddingDetector:
@@ -217,7 +222,7 @@ class _EmbeddingDetector:
 
 def test_identity_is_measured_against_the_reference_when_the_detector_gives_embeddings(det):
     frames = _clip("jgz.mp4", 4)
-    ev = E.evaluate(_EmbeddingDetector(det), [frames], frames.copy(), reference=frames[0])
+    ev = evaluate(_EmbeddingDetector(det), [frames], frames.copy(), reference=frames[0])
     ch = _metrics(ev)
     assert ev.report["identity_target"] == "reference image"
     assert ch["identity"]["frames"] == 4 and ch["identity"]["cosine_mean"] > 0.99
@@ -229,27 +234,27 @@ def test_two_characters_are_matched_by_the_generation_assignment(det):
     themself (perfect scores); face_order 1,0 (as the generation would have used) crosses them."""
     # Half size (640x360, faces ~90 px) and 6 frames: detection on 720p frames is the slow part on CPU.
     frames = np.stack([cv2.resize(f, (640, 360), interpolation=cv2.INTER_AREA) for f in _clip("two_person.mp4", 6)])
-    same = E.evaluate(det, [frames], frames.copy(), people=2)
+    same = evaluate(det, [frames], frames.copy(), people=2)
     assert [c["overall"] for c in same.report["characters"]] == [1.0, 1.0]
     boxes = [c["generated_face_box"] for c in same.report["characters"]]
     assert boxes[0][0] < boxes[1][0]  # character 0 is the left face
-    crossed = E.evaluate(det, [frames], frames.copy(), people=2, face_order=[1, 0])
+    crossed = evaluate(det, [frames], frames.copy(), people=2, face_order=[1, 0])
     assert [c["generated_face_box"] for c in crossed.report["characters"]] == boxes[::-1]
     assert all(c["overall"] < 0.9 for c in crossed.report["characters"])
     with pytest.raises(ValueError, match="face_order"):
-        E.evaluate(det, [frames], frames, people=2, face_order=[0, 1, 2])
+        evaluate(det, [frames], frames, people=2, face_order=[0, 1, 2])
 
 
 def test_bad_inputs_fail_early_with_the_input_named(det):
     frames = _clip("jgz.mp4", 3)
     with pytest.raises(ValueError, match="generated frames must be uint8"):
-        E.evaluate(det, [frames], frames[:0])
+        evaluate(det, [frames], frames[:0])
     with pytest.raises(ValueError, match="no face was found in any of the 3 generated frames"):
-        E.evaluate(det, [frames], np.full_like(frames, 128))
+        evaluate(det, [frames], np.full_like(frames, 128))
     with pytest.raises(ValueError, match="people=3 with 2 driving videos"):
-        E.evaluate(det, [frames, frames], frames, people=3)
+        evaluate(det, [frames, frames], frames, people=3)
     with pytest.raises(ValueError, match="landmarks must be one of"):
-        E.evaluate(det, [frames], frames, landmarks="dense")
+        evaluate(det, [frames], frames, landmarks="dense")
 
 
 def test_cli_evaluate_writes_json_and_plot(tmp_path):
@@ -264,7 +269,7 @@ def test_cli_evaluate_writes_json_and_plot(tmp_path):
     (ch,) = report["characters"]
     assert ch["expression"].startswith("not measured")  # no --pd-fpg given
     assert 0 < ch["overall"] < 1 and report["overall"] == ch["overall"]
-    assert set(E.CURVES) <= set(ch)
+    assert set(CURVES) <= set(ch)
     img = cv2.imread(str(out_png))
     assert img is not None and img.shape[0] > 100 and img.shape[1] > 300
     assert cli.main(["evaluate", "--driving", jgz, "--generated", jgz, "--offset", "100"]) == 2

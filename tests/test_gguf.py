@@ -63,7 +63,8 @@ def test_gguf_forward_equals_the_dequantised_model(gguf_file):
 
 
 def test_lora_on_gguf_model_and_exact_removal(gguf_file, tmp_path):
-    from fantasyportrait_core.weights.lora import apply_loras, read_lora, remove_loras
+    from fantasyportrait_core.weights.lora import read_lora
+    from fantasyportrait_core.weights.lora_apply import apply_loras, remove_loras
 
     path, _, _ = gguf_file
     model = load_transformer(path, dtype=torch.float32)

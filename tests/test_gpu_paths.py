@@ -211,7 +211,8 @@ def test_loras_and_block_offload_compose_in_either_order(tiny, tmp_path, monkeyp
     copies) or, for a LoRA of full-weight diffs only (no new tensor), the next onload silently
     put the old block weights back."""
     from fantasyportrait_core.model.fp8 import quantize_model_fp8
-    from fantasyportrait_core.weights.lora import apply_loras, read_lora, remove_loras
+    from fantasyportrait_core.weights.lora import read_lora
+    from fantasyportrait_core.weights.lora_apply import apply_loras, remove_loras
 
     from . import checkpoint_writers as W
 

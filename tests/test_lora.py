@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from fantasyportrait_core.weights.lora import (LoraError, active_loras, apply_loras, detect_layout, parse_lora_arg, read_lora,
-                                       remove_loras)
+from fantasyportrait_core.weights.lora import LoraError, detect_layout, parse_lora_arg, read_lora
+from fantasyportrait_core.weights.lora_apply import active_loras, apply_loras, remove_loras
 
 from . import checkpoint_writers as W
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fantasyportrait_core.faces.face import Face, FaceTrack
-from fantasyportrait_core.weights.lora import active_loras
+from fantasyportrait_core.weights.lora_apply import active_loras
 from fantasyportrait_core.drive.encode import DrivingExpression
 from fantasyportrait_core.sampling.flow import PRESETS
 from nodes.portrait import PortraitInputs

@@ -14,9 +14,9 @@ import torch
 
 from fantasyportrait_core.model.attention import PortraitCondition, attach_portrait_processors
 from fantasyportrait_core.model.denoiser import I2VConditioning, PortraitDenoiser
-from fantasyportrait_core.sampling.flow import (PRESETS, SAMPLERS, GuidanceSchedule, check_sigmas, flow_sigmas,
-                                           parse_step_ranges, sample, schedule_sigmas, start_latent,
-                                           timestep_sigmas)
+from fantasyportrait_core.sampling.flow import (PRESETS, SAMPLERS, check_sigmas, flow_sigmas, sample, schedule_sigmas,
+                                                start_latent, timestep_sigmas)
+from fantasyportrait_core.sampling.guidance import GuidanceSchedule, parse_step_ranges
 
 MU, S = 0.5, 0.5
 

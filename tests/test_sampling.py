@@ -6,8 +6,8 @@ import torch
 
 from fantasyportrait_core.model.attention import PortraitCondition, attach_portrait_processors
 from fantasyportrait_core.model.denoiser import I2VConditioning, PortraitDenoiser, first_frame_mask, pad_text
-from fantasyportrait_core.sampling.flow import (combine_guidance, flow_sigmas, guidance_passes, initial_noise,
-                                           sample_euler)
+from fantasyportrait_core.sampling.flow import flow_sigmas, initial_noise, sample_euler
+from fantasyportrait_core.sampling.guidance import combine_guidance, guidance_passes
 
 
 def test_sigmas_match_reference_scheduler():

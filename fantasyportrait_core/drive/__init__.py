@@ -1,0 +1,2 @@
+"""Driving expressions: encoding a driving video per person, landmark filters, the portrait condition
+built from them, directions (per-channel strength, relative motion) and saved performances."""

@@ -1,0 +1,1 @@
+"""Video and image files (PyAV): reading, probing, writing atomically."""

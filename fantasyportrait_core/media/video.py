@@ -281,7 +281,9 @@ def write_video(path: str, frames: np.ndarray, fps: float, audio_from: str | Non
             vs = out.add_stream("libx264", rate=rate)
             vs.width, vs.height = frames.shape[2], frames.shape[1]
             vs.pix_fmt = "yuv420p"
-            vs.options = {"crf": str(crf)}
+            # mbtree off: x264's macroblock-tree rate control gives run-to-run different bitstreams
+            # for the same frames (up to 26/255 apart decoded); without it the encode is repeatable.
+            vs.options = {"crf": str(crf), "x264-params": "mbtree=0"}
             audio_in = None
             if audio_from is not None:
                 audio_in = av.open(audio_from)

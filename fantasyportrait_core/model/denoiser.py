@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from fantasyportrait_core.model.attention import TEXT_CONTEXT_TOKENS, PortraitCondition, PortraitState, projection_dtype
 from fantasyportrait_core.runtime.residency import compute_device
-from fantasyportrait_core.sampling.flow import NUM_TRAIN_TIMESTEPS, GuidanceSchedule, combine_guidance, guidance_passes, step_guidance
+from fantasyportrait_core.sampling.flow import NUM_TRAIN_TIMESTEPS
+from fantasyportrait_core.sampling.guidance import GuidanceSchedule, combine_guidance, guidance_passes, step_guidance
 
 
 @dataclass
@@ -78,7 +79,7 @@ class PortraitDenoiser:
         portrait: expression windows (+ masks); ``None`` runs plain Wan I2V.
         cfg: text guidance scale; portrait_cfg: portrait guidance scale.
         portrait_scale: strength of the portrait branch inside the DiT (reference ``ip_scale``).
-        guidance: optional :class:`~fantasyportrait_core.sampling.flow.GuidanceSchedule` (guidance
+        guidance: optional :class:`~fantasyportrait_core.sampling.guidance.GuidanceSchedule` (guidance
             interval, portrait scale per step range); its scales replace ``cfg``/``portrait_cfg``.
         batch_passes: most guidance passes run as one forward (rows of one batch); ``None`` = all
             of a step's 1–3 passes at once. 1 runs them one after another (least memory: the

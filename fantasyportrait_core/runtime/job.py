@@ -3,7 +3,7 @@
 :class:`SamplingOptions` (steps, shift, guidance, sampler, preset, schedule, denoise, guidance
 intervals) is what every host (CLI ``run``/``demo``, the Sampler node, the benchmarks) hands the
 core; :meth:`SamplingOptions.resolve` applies a preset (e.g. lightx2v: its sampler, schedule and
-cfg 1) once and builds the per-step :class:`~fantasyportrait_core.sampling.flow.GuidanceSchedule` once
+cfg 1) once and builds the per-step :class:`~fantasyportrait_core.sampling.guidance.GuidanceSchedule` once
 per run. :class:`Job` adds the inputs (reference image, driving videos or saved performances,
 output), face options, directions (``--strength``/``--motion``, :mod:`.direction`), memory choices
 and checkpoints. :data:`BOUNDS` is the one table of numeric bounds; :func:`check_numbers` checks a
@@ -43,6 +43,15 @@ def cli_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def widget_range(name: str, step: float | None = None) -> dict:
+    """``{"min": ..., "max": ...}`` of a node widget for :data:`BOUNDS` ``[name]``, so a node accepts exactly
+    what the CLI accepts (an open lower bound becomes ``low + step``)."""
+    lo, hi, lo_open, _ = BOUNDS[name]
+    if lo_open:
+        lo = lo + (step or 0.01)
+    return {"min": lo, "max": hi}
+
+
 def check_bound(name: str, value, label: str | None = None):
     """``value`` checked against :data:`BOUNDS` ``[name]``; ``label`` names it in the error.
 
@@ -64,7 +73,7 @@ class ResolvedSampling:
         sampler: solver name (:data:`~fantasyportrait_core.sampling.flow.SAMPLERS`).
         cfg, portrait_cfg: guidance scales (the preset's cfg when one is set).
         schedule: float32 sigmas ``[steps + 1]`` from <= 1 down to 0.
-        guidance: the per-step :class:`~fantasyportrait_core.sampling.flow.GuidanceSchedule`.
+        guidance: the per-step :class:`~fantasyportrait_core.sampling.guidance.GuidanceSchedule`.
     """
 
     sampler: str
@@ -117,7 +126,8 @@ class SamplingOptions:
         Raises:
             ValueError: an unknown preset or sampler, bad sigmas, guidance ranges or step ranges.
         """
-        from fantasyportrait_core.sampling.flow import PRESETS, SAMPLERS, GuidanceSchedule, schedule_sigmas
+        from fantasyportrait_core.sampling.flow import PRESETS, SAMPLERS, schedule_sigmas
+        from fantasyportrait_core.sampling.guidance import GuidanceSchedule
 
         sampler, cfg = self.sampler, self.cfg
         if self.preset is not None:

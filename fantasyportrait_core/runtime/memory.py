@@ -291,7 +291,7 @@ def plan_sampling(size: ModelSize, width: int, height: int, num_frames: int, fre
         size: :func:`measured_size` of the loaded model; width, height: pixels (multiples of 16);
         num_frames: pixel frames (4k+1); free_bytes: as :func:`plan_memory` (``None``: no GPU, then
             one pass unless ``long_video = "windows"``).
-        passes: :func:`~fantasyportrait_core.sampling.flow.guidance_passes` of the step with the most passes.
+        passes: :func:`~fantasyportrait_core.sampling.guidance.guidance_passes` of the step with the most passes.
         people: characters; storage, offload: as :func:`plan_memory`;
         long_video: ``"auto"``, ``"one_pass"`` or ``"windows"``; context_frames: window length.
     Returns:

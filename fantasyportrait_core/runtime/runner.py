@@ -39,9 +39,10 @@ log = logging.getLogger("FantasyPortrait")
 
 
 def apply_lora_specs(transformer, specs: list[str]) -> list:
-    """Read and apply ``FILE[:STRENGTH]`` LoRA specs (:func:`~fantasyportrait_core.weights.lora.apply_loras`);
+    """Read and apply ``FILE[:STRENGTH]`` LoRA specs (:func:`~fantasyportrait_core.weights.lora_apply.apply_loras`);
     returns the summaries for the report."""
-    from fantasyportrait_core.weights.lora import apply_loras, parse_lora_arg, read_lora
+    from fantasyportrait_core.weights.lora import parse_lora_arg, read_lora
+    from fantasyportrait_core.weights.lora_apply import apply_loras
 
     loras = []
     for spec in specs:
@@ -347,7 +348,7 @@ def prepare_model(models: Models, job: Job, width: int, height: int, num_frames:
     from fantasyportrait_core.runtime.assemble import set_speed_options, weight_storage
     from fantasyportrait_core.runtime.memory import measured_size, plan_sampling
     from fantasyportrait_core.runtime.residency import available_ram_bytes, enable_block_offload, free_vram_bytes
-    from fantasyportrait_core.sampling.flow import guidance_passes
+    from fantasyportrait_core.sampling.guidance import guidance_passes
 
     m = job.memory
     sampling = sampling or job.sampling.resolve()

@@ -129,7 +129,7 @@ class ContextWindowDenoiser:
 
     Args:
         window, overlap: in latent frames (21 and 4 ≈ 81 and 16 pixel frames).
-        guidance: optional per-step :class:`~fantasyportrait_core.sampling.flow.GuidanceSchedule`, shared by the windows.
+        guidance: optional per-step :class:`~fantasyportrait_core.sampling.guidance.GuidanceSchedule`, shared by the windows.
         anchor: ``"reference"`` (default): windows after the first also see latent frame 0 with the
             reference condition; ``"none"``: plain slices (later windows get no reference).
         batch_passes: guidance passes per forward (see ``PortraitDenoiser``).
