@@ -164,3 +164,18 @@ def test_both_adapter_settings_change_the_result_and_bad_options_are_named(wan22
         check_expert_options(1.5, "both")
     with pytest.raises(ValueError, match="adapter_on 'middle' is unknown"):
         check_expert_options(0.9, "middle")
+
+
+def test_context_windows_run_on_each_expert(wan22):
+    """Long videos: each expert gets the same context-window denoiser as Wan2.1 (windows of 2 latent
+    frames over 3 here); both experts run, the result is finite and differs from one pass."""
+    pair = _pair(wan22)
+    f_lat = 3
+    cond = _cond(f_lat)
+    port = _two_people(f_lat, 4, TINY_ADAPTER["proj_dim"])
+    resolved = SamplingOptions(steps=4, shift=5.0, cfg=1.0, portrait_cfg=2.0, seed=3).resolve()
+    windowed = generate_latent(None, None, cond, port, 9, 32, 32, device="cpu", resolved=resolved, experts=pair,
+                               context_frames=5, context_overlap=4, window_anchor="none")
+    assert [n for _, n in pair.trace] == ["high" if float(s) >= 0.9 else "low" for s in resolved.schedule[:-1]]
+    whole = generate_latent(None, None, cond, port, 9, 32, 32, device="cpu", resolved=resolved, experts=_pair(wan22))
+    assert torch.isfinite(windowed).all() and not torch.allclose(windowed, whole)
