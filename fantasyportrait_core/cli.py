@@ -27,7 +27,7 @@ import torch
 from fantasyportrait_core.drive.encode import LANDMARK_FILTERS
 from fantasyportrait_core.faces.assign import ASSIGN_MODES
 from fantasyportrait_core.validate import parse_face_order
-from fantasyportrait_core.model.attention import ATTENTION_BACKENDS
+from fantasyportrait_core.model.backends import ATTENTION_BACKENDS
 from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES
 from fantasyportrait_core.faces.detect import BACKENDS, make_detector
 from fantasyportrait_core.faces.packages import BackendUnavailable
@@ -155,6 +155,13 @@ def _run_arguments(run, batch: bool = False, out: bool = True):
     run.add_argument("--transformer", help="Wan2.1-I2V transformer: file, shards, folder or .gguf (any supported format); "
                           "FlashPortrait: its transformer.pt (detected from its emo_k_proj keys)")
     run.add_argument("--wan-dir", help="diffusers Wan2.1-I2V folder (VAE, umT5, CLIP; transformer if not given)")
+    run.add_argument("--transformer-2", help="EXPERIMENTAL: Wan2.2-I2V-A14B low-noise expert (--transformer is then the "
+                                             "high-noise one); the adapter was trained on Wan2.1, quality on Wan2.2 not "
+                                             "measured. A diffusers Wan2.2 --wan-dir with transformer_2/ needs no flag")
+    run.add_argument("--boundary", type=float, default=0.9,
+                     help="Wan2.2 experts: the high-noise expert runs while the timestep is >= boundary x 1000 (I2V: 0.9)")
+    run.add_argument("--adapter-on", choices=("both", "high", "low"), default="both",
+                     help="Wan2.2 experts: which experts run the portrait branch")
     run.add_argument("--adapter", help="fantasyportrait_model.ckpt or the repacked .safetensors; with FlashPortrait's "
                                          "transformer: its portrait_encoder.pt")
     run.add_argument("--pd-fpg", help="pd_fpg.pth (default: the pd_fpg.* keys of a repacked adapter)")
@@ -293,7 +300,8 @@ def job_from_args(args) -> Job:
                           expression_speed=args.expression_speed, expression_loop=args.expression_loop,
                           expression_start=args.expression_start, expression_end=args.expression_end,
                           transformer=args.transformer, wan_dir=args.wan_dir, adapter=args.adapter,
-                          pd_fpg=args.pd_fpg, tiny_random=args.tiny_random)
+                          pd_fpg=args.pd_fpg, tiny_random=args.tiny_random, transformer_2=args.transformer_2,
+                          boundary=args.boundary, adapter_on=args.adapter_on)
     return job
 
 

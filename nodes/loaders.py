@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fantasyportrait_core.model.attention import ATTENTION_BACKENDS, PortraitState, attach_portrait_processors
+from fantasyportrait_core.model.attention import PortraitState, attach_portrait_processors
+from fantasyportrait_core.model.backends import ATTENTION_BACKENDS
+from fantasyportrait_core.weights.experts import load_wan22_experts
 from fantasyportrait_core.weights.load import load_adapter_for, load_expression_encoder, load_transformer
 from fantasyportrait_core.faces.detect import make_detector
 from fantasyportrait_core.faces.packages import missing_packages
@@ -41,6 +43,8 @@ class PortraitModel:
         home: where the weights live between prompts (no RAM copies when moving them).
         resident: the model as ComfyUI's memory management sees it (kept on the GPU between prompts).
         info: what the loader chose and why (shown by the sampler's info output).
+        low_noise: Wan2.2-I2V-A14B only (experimental): the low-noise expert as its own PortraitModel
+            (same adapter); ``transformer`` is then the high-noise expert. ``None`` for Wan2.1.
         loras: ``(LoraWeights, strength)`` pairs added by FantasyPortrait LoRA nodes; the sampler
             makes exactly these active (the transformer is shared with the loader's output, so the
             LoRA node itself changes no weights).
@@ -58,6 +62,7 @@ class PortraitModel:
     home: WeightHome | None = field(default=None, repr=False)
     resident: ComfyResident | None = field(default=None, repr=False)
     info: str = ""
+    low_noise: "PortraitModel | None" = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.home is None:
@@ -98,7 +103,7 @@ def build_portrait_model(transformer, adapter, dtype, offload: str = "none", fas
         fast_mode: one of :data:`FAST_MODES`: fp8 matmuls (``torch._scaled_mm``) on GPUs with fp8
             tensor cores (compute capability 8.9+; others keep fp8 storage with bf16 matmuls), and
             optionally ``torch.compile`` of the transformer blocks (diffusers regional compilation).
-        attention: a key of :data:`~fantasyportrait_core.model.attention.ATTENTION_BACKENDS`.
+        attention: a key of :data:`~fantasyportrait_core.model.backends.ATTENTION_BACKENDS`.
     Raises:
         ValueError: unknown options. Fast mode on bf16 weights stores them as scaled fp8 first
             (the Model Loader refuses that combination with storage = same before loading).
@@ -176,6 +181,11 @@ class FantasyPortraitModelLoader:
                 "tooltip": "sdpa: PyTorch picks its fastest kernel (cuDNN on H100/H200, flash elsewhere). "
                            "sdpa_cudnn / sdpa_flash force one. sageattention needs SageAttention 2.1.1+ (diffusers does not "
                            "use the registry's 1.0.6)."}),
+            "transformer_2": (["none", *host.transformer_list()], {
+                "default": "none",
+                "tooltip": "EXPERIMENTAL, Wan2.2-I2V-A14B: the low-noise expert (e.g. wan2.2_i2v_low_noise_14B_fp8_scaled); "
+                           "transformer is then the high-noise expert. The FantasyPortrait adapter was trained on "
+                           "Wan2.1: its quality on Wan2.2 has not been measured. none: Wan2.1 (one transformer)."}),
         }}
 
     RETURN_TYPES = ("FANTASYPORTRAIT_MODEL",)
@@ -186,24 +196,35 @@ class FantasyPortraitModelLoader:
     DESCRIPTION = "Loads the Wan2.1 image-to-video transformer and attaches the FantasyPortrait adapter."
 
     def load(self, transformer, adapter, weight_dtype="bf16", storage="auto", offload="auto", fast_mode="off",
-             attention="sdpa"):
+             attention="sdpa", transformer_2="none"):
         dtype = DTYPES[weight_dtype]
         path = host.transformer_path(transformer)
         if fast_mode != "off" and storage == "same" and not stored_as_fp8(path):
             raise ValueError("fast_mode multiplies in fp8 and needs fp8 weights: set storage to auto or fp8_e4m3fn")
         fp8 = storage == "fp8_e4m3fn" or (storage == "auto" and (fast_mode != "off" or stored_as_fp8(path)))
-        model = load_transformer(path, dtype=dtype, device=host.offload_device(), storage_dtype=FP8 if fp8 else None)
+        experts = transformer_2 not in (None, "", "none")
+        if experts:  # Wan2.2-I2V-A14B: both experts, strictly (one line for a single expert or a Wan2.1 file)
+            model, low = load_wan22_experts(path, host.transformer_path(transformer_2), dtype=dtype,
+                                            device=host.offload_device(), storage_dtype=FP8 if fp8 else None)
+        else:
+            model = load_transformer(path, dtype=dtype, device=host.offload_device(), storage_dtype=FP8 if fp8 else None)
         # FlashPortrait: transformer.pt (emo_k_proj) + portrait_encoder.pt, K/V into the adapter (load_adapter_for)
         portrait = load_adapter_for(model, host.model_path(host.MODEL_FOLDER, adapter), dtype=dtype,
                                     device=host.offload_device(), transformer_name=transformer, adapter_name=adapter)
         why = ""
-        if storage == "auto" and not fp8:
+        if storage == "auto" and not fp8:  # one expert at a time on the device: sized for one
             plan = choose_storage(measured_size(model, portrait), vram_available(host.torch_device()))
             why = f" (auto: {plan.describe()})"
             if plan.storage == "fp8":
                 quantize_model_fp8(model)
+                if experts:
+                    quantize_model_fp8(low)
         built = build_portrait_model(model, portrait, dtype, offload, fast_mode, attention)
         built.info += why
+        if experts:
+            built.low_noise = build_portrait_model(low, portrait, dtype, offload, fast_mode, attention)
+            built.info += ("\nWan2.2-I2V-A14B high- and low-noise experts (EXPERIMENTAL: the adapter was trained on "
+                           "Wan2.1; quality on Wan2.2 not measured); one expert on the GPU at a time")
         return (built,)
 
 

@@ -493,29 +493,61 @@ def window_image_condition(executor, x, t, c_concat=None, c_crossattn=None, cont
 CROSS_ATTENTION_PARTS = ("q", "norm_q", "o", "k_img", "v_img")
 
 
+# what the hooks use on a Wan2.2-I2V-A14B expert (ComfyUI's t2v_cross_attn: no image branch)
+EXPERT_CROSS_ATTENTION_PARTS = ("q", "norm_q", "o")
+
+
+def is_wan22_i2v_expert(diffusion_model) -> bool:
+    """Whether a ComfyUI ``WanModel`` is one Wan2.2-I2V-A14B expert: ComfyUI's model detection
+    (``comfy/model_detection.py``, read at 0.3.64 a125cd84 and at a9fc7512) types a Wan checkpoint
+    without ``img_emb`` as ``model_type "t2v"`` (supported model ``WAN21_T2V``, ``t2v_cross_attn``);
+    the I2V experts are told apart from T2V by their 36 input channels (16 noise + 4 mask + 16 image
+    latent)."""
+    if type(diffusion_model).__name__ != "WanModel" or getattr(diffusion_model, "model_type", None) != "t2v":
+        return False
+    in_dim = getattr(diffusion_model, "in_dim", None)
+    if in_dim is None:
+        pe = getattr(diffusion_model, "patch_embedding", None)
+        in_dim = getattr(getattr(pe, "weight", None), "shape", (None, None))[1]
+    return in_dim == 36
+
+
 def check_wan_i2v(diffusion_model, adapter):
     """Raise ``ValueError`` (one line naming the model class and what is missing) unless
-    ``diffusion_model`` is ComfyUI's Wan2.1 I2V ``WanModel`` (CLIP image cross-attention) whose blocks'
-    cross-attention has the modules :class:`PortraitHooks` attaches to and whose width and block
-    count match the adapter's. Subclasses (VACE, camera, S2V, HuMo, Animate, ...) are refused: they
-    add frames or tokens the portrait condition does not cover."""
+    ``diffusion_model`` is ComfyUI's Wan2.1 I2V ``WanModel`` (CLIP image cross-attention) or one
+    Wan2.2-I2V-A14B expert (:func:`is_wan22_i2v_expert`; experimental: the adapter was trained on
+    Wan2.1) whose blocks' cross-attention has the modules :class:`PortraitHooks` attaches to and whose
+    width and block count match the adapter's. Subclasses (VACE, camera, S2V, HuMo, Animate, ...) are
+    refused: they add frames or tokens the portrait condition does not cover.
+
+    Returns:
+        ``"Wan2.1-I2V"`` or ``"Wan2.2-I2V-A14B expert"``.
+    """
     name = type(diffusion_model).__name__
     blocks = getattr(diffusion_model, "blocks", None)
-    if name != "WanModel" or getattr(diffusion_model, "model_type", None) != "i2v" or not blocks:
+    expert = is_wan22_i2v_expert(diffusion_model)
+    if (not expert and (name != "WanModel" or getattr(diffusion_model, "model_type", None) != "i2v")) or not blocks:
         raise ValueError(f"model must be Wan2.1 image-to-video 14B (e.g. wan2.1_i2v_720p_14B_*.safetensors or a GGUF of "
-                         f"it in Load Diffusion Model / Unet Loader (GGUF)); got {name} "
+                         f"it in Load Diffusion Model / Unet Loader (GGUF)) or a Wan2.2-I2V-A14B expert "
+                         f"(wan2.2_i2v_high_noise / low_noise, experimental); got {name} "
                          f"{getattr(diffusion_model, 'model_type', '')}")
     attn = getattr(blocks[0], "cross_attn", None)
-    missing = [p for p in CROSS_ATTENTION_PARTS if not isinstance(getattr(attn, p, None), torch.nn.Module)]
+    parts = EXPERT_CROSS_ATTENTION_PARTS if expert else CROSS_ATTENTION_PARTS
+    missing = [p for p in parts if not isinstance(getattr(attn, p, None), torch.nn.Module)]
     if not isinstance(getattr(attn, "num_heads", None), int):
         missing.append("num_heads")
     if missing:
         raise ValueError(f"{name}'s cross-attention {type(attn).__name__} has no {', '.join(missing)}: it is not Wan2.1 "
-                         f"I2V with CLIP image attention (Wan2.2 I2V / FLF have no FantasyPortrait adapter), or this "
-                         f"ComfyUI changed it; use FantasyPortrait Model Loader + Sampler")
+                         f"I2V with CLIP image attention nor a Wan2.2-I2V expert (FLF has no FantasyPortrait adapter), or "
+                         f"this ComfyUI changed it; use FantasyPortrait Model Loader + Sampler")
     if adapter.num_layers != len(blocks) or adapter.dim != diffusion_model.dim:
         raise ValueError(f"the FantasyPortrait adapter fits a {adapter.num_layers}-block, {adapter.dim}-wide Wan; the "
-                         f"model has {len(blocks)} blocks of width {diffusion_model.dim}: use Wan2.1 I2V 14B")
+                         f"model has {len(blocks)} blocks of width {diffusion_model.dim}: use Wan2.1 I2V 14B or "
+                         f"Wan2.2-I2V-A14B")
+    if expert:
+        log.warning("[FantasyPortrait] Patch Model on a Wan2.2-I2V-A14B expert: experimental (the adapter was trained on "
+                    "Wan2.1; its quality on Wan2.2 has not been measured)")
+    return "Wan2.2-I2V-A14B expert" if expert else "Wan2.1-I2V"
 
 
 class FantasyPortraitPatchModel:
@@ -525,7 +557,10 @@ class FantasyPortraitPatchModel:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "Wan2.1 I2V 14B from Load Diffusion Model (bf16 / fp8) or a GGUF loader, "
-                                           "with any LoRAs (LoraLoaderModelOnly) before or after this node."}),
+                                           "with any LoRAs (LoraLoaderModelOnly) before or after this node. "
+                                           "Wan2.2-I2V-A14B (experimental: the adapter was trained on Wan2.1, quality "
+                                           "on Wan2.2 not measured): patch the high-noise and the low-noise expert "
+                                           "MODEL each with its own Patch Model."}),
             "adapter": ("FANTASYPORTRAIT_ADAPTER", {"tooltip": "From FantasyPortrait Adapter Loader."}),
             "portrait": ("FP_PORTRAIT", {"tooltip": "From FantasyPortrait Conditioning (faces, expressions, "
                                                     "portrait_scale)."}),

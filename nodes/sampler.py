@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -15,6 +16,8 @@ from fantasyportrait_core.drive.encode import frames_for
 from fantasyportrait_core.faces.layout import ReferenceLayout, reference_layout
 from fantasyportrait_core.model.attention import TEXT_CONTEXT_TOKENS
 from fantasyportrait_core.sampling.windows import ANCHORS, CONTEXT_MODES, window_preset
+from fantasyportrait_core.sampling.experts import (ADAPTER_ON, EXPERIMENTAL, WAN22_I2V_BOUNDARY, Expert, ExpertPair,
+                                                   check_expert_options)
 from fantasyportrait_core.model.denoiser import I2VConditioning
 from fantasyportrait_core.faces.face import Face
 from fantasyportrait_core.runtime.job import SamplingOptions, widget_range
@@ -72,9 +75,12 @@ def portrait_layout(portrait, width: int, height: int, num_frames: int) -> Refer
     return reference_layout(faces, portrait.drivers, width, height, num_frames, masks or None)
 
 
-def conditioning_parts(positive, negative, cfg: float):
+def conditioning_parts(positive, negative, cfg: float, clip_required: bool = True):
     """Text embeddings, CLIP image tokens and the 20-channel image condition from native Wan I2V
     CONDITIONING (as produced by ``WanImageToVideo``).
+
+    ``clip_required=False`` (Wan2.2-I2V-A14B: no CLIP image branch): no CLIP image tokens are needed;
+    the image tokens returned are then ``None``.
 
     Raises:
         ValueError: naming the node to connect when a part is missing.
@@ -85,18 +91,20 @@ def conditioning_parts(positive, negative, cfg: float):
     if "concat_latent_image" not in extra:
         raise InputError("positive has no reference image latent: connect WanImageToVideo (with start_image = the "
                          "reference portrait) between the text encoders and this sampler")
-    clip = extra.get("clip_vision_output")
-    if clip is None:
+    clip = extra.get("clip_vision_output") if clip_required else None
+    if clip is None and clip_required:
         raise InputError("positive has no CLIP image embedding: connect CLIPVisionEncode (clip_vision_h) to "
                          "WanImageToVideo's clip_vision_output; Wan2.1 I2V needs it")
-    image_ctx = clip["penultimate_hidden_states"] if isinstance(clip, dict) else clip.penultimate_hidden_states
+    image_ctx = None if clip is None else (clip["penultimate_hidden_states"] if isinstance(clip, dict)
+                                           else clip.penultimate_hidden_states)
     text_neg = negative[0][0] if (negative and cfg != 1.0) else None
     if cfg != 1.0 and text_neg is None:
         raise InputError("cfg != 1 needs a negative CONDITIONING")
     host.check_finite(text_pos, "positive (text embedding)", "check the text encoder and its model file")
     if text_neg is not None:
         host.check_finite(text_neg, "negative (text embedding)", "check the text encoder and its model file")
-    host.check_finite(image_ctx, "positive (CLIP vision embedding)", "check CLIPVisionEncode and its model file")
+    if image_ctx is not None:
+        host.check_finite(image_ctx, "positive (CLIP vision embedding)", "check CLIPVisionEncode and its model file")
     host.check_finite(extra["concat_latent_image"], "positive (reference image latent)",
                       "check the start_image and the VAE of WanImageToVideo")
 
@@ -186,6 +194,13 @@ class FantasyPortraitSampler:
                               "work per window). none: later windows see no reference. flashportrait: every "
                               "window is conditioned like the first (reference at its own first frame), as "
                               "FlashPortrait."}),
+            "boundary": ("FLOAT", {"default": WAN22_I2V_BOUNDARY, "min": 0.01, "max": 0.99, "step": 0.005, "tooltip":
+                         "EXPERIMENTAL, Wan2.2-I2V-A14B only (Model Loader with transformer_2): the high-noise expert "
+                         "runs while the timestep is at or above boundary x 1000, then the low-noise one (Wan2.2 "
+                         "I2V: 0.900). The adapter was trained on Wan2.1; quality on Wan2.2 not measured."}),
+            "adapter_on": (list(ADAPTER_ON), {"default": "both", "tooltip":
+                           "EXPERIMENTAL, Wan2.2-I2V-A14B only: which experts run the portrait branch (both, only "
+                           "the high-noise one, or only the low-noise one); the other runs plain Wan2.2."}),
         }}
 
     RETURN_TYPES = ("LATENT", "STRING")
@@ -216,7 +231,8 @@ class FantasyPortraitSampler:
     def sample(self, model, portrait, positive, negative, latent, seed, steps=DEFAULT_STEPS, cfg=1.0,
                portrait_cfg=4.0, shift=DEFAULT_SHIFT, context_frames=81, context_overlap=16, sampler="euler",
                preset="none", denoise=1.0, cfg_start=0.0, cfg_end=1.0, portrait_cfg_start=0.0, portrait_cfg_end=1.0,
-               portrait_scale_steps="", sigmas=None, long_video="auto", window_anchor="reference"):
+               portrait_scale_steps="", sigmas=None, long_video="auto", window_anchor="reference",
+               boundary=WAN22_I2V_BOUNDARY, adapter_on="both"):
         samples = host.check_latent(latent, "latent")
         msg = self.VALIDATE_INPUTS(context_frames, context_overlap)
         if msg is not True:
@@ -246,12 +262,23 @@ class FantasyPortraitSampler:
         if shortest < num_frames:
             raise InputError(f"the latent is {num_frames} frames long but a driving expression has only {shortest}; "
                              f"set WanImageToVideo length to at most {frames_for(portrait.drivers)}")
-        text_pos, text_neg, image_ctx, y = conditioning_parts(positive, negative, cfg)
+        low = getattr(model, "low_noise", None)
+        if low is not None:
+            try:
+                check_expert_options(boundary, adapter_on)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+            if model.loras or low.loras:
+                raise InputError("FantasyPortrait LoRA on Wan2.2 experts is not supported (each expert needs its own "
+                                 "LoRA): use the native graph (LoraLoaderModelOnly on each expert) or no LoRA")
+        text_pos, text_neg, image_ctx, y = conditioning_parts(positive, negative, cfg, clip_required=low is None)
         tc = model.transformer.config
         if text_pos.shape[-1] != tc.text_dim:
             raise InputError(f"positive text embeddings are {text_pos.shape[-1]}-wide but the transformer takes "
                              f"{tc.text_dim}: encode the prompt with the Wan umT5-XXL text encoder (CLIPLoader type wan)")
-        if image_ctx.shape[-1] != tc.image_dim:
+        if image_ctx is not None and tc.image_dim is None:
+            image_ctx = None  # Wan2.2 experts have no CLIP image branch: a CLIP input is not used
+        if image_ctx is not None and image_ctx.shape[-1] != tc.image_dim:
             raise InputError(f"the CLIP vision embedding is {image_ctx.shape[-1]}-wide but the transformer takes "
                              f"{tc.image_dim}: use clip_vision_h in CLIPVisionLoader")
         if y.shape[2:] != samples.shape[2:]:
@@ -264,11 +291,20 @@ class FantasyPortraitSampler:
         tr = model.transformer
         passes = guidance_passes(cfg, portrait_cfg)  # the most passes a step runs (guidance intervals skip some)
         apply_loras(tr, model.loras)  # exactly this model's LoRAs (none: any earlier ones are removed)
-        size = measured_size(tr, model.adapter)
+        if low is not None:
+            apply_loras(low.transformer, ())
+        size = measured_size(tr, model.adapter)  # Wan2.2: one expert (the one on the device) at a time
         window, plan = self.plan(model, size, device, width, height, num_frames, passes, len(portrait.drivers),
                                  long_video, context_frames, window_anchor == "reference")
         log.info("[FantasyPortrait] %s", plan.describe())
-        self.place(model, size, plan, device)
+        experts = None
+        if low is None:
+            self.place(model, size, plan, device)
+        else:
+            by_name = {"high": model, "low": low}
+            experts = ExpertPair(Expert("high", tr, model.state), Expert("low", low.transformer, low.state), boundary,
+                                 adapter_on, on_switch=lambda out, into: self.place(by_name[into], size, plan, device))
+            log.warning("[FantasyPortrait] Wan2.2-I2V-A14B, adapter on %s expert(s): %s", adapter_on, EXPERIMENTAL)
         pbar = host.Progress(len(schedule) - 1)
         init = None
         if float(schedule[0]) < 1.0:
@@ -285,14 +321,18 @@ class FantasyPortraitSampler:
         try:
             # Whatever happens inside (Cancel, out of memory, an error), the model leaves as it came: no
             # condition attached, processors and hooks as loaded, every weight where it was (offload too).
-            with restored(tr, model.state), model.home.guard():
+            with contextlib.ExitStack() as stack:
+                for m in (model,) if low is None else (model, low):
+                    stack.enter_context(restored(m.transformer, m.state))
+                    stack.enter_context(m.home.guard())
                 cond = portrait_condition(model.adapter, portrait.drivers, num_frames, layout, portrait.scale)
                 i2v = I2VConditioning(text_pos, text_neg, image_ctx, y)
                 out = generate.generate_latent(tr, model.state, i2v, cond, num_frames, width, height, seed=seed,
                                                callback=callback, context_frames=window,
                                                context_overlap=context_overlap, window_anchor=window_anchor,
                                                init_latent=init,
-                                               batch_passes=plan.batch_passes, device=device, resolved=resolved)
+                                               batch_passes=plan.batch_passes, device=device, resolved=resolved,
+                                               experts=experts)
         except torch.cuda.OutOfMemoryError as e:
             model.resident.detach()
             # Re-raise the very OOM error (ComfyUI's ``model_management.OOM_EXCEPTION``): ComfyUI then
@@ -305,6 +345,10 @@ class FantasyPortraitSampler:
             raise
         # The model stays on the GPU for the next prompt; ComfyUI unloads it when it needs the memory.
         context = "one pass" if window is None else f"windows of {window} frames (anchor: {window_anchor})"
+        if experts is not None:
+            switch = next((sg for sg, name in experts.trace if name == "low"), None)
+            context += (f"\nWan2.2 experts (EXPERIMENTAL), adapter on {adapter_on}: high-noise until timestep "
+                        f"{boundary * 1000:.0f}, low-noise from sigma {switch if switch is None else round(switch, 4)}")
         info = (f"{model.info}\n{plan.describe()}\n{num_frames} frames: {context}\n"
                 f"sampling {time.perf_counter() - start:.1f} s ({len(schedule) - 1} steps)")
         result = copy.copy(latent)

@@ -184,6 +184,21 @@ def write_native_models(models_dir: str) -> dict:
             lora[key + ".lora_up.weight"] = torch.randn(dim, 4, generator=g) * 0.1
             lora[key + ".alpha"] = torch.tensor(4.0)
     save_file(lora, os.path.join(models_dir, "loras", names["native_lora"]))
+    names.update(write_wan22_models(models_dir))
+    return names
+
+
+def write_wan22_models(models_dir: str) -> dict:
+    """For the Wan2.2 workflow (experimental): two tiny Wan2.2-I2V-A14B experts (no img_emb, 36 input
+    channels; ComfyUI types each WAN21_T2V) in the Comfy-Org repack layout, named as the released ones."""
+    from fantasyportrait_core.weights import tiny as W
+    from fantasyportrait_core.weights.keys import COMFY_PREFIX
+
+    high, low = W.tiny_native_wan22_experts(seed=1)
+    names = {"native_wan22_high": "tiny_wan2.2_i2v_high_noise.safetensors",
+             "native_wan22_low": "tiny_wan2.2_i2v_low_noise.safetensors"}
+    W.write_wan_original(high, os.path.join(models_dir, "diffusion_models", names["native_wan22_high"]), prefix=COMFY_PREFIX)
+    W.write_wan_original(low, os.path.join(models_dir, "diffusion_models", names["native_wan22_low"]), prefix=COMFY_PREFIX)
     return names
 
 
@@ -291,8 +306,15 @@ def adapt_for_check(prompt: dict, names: dict, length: int, size: tuple[int, int
             inp["steps"] = 2
         elif ct == "FantasyPortraitEncodeExpression":
             inp["max_frames"] = length  # encode only the frames generated
+        elif ct == "UNETLoader" and "high_noise" in inp["unet_name"]:  # Wan2.2 workflow
+            inp["unet_name"] = names["native_wan22_high"]
+        elif ct == "UNETLoader" and "low_noise" in inp["unet_name"]:
+            inp["unet_name"] = names["native_wan22_low"]
         elif ct == "UNETLoader":  # native workflow
             inp["unet_name"] = names["native_unet"]
+        elif ct == "KSamplerAdvanced":  # Wan2.2 workflow: 2 steps, split after the first as 20 at 10
+            inp.update(steps=2, start_at_step=min(inp["start_at_step"], 1), end_at_step=min(inp["end_at_step"], 1)
+                       if inp["end_at_step"] < 10000 else 10000)
         elif ct == "FantasyPortraitAdapterLoader":
             inp["adapter"] = names["native_adapter"]
         elif ct == "LoraLoaderModelOnly":
@@ -599,10 +621,13 @@ def check_session(session, length: int, wanted: list[str], summary: list, timeou
             ("fantasyportrait_native.json", (64, 64), names["native_unet"], False),
             ("fantasyportrait_native.json", (64, 64), names["native_unet"], True),
             # FlashPortrait's transformer.pt + portrait_encoder.pt, two characters
-            ("fantasyportrait_flash.json", (112, 64), names["flash_transformer"], False))
+            ("fantasyportrait_flash.json", (112, 64), names["flash_transformer"], False),
+            # Wan2.2-I2V-A14B (experimental): two UNETLoaders, Patch Model on each expert, two KSamplerAdvanced
+            ("fantasyportrait_wan22.json", (64, 64), names["native_wan22_high"], False))
     runs = [r for r in runs if not wanted or any(w in r[0] for w in wanted)]
     for wf_name, size, transformer, lora_on in runs:
-        loader = ("UNETLoader", "unet_name") if "native" in wf_name else ("FantasyPortraitWanModelLoader", "transformer")
+        native_graph = "native" in wf_name or "wan22" in wf_name
+        loader = ("UNETLoader", "unet_name") if native_graph else ("FantasyPortraitWanModelLoader", "transformer")
         if transformer not in json.dumps(info[loader[0]]["input"]["required"][loader[1]]):
             ok = False
             summary.append(f"{wf_name}: {transformer} is not offered by {loader[0]}")
@@ -645,6 +670,11 @@ def check_session(session, length: int, wanted: list[str], summary: list, timeou
                        f"({res['seconds']:.1f} s; transformer {transformer})")
         if any(n["type"] == "FantasyPortraitSavePerformance" for n in wf["nodes"]):  # the file must load back
             ok &= check_saved_performance(out_dir, res, summary, wf_name)
+        if "wan22" in wf_name:  # Patch Model ran on both experts (ComfyUI typed each as Wan2.2 expert)
+            with open(log_path) as f:
+                patched = sum("Patch Model on a Wan2.2-I2V-A14B expert" in l for l in f)
+            ok &= patched >= 2
+            summary.append(f"{wf_name}: Patch Model on a Wan2.2-I2V-A14B expert logged {patched}x (both experts: >= 2)")
         if any(n["type"] == "FantasyPortraitLoRA" for n in wf["nodes"]):  # the LoRA must have been applied
             with open(log_path) as f:
                 active = [l.strip() for l in f if "LoRAs active" in l and names["lora"] in l]

@@ -125,6 +125,9 @@ SOCKETS = {
                                    ("portrait", "FP_PORTRAIT", False)], [("model", "MODEL")]),
     "FantasyPortraitGuider": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
                                ("negative", "CONDITIONING", False)], [("guider", "GUIDER")]),
+    # Wan2.2 two-expert graph (fantasyportrait_wan22.json)
+    "KSamplerAdvanced": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
+                          ("negative", "CONDITIONING", False), ("latent_image", "LATENT", False)], [("LATENT", "LATENT")]),
 }
 # Widget inputs (name, type, optional) of the node types where a graph links into a widget, in widget
 # order: the frontend lists them after the socket inputs, and a link's target slot counts them.
@@ -517,6 +520,81 @@ def flash() -> Graph:
     return g
 
 
+WAN22_HIGH = "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"
+WAN22_LOW = "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"
+
+
+def wan22() -> Graph:
+    """EXPERIMENTAL: one character on Wan2.2-I2V-A14B's two experts as ComfyUI's own example graph runs
+    them (two Load Diffusion Model, shift 8 each, two KSamplerAdvanced: 20 steps, cfg 3.5, the high-noise
+    expert on steps 0-10 returning its leftover noise, the low-noise one on 10-20), with FantasyPortrait
+    Patch Model on each expert MODEL (same adapter, same portrait). Wan2.2 I2V has no CLIP vision input.
+    KSamplerAdvanced's guidance is plain cfg (portrait on in every pass; no portrait cfg). The adapter was
+    trained on Wan2.1: its quality on Wan2.2 has not been measured.
+
+    Columns: 0 loaders and inputs, 1 encoders / shifts, 2 WanImageToVideo / face preview / Encode
+    Expression, 3 Conditioning, 4 Patch Models, 5 high-noise sampler, 6 low-noise sampler, 7 VAE Decode,
+    8 Create Video, 9 Save Video.
+    """
+    g = Graph(["Models and prompts (Wan2.2-I2V-A14B, experimental)", "Reference portrait", "Driving video A"])
+    g.add("unet_high", "UNETLoader", 0, 0, [WAN22_HIGH, "default"], title="Wan2.2 I2V high-noise expert",
+          size=(360, 0))
+    g.add("unet_low", "UNETLoader", 0, 0, [WAN22_LOW, "default"], title="Wan2.2 I2V low-noise expert", size=(360, 0))
+    g.add("clip", "CLIPLoader", 0, 0, ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], size=(360, 0))
+    g.add("vae", "VAELoader", 0, 0, ["wan_2.1_vae.safetensors"], size=(360, 0))
+    g.add("adapter", "FantasyPortraitAdapterLoader", 0, 0,
+          widgets("FantasyPortraitAdapterLoader", adapter="Wan2_1_FantasyPortrait_fp16.safetensors"),
+          size=(360, 0))
+    g.add("encoder", "FantasyPortraitExpressionEncoderLoader", 0, 0,
+          widgets("FantasyPortraitExpressionEncoderLoader", encoder="pd_fpg.pth"), size=(360, 0))
+    g.add("detector", "FantasyPortraitFaceDetectorLoader", 0, 0, widgets("FantasyPortraitFaceDetectorLoader"), size=(360, 0))
+    g.add("pos", "CLIPTextEncode", 1, 0, [PROMPT], title="Positive prompt", size=(340, 140))
+    g.add("neg", "CLIPTextEncode", 1, 0, [NEGATIVE], title="Negative prompt (cfg 3.5)", size=(340, 140))
+    g.add("shift_high", "ModelSamplingSD3", 1, 0, [8.0], title="Shift 8 (high-noise expert)", size=(340, 0))
+    g.add("shift_low", "ModelSamplingSD3", 1, 0, [8.0], title="Shift 8 (low-noise expert)", size=(340, 0))
+    g.add("i2v", "WanImageToVideo", 2, 0, [720, 720, 97, 1], size=(320, 0))
+    g.add("note", "Note", 2, 0, [
+        "EXPERIMENTAL: FantasyPortrait's adapter was trained on Wan2.1; nobody has measured its quality on Wan2.2.\n\n"
+        "Each expert MODEL gets its own FantasyPortrait Patch Model (bypass one with Ctrl+B to keep the portrait "
+        "on the other expert only). Steps 0-10 of 20 run on the high-noise expert, 10-20 on the low-noise one, "
+        "as ComfyUI's Wan2.2 example."], size=(320, 230))
+    g.add("patch_high", "FantasyPortraitPatchModel", 4, 0, title="Patch Model (high-noise expert)", size=(320, 0))
+    g.add("patch_low", "FantasyPortraitPatchModel", 4, 0, title="Patch Model (low-noise expert)", size=(320, 0))
+    g.add("sample_high", "KSamplerAdvanced", 5, 0,
+          ["enable", 42, "fixed", 20, 3.5, "euler", "simple", 0, 10, "enable"], title="High-noise expert: steps 0-10",
+          size=(320, 0), grow=IMAGE_ROOM)
+    g.add("sample_low", "KSamplerAdvanced", 6, 0,
+          ["disable", 42, "fixed", 20, 3.5, "euler", "simple", 10, 10000, "disable"],
+          title="Low-noise expert: steps 10-20", size=(320, 0), grow=IMAGE_ROOM)
+    g.add("decode", "VAEDecode", 7, 0, size=(200, 0))
+    g.add("create", "CreateVideo", 8, 0, [25], size=(230, 0))
+    g.add("save", "SaveVideo", 9, 0, ["video/FantasyPortrait_wan22", "auto", "auto"], size=(380, 0),
+          grow=video_room(720, 720, 380))
+
+    reference_band(g, "man.jpeg", preview_w=320)
+    driving(g, "A", "jgz.mp4", 2, frames=97)
+    for a, o, b, i in [("unet_high", "MODEL", "shift_high", "model"), ("unet_low", "MODEL", "shift_low", "model"),
+                       ("shift_high", "MODEL", "patch_high", "model"), ("shift_low", "MODEL", "patch_low", "model"),
+                       ("adapter", "adapter", "patch_high", "adapter"), ("adapter", "adapter", "patch_low", "adapter"),
+                       ("cond", "portrait", "patch_high", "portrait"), ("cond", "portrait", "patch_low", "portrait"),
+                       ("patch_high", "model", "sample_high", "model"), ("patch_low", "model", "sample_low", "model"),
+                       ("clip", "CLIP", "pos", "clip"), ("clip", "CLIP", "neg", "clip"),
+                       ("pos", "CONDITIONING", "i2v", "positive"), ("neg", "CONDITIONING", "i2v", "negative"),
+                       ("vae", "VAE", "i2v", "vae"), ("image", "IMAGE", "i2v", "start_image"),
+                       ("detector", "face_detector", "facemasks", "face_detector"), ("image", "IMAGE", "facemasks", "image"),
+                       ("facemasks", "preview", "facepreview", "images"), ("facemasks", "faces", "cond", "faces"),
+                       ("cond", "preview", "condpreview", "images"), ("A_expr", "expression", "cond", "expression"),
+                       ("i2v", "positive", "sample_high", "positive"), ("i2v", "negative", "sample_high", "negative"),
+                       ("i2v", "latent", "sample_high", "latent_image"),
+                       ("i2v", "positive", "sample_low", "positive"), ("i2v", "negative", "sample_low", "negative"),
+                       ("sample_high", "LATENT", "sample_low", "latent_image"),
+                       ("sample_low", "LATENT", "decode", "samples"), ("vae", "VAE", "decode", "vae"),
+                       ("decode", "IMAGE", "create", "images"), ("A_parts", "audio", "create", "audio"),
+                       ("cond", "fps", "create", "fps"), ("create", "VIDEO", "save", "video")]:
+        g.link(a, o, b, i)
+    return g
+
+
 MOUTH_KEYS = "0:1, 40:0.3, 80:1"  # the directed graph's mouth curve: full, down to 0.3 at frame 40, back at 80
 SAVED_PERFORMANCE = "jgz_performance.safetensors"  # in ComfyUI's input folder (Save Performance makes one)
 
@@ -554,6 +632,7 @@ WORKFLOWS = {"fantasyportrait_single.json": single, "fantasyportrait_multi.json"
              "fantasyportrait_fast.json": fast, "fantasyportrait_native.json": native}
 WORKFLOWS["fantasyportrait_directed.json"] = directed
 WORKFLOWS["fantasyportrait_flash.json"] = flash
+WORKFLOWS["fantasyportrait_wan22.json"] = wan22
 
 
 def main():

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from fantasyportrait_core.weights.keys import COMFY_PREFIX, transformer_state_dict_original
-from fantasyportrait_core.weights.tiny import (LORA_LAYERS, TINY_NATIVE_TRANSFORMER,  # noqa: F401
+from fantasyportrait_core.weights.tiny import (LORA_LAYERS, TINY_NATIVE_TRANSFORMER, tiny_native_wan22_experts,  # noqa: F401
                                                    contiguous_state_dict,
                                                    tiny_native_models, write_adapter_repacked, write_pd_fpg,
                                                    write_wan_lora, write_wan_original)

@@ -291,7 +291,7 @@ def test_sageattention_below_what_diffusers_takes_is_refused_up_front(tiny, tmp_
     the state 1.0.6 leaves it in)."""
     from diffusers.models import attention_dispatch as ad
 
-    from fantasyportrait_core.model.attention import set_attention_backend
+    from fantasyportrait_core.model.backends import set_attention_backend
 
     assert not ad._CAN_USE_SAGE_ATTN and ad.sageattn is None
     pkg = tmp_path / "sageattention"

@@ -374,3 +374,22 @@ def test_patch_refuses_what_it_cannot_patch(adapter):
         native.check_wan_i2v(_wan(5120, 40), adapter)
     with pytest.raises(ValueError, match="WanModel's cross-attention _T2VCrossAttention has no k_img"):
         native.check_wan_i2v(_wan(adapter.dim, adapter.num_layers, _T2VCrossAttention), adapter)
+
+
+def test_patch_takes_a_wan22_i2v_expert_as_comfyui_types_it(adapter):
+    """ComfyUI loads each Wan2.2-I2V-A14B expert as WanModel model_type "t2v" (no img_emb) with in_dim 36
+    and t2v cross-attention (q, norm_q, o; no k_img): patchable (experimental); a T2V model (in_dim 16) is not."""
+    def t2v(in_dim):
+        m = _wan(adapter.dim, adapter.num_layers, _T2VCrossAttention, model_type="t2v")
+        m.in_dim = in_dim
+        return m
+
+    assert native.check_wan_i2v(t2v(36), adapter) == "Wan2.2-I2V-A14B expert"
+    assert native.check_wan_i2v(_wan(adapter.dim, adapter.num_layers), adapter) == "Wan2.1-I2V"
+    with pytest.raises(ValueError, match="Wan2.2-I2V-A14B expert"):
+        native.check_wan_i2v(t2v(16), adapter)
+    broken = t2v(36)
+    for b in broken.blocks:
+        del b.cross_attn.norm_q
+    with pytest.raises(ValueError, match="has no norm_q"):
+        native.check_wan_i2v(broken, adapter)

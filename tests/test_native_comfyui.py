@@ -315,3 +315,57 @@ def test_unpatching_is_clean(native):
     before = _result(native, "plain_before")
     assert torch.equal(_result(native, "plain_after"), before), "the patched MODEL's base sampled afterwards"
     assert torch.equal(_result(native, "plain_fresh"), before), "a freshly loaded, never patched MODEL"
+
+
+@pytest.fixture(scope="module")
+def wan22(setup):
+    """Wan2.2-I2V-A14B (experimental): two tiny experts (no img_emb; ComfyUI types each WAN21_T2V with
+    in_dim 36) sampled as ComfyUI's two-stage graph, Patch Model on the expert(s) with the adapter; sigmas
+    [1, 0.909, 0.714, 0] (3 steps, shift 5): steps 0-1 at t >= 900 on the high-noise expert, step 2 on
+    the low-noise one, i.e. the Wan2.2 I2V boundary 0.900 of our sampler."""
+    d, paths, cond, portraits = setup
+    high, low = W.tiny_native_wan22_experts(seed=1)
+    files = {"high": W.write_wan_original(high, str(d / "wan2.2_i2v_high_noise_tiny.safetensors"), dtype=torch.float32),
+             "low": W.write_wan_original(low, str(d / "wan2.2_i2v_low_noise_tiny.safetensors"), dtype=torch.float32)}
+    c = dict(cond, clip=None)
+    stages = lambda high_portrait, low_portrait: [dict(model="high", portrait=high_portrait, start=0, end=2),
+                                                  dict(model="low", portrait=low_portrait, start=2, end=3)]
+    runs = [dict(name="both", guider="fantasyportrait", cfg=3.0, portrait_cfg=4.0, stages=stages("two", "two")),
+            dict(name="high_only", guider="fantasyportrait", cfg=3.0, portrait_cfg=4.0, stages=stages("two", None)),
+            dict(name="plain", guider="cfg", cfg=3.0, stages=stages(None, None))]
+    job = dict(comfy_dir=COMFYUI_DIR, checkpoint=files["high"], checkpoints=files, adapter=paths["adapter"],
+               conditioning=c, latent_shape=(1, 16, F_LAT, LAT, LAT), portraits=portraits,
+               sigmas=flow_sigmas(STEPS, SHIFT), seed=SEED, runs=runs)
+    torch.save(job, d / "wan22_job.pt")
+    res = subprocess.run([comfy_python(), os.path.join(ROOT, "tests", "comfy_native_runner.py"), str(d / "wan22_job.pt"),
+                          str(d / "wan22_out.pt")], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return files, c, torch.load(d / "wan22_out.pt", weights_only=False)
+
+
+def test_wan22_two_experts_native_equals_our_sampler(setup, wan22):
+    from fantasyportrait_core.weights.experts import load_wan22_experts
+
+    files, c, native_out = wan22
+    _, paths, _, portraits = setup
+    sig = flow_sigmas(STEPS, SHIFT)
+    assert float(sig[1]) >= 0.9 > float(sig[2])  # the stage split is the boundary
+    high, low = load_wan22_experts(files["high"], files["low"], dtype=torch.float32)
+    adapter = load_adapter(paths["adapter"], dtype=torch.float32)
+    model = build_portrait_model(high, adapter, torch.float32)
+    model.low_noise = build_portrait_model(low, adapter, torch.float32)
+    extra = {"concat_latent_image": c["concat_latent_image"], "concat_mask": c["concat_mask"]}
+    p = portraits["two"]
+    inputs = PortraitInputs(p["faces"], p["drivers"], p["ref_width"], p["ref_height"], 1.0, [None] * 2)
+    ours = {}
+    for on in ("both", "high"):
+        out, info = FantasyPortraitSampler().sample(
+            model, inputs, [[c["text_positive"], dict(extra)]], [[c["text_negative"], dict(extra)]],
+            {"samples": torch.zeros(1, 16, F_LAT, LAT, LAT)}, SEED, steps=STEPS, cfg=3.0, portrait_cfg=4.0, shift=SHIFT,
+            sigmas=sig, adapter_on=on)
+        ours[on] = out["samples"]
+    assert (_result(native_out, "both") - ours["both"]).abs().max().item() < ATOL
+    assert (_result(native_out, "high_only") - ours["high"]).abs().max().item() < ATOL
+    # the portrait acts on each expert: dropping it from the low-noise one, or from both, changes the result
+    assert (_result(native_out, "both") - _result(native_out, "high_only")).abs().max().item() > 100 * ATOL
+    assert (_result(native_out, "high_only") - _result(native_out, "plain")).abs().max().item() > 100 * ATOL

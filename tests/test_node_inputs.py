@@ -304,7 +304,7 @@ def test_queue_validator_checks_dropdowns_and_node_rules(monkeypatch):
                                                              "fantasyportrait": ["fp.safetensors"]}.get(folder, []))
     loader = host.queue_validator(M["FantasyPortraitWanModelLoader"])
     assert inspect.getfullargspec(classmethod(loader).__get__(None, object)).args == \
-        ["cls", "transformer", "adapter", "weight_dtype", "storage", "offload", "fast_mode", "attention"]
+        ["cls", "transformer", "adapter", "weight_dtype", "storage", "offload", "fast_mode", "attention", "transformer_2"]
     assert loader(None, transformer="wan_i2v.safetensors", adapter="fp.safetensors", weight_dtype="bf16") is True
     msg = loader(None, transformer="wan_i2v.safetensors", adapter="missing.safetensors")
     assert msg.startswith("adapter: 'missing.safetensors' is not one of the 1 choices (fp.safetensors)")

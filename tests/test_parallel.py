@@ -164,3 +164,13 @@ def test_cli_run_parallel_sequence_writes_the_single_process_video_once(tmp_path
     assert par.shape == one.shape and len(par) == 5
     assert np.abs(par.astype(float) - one.astype(float)).mean() < 1.0
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".mp4")) == ["one.mp4", "par.mp4"]
+
+
+def test_parallel_refuses_wan22_experts_before_any_work():
+    from types import SimpleNamespace
+
+    from fantasyportrait_core.runtime.parallel import setup_parallel
+
+    models = SimpleNamespace(transformer=object(), transformer_2=object())
+    with pytest.raises(InputError, match="does not split Wan2.2's two experts"):
+        setup_parallel(models, "cfg", None, None)

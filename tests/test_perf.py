@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from fantasyportrait_core.model.attention import (ATTENTION_BACKENDS, PortraitCondition, apply_portrait,
-                                            attach_portrait_processors, set_attention_backend)
+from fantasyportrait_core.model.attention import PortraitCondition, apply_portrait, attach_portrait_processors
+from fantasyportrait_core.model.backends import ATTENTION_BACKENDS, set_attention_backend
 from fantasyportrait_core.model.denoiser import I2VConditioning, PortraitDenoiser
 from fantasyportrait_core.model.fp8 import (fp8_linear, quantize_activation, quantize_fp8, set_fp8_compute,
                                       scaled_mm_supported)

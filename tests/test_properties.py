@@ -239,7 +239,14 @@ def test_text_to_video_transformer_is_named(tiny, tmp_path):
     from fantasyportrait_core.weights.keys import transformer_state_dict_original
 
     sd = {k: v for k, v in transformer_state_dict_original(tiny[0]).items() if "img" not in k}
+    # T2V: 16 input channels (noise only)
+    t2v = dict(sd, **{"patch_embedding.weight": sd["patch_embedding.weight"][:, :16]})
     path = str(tmp_path / "t2v.safetensors")
-    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    save_file({k: v.contiguous() for k, v in t2v.items()}, path)
     with pytest.raises(CheckpointError, match="is not Wan2.1-I2V .*needs Wan2.1-I2V-14B 480P or 720P"):
+        load_transformer(path)
+    # 36 input channels without the image branch: one Wan2.2-I2V-A14B expert, named as such
+    path = str(tmp_path / "expert.safetensors")
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    with pytest.raises(CheckpointError, match="one Wan2.2-I2V-A14B expert .*or a Wan2.1-I2V-14B file"):
         load_transformer(path)

@@ -29,6 +29,11 @@ TINY_TRANSFORMER = dict(
     WAN21_I2V_14B, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2,
     text_dim=32, freq_dim=32, image_dim=16, added_kv_proj_dim=24,
 )
+# Wan2.2-I2V-A14B: two experts of the Wan2.1-14B shape without the CLIP image branch (Wan-Video/Wan2.2
+# ``wan/configs/wan_i2v_A14B.py``; diffusers ``convert_wan_to_diffusers.py`` "Wan2.2-I2V-14B-720p":
+# added_kv_proj_dim None, no image_dim). Experimental with the FantasyPortrait adapter (trained on Wan2.1).
+WAN22_I2V_A14B_EXPERT = dict(WAN21_I2V_14B, image_dim=None, added_kv_proj_dim=None)
+TINY_WAN22_EXPERT = dict(TINY_TRANSFORMER, image_dim=None, added_kv_proj_dim=None)
 TINY_ADAPTER = dict(proj_dim=32, resampler_dim=32, resampler_depth=1, resampler_heads=1, resampler_dim_head=64)
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
 

@@ -63,21 +63,24 @@ class WanConditioners:
         FileNotFoundError: if a sub-folder is missing (names it).
     """
 
-    def __init__(self, wan_dir: str, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+    def __init__(self, wan_dir: str, dtype: torch.dtype = torch.bfloat16, device="cpu", image: bool = True):
+        """``image=False``: no CLIP vision encoder (Wan2.2-I2V-A14B has none; :meth:`image` then raises)."""
         try:
             from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
         except ImportError as e:
             raise ImportError("the CLI's real-model mode needs `pip install transformers` for umT5 and CLIP") from e
-        for sub in ("tokenizer", "text_encoder", "image_processor", "image_encoder"):
+        for sub in ("tokenizer", "text_encoder") + (("image_processor", "image_encoder") if image else ()):
             if not os.path.isdir(os.path.join(wan_dir, sub)):
                 raise FileNotFoundError(f"{wan_dir} has no {sub}/ folder; point --wan-dir at a diffusers "
                                         f"Wan2.1-I2V-14B-720P-Diffusers download")
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(wan_dir, "tokenizer"))
         self.text_encoder = UMT5EncoderModel.from_pretrained(os.path.join(wan_dir, "text_encoder"), torch_dtype=dtype).eval()
-        self.image_processor = CLIPImageProcessor.from_pretrained(os.path.join(wan_dir, "image_processor"))
-        self.image_encoder = CLIPVisionModel.from_pretrained(os.path.join(wan_dir, "image_encoder"),
-                                                             torch_dtype=torch.float32).eval()
+        self.image_processor = self.image_encoder = None
+        if image:
+            self.image_processor = CLIPImageProcessor.from_pretrained(os.path.join(wan_dir, "image_processor"))
+            self.image_encoder = CLIPVisionModel.from_pretrained(os.path.join(wan_dir, "image_encoder"),
+                                                                 torch_dtype=torch.float32).eval()
 
     @torch.no_grad()
     def text(self, prompt: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fantasyportrait_core.model.attention import set_attention_backend
+from fantasyportrait_core.model.backends import set_attention_backend
 from fantasyportrait_core.model.fp8 import ScaledFP8Linear, quantize_model_fp8, set_fp8_compute
 
 log = logging.getLogger("FantasyPortrait")
@@ -58,7 +58,7 @@ def set_speed_options(transformer: torch.nn.Module, device, attention: str = "sd
     Args:
         transformer: the diffusers ``WanTransformer3DModel`` with the portrait processors attached.
         device: the device it will run on (fast mode and compilation depend on it).
-        attention: a key of :data:`~fantasyportrait_core.model.attention.ATTENTION_BACKENDS`.
+        attention: a key of :data:`~fantasyportrait_core.model.backends.ATTENTION_BACKENDS`.
         fast: multiply the block linears in fp8 (``torch._scaled_mm``, GPUs of compute capability
             8.9+; elsewhere the fp8 weights are upcast to the compute dtype). bf16 weights are first
             stored as scaled fp8 (:func:`~fantasyportrait_core.model.fp8.quantize_model_fp8`).

@@ -196,6 +196,10 @@ class Job:
         save_expression: where to save the encoded performances.
         expression_speed/loop/start/end: retiming of saved performances.
         transformer, wan_dir, adapter, pd_fpg: checkpoints; tiny_random: use the tiny random model.
+        transformer_2: EXPERIMENTAL Wan2.2-I2V-A14B: the low-noise expert (``transformer`` is then the
+            high-noise one; a diffusers Wan2.2 ``wan_dir`` with ``transformer_2/`` works without it);
+        boundary, adapter_on: the expert switch (``t >= boundary·1000``: high-noise expert) and which
+            experts get the portrait branch (:mod:`fantasyportrait_core.sampling.experts`).
     """
 
     image: str = ""
@@ -232,6 +236,9 @@ class Job:
     adapter: str | None = None
     pd_fpg: str | None = None
     tiny_random: bool = False
+    transformer_2: str | None = None
+    boundary: float = 0.9
+    adapter_on: str = "both"
 
     def replace(self, **changes) -> "Job":
         """A copy with ``changes`` (e.g. another image, drivers and output for the demo's second job)."""

@@ -236,6 +236,9 @@ def setup_parallel(models, requested: str, dist: Distributed, job) -> ParallelRu
     """
     from fantasyportrait_core.sampling.guidance import guidance_passes
 
+    if getattr(models, "transformer_2", None) is not None:
+        raise InputError("--parallel does not split Wan2.2's two experts yet: run Wan2.2 on one GPU per video "
+                         "(torchrun ... batch shares whole jobs across GPUs)")
     s = job.sampling.resolve()
     passes = len(guidance_passes(s.cfg, s.portrait_cfg))
     heads = models.transformer.config.num_attention_heads

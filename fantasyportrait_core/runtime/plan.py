@@ -209,7 +209,14 @@ def plan_run(job: Job) -> RunPlan:
     if job.init_video:
         check_input_file(job.init_video, "--init-video", "video to start from")
         VideoStream(job.init_video, name=f"--init-video '{job.init_video}'")  # a readable video stream
-    given = [f"--{n.replace('_', '-')}" for n in ("wan_dir", "adapter", "transformer", "pd_fpg") if getattr(job, n)]
+    given = [f"--{n.replace('_', '-')}" for n in ("wan_dir", "adapter", "transformer", "pd_fpg", "transformer_2")
+             if getattr(job, n, None)]
+    from fantasyportrait_core.sampling.experts import check_expert_options
+
+    try:  # Wan2.2 experts (experimental): --boundary / --adapter-on
+        check_expert_options(job.boundary, job.adapter_on)
+    except ValueError as e:
+        raise InputError(f"--{str(e).replace('_', '-')}") from None
     if job.tiny_random and given:
         raise InputError(f"--tiny-random builds a random model and would ignore {' '.join(given)}; drop --tiny-random "
                          f"to use the checkpoints, or drop {' '.join(given)}")
@@ -228,6 +235,8 @@ def plan_run(job: Job) -> RunPlan:
                             "Wan2.1 folder holding transformer/ (or give --transformer)")
         if job.pd_fpg:
             check_input_file(job.pd_fpg, "--pd-fpg", "pd_fpg.pth expression encoder")
+        if job.transformer_2 and not os.path.isdir(job.transformer_2):
+            check_input_file(job.transformer_2, "--transformer-2", "Wan2.2-I2V-A14B low-noise expert")
     return plan
 
 

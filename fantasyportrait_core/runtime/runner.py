@@ -22,7 +22,7 @@ from fantasyportrait_core.drive.condition import portrait_condition
 from fantasyportrait_core.faces.assign import assign_faces, detect_reference, driver_embedding, face_roles
 from fantasyportrait_core.faces.layout import generation_size, reference_layout, resize_image
 from fantasyportrait_core.runtime.residency import on_device
-from fantasyportrait_core.model.attention import attach_portrait_processors, set_attention_backend
+from fantasyportrait_core.model.attention import attach_portrait_processors
 from fantasyportrait_core.model.denoiser import I2VConditioning
 from fantasyportrait_core.faces.detect import make_detector
 from fantasyportrait_core.runtime.job import Job
@@ -31,6 +31,8 @@ from fantasyportrait_core.model.build import DTYPES
 from fantasyportrait_core.runtime.plan import RunPlan, plan_run
 from fantasyportrait_core.faces.preview import add_caption, detector_label, draw_faces
 from fantasyportrait_core.runtime.restore import restored
+from fantasyportrait_core.sampling.experts import EXPERIMENTAL
+from fantasyportrait_core.validate import InputError
 from fantasyportrait_core.media.video import atomic_write, probe_video, read_image, read_video, save_video
 
 log = logging.getLogger("FantasyPortrait")
@@ -73,12 +75,26 @@ def init_latent_from_video(vae, path: str, num_frames: int, width: int, height: 
 class Models:
     """Everything one generation needs; ``random`` tells the output to say the weights are random."""
 
-    def __init__(self, transformer, adapter, vae, encoder, conditioners=None, random=False):
+    def __init__(self, transformer, adapter, vae, encoder, conditioners=None, random=False, transformer_2=None):
+        """``transformer_2``: EXPERIMENTAL Wan2.2-I2V-A14B low-noise expert (``transformer`` is then the
+        high-noise one); both get the same adapter's processors."""
         self.transformer, self.adapter, self.vae, self.encoder = transformer, adapter, vae, encoder
         self.conditioners, self.random = conditioners, random
         self.loras = None  # summaries of the LoRAs run_job applied (once per Models)
         self.state = attach_portrait_processors(transformer, adapter)
         self.parallel = None  # runtime.parallel.ParallelRun under torchrun --parallel (set by prepare_model)
+        self.transformer_2 = transformer_2
+        self.state_2 = None if transformer_2 is None else attach_portrait_processors(transformer_2, adapter)
+
+    def experts(self, job: Job):
+        """The :class:`~fantasyportrait_core.sampling.experts.ExpertPair` of a Wan2.2 model (``job``'s
+        boundary and adapter_on; the expert not in use waits on the CPU), or ``None`` for Wan2.1."""
+        if self.transformer_2 is None:
+            return None
+        from fantasyportrait_core.sampling.experts import Expert, ExpertPair
+
+        return ExpertPair(Expert("high", self.transformer, self.state), Expert("low", self.transformer_2, self.state_2),
+                          job.boundary, job.adapter_on)
 
 
 def tiny_random_models(seed: int = 0) -> Models:
@@ -88,8 +104,20 @@ def tiny_random_models(seed: int = 0) -> Models:
     return Models(*random_tiny_models(seed), random=True)
 
 
+def tiny_random_wan22_models(seed: int = 0) -> Models:
+    """Tiny random Wan2.2-I2V-A14B-shaped experts (no image branch) with the tiny adapter, VAE and encoder."""
+    from fantasyportrait_core.model.build import TINY_WAN22_EXPERT, build_transformer, random_tiny_models
+
+    _, adapter, vae, encoder = random_tiny_models(seed)
+    torch.manual_seed(seed + 1)
+    high, low = build_transformer(TINY_WAN22_EXPERT).eval(), build_transformer(TINY_WAN22_EXPERT).eval()
+    return Models(high, adapter, vae, encoder, random=True, transformer_2=low)
+
+
 def real_models(job: Job) -> Models:
-    """The real Wan2.1-I2V transformer, VAE, text/image encoders, adapter and PD-FGC encoder of ``job``."""
+    """The real Wan2.1-I2V transformer, VAE, text/image encoders, adapter and PD-FGC encoder of ``job``;
+    EXPERIMENTAL: both Wan2.2-I2V-A14B experts with ``--transformer-2`` or a diffusers Wan2.2 folder
+    (``transformer/`` + ``transformer_2/``; no CLIP image encoder)."""
     from diffusers import AutoencoderKLWan
 
     from fantasyportrait_core.weights.load import load_adapter_for, load_expression_encoder, load_transformer
@@ -97,12 +125,24 @@ def real_models(job: Job) -> Models:
 
     m = job.memory
     dtype = DTYPES[m.dtype]
-    transformer = load_transformer(job.transformer or os.path.join(job.wan_dir, "transformer"), dtype=dtype,
-                                   device="cpu", storage_dtype=torch.float8_e4m3fn if m.fp8 or m.fast else None)
+    storage = torch.float8_e4m3fn if m.fp8 or m.fast else None
+    high = job.transformer or os.path.join(job.wan_dir, "transformer")
+    low = job.transformer_2
+    if low is None and not job.transformer and os.path.isdir(os.path.join(job.wan_dir, "transformer_2")):
+        low = os.path.join(job.wan_dir, "transformer_2")
+    transformer_2 = None
+    if low is not None:
+        from fantasyportrait_core.weights.experts import load_wan22_experts
+
+        transformer, transformer_2 = load_wan22_experts(high, low, dtype=dtype, device="cpu", storage_dtype=storage)
+    else:
+        transformer = load_transformer(high, dtype=dtype, device="cpu", storage_dtype=storage)
     adapter = load_adapter_for(transformer, job.adapter, dtype=dtype, transformer_name=job.transformer or job.wan_dir)
     encoder = load_expression_encoder(job.pd_fpg or job.adapter)
     vae = AutoencoderKLWan.from_pretrained(os.path.join(job.wan_dir, "vae"), torch_dtype=torch.float32).eval()
-    return Models(transformer, adapter, vae, encoder, WanConditioners(job.wan_dir, dtype, m.device))
+    return Models(transformer, adapter, vae, encoder,
+                  WanConditioners(job.wan_dir, dtype, m.device, **({} if transformer_2 is None else {"image": False})),
+                  transformer_2=transformer_2)
 
 
 @contextlib.contextmanager
@@ -211,12 +251,12 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job, stop=Non
         text_pos = models.conditioners.text(job.prompt)
         negative = DEFAULT_NEGATIVE_PROMPT if job.negative_prompt is None else job.negative_prompt
         text_neg = models.conditioners.text(negative) if sampling.cfg != 1.0 else None
-        image_ctx = models.conditioners.image(ref)
+        image_ctx = models.conditioners.image(ref) if cfg_t.image_dim is not None else None  # Wan2.2: no CLIP
     else:
         g = torch.Generator().manual_seed(opts.seed)
         text_pos = torch.randn(1, 16, cfg_t.text_dim, generator=g)
         text_neg = torch.randn(1, 16, cfg_t.text_dim, generator=g)
-        image_ctx = torch.randn(1, 257, cfg_t.image_dim, generator=g)
+        image_ctx = None if cfg_t.image_dim is None else torch.randn(1, 257, cfg_t.image_dim, generator=g)
     cond = I2VConditioning(text_pos, text_neg, image_ctx, y)
 
     init = None
@@ -227,7 +267,13 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job, stop=Non
     window, memory_plan = prepare_model(models, job, width, height, num_frames, len(drivers), sampling)
     report["memory_plan"] = memory_plan.describe()
     report["context"] = "one pass" if window is None else f"windows of {window} frames"
-    placed = contextlib.nullcontext() if memory_plan.offload == "block" else on_device(models.transformer, device)
+    experts = models.experts(job)
+    if experts is not None:  # one expert on the device at a time: the switch moves them
+        experts.offload_device = None if memory_plan.offload == "block" else "cpu"
+        report["model"] = (f"Wan2.2-I2V-A14B high/low-noise experts, adapter on {job.adapter_on}, boundary "
+                           f"{job.boundary}: {EXPERIMENTAL}")
+    placed = (contextlib.nullcontext() if memory_plan.offload == "block" or experts is not None
+              else on_device(models.transformer, device))
     # Whatever happens inside (Ctrl-C, out of memory, an error), the model leaves as it came.
     def on_step(info):
         update(1)
@@ -235,12 +281,16 @@ def animate(models: Models, image: np.ndarray, plan: RunPlan, job: Job, stop=Non
             stop()
 
     with tqdm_progress("sampling", sampling.steps, unit="step") as update, placed, \
-            restored(models.transformer, models.state):
+            restored(models.transformer, models.state), \
+            (restored(models.transformer_2, models.state_2) if experts is not None else contextlib.nullcontext()):
         latent = generate.generate_latent(models.transformer, models.state, cond, portrait, num_frames, width, height,
                                           seed=opts.seed, callback=on_step, context_frames=window,
                                           context_overlap=job.memory.context_overlap,
                                           window_anchor=job.memory.window_anchor, init_latent=init,
-                                          batch_passes=memory_plan.batch_passes, device=device, resolved=sampling)
+                                          batch_passes=memory_plan.batch_passes, device=device, resolved=sampling,
+                                          experts=experts)
+    if experts is not None:
+        report["experts_by_step"] = [name for _, name in experts.trace]
     t2, c2 = time.time(), time.process_time()
     report.update(sampling_s=round(t2 - t1, 2), sampling_cpu_s=round(c2 - c1, 2))
     if not _writer(models):
@@ -347,6 +397,8 @@ def prepare_model(models: Models, job: Job, width: int, height: int, num_frames:
     log.info("[FantasyPortrait] %s", plan.describe())
     if plan.offload == "block" and device.type == "cuda" and not getattr(models, "_offloaded", False):
         enable_block_offload(tr, device, available_ram_bytes(), adapter=models.adapter)
+        if getattr(models, "transformer_2", None) is not None:  # Wan2.2: the low-noise expert streams the same way
+            enable_block_offload(models.transformer_2, device, available_ram_bytes(), adapter=models.adapter)
         models._offloaded = True
     return window, plan
 
@@ -374,6 +426,8 @@ def run_job(job: Job, models: Models | None = None, plan: RunPlan | None = None,
         if not plan.real:
             print("RANDOM WEIGHTS: no checkpoints given, using a tiny random model (output is not a real animation).")
         models = real_models(job) if plan.real else tiny_random_models(job.sampling.seed)
+    if job.loras and getattr(models, "transformer_2", None) is not None:
+        raise InputError("--lora on Wan2.2 experts is not supported (each expert needs its own LoRA); drop --lora")
     if models.loras is None:  # once per model: the demo's jobs share one
         models.loras = apply_lora_specs(models.transformer, job.loras) if job.loras else []
     report = animate(models, read_image(plan.image), plan, job, stop=stop)
@@ -383,4 +437,4 @@ def run_job(job: Job, models: Models | None = None, plan: RunPlan | None = None,
 
 
 __all__ = ["Models", "animate", "apply_lora_specs", "direct_drivers", "init_latent_from_video", "oom_message",
-           "prepare_model", "real_models", "run_job", "tiny_random_models", "tqdm_progress"]
+           "prepare_model", "real_models", "run_job", "tiny_random_models", "tiny_random_wan22_models", "tqdm_progress"]

@@ -51,7 +51,7 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
                     context_overlap: int = 16, window_anchor: str = "reference", sampler: str = "euler", sigmas=None,
                     preset: str | None = None, denoise: float = 1.0, init_latent: torch.Tensor | None = None,
                     cfg_range=(0.0, 1.0), portrait_cfg_range=(0.0, 1.0), portrait_scales=(),
-                    batch_passes: int | None = None, device=None, resolved=None) -> torch.Tensor:
+                    batch_passes: int | None = None, device=None, resolved=None, experts=None) -> torch.Tensor:
     """Sample a normalised Wan latent ``[1, 16, F_lat, H/8, W/8]`` (float32, CPU).
 
     Defaults are the shipped reference settings (30 steps, shift 5, cfg 1, portrait cfg 4, seed 42,
@@ -72,7 +72,11 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     :func:`~fantasyportrait_core.runtime.residency.compute_device`, which under block offload is the offload
     hook's onload device, never a weight's current device). ``resolved``: a
     :class:`~fantasyportrait_core.runtime.job.ResolvedSampling` (preset applied, schedules built once by the
-    caller); when given, the loose sampling keywords above are not used.
+    caller); when given, the loose sampling keywords above are not used. ``experts``: a
+    :class:`~fantasyportrait_core.sampling.experts.ExpertPair` (Wan2.2-I2V-A14B, experimental):
+    ``transformer``/``state`` are then ignored and each step runs the expert its sigma belongs to,
+    with the same denoiser (portrait branch, masks, guidance, windows) as Wan2.1; one expert on the
+    device at a time; which expert ran at which sigma is in ``experts.trace``.
 
     Raises:
         FloatingPointError: if the result holds NaN/Inf (never returned silently).
@@ -86,18 +90,34 @@ def generate_latent(transformer, state: PortraitState, cond: I2VConditioning, po
     schedule, guidance = resolved.schedule, resolved.guidance
     f_lat = latent_frames(num_frames)
     window = latent_frames(floor_to_4k1(context_frames)) if context_frames else f_lat
-    if f_lat > window:
-        overlap = min(max(1, context_overlap // 4), window - 1)
-        denoiser = ContextWindowDenoiser(transformer, state, cond, portrait, cfg, portrait_cfg, window, overlap,
-                                         anchor=window_anchor, guidance=guidance, batch_passes=batch_passes)
-        log.info("[FantasyPortrait] %d frames: %d context windows of %d latent frames (anchor: %s)", num_frames,
-                 len(denoiser.windows), window, window_anchor)
+
+    def make(transformer, state, portrait):
+        if f_lat > window:
+            overlap = min(max(1, context_overlap // 4), window - 1)
+            d = ContextWindowDenoiser(transformer, state, cond, portrait, cfg, portrait_cfg, window, overlap,
+                                      anchor=window_anchor, guidance=guidance, batch_passes=batch_passes)
+            log.info("[FantasyPortrait] %d frames: %d context windows of %d latent frames (anchor: %s)", num_frames,
+                     len(d.windows), window, window_anchor)
+            return d
+        return PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg,
+                                guidance=guidance, batch_passes=batch_passes, device=device)
+
+    if experts is not None:
+        from fantasyportrait_core.runtime.residency import compute_device
+        from fantasyportrait_core.sampling.experts import ExpertSwitch
+
+        experts.trace.clear()
+        denoiser = ExpertSwitch(experts, lambda e, on: make(e.transformer, e.state, portrait if on else None),
+                                compute_device(experts.high.transformer, device))
     else:
-        denoiser = PortraitDenoiser(transformer, state, cond, portrait, cfg=cfg, portrait_cfg=portrait_cfg,
-                                    guidance=guidance, batch_passes=batch_passes, device=device)
+        denoiser = make(transformer, state, portrait)
     noise = initial_noise(latent_shape(num_frames, width, height), seed)
     x = start_latent(noise, float(schedule[0]), init_latent).to(denoiser.device)
-    out = sample(denoiser, x, schedule, sampler, seed=seed + 1, callback=callback).float().cpu()
+    try:
+        out = sample(denoiser, x, schedule, sampler, seed=seed + 1, callback=callback).float().cpu()
+    finally:
+        if experts is not None:
+            denoiser.release()
     bad = int((~torch.isfinite(out)).sum())
     if bad:
         raise FloatingPointError(f"sampling produced {bad} NaN/infinite latent value(s) of {out.numel()}: the weights or "

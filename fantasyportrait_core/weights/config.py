@@ -40,9 +40,46 @@ def check_i2v(where, fmt: str, config: dict):
     Raises:
         CheckpointError: without the CLIP image branch or with other than 36 input / 16 output channels.
     """
+    if transformer_family(config) == WAN22_I2V_EXPERT:
+        raise CheckpointError(f"{where} [{fmt}]: this is one Wan2.2-I2V-A14B expert (no CLIP image branch), not Wan2.1-I2V: "
+                              f"give both experts (high-noise as the transformer, low-noise as the second transformer; "
+                              f"experimental) or a Wan2.1-I2V-14B file")
     if config["image_dim"] is None or config["in_channels"] != 36 or config["out_channels"] != 16:
         raise CheckpointError(f"{where} [{fmt}]: a Wan transformer with {config['in_channels']} input channels and "
                               f"{'no' if config['image_dim'] is None else 'an'} image branch is not Wan2.1-I2V (36 input "
                               f"channels, CLIP image branch); FantasyPortrait needs Wan2.1-I2V-14B 480P or 720P")
 
 
+
+
+# Which Wan transformer a checkpoint holds, from its inferred config (one name per family; the
+# messages below and the loaders use these).
+WAN21_I2V = "Wan2.1-I2V"
+WAN22_I2V_EXPERT = "Wan2.2-I2V-A14B expert"
+
+
+def transformer_family(config: dict) -> str:
+    """``WAN21_I2V`` (36 input channels, CLIP image branch), ``WAN22_I2V_EXPERT`` (36 input channels, no
+    image branch: one of the two Wan2.2-I2V-A14B experts, Wan-Video/Wan2.2 ``wan_i2v_A14B.py``) or a
+    description of anything else (T2V: 16 input channels; TI2V-5B: 48)."""
+    if config["in_channels"] == 36 and config["out_channels"] == 16:
+        return WAN21_I2V if config["image_dim"] is not None else WAN22_I2V_EXPERT
+    return f"Wan with {config['in_channels']} input channels (not image-to-video)"
+
+
+def check_wan22_expert(where, fmt: str, config: dict):
+    """The file must hold one Wan2.2-I2V-A14B expert (Wan2.1-14B shape, 36 input channels, no CLIP branch).
+
+    Raises:
+        CheckpointError: one line naming what the file is instead (a Wan2.1-I2V model where an expert
+            is expected, T2V, TI2V-5B...).
+    """
+    family = transformer_family(config)
+    if family == WAN22_I2V_EXPERT:
+        return
+    if family == WAN21_I2V:
+        raise CheckpointError(f"{where} [{fmt}]: this is a Wan2.1-I2V transformer (CLIP image branch), not a Wan2.2-I2V-"
+                              f"A14B expert: give the wan2.2_i2v_high_noise / low_noise files, or load it alone as "
+                              f"Wan2.1 (no second transformer)")
+    raise CheckpointError(f"{where} [{fmt}]: a {family} is not a Wan2.2-I2V-A14B expert (36 input channels, no image "
+                          f"branch): give the wan2.2_i2v_high_noise / low_noise files")

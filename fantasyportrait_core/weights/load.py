@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from fantasyportrait_core.weights.config import check_i2v, infer_transformer_config
+from fantasyportrait_core.weights.config import WAN22_I2V_EXPERT, check_i2v, check_wan22_expert, infer_transformer_config
 from fantasyportrait_core.weights.files import (FLOAT_DTYPES, GGUF_EXT, CheckpointError, TensorSource,
                                                 gguf_tensor_shapes)
 from fantasyportrait_core.weights.keys import (ENCODER_GROUPS, adapter_key_map, detect_transformer_format, flash_kv_key_map,
@@ -89,8 +89,12 @@ def _assign(module: torch.nn.Module, source: TensorSource, key_map: dict[str, st
 _FP32_MODULES = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
 
+def _check_family(where, fmt: str, config: dict, family: str):
+    (check_wan22_expert if family == WAN22_I2V_EXPERT else check_i2v)(where, fmt, config)
+
+
 def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", storage_dtype: torch.dtype | None = None,
-                     num_heads: int | None = None):
+                     num_heads: int | None = None, family: str = "Wan2.1-I2V"):
     """Load a Wan2.1-I2V transformer from any supported format into diffusers ``WanTransformer3DModel``.
 
     Args:
@@ -103,10 +107,13 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
             others are quantised per tensor) and upcasts them to ``dtype`` per matmul; ``None``
             stores everything in ``dtype`` (fp8-scaled files are dequantised).
         num_heads: attention heads when not ``dim // 128``.
+        family: what the file must hold: ``"Wan2.1-I2V"`` (default) or
+            :data:`~fantasyportrait_core.weights.config.WAN22_I2V_EXPERT` (one Wan2.2-I2V-A14B expert, no
+            CLIP image branch; both experts: :func:`~fantasyportrait_core.weights.experts.load_wan22_experts`).
     Returns:
         The model in eval mode on ``device``.
     Raises:
-        CheckpointError: unreadable file, unknown format, or keys/shapes that do not match.
+        CheckpointError: unreadable file, unknown format, another model family, or keys/shapes that do not match.
         ValueError: an unsupported ``storage_dtype``.
     """
     from fantasyportrait_core.model.fp8 import FP8, fp8_linear_names, quantize_fp8, swap_in_fp8_linears
@@ -118,7 +125,7 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
         if storage_dtype is not None:
             raise ValueError(f"{os.path.basename(os.fspath(paths))} is a GGUF file, already quantised: set storage to "
                              f"'same' (CLI: drop --fp8); fp8 storage is for bf16/fp16/fp32 checkpoints")
-        return load_transformer_gguf(os.fspath(paths), dtype=dtype, device=device, num_heads=num_heads)
+        return load_transformer_gguf(os.fspath(paths), dtype=dtype, device=device, num_heads=num_heads, family=family)
     source = TensorSource(paths)
     family = _transformer_family(source)
     fmt, prefix, scaled = detect_transformer_format(source.keys())
@@ -137,7 +144,7 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{where} [{fmt}]: incomplete or damaged Wan transformer, cannot infer its config "
                               f"({type(e).__name__}: {e}); download it again") from e
-    check_i2v(where, fmt, config)
+    _check_family(where, fmt, config, family)
     model = build_transformer(config, empty=True)
     _check_keys(where, fmt + (" fp8-scaled" if scaled else ""), {k: tuple(v.shape) for k, v in model.state_dict().items()},
                 shapes)
@@ -215,7 +222,8 @@ def check_family(transformer, adapter, transformer_name: str = "transformer", ad
                               f"DiT) as the transformer, or a FantasyPortrait adapter")
 
 
-def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", num_heads: int | None = None):
+def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", num_heads: int | None = None,
+                          family: str = "Wan2.1-I2V"):
     """Load a GGUF Wan2.1-I2V transformer (city96 layout) through diffusers' GGUF support.
 
     The key names and shapes are checked strictly against the model first (same messages as the
@@ -248,7 +256,7 @@ def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{path} [gguf {fmt}]: incomplete or damaged Wan transformer, cannot infer its config "
                               f"({type(e).__name__}: {e})") from e
-    check_i2v(path, f"gguf {fmt}", config)
+    _check_family(path, f"gguf {fmt}", config, family)
     empty = build_transformer(config, empty=True)
     _check_keys(path, f"gguf {fmt}", {k: tuple(v.shape) for k, v in empty.state_dict().items()}, shapes)
     del empty

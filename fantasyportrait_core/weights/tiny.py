@@ -63,6 +63,19 @@ def _tiny_native_config():
 
 
 TINY_NATIVE_TRANSFORMER = _tiny_native_config()
+# One Wan2.2-I2V-A14B expert in those sizes: ComfyUI's detection types it WAN21_T2V (no img_emb) with
+# in_dim 36, as it does the released experts.
+TINY_NATIVE_WAN22_EXPERT = dict(TINY_NATIVE_TRANSFORMER, image_dim=None, added_kv_proj_dim=None)
+
+
+def tiny_native_wan22_experts(seed: int = 0):
+    """(high-noise, low-noise) experts in :data:`TINY_NATIVE_WAN22_EXPERT` sizes, seeded random weights
+    (different per expert); write them with :func:`write_wan_original` (``prefix=COMFY_PREFIX`` for the
+    Comfy-Org repack layout)."""
+    from fantasyportrait_core.model.build import build_transformer
+
+    torch.manual_seed(seed)
+    return build_transformer(TINY_NATIVE_WAN22_EXPERT).eval(), build_transformer(TINY_NATIVE_WAN22_EXPERT).eval()
 
 
 def tiny_native_models(seed: int = 0):
