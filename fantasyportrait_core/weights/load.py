@@ -127,7 +127,7 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
                              f"'same' (CLI: drop --fp8); fp8 storage is for bf16/fp16/fp32 checkpoints")
         return load_transformer_gguf(os.fspath(paths), dtype=dtype, device=device, num_heads=num_heads, family=family)
     source = TensorSource(paths)
-    family = _transformer_family(source)
+    portrait_family = _transformer_family(source)
     fmt, prefix, scaled = detect_transformer_format(source.keys())
     key_map = {}
     for k in source.keys():
@@ -179,10 +179,10 @@ def load_transformer(paths, dtype: torch.dtype = torch.bfloat16, device="cpu", s
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     assert not unexpected and not missing, (missing[:4], unexpected[:4])
     # FlashPortrait: the file's emo_{k,v}_proj belong to the adapter; remember where they are.
-    model.portrait_family = family
-    model.portrait_kv_paths = list(source.paths) if family == "flashportrait" else None
+    model.portrait_family = portrait_family
+    model.portrait_kv_paths = list(source.paths) if portrait_family == "flashportrait" else None
     log.info("[FantasyPortrait] loaded transformer %s [%s%s] (%d layers, dim %d%s)", where, fmt,
-             ", FlashPortrait" if family == "flashportrait" else "", config["num_layers"],
+             ", FlashPortrait" if portrait_family == "flashportrait" else "", config["num_layers"],
              config["num_attention_heads"] * config["attention_head_dim"], ", fp8 scaled" if fp8_weights else "")
     return model.eval().requires_grad_(False)
 
