@@ -305,9 +305,12 @@ def reference_band(g: Graph, image_name: str, preview_w: int = 340):
           grow=IMAGE_ROOM)
 
 
-def link_conditioning(g: Graph):
-    """The links every graph shares: prompts and CLIP vision into WanImageToVideo, the reference
-    image into CLIP Vision Encode, WanImageToVideo and Face Masks, faces into Conditioning, previews."""
+def link_conditioning(g: Graph, clip_vision: bool = True):
+    """The links every graph shares: prompts (and CLIP vision, unless ``clip_vision`` is False: Wan2.2
+    I2V has no image branch) into WanImageToVideo, the reference image into CLIP Vision Encode,
+    WanImageToVideo and Face Masks, faces into Conditioning, previews."""
+    vision = {("clipvision", "CLIP_VISION", "clipenc", "clip_vision"), ("image", "IMAGE", "clipenc", "image"),
+              ("clipenc", "CLIP_VISION_OUTPUT", "i2v", "clip_vision_output")}
     for a, o, b, i in [("clip", "CLIP", "pos", "clip"), ("clip", "CLIP", "neg", "clip"),
                        ("clipvision", "CLIP_VISION", "clipenc", "clip_vision"), ("image", "IMAGE", "clipenc", "image"),
                        ("pos", "CONDITIONING", "i2v", "positive"), ("neg", "CONDITIONING", "i2v", "negative"),
@@ -316,7 +319,15 @@ def link_conditioning(g: Graph):
                        ("detector", "face_detector", "facemasks", "face_detector"), ("image", "IMAGE", "facemasks", "image"),
                        ("facemasks", "preview", "facepreview", "images"), ("facemasks", "faces", "cond", "faces"),
                        ("cond", "preview", "condpreview", "images")]:
-        g.link(a, o, b, i)
+        if clip_vision or (a, o, b, i) not in vision:
+            g.link(a, o, b, i)
+
+
+def video_out(g: Graph, prefix: str):
+    """VAE Decode, Create Video and Save Video (``prefix``) in columns 7-9 of the native graphs."""
+    g.add("decode", "VAEDecode", 7, 0, size=(200, 0))
+    g.add("create", "CreateVideo", 8, 0, [25], size=(230, 0))
+    g.add("save", "SaveVideo", 9, 0, [prefix, "auto", "auto"], size=(380, 0), grow=video_room(720, 720, 380))
 
 
 def common(g: Graph, image_name: str, width: int, height: int, length: int, prompt: str = PROMPT,
@@ -472,10 +483,7 @@ def native() -> Graph:
     g.add("ksampler", "KSamplerSelect", 5, 0, ["euler"], size=(320, 0))
     g.add("sigmas", "BasicScheduler", 5, 0, ["simple", 30, 1.0], size=(320, 0))
     g.add("sample", "SamplerCustomAdvanced", 6, 0, size=(320, 0), grow=IMAGE_ROOM)
-    g.add("decode", "VAEDecode", 7, 0, size=(200, 0))
-    g.add("create", "CreateVideo", 8, 0, [25], size=(230, 0))
-    g.add("save", "SaveVideo", 9, 0, ["video/FantasyPortrait_native", "auto", "auto"], size=(380, 0),
-          grow=video_room(720, 720, 380))
+    video_out(g, "video/FantasyPortrait_native")
 
     reference_band(g, "man.jpeg", preview_w=320)
     driving(g, "A", "jgz.mp4", 2, frames=97)
@@ -566,10 +574,7 @@ def wan22() -> Graph:
     g.add("sample_low", "KSamplerAdvanced", 6, 0,
           ["disable", 42, "fixed", 20, 3.5, "euler", "simple", 10, 10000, "disable"],
           title="Low-noise expert: steps 10-20", size=(320, 0), grow=IMAGE_ROOM)
-    g.add("decode", "VAEDecode", 7, 0, size=(200, 0))
-    g.add("create", "CreateVideo", 8, 0, [25], size=(230, 0))
-    g.add("save", "SaveVideo", 9, 0, ["video/FantasyPortrait_wan22", "auto", "auto"], size=(380, 0),
-          grow=video_room(720, 720, 380))
+    video_out(g, "video/FantasyPortrait_wan22")
 
     reference_band(g, "man.jpeg", preview_w=320)
     driving(g, "A", "jgz.mp4", 2, frames=97)
@@ -577,13 +582,10 @@ def wan22() -> Graph:
                        ("shift_high", "MODEL", "patch_high", "model"), ("shift_low", "MODEL", "patch_low", "model"),
                        ("adapter", "adapter", "patch_high", "adapter"), ("adapter", "adapter", "patch_low", "adapter"),
                        ("cond", "portrait", "patch_high", "portrait"), ("cond", "portrait", "patch_low", "portrait"),
-                       ("patch_high", "model", "sample_high", "model"), ("patch_low", "model", "sample_low", "model"),
-                       ("clip", "CLIP", "pos", "clip"), ("clip", "CLIP", "neg", "clip"),
-                       ("pos", "CONDITIONING", "i2v", "positive"), ("neg", "CONDITIONING", "i2v", "negative"),
-                       ("vae", "VAE", "i2v", "vae"), ("image", "IMAGE", "i2v", "start_image"),
-                       ("detector", "face_detector", "facemasks", "face_detector"), ("image", "IMAGE", "facemasks", "image"),
-                       ("facemasks", "preview", "facepreview", "images"), ("facemasks", "faces", "cond", "faces"),
-                       ("cond", "preview", "condpreview", "images"), ("A_expr", "expression", "cond", "expression"),
+                       ("patch_high", "model", "sample_high", "model"), ("patch_low", "model", "sample_low", "model")]:
+        g.link(a, o, b, i)
+    link_conditioning(g, clip_vision=False)
+    for a, o, b, i in [("A_expr", "expression", "cond", "expression"),
                        ("i2v", "positive", "sample_high", "positive"), ("i2v", "negative", "sample_high", "negative"),
                        ("i2v", "latent", "sample_high", "latent_image"),
                        ("i2v", "positive", "sample_low", "positive"), ("i2v", "negative", "sample_low", "negative"),
