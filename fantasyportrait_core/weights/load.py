@@ -278,6 +278,26 @@ def load_transformer_gguf(path: str, dtype: torch.dtype = torch.bfloat16, device
 # Portrait adapter
 
 
+def _adapter_config(shapes: dict, kv_shapes: dict) -> dict:
+    """:class:`~fantasyportrait_core.model.adapter.PortraitAdapter` sizes from the token path's tensor
+    ``shapes`` and the per-block K/V ``kv_shapes`` (adapter key names; the same dict for a FantasyPortrait
+    adapter, FlashPortrait's ``emo_{k,v}_proj`` mapped to those names for FlashPortrait).
+
+    Raises:
+        KeyError / ValueError: a tensor the sizes are read from is missing.
+    """
+    k0 = kv_shapes["ip_adapter.blocks.0.cross_attn.ip_adapter_single_stream_k_proj.weight"]
+    cfg = dict(
+        dim=k0[0], proj_dim=k0[1],
+        num_layers=1 + max(int(k.split(".")[2]) for k in kv_shapes if k.startswith("ip_adapter.blocks.")),
+        resampler_dim=shapes["mouth_proj_model.latents"][2],
+        resampler_depth=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("mouth_proj_model.layers.")),
+        resampler_dim_head=64,
+    )
+    cfg["resampler_heads"] = shapes["mouth_proj_model.layers.0.0.to_q.weight"][0] // cfg["resampler_dim_head"]
+    return cfg
+
+
 def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", kv_from=None, **overrides):
     """Load the FantasyPortrait adapter (official ``.ckpt`` or repacked ``.safetensors``) or FlashPortrait's
     portrait encoder + per-block K/V (family detected from the keys, see :func:`load_flash_adapter`).
@@ -310,16 +330,7 @@ def load_adapter(path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", k
     fmt, key_map = adapter_key_map(source.keys())
     shapes = {t: source.shape(s) for t, s in key_map.items()}
     try:
-        k0 = shapes["ip_adapter.blocks.0.cross_attn.ip_adapter_single_stream_k_proj.weight"]
-        rdim = shapes["mouth_proj_model.latents"][2]
-        cfg = dict(
-            dim=k0[0], proj_dim=k0[1],
-            num_layers=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("ip_adapter.blocks.")),
-            resampler_dim=rdim,
-            resampler_depth=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("mouth_proj_model.layers.")),
-            resampler_dim_head=64,
-        )
-        cfg["resampler_heads"] = shapes["mouth_proj_model.layers.0.0.to_q.weight"][0] // cfg["resampler_dim_head"]
+        cfg = _adapter_config(shapes, shapes)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path} [{fmt}]: incomplete FantasyPortrait adapter (missing {e})") from e
     cfg.update(overrides)
@@ -392,14 +403,7 @@ def load_flash_adapter(source: TensorSource | str, dtype: torch.dtype = torch.bf
     shapes = {t: source.shape(s) for t, s in key_map.items()}
     kv_shapes = {t: kv_source.shape(s) for t, s in kv_map.items()}
     try:
-        k0 = kv_shapes["ip_adapter.blocks.0.cross_attn.ip_adapter_single_stream_k_proj.weight"]
-        cfg = dict(
-            dim=k0[0], proj_dim=k0[1], num_layers=1 + max(int(t.split(".")[2]) for t in kv_shapes),
-            resampler_dim=shapes["mouth_proj_model.latents"][2],
-            resampler_depth=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("mouth_proj_model.layers.")),
-            resampler_dim_head=64, family="flashportrait",
-        )
-        cfg["resampler_heads"] = shapes["mouth_proj_model.layers.0.0.to_q.weight"][0] // cfg["resampler_dim_head"]
+        cfg = dict(_adapter_config(shapes, kv_shapes), family="flashportrait")
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{name} [{fmt}]: incomplete FlashPortrait portrait encoder or K/V (missing {e})") from e
     cfg.update(overrides)
