@@ -52,6 +52,17 @@ def comfy_python() -> str:
     return py if os.path.exists(py) else sys.executable
 
 
+def run_native(job: dict, directory, stem: str = "job") -> dict:
+    """Save ``job`` in ``directory``, run it through ``tests/comfy_native_runner.py`` in ComfyUI's
+    python and return its outputs (one latent per run name)."""
+    job_path, out_path = os.path.join(directory, f"{stem}.pt"), os.path.join(directory, f"{stem}_out.pt")
+    torch.save(job, job_path)
+    res = subprocess.run([comfy_python(), os.path.join(ROOT, "tests", "comfy_native_runner.py"), job_path, out_path],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return torch.load(out_path, weights_only=False)
+
+
 def _driver(box, frames: int, g) -> DrivingExpression:
     boxes = np.tile(np.asarray(box, float), (frames, 1))
     return DrivingExpression(torch.randn(frames, 554, generator=g), FaceTrack(boxes, np.zeros((frames, 5, 2)),
@@ -135,11 +146,7 @@ def native(setup):
     job = dict(comfy_dir=COMFYUI_DIR, checkpoint=paths["checkpoint"], adapter=paths["adapter"], lora_dir=str(d / "loras"),
                conditioning=cond, latent_shape=(1, 16, F_LAT, LAT, LAT), portraits=portraits,
                sigmas=flow_sigmas(STEPS, SHIFT), seed=SEED, runs=RUNS)
-    torch.save(job, d / "job.pt")
-    res = subprocess.run([comfy_python(), os.path.join(ROOT, "tests", "comfy_native_runner.py"), str(d / "job.pt"),
-                          str(d / "out.pt")], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return torch.load(d / "out.pt", weights_only=False)
+    return run_native(job, d)
 
 
 @pytest.fixture(scope="module")
@@ -293,11 +300,7 @@ def test_gguf_model_through_comfyui_gguf(setup):
                gguf_pack=gguf_pack_dir(), adapter=paths["adapter"], lora_dir=str(d / "loras"), conditioning=cond,
                latent_shape=(1, 16, F_LAT, LAT, LAT), portraits=portraits, sigmas=flow_sigmas(STEPS, SHIFT), seed=SEED,
                runs=GGUF_RUNS)
-    torch.save(job, d / "gguf_job.pt")
-    res = subprocess.run([comfy_python(), os.path.join(ROOT, "tests", "comfy_native_runner.py"), str(d / "gguf_job.pt"),
-                          str(d / "gguf_out.pt")], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = torch.load(d / "gguf_out.pt", weights_only=False)
+    out = run_native(job, d, "gguf_job")
     q8, deq = _result(out, "gguf_one_cfg3"), _result(out, "deq_one_cfg3")
     assert (q8 - deq).abs().max().item() < ATOL
     assert (q8 - _result(out, "gguf_plain")).abs().max().item() > 100 * ATOL
@@ -336,11 +339,7 @@ def wan22(setup):
     job = dict(comfy_dir=COMFYUI_DIR, checkpoint=files["high"], checkpoints=files, adapter=paths["adapter"],
                conditioning=c, latent_shape=(1, 16, F_LAT, LAT, LAT), portraits=portraits,
                sigmas=flow_sigmas(STEPS, SHIFT), seed=SEED, runs=runs)
-    torch.save(job, d / "wan22_job.pt")
-    res = subprocess.run([comfy_python(), os.path.join(ROOT, "tests", "comfy_native_runner.py"), str(d / "wan22_job.pt"),
-                          str(d / "wan22_out.pt")], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return files, c, torch.load(d / "wan22_out.pt", weights_only=False)
+    return files, c, run_native(job, d, "wan22_job")
 
 
 def test_wan22_two_experts_native_equals_our_sampler(setup, wan22):

@@ -8,9 +8,6 @@ one portrait branch, so the latents must agree as the FantasyPortrait ones do. A
 the FlashPortrait adapter is refused by Patch Model.
 """
 
-import os
-import subprocess
-
 import pytest
 import torch
 
@@ -19,9 +16,8 @@ from fantasyportrait_core.weights.load import load_adapter_for, load_transformer
 from fantasyportrait_core.weights import tiny as W
 from nodes.loaders import build_portrait_model
 
-from .conftest import ROOT
 from .test_native_comfyui import (ATOL, COMFYUI_DIR, F_LAT, LAT, SEED, SHIFT, STEPS, _conditioning, _our_latent,
-                                  _portraits, _result, comfy_python)
+                                  _portraits, _result, run_native)
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the native tests")
 
@@ -54,11 +50,7 @@ def native(setup):
                adapter=files["adapter"], flashportrait_transformer=files["transformer"], conditioning=cond,
                latent_shape=(1, 16, F_LAT, LAT, LAT), portraits=portraits, sigmas=flow_sigmas(STEPS, SHIFT),
                seed=SEED, runs=RUNS)
-    torch.save(job, d / "job.pt")
-    res = subprocess.run([comfy_python(), os.path.join(ROOT, "tests", "comfy_native_runner.py"), str(d / "job.pt"),
-                          str(d / "out.pt")], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return torch.load(d / "out.pt", weights_only=False)
+    return run_native(job, d)
 
 
 @pytest.fixture(scope="module")
