@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from fantasyportrait_core.drive.condition import portrait_condition
-from fantasyportrait_core.model.build import TINY_ADAPTER, TINY_WAN22_EXPERT, build_adapter, build_transformer
 from fantasyportrait_core.model.attention import attach_portrait_processors
 from fantasyportrait_core.model.denoiser import I2VConditioning
 from fantasyportrait_core.runtime.job import SamplingOptions
@@ -21,17 +20,13 @@ from nodes.sampler import conditioning_parts, portrait_layout
 from . import checkpoint_writers as W
 from .test_nodes import run
 from .test_nodes_fast import _portrait
+from .test_wan22_sampling import tiny_wan22
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny):
     d = tmp_path_factory.mktemp("wan22nodes")
-    torch.manual_seed(11)
-    high, low = build_transformer(TINY_WAN22_EXPERT).eval(), build_transformer(TINY_WAN22_EXPERT).eval()
-    adapter = build_adapter(TINY_WAN22_EXPERT, **TINY_ADAPTER).eval()
-    for block in adapter.ip_adapter.blocks:
-        for lin in (block.cross_attn.ip_adapter_single_stream_k_proj, block.cross_attn.ip_adapter_single_stream_v_proj):
-            torch.nn.init.normal_(lin.weight, std=0.2)
+    high, low, adapter = tiny_wan22(11)
     return dict(high=W.write_wan_original(high, str(d / "wan2.2_i2v_high_noise_14B_fp16.safetensors"),
                                           dtype=torch.float32, prefix=COMFY_PREFIX),
                 low=W.write_wan_original(low, str(d / "wan2.2_i2v_low_noise_14B_fp16.safetensors"),

@@ -16,15 +16,20 @@ from fantasyportrait_core.sampling.experts import Expert, ExpertPair, check_expe
 from fantasyportrait_core.sampling.generate import generate_latent
 
 
-@pytest.fixture(scope="module")
-def wan22():
-    torch.manual_seed(7)
+def tiny_wan22(seed: int):
+    """(high, low, adapter): two tiny Wan2.2 experts and an adapter whose K/V move the output."""
+    torch.manual_seed(seed)
     high, low = build_transformer(TINY_WAN22_EXPERT).eval(), build_transformer(TINY_WAN22_EXPERT).eval()
     adapter = build_adapter(TINY_WAN22_EXPERT, **TINY_ADAPTER).eval()
     for block in adapter.ip_adapter.blocks:
         for lin in (block.cross_attn.ip_adapter_single_stream_k_proj, block.cross_attn.ip_adapter_single_stream_v_proj):
             torch.nn.init.normal_(lin.weight, std=0.2)
     return high, low, adapter
+
+
+@pytest.fixture(scope="module")
+def wan22():
+    return tiny_wan22(7)
 
 
 def _two_people(f_lat, s, proj, seed=0):
