@@ -18,7 +18,7 @@ from fantasyportrait_core.runtime.assemble import set_speed_options
 from fantasyportrait_core.runtime.memory import choose_storage, measured_size
 from fantasyportrait_core.model.build import DTYPES
 from fantasyportrait_core.runtime import residency
-from fantasyportrait_core.runtime.residency import WeightHome, pin_weights_upfront  # noqa: F401 (re-exported)
+from fantasyportrait_core.runtime.residency import WeightHome
 
 from . import host
 from .residency import ComfyResident, vram_available
